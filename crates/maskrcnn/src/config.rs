@@ -386,10 +386,8 @@ impl Config {
     /// Resolves defaults, then `file` (TOML) if given, then each `key=value`
     /// of `overrides` in order, and validates the result.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
-        let defaults = Value::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
-            key: "<defaults>".into(),
-            message: e.to_string(),
-        })?;
+        let defaults = Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid { key: "<defaults>".into(), message: e.to_string() })?;
         let mut merged = defaults.clone();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
@@ -409,7 +407,8 @@ impl Config {
         }
         let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::Invalid { key, message: describe_serde_error(&e.into_inner().to_string()) }
+            let message = describe_serde_error(&e.into_inner().to_string(), &key);
+            ConfigError::Invalid { key, message }
         })?;
         config.validate()?;
         Ok(config)
@@ -456,11 +455,7 @@ impl Config {
         unit_interval(i.flip_prob, "input.flip_prob")?;
 
         let r = &self.rpn;
-        rule(
-            r.anchor_sizes.len() == 5,
-            "rpn.anchor_sizes",
-            "must have 5 sizes, one per FPN level P2..P6",
-        )?;
+        rule(r.anchor_sizes.len() == 5, "rpn.anchor_sizes", "must have 5 sizes, one per FPN level P2..P6")?;
         rule(r.anchor_sizes.iter().all(|&s| s > 0.0), "rpn.anchor_sizes", "sizes must be > 0")?;
         rule(!r.aspect_ratios.is_empty(), "rpn.aspect_ratios", "must list at least one ratio")?;
         rule(r.aspect_ratios.iter().all(|&a| a > 0.0), "rpn.aspect_ratios", "ratios must be > 0")?;
@@ -509,11 +504,7 @@ impl Config {
         rule(s.warmup_factor > 0.0 && s.warmup_factor <= 1.0, "solver.warmup_factor", "must be in (0, 1]")?;
         rule(s.gamma > 0.0, "solver.gamma", "must be > 0")?;
         rule(s.max_iter > 0, "solver.max_iter", "must be > 0")?;
-        rule(
-            s.steps.windows(2).all(|w| w[0] < w[1]),
-            "solver.steps",
-            "must be strictly increasing",
-        )?;
+        rule(s.steps.windows(2).all(|w| w[0] < w[1]), "solver.steps", "must be strictly increasing")?;
         rule(
             s.steps.iter().all(|&x| x > 0 && x <= s.max_iter),
             "solver.steps",
@@ -558,11 +549,7 @@ fn unit_interval(v: f64, key: &str) -> Result<(), ConfigError> {
 fn iou_pair(fg: f64, bg: f64, section: &str) -> Result<(), ConfigError> {
     unit_interval(fg, &format!("{section}.fg_iou_thresh"))?;
     unit_interval(bg, &format!("{section}.bg_iou_thresh"))?;
-    rule(
-        bg <= fg,
-        &format!("{section}.bg_iou_thresh"),
-        &format!("must be <= {section}.fg_iou_thresh ({fg})"),
-    )
+    rule(bg <= fg, &format!("{section}.bg_iou_thresh"), &format!("must be <= {section}.fg_iou_thresh ({fg})"))
 }
 
 fn one_line(s: &str) -> String {
@@ -570,9 +557,10 @@ fn one_line(s: &str) -> String {
 }
 
 /// serde's wording for unsigned integers and enums, said for config users.
-fn describe_serde_error(msg: &str) -> String {
-    one_line(msg)
-        .replace("expected usize", "expected a non-negative integer")
+fn describe_serde_error(msg: &str, key: &str) -> String {
+    let msg = one_line(msg);
+    let msg = msg.strip_suffix(&format!(" in `{key}`")).unwrap_or(&msg);
+    msg.replace("expected usize", "expected a non-negative integer")
         .replace("expected u64", "expected a non-negative integer")
 }
 
@@ -627,11 +615,12 @@ fn overlay(dst: &mut Value, schema: &Value, src: Value, prefix: &str, origin: &s
     for (k, v) in src_t {
         let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
         let Some(expected) = schema_t.get(&k) else {
-            return Err(ConfigError::UnknownKey {
-                origin: origin.to_string(),
-                closest: closest_keys(&path),
-                key: path,
-            });
+            // Name the first full key under an unknown section, so a misspelt
+            // section (`modle.num_classes`) gets a full-key suggestion.
+            let mut leaves = Vec::new();
+            collect_keys(&v, &path, &mut leaves);
+            let key = leaves.into_iter().next().unwrap_or(path);
+            return Err(ConfigError::UnknownKey { origin: origin.to_string(), closest: closest_keys(&key), key });
         };
         if expected.is_table() {
             if !v.is_table() {
@@ -720,7 +709,11 @@ fn closest_keys(key: &str) -> Vec<String> {
         .into_iter()
         .map(|k| {
             let k_leaf = k.rsplit('.').next().unwrap_or(&k).to_string();
-            let d = if k_leaf == leaf { 0 } else { strsim::levenshtein(key, &k).min(strsim::levenshtein(leaf, &k_leaf) + 1) };
+            let d = if k_leaf == leaf {
+                0
+            } else {
+                strsim::levenshtein(key, &k).min(strsim::levenshtein(leaf, &k_leaf) + 1)
+            };
             (d, k)
         })
         .collect();

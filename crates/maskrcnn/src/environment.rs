@@ -33,11 +33,7 @@ impl EnvReport {
     /// Gathers the report; touches CUDA only when libtorch says it is available.
     pub fn collect() -> EnvReport {
         let cuda_available = tch::Cuda::is_available();
-        let devices = if cuda_available {
-            cuda_devices()
-        } else {
-            Vec::new()
-        };
+        let devices = if cuda_available { cuda_devices() } else { Vec::new() };
         let libtorch_dir = loaded_libtorch_dir();
         let libtorch_version = libtorch_dir.as_ref().and_then(|d| read_torch_version(d));
         let built_with_cuda = libtorch_dir.as_ref().is_some_and(|d| d.join("libtorch_cuda.so").exists());
@@ -144,11 +140,19 @@ impl fmt::Display for EnvReport {
         writeln!(f, "libtorch built    {}", self.libtorch_build_dir)?;
         writeln!(f, "built with CUDA   {}", self.built_with_cuda)?;
         writeln!(f, "CUDA available    {}", self.cuda_available)?;
-        writeln!(f, "CUDA runtime      {}", self.cuda_runtime_version.map(|v| dotted(v, 10, false)).unwrap_or_else(na))?;
+        writeln!(
+            f,
+            "CUDA runtime      {}",
+            self.cuda_runtime_version.map(|v| dotted(v, 10, false)).unwrap_or_else(na)
+        )?;
         writeln!(
             f,
             "cuDNN             {}",
-            if self.cudnn_available { self.cudnn_version.map(|v| dotted(v, 100, true)).unwrap_or_else(na) } else { na() }
+            if self.cudnn_available {
+                self.cudnn_version.map(|v| dotted(v, 100, true)).unwrap_or_else(na)
+            } else {
+                na()
+            }
         )?;
         writeln!(f, "CUDA devices      {}", self.devices.len())?;
         for d in &self.devices {
