@@ -16,8 +16,12 @@ fi
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
+  # A name on PATH may be a shim (pyenv) for a version that is not active:
+  # take the first that actually runs and is new enough for torch 2.11.
   for cand in python3.12 python3.11 python3.10 python3; do
-    if command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
+    if "$cand" -c 'import sys, venv; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then
+      PY=$cand; break
+    fi
   done
 fi
 [ -n "$PY" ] || { echo "bootstrap: no python3 found (need Python >= 3.10 to install torch 2.11)" >&2; exit 1; }
