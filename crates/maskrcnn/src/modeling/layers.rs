@@ -1,0 +1,205 @@
+//! Parameterized layers registered under torchvision's state-dict names.
+//!
+//! Small structs instead of `tch::nn` modules so a layer can be created
+//! frozen (its tensors are buffers: no gradient, not in the optimizer) and
+//! so each forward is exactly the libtorch call torchvision makes.
+
+use tch::nn::{Init, Path};
+use tch::Tensor;
+
+/// Creates a parameter: trainable (in the optimizer) or frozen (a buffer).
+fn param(p: &Path, name: &str, dims: &[i64], init: Init, trainable: bool) -> Tensor {
+    p.add(name, tch::nn::init::init(init, dims, p.device()), trainable)
+}
+
+/// 2-D convolution; weight `[out, in/groups, k, k]`, optional bias `[out]`.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: i64,
+    pub padding: i64,
+    pub dilation: i64,
+}
+
+/// Options of [`conv2d`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConvOpts {
+    pub stride: i64,
+    pub padding: i64,
+    pub dilation: i64,
+    pub bias: bool,
+    pub trainable: bool,
+    pub init: Init,
+}
+
+impl Default for ConvOpts {
+    fn default() -> Self {
+        ConvOpts {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            bias: true,
+            trainable: true,
+            init: Init::Kaiming {
+                dist: tch::nn::init::NormalOrUniform::Uniform,
+                fan: tch::nn::init::FanInOut::FanIn,
+                non_linearity: tch::nn::init::NonLinearity::ReLU,
+            },
+        }
+    }
+}
+
+/// A `k`×`k` convolution from `cin` to `cout` channels at `p` (`p.weight`, `p.bias`).
+pub fn conv2d(p: &Path, cin: i64, cout: i64, k: i64, o: ConvOpts) -> Conv2d {
+    let weight = param(p, "weight", &[cout, cin, k, k], o.init, o.trainable);
+    let bias = o.bias.then(|| param(p, "bias", &[cout], Init::Const(0.0), o.trainable));
+    Conv2d { weight, bias, stride: o.stride, padding: o.padding, dilation: o.dilation }
+}
+
+impl Conv2d {
+    /// `[N, in, H, W]` → `[N, out, H', W']`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [self.dilation, self.dilation],
+            1,
+        )
+    }
+}
+
+/// Transposed 2-D convolution, weight `[in, out, k, k]`, bias `[out]`.
+#[derive(Debug)]
+pub struct ConvTranspose2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: i64,
+}
+
+/// A `k`×`k`, stride-`stride` transposed convolution at `p`.
+pub fn conv_transpose2d(p: &Path, cin: i64, cout: i64, k: i64, stride: i64, init: Init) -> ConvTranspose2d {
+    ConvTranspose2d {
+        weight: p.var("weight", &[cin, cout, k, k], init),
+        bias: p.var("bias", &[cout], Init::Const(0.0)),
+        stride,
+    }
+}
+
+impl ConvTranspose2d {
+    /// `[N, in, H, W]` → `[N, out, H*stride, W*stride]` (for k == stride).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv_transpose2d(&self.weight, Some(&self.bias), [self.stride, self.stride], [0, 0], [0, 0], 1, [1, 1])
+    }
+}
+
+/// Fully connected layer, weight `[out, in]`, bias `[out]`.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+/// A linear layer at `p`, initialized as `torch.nn.Linear` unless `init` says otherwise.
+pub fn linear(p: &Path, cin: i64, cout: i64, init: Option<(Init, Init)>) -> Linear {
+    let bound = 1.0 / (cin as f64).sqrt();
+    let (w_init, b_init) =
+        init.unwrap_or((Init::Uniform { lo: -bound, up: bound }, Init::Uniform { lo: -bound, up: bound }));
+    Linear { weight: p.var("weight", &[cout, cin], w_init), bias: p.var("bias", &[cout], b_init) }
+}
+
+impl Linear {
+    /// `[N, in]` → `[N, out]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// BatchNorm with fixed statistics and affine parameters, as torchvision's
+/// `FrozenBatchNorm2d` (eps 1e-5). All four tensors are buffers.
+#[derive(Debug)]
+pub struct FrozenBatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub eps: f64,
+}
+
+/// A frozen BN over `c` channels at `p`, initialized to the identity.
+pub fn frozen_batch_norm2d(p: &Path, c: i64) -> FrozenBatchNorm2d {
+    FrozenBatchNorm2d {
+        weight: p.ones_no_train("weight", &[c]),
+        bias: p.zeros_no_train("bias", &[c]),
+        running_mean: p.zeros_no_train("running_mean", &[c]),
+        running_var: p.ones_no_train("running_var", &[c]),
+        eps: 1e-5,
+    }
+}
+
+impl FrozenBatchNorm2d {
+    /// `[N, C, H, W]` → same shape: `x * scale + shift` with torchvision's
+    /// arithmetic (`scale = w * rsqrt(var + eps)`, `shift = b - mean * scale`).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let scale = &self.weight * (&self.running_var + self.eps).rsqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        let scale = scale.reshape([1, -1, 1, 1]).to_kind(x.kind());
+        let shift = shift.reshape([1, -1, 1, 1]).to_kind(x.kind());
+        x * scale + shift
+    }
+}
+
+/// Ordinary BatchNorm (`torch.nn.BatchNorm2d`, eps 1e-5, momentum 0.1):
+/// trainable affine parameters, running statistics as buffers.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
+/// The backbone's normalization layer, per `model.norm`.
+#[derive(Debug)]
+pub enum Norm {
+    Frozen(FrozenBatchNorm2d),
+    Batch(BatchNorm2d),
+}
+
+/// A normalization layer over `c` channels at `p`. `trainable` only matters
+/// for [`NormKind::Bn`](crate::config::NormKind::Bn) (frozen stages keep
+/// their BN fixed as well).
+pub fn norm(p: &Path, c: i64, kind: crate::config::NormKind, trainable: bool) -> Norm {
+    match kind {
+        crate::config::NormKind::FrozenBn => Norm::Frozen(frozen_batch_norm2d(p, c)),
+        crate::config::NormKind::Bn => Norm::Batch(BatchNorm2d {
+            weight: param(p, "weight", &[c], Init::Const(1.0), trainable),
+            bias: param(p, "bias", &[c], Init::Const(0.0), trainable),
+            running_mean: p.zeros_no_train("running_mean", &[c]),
+            running_var: p.ones_no_train("running_var", &[c]),
+        }),
+    }
+}
+
+impl Norm {
+    /// `[N, C, H, W]` → same shape. In training, BatchNorm uses (and updates)
+    /// batch statistics; FrozenBatchNorm never does.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Norm::Frozen(bn) => bn.forward(x),
+            Norm::Batch(bn) => Tensor::batch_norm(
+                x,
+                Some(&bn.weight),
+                Some(&bn.bias),
+                Some(&bn.running_mean),
+                Some(&bn.running_var),
+                train && bn.weight.requires_grad(),
+                0.1,
+                1e-5,
+                true,
+            ),
+        }
+    }
+}

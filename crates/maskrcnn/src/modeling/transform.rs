@@ -1,0 +1,99 @@
+//! Input and output transforms around the network, as torchvision's
+//! `GeneralizedRCNNTransform`: normalize, resize (short side to `min_size`,
+//! long side at most `max_size`, bilinear), batch with zero padding to a
+//! multiple of `size_divisibility`; and map detections back to the original
+//! image size.
+
+use crate::config::{InputConfig, PixelFormat};
+use tch::{Device, Kind, Tensor};
+
+/// A padded batch and the size of each image inside it before padding.
+#[derive(Debug)]
+pub struct ImageList {
+    /// `[N, 3, H, W]`, H and W multiples of `size_divisibility`.
+    pub tensors: Tensor,
+    /// `(height, width)` of each resized image.
+    pub image_sizes: Vec<(i64, i64)>,
+}
+
+/// The preprocessing parameters of one model.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    pub pixel_format: PixelFormat,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    pub size_divisibility: i64,
+}
+
+impl Transform {
+    pub fn new(cfg: &InputConfig) -> Transform {
+        let three = |v: &[f64]| [v[0], v[1], v[2]];
+        Transform {
+            pixel_format: cfg.pixel_format,
+            mean: three(&cfg.pixel_mean),
+            std: three(&cfg.pixel_std),
+            size_divisibility: cfg.size_divisibility as i64,
+        }
+    }
+
+    /// `image` `[3, H, W]` float RGB in [0, 1] → normalized per `pixel_format`.
+    pub fn normalize(&self, image: &Tensor) -> Tensor {
+        let (kind, device) = (image.kind(), image.device());
+        let image = match self.pixel_format {
+            PixelFormat::Rgb => image.shallow_clone(),
+            PixelFormat::Bgr255 => image.flip([0]) * 255.0,
+        };
+        let mean = Tensor::from_slice(&self.mean).to_kind(kind).to_device(device).reshape([3, 1, 1]);
+        let std = Tensor::from_slice(&self.std).to_kind(kind).to_device(device).reshape([3, 1, 1]);
+        (image - mean) / std
+    }
+
+    /// Normalizes, resizes and batches `images` (each `[3, H, W]` float RGB in
+    /// [0, 1], all on one device) for the given short/long side limits.
+    pub fn prepare(&self, images: &[Tensor], min_size: i64, max_size: i64) -> ImageList {
+        let resized: Vec<Tensor> =
+            images.iter().map(|im| resize_image(&self.normalize(im), min_size, max_size)).collect();
+        let image_sizes = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
+        ImageList { tensors: self.batch(&resized), image_sizes }
+    }
+
+    /// Zero-pads `images` to a common size rounded up to `size_divisibility`.
+    pub fn batch(&self, images: &[Tensor]) -> Tensor {
+        let d = self.size_divisibility;
+        let max_h = images.iter().map(|t| t.size()[1]).max().unwrap_or(0);
+        let max_w = images.iter().map(|t| t.size()[2]).max().unwrap_or(0);
+        let (h, w) = (round_up(max_h, d), round_up(max_w, d));
+        let (kind, device) = images.first().map(|t| (t.kind(), t.device())).unwrap_or((Kind::Float, Device::Cpu));
+        let batch = Tensor::zeros([images.len() as i64, 3, h, w], (kind, device));
+        for (i, im) in images.iter().enumerate() {
+            let (ih, iw) = (im.size()[1], im.size()[2]);
+            batch.get(i as i64).narrow(1, 0, ih).narrow(2, 0, iw).copy_(im);
+        }
+        batch
+    }
+}
+
+fn round_up(x: i64, d: i64) -> i64 {
+    (x + d - 1) / d * d
+}
+
+/// The resized `(height, width)` of an `h`×`w` image: scale so the short side
+/// is `min_size` unless the long side would exceed `max_size`
+/// (torchvision computes the factor in double precision and floors).
+pub fn resized_size(h: i64, w: i64, min_size: i64, max_size: i64) -> (i64, i64) {
+    let scale = resize_scale(h, w, min_size, max_size);
+    ((h as f64 * scale).floor() as i64, (w as f64 * scale).floor() as i64)
+}
+
+fn resize_scale(h: i64, w: i64, min_size: i64, max_size: i64) -> f64 {
+    let (short, long) = (h.min(w) as f64, h.max(w) as f64);
+    (min_size as f64 / short).min(max_size as f64 / long)
+}
+
+/// Bilinear resize of `image` `[C, H, W]` (align_corners=false), as
+/// `F.interpolate(..., scale_factor, recompute_scale_factor=True)`.
+pub fn resize_image(image: &Tensor, min_size: i64, max_size: i64) -> Tensor {
+    let (h, w) = (image.size()[1], image.size()[2]);
+    let (oh, ow) = resized_size(h, w, min_size, max_size);
+    image.unsqueeze(0).upsample_bilinear2d([oh.max(1), ow.max(1)], false, None, None).squeeze_dim(0)
+}

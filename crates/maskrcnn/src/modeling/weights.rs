@@ -1,0 +1,80 @@
+//! Weights on disk: safetensors files with torchvision's state-dict names.
+//!
+//! A torchvision checkpoint converts with
+//! `safetensors.torch.save_file(model.state_dict(), "w.safetensors")`; the
+//! bookkeeping buffers `*.num_batches_tracked` of ordinary BatchNorm are
+//! ignored when present.
+
+use super::ModelError;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::Tensor;
+
+const CLS_SCORE: &str = "roi_heads.box_predictor.cls_score.weight";
+
+/// Copies every tensor of the safetensors file at `path` into `vs`. Fails,
+/// changing nothing, when any model tensor is missing, any file tensor is
+/// unexpected, or any shape differs; the error lists each problem.
+pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<(), ModelError> {
+    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    if !path.is_file() {
+        return Err(read_err("no such file".into()));
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|e| read_err(e.to_string()))?;
+    let file: BTreeMap<String, Tensor> =
+        tensors.into_iter().filter(|(name, _)| !name.ends_with(".num_batches_tracked")).collect();
+    if let Some(w) = file.get(CLS_SCORE) {
+        let shape = w.size();
+        if shape.first().copied() != Some(num_classes as i64) {
+            return Err(ModelError::NumClasses {
+                path: path.to_path_buf(),
+                expected: num_classes,
+                found: shape.first().copied().unwrap_or(0),
+                shape,
+            });
+        }
+    }
+    let model = vs.variables();
+    let mut problems = Vec::new();
+    for (name, var) in model.iter().collect::<BTreeMap<_, _>>() {
+        match file.get(name) {
+            None => problems.push(format!("missing {name} {:?}", var.size())),
+            Some(t) if t.size() != var.size() => {
+                problems.push(format!("{name}: file has {:?}, model needs {:?}", t.size(), var.size()))
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, t) in &file {
+        if !model.contains_key(name) {
+            problems.push(format!("unexpected {name} {:?}", t.size()));
+        }
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        let shown: Vec<String> = problems.into_iter().take(12).collect();
+        let more = if n > shown.len() { format!("; and {} more", n - shown.len()) } else { String::new() };
+        return Err(ModelError::Mismatch { path: path.to_path_buf(), problems: format!("{}{more}", shown.join("; ")) });
+    }
+    tch::no_grad(|| {
+        for (name, var) in &model {
+            let src = &file[name];
+            let mut var = var.shallow_clone();
+            var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+        }
+    });
+    Ok(())
+}
+
+/// Writes every tensor of `vs` to `path` as safetensors (float32, CPU),
+/// atomically: a temporary file in the same folder is renamed over `path`.
+pub fn save_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+    let write_err = |message: String| ModelError::WriteWeights { path: path.to_path_buf(), message };
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let named: Vec<(String, Tensor)> =
+        vars.into_iter().map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let tmp = path.with_extension("safetensors.tmp");
+    Tensor::write_safetensors(&named, &tmp).map_err(|e| write_err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
+}

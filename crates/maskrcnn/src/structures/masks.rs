@@ -1,0 +1,46 @@
+//! Instance masks: pasting fixed-size mask predictions into images.
+
+use tch::{Kind, Tensor};
+
+/// Pastes `masks` `[D, 1, M, M]` (probabilities inside each box) into
+/// `[D, 1, H, W]` images of `image_size` `(H, W)` at `boxes` `[D, 4]`, as
+/// torchvision's `paste_masks_in_image` (1 pixel of zero padding around each
+/// mask, boxes scaled to match and truncated to integers, bilinear resize).
+pub fn paste_masks_in_image(masks: &Tensor, boxes: &Tensor, image_size: (i64, i64)) -> Tensor {
+    let (im_h, im_w) = image_size;
+    let d = masks.size()[0];
+    let device = masks.device();
+    if d == 0 {
+        return Tensor::zeros([0, 1, im_h, im_w], (masks.kind(), device));
+    }
+    let padding = 1;
+    let m = masks.size()[3];
+    let scale = (m + 2 * padding) as f64 / m as f64;
+    let padded = masks.constant_pad_nd([padding, padding, padding, padding]);
+    let boxes = expand_boxes(&boxes.to_kind(Kind::Float), scale).to_kind(Kind::Int64);
+    let coords = crate::ops::boxes::to_vec_i64(&boxes.reshape([-1]));
+    let out = Tensor::zeros([d, 1, im_h, im_w], (masks.kind(), device));
+    for i in 0..d as usize {
+        let [x0, y0, x1, y1] = [coords[4 * i], coords[4 * i + 1], coords[4 * i + 2], coords[4 * i + 3]];
+        let w = (x1 - x0 + 1).max(1);
+        let h = (y1 - y0 + 1).max(1);
+        let resized = padded.get(i as i64).unsqueeze(0).upsample_bilinear2d([h, w], false, None, None).get(0).get(0);
+        let (px0, px1) = (x0.max(0), (x1 + 1).min(im_w));
+        let (py0, py1) = (y0.max(0), (y1 + 1).min(im_h));
+        if px1 <= px0 || py1 <= py0 {
+            continue;
+        }
+        let src = resized.narrow(0, py0 - y0, py1 - py0).narrow(1, px0 - x0, px1 - px0);
+        out.get(i as i64).get(0).narrow(0, py0, py1 - py0).narrow(1, px0, px1 - px0).copy_(&src);
+    }
+    out
+}
+
+/// Scales boxes `[D, 4]` about their centers by `scale` (torchvision's `expand_boxes`).
+fn expand_boxes(boxes: &Tensor, scale: f64) -> Tensor {
+    let w_half = (boxes.select(1, 2) - boxes.select(1, 0)) * 0.5 * scale;
+    let h_half = (boxes.select(1, 3) - boxes.select(1, 1)) * 0.5 * scale;
+    let x_c = (boxes.select(1, 2) + boxes.select(1, 0)) * 0.5;
+    let y_c = (boxes.select(1, 3) + boxes.select(1, 1)) * 0.5;
+    Tensor::stack(&[&x_c - &w_half, &y_c - &h_half, x_c + w_half, y_c + h_half], 1)
+}

@@ -1,0 +1,3 @@
+//! Data structures of detection: masks (pasting, later RLE/polygons).
+
+pub mod masks;
