@@ -85,15 +85,20 @@ impl MaskRcnn {
     /// Detections per image in original-image pixels: boxes `[D, 4]`, scores,
     /// labels and mask probabilities `[D, 1, H, W]` pasted into the image.
     pub fn predict(&self, images: &[Tensor]) -> Vec<Detections> {
-        let trace = self.trace(images);
+        let sizes: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
+        self.postprocess(self.trace(images), &sizes)
+    }
+
+    /// Maps a trace's detections to the `original_sizes` `(H, W)` of its
+    /// images: boxes rescaled, masks pasted.
+    pub fn postprocess(&self, trace: InferenceTrace, original_sizes: &[(i64, i64)]) -> Vec<Detections> {
         tch::no_grad(|| {
             trace
                 .detections
                 .into_iter()
                 .zip(&trace.images.image_sizes)
-                .zip(images)
-                .map(|((d, &resized), im)| {
-                    let original = (im.size()[1], im.size()[2]);
+                .zip(original_sizes)
+                .map(|((d, &resized), &original)| {
                     let boxes = resize_boxes(&d.boxes, resized, original);
                     let masks = d.masks.map(|m| paste_masks_in_image(&m, &boxes, original));
                     Detections { boxes, scores: d.scores, labels: d.labels, masks }

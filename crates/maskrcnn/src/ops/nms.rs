@@ -1,7 +1,6 @@
 //! Non-maximum suppression, as `torchvision.ops.nms` / `batched_nms`.
 //!
-//! Scores are sorted on the tensors' device by libtorch (the same call
-//! torchvision makes); the greedy pass then runs on the CPU over the sorted
+//! Scores are sorted (stably) on the tensors' device by libtorch; the greedy pass then runs on the CPU over the sorted
 //! boxes with torchvision's float32 IoU arithmetic. A fused CUDA kernel can
 //! replace the greedy pass later without changing results.
 
@@ -17,7 +16,8 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
     if n == 0 {
         return Tensor::empty([0], (Kind::Int64, device));
     }
-    let (_, order) = scores.sort(0, true);
+    // Stable, as torchvision's kernels: equal scores keep index order.
+    let (_, order) = scores.sort_stable(true, 0, true);
     let sorted = boxes.index_select(0, &order);
     let coords = to_vec_f32(&sorted.to_kind(Kind::Float).reshape([-1]));
     let kept_positions = greedy_nms_sorted(&coords, iou_threshold);
@@ -94,6 +94,6 @@ fn batched_nms_per_category(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_
         let _ = keep_mask.index_fill_(0, &current.index_select(0, &kept), 1);
     }
     let keep = keep_mask.nonzero().squeeze_dim(1);
-    let (_, order) = scores.index_select(0, &keep).sort(0, true);
+    let (_, order) = scores.index_select(0, &keep).sort_stable(true, 0, true);
     keep.index_select(0, &order)
 }

@@ -1,0 +1,90 @@
+//! Shared helpers of the integration tests: running the torchvision /
+//! pycocotools oracle scripts of `tests/reference/` and reading their outputs.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{Device, Tensor};
+
+/// The Python that has torch, torchvision and pycocotools: `$MASKRCNN_PYTHON`,
+/// else the workspace's `.venv`.
+pub fn python() -> String {
+    std::env::var("MASKRCNN_PYTHON").unwrap_or_else(|_| {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+        venv.to_string_lossy().into_owned()
+    })
+}
+
+pub fn reference_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name)
+}
+
+/// Folder for oracle outputs, shared by the tests of one build.
+pub fn fixture_dir() -> PathBuf {
+    let dir = std::env::var("MASKRCNN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures"));
+    std::fs::create_dir_all(&dir).expect("create fixture dir");
+    dir
+}
+
+/// Runs `script args...` with the oracle Python unless `output` already
+/// exists; panics with the script's stderr on failure.
+pub fn run_reference(script: &str, args: &[&str], output: &Path) {
+    if output.exists() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let out = Command::new(python())
+        .arg(reference_script(script))
+        .args(args)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} {script}: {e}", python()));
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{script}: {:.1} s", started.elapsed().as_secs_f64());
+    assert!(output.exists(), "{script} did not write {}", output.display());
+}
+
+/// All tensors of a safetensors file, on `device`.
+pub fn load(path: &Path, device: Device) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(device)))
+        .collect()
+}
+
+/// The CUDA device when present; `None` after printing why a GPU test skips.
+pub fn cuda_or_skip(test: &str) -> Option<Device> {
+    if tch::Cuda::is_available() {
+        Some(Device::Cuda(0))
+    } else {
+        eprintln!("skipped {test}: no CUDA device (run it on the GPU machine with scripts/gpu-check.sh)");
+        None
+    }
+}
+
+/// max |a - b|.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    if a.numel() == 0 {
+        return 0.0;
+    }
+    (a.to_kind(tch::Kind::Double).to_device(Device::Cpu) - b.to_kind(tch::Kind::Double).to_device(Device::Cpu))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+pub fn to_vec_i64(t: &Tensor) -> Vec<i64> {
+    let t = t.to_kind(tch::Kind::Int64).to_device(Device::Cpu).contiguous();
+    let mut v = vec![0i64; t.numel()];
+    t.copy_data(&mut v, t.numel());
+    v
+}

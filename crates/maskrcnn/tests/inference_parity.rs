@@ -1,0 +1,230 @@
+//! Inference parity with torchvision 0.26's Mask R-CNN on the same weights and
+//! images: padded batch, FPN features, proposals, and final detections
+//! (boxes, scores, labels, pasted masks). The oracle is
+//! `tests/reference/inference_fixture.py`.
+
+mod common;
+
+use common::*;
+use maskrcnn::ops::box_iou;
+use maskrcnn::{Config, MaskRcnn};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+struct Case {
+    name: &'static str,
+    depth: usize,
+    classes: usize,
+    min_size: usize,
+    max_size: usize,
+    /// Image sizes HxW: non-square, tiny, far larger than max_size.
+    sizes: &'static str,
+}
+
+const R101_SMALL: Case =
+    Case { name: "r101_c7", depth: 101, classes: 7, min_size: 320, max_size: 512, sizes: "300x200,30x20,1000x1500" };
+const R50_DEFAULT: Case =
+    Case { name: "r50_c91", depth: 50, classes: 91, min_size: 800, max_size: 1333, sizes: "480x640,40x50,1600x2400" };
+
+fn fixture(case: &Case, device: Device) -> PathBuf {
+    let tag = if device == Device::Cpu { "cpu" } else { "cuda" };
+    let dir = fixture_dir().join(format!("infer_{}_{tag}", case.name));
+    let (depth, classes, min, max) =
+        (case.depth.to_string(), case.classes.to_string(), case.min_size.to_string(), case.max_size.to_string());
+    let args = [
+        dir.to_str().unwrap(),
+        "--depth",
+        &depth,
+        "--classes",
+        &classes,
+        "--min-size",
+        &min,
+        "--max-size",
+        &max,
+        "--sizes",
+        case.sizes,
+        "--device",
+        tag,
+    ];
+    run_reference("inference_fixture.py", &args, &dir.join("outputs.safetensors"));
+    dir
+}
+
+fn model_for(case: &Case, dir: &std::path::Path, device: Device) -> MaskRcnn {
+    let sets: Vec<String> = vec![
+        format!("model.num_classes={}", case.classes),
+        format!("model.backbone_depth={}", case.depth),
+        format!("input.min_size_test={}", case.min_size),
+        format!("input.max_size_test={}", case.max_size),
+        format!("input.min_size={}", case.min_size),
+        format!("input.max_size={}", case.max_size),
+    ];
+    let config = Config::load(None, &sets).unwrap();
+    MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), device).unwrap()
+}
+
+fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f64 {
+    let scale = theirs.abs().max().to_kind(Kind::Double).double_value(&[]).max(1e-12);
+    max_abs_diff(ours, theirs) / scale
+}
+
+/// Fraction of `reference` boxes with an IoU >= `min_iou` match in `ours`.
+fn matched_fraction(ours: &Tensor, reference: &Tensor, min_iou: f64) -> f64 {
+    let n = reference.size()[0];
+    if n == 0 {
+        return if ours.size()[0] == 0 { 1.0 } else { 0.0 };
+    }
+    if ours.size()[0] == 0 {
+        return 0.0;
+    }
+    let best = box_iou(reference, ours).max_dim(1, false).0;
+    best.ge(min_iou).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+}
+
+struct DetMatch {
+    matched: usize,
+    total: usize,
+    worst_mask_iou: f64,
+    worst_score_diff: f64,
+}
+
+/// One-to-one matching by label: each reference detection (by decreasing
+/// score) takes the unmatched detection of ours with the same label and the
+/// highest box IoU; a pair counts when IoU >= 0.999 and |Δscore| <= 1e-4.
+fn match_detections(ours: &HashMap<&str, Tensor>, theirs: &HashMap<&str, Tensor>) -> DetMatch {
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu);
+    let (ob, tb) = (cpu(&ours["boxes"]), cpu(&theirs["boxes"]));
+    let (os, ts) = (cpu(&ours["scores"]), cpu(&theirs["scores"]));
+    let (ol, tl) = (to_vec_i64(&ours["labels"]), to_vec_i64(&theirs["labels"]));
+    let (om, tm) = (cpu(&ours["masks"]), cpu(&theirs["masks"]));
+    let total = ol.len().max(tl.len());
+    let mut used = vec![false; ol.len()];
+    let mut m = DetMatch { matched: 0, total, worst_mask_iou: 1.0, worst_score_diff: 0.0 };
+    if ol.is_empty() || tl.is_empty() {
+        return m;
+    }
+    let iou = box_iou(&tb, &ob);
+    for j in 0..tl.len() {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, &l) in ol.iter().enumerate() {
+            if used[i] || l != tl[j] {
+                continue;
+            }
+            let v = iou.double_value(&[j as i64, i as i64]);
+            if best.is_none_or(|(_, b)| v > b) {
+                best = Some((i, v));
+            }
+        }
+        let Some((i, v)) = best else { continue };
+        let ds = (os.double_value(&[i as i64]) - ts.double_value(&[j as i64])).abs();
+        if v >= 0.999 && ds <= 1e-4 {
+            used[i] = true;
+            m.matched += 1;
+            m.worst_score_diff = m.worst_score_diff.max(ds);
+            let a = om.get(i as i64).to_kind(Kind::Bool);
+            let b = tm.get(j as i64).to_kind(Kind::Bool);
+            let inter = a.logical_and(&b).sum(Kind::Float).double_value(&[]);
+            let union = a.logical_or(&b).sum(Kind::Float).double_value(&[]);
+            let mask_iou = if union == 0.0 { 1.0 } else { inter / union };
+            m.worst_mask_iou = m.worst_mask_iou.min(mask_iou);
+        }
+    }
+    m
+}
+
+fn check(case: &Case, device: Device) {
+    let dir = fixture(case, device);
+    let out = load(&dir.join("outputs.safetensors"), device);
+    let model = model_for(case, &dir, device);
+    let n = case.sizes.split(',').count();
+    let images: Vec<Tensor> = (0..n).map(|i| out[&format!("image.{i}")].shallow_clone()).collect();
+    let originals: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
+    let trace = model.trace(&images);
+
+    // Transform: the same resized sizes and padded batch.
+    let sizes = to_vec_i64(&out["image_sizes"]);
+    let ours: Vec<i64> = trace.images.image_sizes.iter().flat_map(|&(h, w)| [h, w]).collect();
+    assert_eq!(ours, sizes, "{}: resized image sizes", case.name);
+    assert_eq!(trace.images.tensors.size(), to_vec_i64(&out["batch_shape"]), "{}: batch shape", case.name);
+
+    // FPN features (levels small enough to have been saved).
+    let mut compared = 0;
+    for (l, name) in ["0", "1", "2", "3", "pool"].iter().enumerate() {
+        if let Some(theirs) = out.get(&format!("features.{name}")) {
+            let d = rel_diff(&trace.features[l], theirs);
+            eprintln!("{}: FPN level {name}: max |Δ| / max |ref| = {d:.2e}", case.name);
+            assert!(d <= 1e-4, "{}: FPN level {name} differs: {d:.2e}", case.name);
+            compared += 1;
+        }
+    }
+    assert!(compared >= 4, "{}: too few feature levels compared", case.name);
+
+    // Proposals: same count (±1%), and >= 99% of torchvision's found in ours.
+    for i in 0..n {
+        let theirs = &out[&format!("proposals.{i}")];
+        let ours = &trace.rpn.proposals[i];
+        let (a, b) = (ours.size()[0] as f64, theirs.size()[0] as f64);
+        assert!((a - b).abs() <= (0.01 * b).max(1.0), "{}: image {i}: {a} proposals vs {b}", case.name);
+        let f = matched_fraction(ours, theirs, 0.999);
+        eprintln!("{}: image {i}: {a} proposals, {:.2}% matched at IoU >= 0.999", case.name, 100.0 * f);
+        assert!(f >= 0.99, "{}: image {i}: only {:.2}% of proposals matched", case.name, 100.0 * f);
+    }
+
+    // Final detections in original coordinates.
+    let dets = model.postprocess(trace, &originals);
+    let mut total_dets = 0;
+    for (i, d) in dets.iter().enumerate() {
+        let masks = d.masks.as_ref().unwrap().squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8);
+        let ours: HashMap<&str, Tensor> = HashMap::from([
+            ("boxes", d.boxes.shallow_clone()),
+            ("scores", d.scores.shallow_clone()),
+            ("labels", d.labels.shallow_clone()),
+            ("masks", masks),
+        ]);
+        let theirs: HashMap<&str, Tensor> = ["boxes", "scores", "labels", "masks"]
+            .into_iter()
+            .map(|k| (k, out[&format!("{k}.{i}")].shallow_clone()))
+            .collect();
+        let m = match_detections(&ours, &theirs);
+        eprintln!(
+            "{}: image {i}: {}/{} detections matched, worst |Δscore| {:.1e}, worst mask IoU {:.4}",
+            case.name, m.matched, m.total, m.worst_score_diff, m.worst_mask_iou
+        );
+        assert!(m.total > 0, "{}: image {i}: no detections to compare (weights not sharp enough)", case.name);
+        assert!(
+            m.matched as f64 >= 0.99 * m.total as f64,
+            "{}: image {i}: only {}/{} detections matched",
+            case.name,
+            m.matched,
+            m.total
+        );
+        assert!(m.worst_mask_iou >= 0.99, "{}: image {i}: mask IoU {}", case.name, m.worst_mask_iou);
+        total_dets += m.total;
+    }
+    assert!(total_dets > 0);
+}
+
+#[test]
+fn r101_seven_classes_small_size_matches_torchvision_cpu() {
+    check(&R101_SMALL, Device::Cpu);
+}
+
+#[test]
+fn r50_default_config_matches_torchvision_cpu() {
+    check(&R50_DEFAULT, Device::Cpu);
+}
+
+#[test]
+fn gpu_r101_seven_classes_matches_torchvision_cuda() {
+    if let Some(dev) = cuda_or_skip("gpu_r101_seven_classes_matches_torchvision_cuda") {
+        check(&R101_SMALL, dev);
+    }
+}
+
+#[test]
+fn gpu_r50_default_config_matches_torchvision_cuda() {
+    if let Some(dev) = cuda_or_skip("gpu_r50_default_config_matches_torchvision_cuda") {
+        check(&R50_DEFAULT, dev);
+    }
+}

@@ -1,0 +1,153 @@
+"""Oracle for Mask R-CNN inference: builds a seeded torchvision 0.26 Mask R-CNN
+(ResNet-FPN, FrozenBatchNorm2d, trainable_layers=3), sharpens it with a few
+SGD steps on synthetic shapes so detections are not ties of a random model,
+runs it on a batch of images (non-square, tiny, larger than max_size) and saves
+weights, inputs, intermediate stages and detections.
+
+Usage: python inference_fixture.py OUT_DIR --depth 50 --classes 91 --min-size 800
+           --max-size 1333 [--device cpu|cuda] [--steps 30] [--sizes 480x640,40x50,...]
+Writes OUT_DIR/weights.safetensors and OUT_DIR/outputs.safetensors.
+"""
+import argparse
+import math
+import os
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--depth", type=int, default=50)
+ap.add_argument("--classes", type=int, default=91)
+ap.add_argument("--min-size", type=int, default=800)
+ap.add_argument("--max-size", type=int, default=1333)
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--sharpen", type=float, default=30.0)
+ap.add_argument("--train-size", type=int, default=224)
+ap.add_argument("--sizes", default="480x640,40x50,1600x2400")
+ap.add_argument("--seed", type=int, default=0)
+args = ap.parse_args()
+os.makedirs(args.out, exist_ok=True)
+torch.manual_seed(args.seed)
+torch.use_deterministic_algorithms(False)
+dev = torch.device(args.device)
+gen = torch.Generator().manual_seed(args.seed + 1)
+
+
+def build():
+    body = getattr(resnet, f"resnet{args.depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    # Plausible, non-identity statistics so FrozenBN arithmetic is exercised
+    # and activations stay in range (as with pretrained weights).
+    for m in body.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n, generator=gen) * 0.3 + 0.2)
+            m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    backbone = _resnet_fpn_extractor(body, trainable_layers=3)
+    return MaskRCNN(backbone, num_classes=args.classes, min_size=args.min_size, max_size=args.max_size)
+
+
+def shapes_image(h, w, k):
+    """An image of k filled rectangles/ellipses on noise, with targets."""
+    img = torch.rand(3, h, w, generator=gen) * 0.3
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    boxes, labels, masks = [], [], []
+    for _ in range(k):
+        bw = float(torch.randint(max(4, w // 8), max(5, w // 2), (1,), generator=gen))
+        bh = float(torch.randint(max(4, h // 8), max(5, h // 2), (1,), generator=gen))
+        x0 = float(torch.randint(0, max(1, int(w - bw)), (1,), generator=gen))
+        y0 = float(torch.randint(0, max(1, int(h - bh)), (1,), generator=gen))
+        label = int(torch.randint(1, args.classes, (1,), generator=gen))
+        if label % 2:
+            m = (xx >= x0) & (xx < x0 + bw) & (yy >= y0) & (yy < y0 + bh)
+        else:
+            cx, cy = x0 + bw / 2, y0 + bh / 2
+            m = ((xx - cx) / (bw / 2)) ** 2 + ((yy - cy) / (bh / 2)) ** 2 <= 1
+        if m.sum() < 4:
+            continue
+        colour = torch.tensor([(label * 37 % 255) / 255, (label * 91 % 255) / 255, (label * 53 % 255) / 255])
+        img[:, m] = colour[:, None] * 0.8 + 0.2 * torch.rand(3, int(m.sum()), generator=gen)
+        ys, xs = torch.where(m)
+        boxes.append([float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1])
+        labels.append(label)
+        masks.append(m.to(torch.uint8))
+    t = dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.int64),
+             masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8))
+    return img.clamp(0, 1), t
+
+
+model = build().to(dev)
+
+# Sharpen: a few SGD steps at a small size.
+if args.steps > 0:
+    model.transform.min_size = (args.train_size,)
+    model.transform.max_size = int(args.train_size * 1.5)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for step in range(args.steps):
+        batch = [shapes_image(args.train_size, int(args.train_size * 1.25), 4) for _ in range(2)]
+        imgs = [b[0].to(dev) for b in batch]
+        tgts = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
+        losses = model(imgs, tgts)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"step {step} loss {loss.item():.3f}", flush=True)
+    model.transform.min_size = (args.min_size,)
+    model.transform.max_size = args.max_size
+
+# Scale the classifier so class scores spread out (few CPU steps cannot train
+# a confident model; this keeps detection parity from being about ties).
+with torch.no_grad():
+    cls = model.roi_heads.box_predictor.cls_score
+    cls.weight[1:].mul_(args.sharpen)
+    cls.bias[1:].mul_(args.sharpen)
+    cls.bias[0].sub_(3.0)
+    model.rpn.head.cls_logits.weight.mul_(args.sharpen / 2)
+    model.rpn.head.cls_logits.bias.mul_(args.sharpen / 2)
+model.eval()
+save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+          os.path.join(args.out, "weights.safetensors"))
+
+sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+images = [shapes_image(h, w, 5)[0].to(dev) for h, w in sizes]
+out = {}
+with torch.no_grad():
+    il, _ = model.transform(images)
+    feats = model.backbone(il.tensors)
+    proposals, _ = model.rpn(il, feats)
+    dets, _ = model.roi_heads(feats, proposals, il.image_sizes)
+    # Detections before pasting (resized-image coordinates), then final ones.
+    for i, d in enumerate(dets):
+        out[f"pre.boxes.{i}"] = d["boxes"].clone()
+        out[f"pre.scores.{i}"] = d["scores"].clone()
+        out[f"pre.masks.{i}"] = d["masks"].clone()
+    final = model.transform.postprocess(dets, il.image_sizes, [im.shape[-2:] for im in images])
+    assert all((f["scores"] == g["scores"]).all() for f, g in zip(final, model(images)))
+for i, im in enumerate(images):
+    out[f"image.{i}"] = im
+for name, f in feats.items():
+    if f.numel() < 25_000_000:
+        out[f"features.{name}"] = f
+for i, (p, d) in enumerate(zip(proposals, final)):
+    out[f"proposals.{i}"] = p
+    out[f"boxes.{i}"] = d["boxes"]
+    out[f"scores.{i}"] = d["scores"]
+    out[f"labels.{i}"] = d["labels"]
+    out[f"masks.{i}"] = (d["masks"][:, 0] > 0.5).to(torch.uint8)
+out["image_sizes"] = torch.tensor(il.image_sizes)
+out["batch_shape"] = torch.tensor(list(il.tensors.shape))
+save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, os.path.join(args.out, "outputs.safetensors"))
+print("detections per image:", [len(d["boxes"]) for d in final],
+      "max score:", [round(float(d["scores"].max()), 3) if len(d["scores"]) else None for d in final])
