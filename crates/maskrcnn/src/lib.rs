@@ -2,15 +2,21 @@
 //! libtorch through tch.
 //!
 //! Layout follows the architecture: [`config`] holds every knob;
-//! [`structures`] the data types of detection; [`ops`] the detection
-//! operators (boxes, NMS, RoIAlign); [`modeling`] the network.
+//! [`structures`] the data types of detection (masks, RLE); [`ops`] the
+//! detection operators (boxes, NMS, RoIAlign); [`modeling`] the network;
+//! [`data`] image reading; [`engine`] prediction and benchmarks;
+//! [`evaluation`] results export; [`visualization`] drawings.
 
 pub mod config;
+pub mod data;
+pub mod engine;
 pub mod environment;
+pub mod evaluation;
 pub mod modeling;
 pub mod ops;
 pub mod shim;
 pub mod structures;
+pub mod visualization;
 
 pub use config::{Config, ConfigError};
 pub use modeling::{Detections, MaskRcnn};

@@ -143,7 +143,7 @@ impl RoiHeads {
         let labels = Tensor::cat(&dets.iter().map(|d| d.labels.shallow_clone()).collect::<Vec<_>>(), 0);
         let k = labels.size()[0];
         let index = Tensor::arange(k, (Kind::Int64, labels.device()));
-        let probs = mask_logits.sigmoid().index(&[Some(index), Some(labels)]).unsqueeze(1);
+        let probs = mask_logits.to_kind(Kind::Float).sigmoid().index(&[Some(index), Some(labels)]).unsqueeze(1);
         let mut start = 0;
         for d in &mut dets {
             let n = d.boxes.size()[0];
@@ -165,7 +165,7 @@ impl RoiHeads {
         let device = logits.device();
         let num_classes = logits.size()[1];
         let all_proposals = Tensor::cat(proposals, 0);
-        let pred_boxes = self.box_coder.decode(deltas, &all_proposals); // [K, C, 4]
+        let pred_boxes = self.box_coder.decode(&deltas.to_kind(Kind::Float), &all_proposals); // [K, C, 4]
         let pred_scores = logits.softmax(-1, Kind::Float);
         let mut out = Vec::with_capacity(proposals.len());
         let mut start = 0;

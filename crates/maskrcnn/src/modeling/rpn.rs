@@ -152,7 +152,9 @@ impl Rpn {
         let total = anchors.size()[0];
         let proposals = tch::no_grad(|| {
             let all = anchors.repeat([n, 1]);
-            self.box_coder.decode(&deltas.detach().reshape([-1, 4]), &all).reshape([n, total, 4])
+            // Decode in float32 also under autocast (fp16 cannot hold pixel
+            // coordinates above 1024 to a pixel).
+            self.box_coder.decode(&deltas.detach().to_kind(Kind::Float).reshape([-1, 4]), &all).reshape([n, total, 4])
         });
         let (pre_n, post_n) = if train {
             (self.cfg.pre_nms_top_n_train, self.cfg.post_nms_top_n_train)

@@ -1,3 +1,4 @@
-//! Data structures of detection: masks (pasting, later RLE/polygons).
+//! Data structures of detection: masks (pasting) and their COCO RLE encoding.
 
 pub mod masks;
+pub mod rle;

@@ -1,0 +1,44 @@
+//! Reading images from disk into the tensors the model takes.
+
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Why an image could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {message}")]
+    Decode { path: PathBuf, message: String },
+}
+
+/// A decoded image: RGB bytes, row-major, 3 per pixel.
+#[derive(Debug, Clone)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Decodes a JPEG or PNG file (the format is read from its content).
+    pub fn open(path: &Path) -> Result<RgbImage, ImageError> {
+        let err = |message: String| ImageError::Decode { path: path.to_path_buf(), message };
+        let reader = image::ImageReader::open(path).map_err(|e| err(e.to_string()))?;
+        let reader = reader.with_guessed_format().map_err(|e| err(e.to_string()))?;
+        let img = reader.decode().map_err(|e| err(e.to_string()))?.to_rgb8();
+        let (width, height) = img.dimensions();
+        if width == 0 || height == 0 {
+            return Err(err("image has no pixels".into()));
+        }
+        Ok(RgbImage { width, height, pixels: img.into_raw() })
+    }
+
+    /// `[3, H, W]` float RGB in [0, 1] on `device`.
+    pub fn to_tensor(&self, device: Device) -> Tensor {
+        Tensor::from_slice(&self.pixels)
+            .reshape([self.height as i64, self.width as i64, 3])
+            .to_device(device)
+            .permute([2, 0, 1])
+            .to_kind(Kind::Float)
+            / 255.0
+    }
+}

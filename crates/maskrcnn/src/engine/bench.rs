@@ -1,0 +1,131 @@
+//! `maskrcnn bench infer`: inference throughput on synthetic batches shaped
+//! like the peer benchmark's (`shared/bench/peer_torchvision.py`: 800 × 1000–1333
+//! images, score threshold 0 so every image yields 100 detections with masks).
+
+use crate::config::{AmpMode, Config};
+use crate::modeling::{MaskRcnn, ModelError};
+use crate::shim::AutocastGuard;
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Settings of one inference benchmark.
+#[derive(Debug, Clone)]
+pub struct InferBench {
+    pub batch: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub amp: AmpMode,
+    pub device: Device,
+}
+
+/// Median times of one configuration; `stages_ms` splits one batch by stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferBenchResult {
+    pub kind: &'static str,
+    pub bs: usize,
+    pub amp: String,
+    pub device: String,
+    pub med_batch_s: f64,
+    pub p90_s: f64,
+    pub img_per_s: f64,
+    pub dets_per_img: f64,
+    pub stages_ms: Vec<(String, f64)>,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The peer's synthetic images: 800 × U(1000, 1333), uniform noise.
+fn synthetic_batch(n: usize, device: Device) -> Vec<Tensor> {
+    (0..n)
+        .map(|_| {
+            let w = Tensor::randint_low(1000, 1334, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+            Tensor::rand([3, 800, w], (Kind::Float, device))
+        })
+        .collect()
+}
+
+/// Runs the benchmark with a randomly initialized R50-FPN (91 classes).
+pub fn run_infer_bench(opts: &InferBench) -> Result<InferBenchResult, ModelError> {
+    let mut config = Config::default();
+    config.roi_heads.score_thresh = 0.0;
+    let model = MaskRcnn::new(&config, opts.device)?;
+    crate::shim::set_tf32(config.precision.tf32);
+    if opts.device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    tch::manual_seed(1);
+    let batches: Vec<Vec<Tensor>> = (0..3).map(|_| synthetic_batch(opts.batch, opts.device)).collect();
+    let _amp = if opts.device.is_cuda() { AutocastGuard::new(opts.amp) } else { None };
+    let mut times = Vec::new();
+    let mut dets = 0.0;
+    for it in 0..opts.warmup + opts.iters {
+        let images = &batches[it % batches.len()];
+        sync(opts.device);
+        let t0 = Instant::now();
+        let out = model.predict(images);
+        sync(opts.device);
+        if it >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+            dets = out.iter().map(|d| d.boxes.size()[0] as f64).sum::<f64>() / opts.batch as f64;
+        }
+    }
+    let stages_ms = stage_breakdown(&model, &batches[0], opts.device, 5);
+    let med = median(&mut times);
+    let p90 = times[(times.len() * 9 / 10).min(times.len() - 1)];
+    Ok(InferBenchResult {
+        kind: "infer",
+        bs: opts.batch,
+        amp: opts.amp.to_string(),
+        device: format!("{:?}", opts.device),
+        med_batch_s: med,
+        p90_s: p90,
+        img_per_s: opts.batch as f64 / med,
+        dets_per_img: dets,
+        stages_ms,
+    })
+}
+
+/// Median milliseconds of each inference stage over `reps` batches, with a
+/// device synchronization after every stage.
+fn stage_breakdown(model: &MaskRcnn, images: &[Tensor], device: Device, reps: usize) -> Vec<(String, f64)> {
+    let names = ["transform", "backbone+fpn", "rpn", "roi_heads (box+mask)", "paste masks"];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let sizes: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
+    let input = &model.config.input;
+    for _ in 0..reps {
+        tch::no_grad(|| {
+            let mut lap = {
+                sync(device);
+                let mut t = Instant::now();
+                move |slot: &mut Vec<f64>| {
+                    sync(device);
+                    slot.push(t.elapsed().as_secs_f64() * 1e3);
+                    t = Instant::now();
+                }
+            };
+            let list = model.transform.prepare(images, input.min_size_test as i64, input.max_size_test as i64);
+            lap(&mut samples[0]);
+            let features = model.backbone.forward(&list.tensors, false);
+            lap(&mut samples[1]);
+            let size = list.tensors.size();
+            let rpn = model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
+            lap(&mut samples[2]);
+            let detections = model.roi_heads.detect(&features[..4], &rpn.proposals, &list.image_sizes);
+            lap(&mut samples[3]);
+            let trace = crate::modeling::mask_rcnn::InferenceTrace { images: list, features, rpn, detections };
+            let _ = model.postprocess(trace, &sizes);
+            lap(&mut samples[4]);
+        });
+    }
+    names.iter().zip(samples.iter_mut()).map(|(n, s)| (n.to_string(), median(s))).collect()
+}

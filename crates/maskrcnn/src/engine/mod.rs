@@ -1,0 +1,5 @@
+//! Running the model: batch prediction over files, benchmarks (and, later,
+//! training).
+
+pub mod bench;
+pub mod predictor;

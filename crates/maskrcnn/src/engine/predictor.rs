@@ -1,0 +1,133 @@
+//! Batch inference over image files: what `maskrcnn predict` runs.
+
+use crate::data::image::RgbImage;
+use crate::evaluation::results::{to_results, DetectionResult};
+use crate::modeling::MaskRcnn;
+use crate::shim::AutocastGuard;
+use crate::visualization::{class_name, draw_detections, Drawable};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+/// Why a prediction run failed as a whole (single bad images are skipped).
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error("cannot create {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// Where results go.
+#[derive(Debug, Clone, Default)]
+pub struct PredictOptions {
+    /// COCO-style results JSON.
+    pub json: Option<PathBuf>,
+    /// Folder for one annotated PNG per image.
+    pub draw: Option<PathBuf>,
+    /// Minimum score of a drawn detection.
+    pub draw_thresh: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct PredictSummary {
+    pub images: usize,
+    pub detections: usize,
+    /// Images that could not be read, with the reason.
+    pub failed: Vec<String>,
+}
+
+/// Runs `model` over `paths` in batches of `test.ims_per_batch`, writing the
+/// results JSON and drawings per `opts`. Unreadable images are reported on
+/// stderr, skipped and listed in the summary.
+pub fn predict_files(model: &MaskRcnn, paths: &[PathBuf], opts: &PredictOptions) -> Result<PredictSummary, PredictError> {
+    if let Some(dir) = &opts.draw {
+        std::fs::create_dir_all(dir).map_err(|source| PredictError::CreateDir { path: dir.clone(), source })?;
+    }
+    let device = model.device();
+    let num_classes = model.config.model.num_classes;
+    let batch = model.config.test.ims_per_batch.max(1);
+    let mut summary = PredictSummary::default();
+    let mut results: Vec<DetectionResult> = Vec::new();
+    for chunk in paths.chunks(batch) {
+        let mut loaded = Vec::new();
+        for path in chunk {
+            match RgbImage::open(path) {
+                Ok(img) => loaded.push((path, img)),
+                Err(e) => {
+                    eprintln!("warning: skipping {e}");
+                    summary.failed.push(e.to_string());
+                }
+            }
+        }
+        if loaded.is_empty() {
+            continue;
+        }
+        let tensors: Vec<tch::Tensor> = loaded.iter().map(|(_, im)| im.to_tensor(device)).collect();
+        let dets = {
+            let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };
+            model.predict(&tensors)
+        };
+        for ((path, img), det) in loaded.iter().zip(&dets) {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let res = to_results(&name, det, |l| l);
+            summary.detections += res.len();
+            if let Some(dir) = &opts.draw {
+                draw_one(dir, &name, img, det, &res, num_classes, opts.draw_thresh)?;
+            }
+            results.extend(res);
+            summary.images += 1;
+        }
+    }
+    if let Some(path) = &opts.json {
+        write_json_atomic(path, &results)?;
+    }
+    Ok(summary)
+}
+
+fn draw_one(
+    dir: &Path,
+    name: &str,
+    img: &RgbImage,
+    det: &crate::modeling::Detections,
+    res: &[DetectionResult],
+    num_classes: usize,
+    thresh: f64,
+) -> Result<(), PredictError> {
+    let masks = det.masks.as_ref().map(|m| m.squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8).to_device(Device::Cpu));
+    let (h, w) = (img.height as usize, img.width as usize);
+    let mut mask_bytes: Vec<Vec<u8>> = Vec::new();
+    let keep: Vec<usize> = (0..res.len()).filter(|&i| res[i].score >= thresh).collect();
+    for &i in &keep {
+        let mut v = vec![0u8; h * w];
+        if let Some(m) = &masks {
+            m.get(i as i64).contiguous().copy_data(&mut v, h * w);
+        }
+        mask_bytes.push(v);
+    }
+    let items: Vec<Drawable<'_>> = keep
+        .iter()
+        .zip(&mask_bytes)
+        .map(|(&i, m)| {
+            let r = &res[i];
+            let [x, y, bw, bh] = r.bbox;
+            Drawable {
+                bbox: [x as f32, y as f32, (x + bw) as f32, (y + bh) as f32],
+                mask: Some(m.as_slice()),
+                caption: format!("{} {:.2}", class_name(r.category_id, num_classes), r.score),
+            }
+        })
+        .collect();
+    let stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| name.to_string());
+    let out = dir.join(format!("{stem}.png"));
+    draw_detections(img, &items, &out).map_err(|e| PredictError::Write { path: out, message: e.to_string() })
+}
+
+/// Writes `value` as JSON to `path` through a temporary file and a rename.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), PredictError> {
+    let err = |message: String| PredictError::Write { path: path.to_path_buf(), message };
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string(value).map_err(|e| err(e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}

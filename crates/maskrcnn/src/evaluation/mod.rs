@@ -1,0 +1,3 @@
+//! Results export (and, later, COCO evaluation).
+
+pub mod results;

@@ -1,0 +1,44 @@
+//! COCO-style detection results, the format `predict --json` writes and
+//! `eval --results` reads.
+
+use crate::modeling::Detections;
+use crate::structures::rle::{encode_mask, CompressedRle};
+use serde::{Deserialize, Serialize};
+use tch::Kind;
+
+/// One detection in original-image pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectionResult {
+    pub file_name: String,
+    pub category_id: i64,
+    pub score: f64,
+    /// `[x, y, width, height]`.
+    pub bbox: [f64; 4],
+    pub segmentation: CompressedRle,
+}
+
+/// Converts one image's detections (masks pasted, original size) into results;
+/// masks are binarized at 0.5. `category_id` maps contiguous labels to the
+/// dataset's ids (identity when none is known).
+pub fn to_results(file_name: &str, det: &Detections, category_id: impl Fn(i64) -> i64) -> Vec<DetectionResult> {
+    let boxes = crate::ops::boxes::to_vec_f32(&det.boxes.reshape([-1]));
+    let scores = crate::ops::boxes::to_vec_f32(&det.scores);
+    let labels = crate::ops::boxes::to_vec_i64(&det.labels);
+    let masks = det.masks.as_ref().map(|m| m.squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8).to_device(tch::Device::Cpu));
+    (0..scores.len())
+        .map(|i| {
+            let b = &boxes[4 * i..4 * i + 4];
+            let segmentation = match &masks {
+                Some(m) => encode_mask(&m.get(i as i64)),
+                None => CompressedRle { size: [0, 0], counts: String::new() },
+            };
+            DetectionResult {
+                file_name: file_name.to_string(),
+                category_id: category_id(labels[i]),
+                score: f64::from(scores[i]),
+                bbox: [f64::from(b[0]), f64::from(b[1]), f64::from(b[2] - b[0]), f64::from(b[3] - b[1])],
+                segmentation,
+            }
+        })
+        .collect()
+}
