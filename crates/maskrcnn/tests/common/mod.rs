@@ -32,6 +32,10 @@ pub fn fixture_dir() -> PathBuf {
 /// Runs `script args...` with the oracle Python unless `output` already
 /// exists; panics with the script's stderr on failure.
 pub fn run_reference(script: &str, args: &[&str], output: &Path) {
+    // Tests of one binary run in parallel; one of them generates a fixture
+    // while the others wait for it.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if output.exists() {
         return;
     }

@@ -151,3 +151,28 @@ out["batch_shape"] = torch.tensor(list(il.tensors.shape))
 save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, os.path.join(args.out, "outputs.safetensors"))
 print("detections per image:", [len(d["boxes"]) for d in final],
       "max score:", [round(float(d["scores"].max()), 3) if len(d["scores"]) else None for d in final])
+
+# The same images as 8-bit PNG files, and torchvision's detections on them in
+# the COCO results format `maskrcnn predict --json` writes (pycocotools RLE).
+import json
+import numpy as np
+from PIL import Image
+import pycocotools.mask as mask_util
+
+pngs = []
+for i, im in enumerate(images):
+    arr = (im.cpu().permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    path = os.path.join(args.out, f"img{i}.png")
+    Image.fromarray(arr).save(path)
+    pngs.append((path, torch.from_numpy(arr).permute(2, 0, 1).float().div(255).to(dev)))
+results = []
+with torch.no_grad():
+    preds = model([p[1] for p in pngs])
+for (path, _), d in zip(pngs, preds):
+    for b, s, l, m in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist(), d["masks"][:, 0] > 0.5):
+        rle = mask_util.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
+        results.append(dict(file_name=os.path.basename(path), category_id=l, score=s,
+                            bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                            segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
+with open(os.path.join(args.out, "predict_ref.json"), "w") as f:
+    json.dump(results, f)

@@ -1,0 +1,204 @@
+//! `maskrcnn predict` end to end: PNG files in, COCO results JSON (boxes in
+//! original pixels, compressed RLE masks) and drawings out, compared with
+//! torchvision's detections on the same files encoded by pycocotools; and
+//! its handling of bad input.
+
+mod common;
+
+use common::*;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Deserialize)]
+struct Rle {
+    size: [u32; 2],
+    counts: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Det {
+    file_name: String,
+    category_id: i64,
+    score: f64,
+    bbox: [f64; 4],
+    segmentation: Rle,
+}
+
+fn bin() -> String {
+    std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string())
+}
+
+/// The R101 / 7-class / 320 px oracle fixture (shared with inference_parity).
+fn fixture() -> PathBuf {
+    let dir = fixture_dir().join("infer_r101_c7_cpu");
+    let args = [
+        dir.to_str().unwrap(),
+        "--depth",
+        "101",
+        "--classes",
+        "7",
+        "--min-size",
+        "320",
+        "--max-size",
+        "512",
+        "--sizes",
+        "300x200,30x20,1000x1500",
+        "--device",
+        "cpu",
+    ];
+    run_reference("inference_fixture.py", &args, &dir.join("predict_ref.json"));
+    dir
+}
+
+const SETS: [&str; 8] = [
+    "--set",
+    "model.num_classes=7",
+    "--set",
+    "model.backbone_depth=101",
+    "--set",
+    "input.min_size_test=320",
+    "--set",
+    "input.max_size_test=512",
+];
+
+fn iou_xywh(a: &[f64; 4], b: &[f64; 4]) -> f64 {
+    let (ax2, ay2, bx2, by2) = (a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]);
+    let w = (ax2.min(bx2) - a[0].max(b[0])).max(0.0);
+    let h = (ay2.min(by2) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    inter / (a[2] * a[3] + b[2] * b[3] - inter)
+}
+
+fn mask_iou(a: &Rle, b: &Rle) -> f64 {
+    let dec = |r: &Rle| {
+        hotcoco::mask::decode(&hotcoco::mask::rle_from_string(&r.counts, r.size[0], r.size[1]).expect("valid RLE"))
+    };
+    let (x, y) = (dec(a), dec(b));
+    let inter = x.iter().zip(&y).filter(|(p, q)| **p != 0 && **q != 0).count() as f64;
+    let union = x.iter().zip(&y).filter(|(p, q)| **p != 0 || **q != 0).count() as f64;
+    if union == 0.0 {
+        1.0
+    } else {
+        inter / union
+    }
+}
+
+#[test]
+fn predict_json_matches_torchvision_and_pycocotools() {
+    let dir = fixture();
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("dets.json");
+    let draw = out.path().join("draw");
+    let images: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("img{i}.png"))).collect();
+    let o = Command::new(bin())
+        .arg("predict")
+        .args(["--weights", dir.join("weights.safetensors").to_str().unwrap()])
+        .args(SETS)
+        .args(["--device", "cpu", "--json", json.to_str().unwrap(), "--draw", draw.to_str().unwrap()])
+        .args(["--draw-thresh", "0.3"])
+        .args(&images)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let theirs: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(dir.join("predict_ref.json")).unwrap()).unwrap();
+    assert!(!theirs.is_empty());
+    let mut used = vec![false; ours.len()];
+    let (mut matched, mut identical_rle) = (0, 0);
+    for t in &theirs {
+        let best = ours
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| !used[*i] && d.file_name == t.file_name && d.category_id == t.category_id)
+            .map(|(i, d)| (i, iou_xywh(&d.bbox, &t.bbox)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((i, iou)) = best {
+            let d = &ours[i];
+            if iou >= 0.999 && (d.score - t.score).abs() <= 1e-4 {
+                used[i] = true;
+                matched += 1;
+                assert_eq!(d.segmentation.size, t.segmentation.size, "{}", t.file_name);
+                if d.segmentation.counts == t.segmentation.counts {
+                    identical_rle += 1;
+                } else {
+                    let m = mask_iou(&d.segmentation, &t.segmentation);
+                    assert!(m >= 0.99, "{}: mask IoU {m}", t.file_name);
+                }
+            }
+        }
+    }
+    let total = ours.len().max(theirs.len());
+    eprintln!("predict: {matched}/{total} detections matched, {identical_rle} with identical RLE strings");
+    assert!(matched as f64 >= 0.99 * total as f64, "{matched}/{total}");
+    // One drawing per image.
+    for i in 0..3 {
+        let png = draw.join(format!("img{i}.png"));
+        let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        let src = image::open(&images[i]).unwrap();
+        assert_eq!((img.width(), img.height()), (src.width(), src.height()));
+    }
+}
+
+fn predict_args(dir: &Path) -> Vec<String> {
+    let mut v = vec!["predict".to_string(), "--weights".into(), dir.join("weights.safetensors").display().to_string()];
+    v.extend(SETS.iter().map(|s| s.to_string()));
+    v.extend(["--device".into(), "cpu".into()]);
+    v
+}
+
+#[test]
+fn predict_skips_bad_images_and_fails_at_the_end() {
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let corrupt = tmp.path().join("corrupt.jpg");
+    std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    let missing = tmp.path().join("missing.png");
+    let json = tmp.path().join("d.json");
+    let o = Command::new(bin())
+        .args(predict_args(&dir))
+        .args(["--json", json.to_str().unwrap()])
+        .arg(&corrupt)
+        .arg(dir.join("img1.png"))
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("corrupt.jpg") && err.contains("missing.png"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("error: 2 of 3 image(s) could not be read"), "{last}");
+    // The good image was still processed and written.
+    let dets: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(dets.iter().all(|d| d.file_name == "img1.png") && !dets.is_empty());
+}
+
+#[test]
+fn predict_rejects_bad_weights_with_one_line() {
+    let dir = fixture();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["predict".to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(dir.join("img0.png").display().to_string());
+        Command::new(bin()).args(&args).output().unwrap()
+    };
+    let w = dir.join("weights.safetensors");
+    let w = w.to_str().unwrap();
+    // Wrong number of classes: said so, with the number the weights have.
+    let o = run(&["--weights", w, "--set", "model.backbone_depth=101", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("7 classes") && err.contains("model.num_classes is 91"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Wrong depth: missing / unexpected tensors are listed with shapes.
+    let o = run(&["--weights", w, "--set", "model.num_classes=7", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unexpected backbone.body.layer3.") && err.contains("more"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Not a weights file.
+    let o = run(&["--weights", dir.join("img0.png").to_str().unwrap(), "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot read weights"), "{err}");
+    let o = run(&["--weights", "/nonexistent.safetensors", "--device", "cpu"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.safetensors: no such file"));
+}
