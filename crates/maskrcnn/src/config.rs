@@ -513,7 +513,7 @@ impl Config {
         rule(s.ims_per_batch > 0, "solver.ims_per_batch", "must be > 0")?;
         rule(s.accumulate_steps >= 1, "solver.accumulate_steps", "must be >= 1")?;
         rule(
-            s.ims_per_batch % s.accumulate_steps == 0,
+            s.ims_per_batch.is_multiple_of(s.accumulate_steps),
             "solver.ims_per_batch",
             &format!("must be divisible by solver.accumulate_steps ({})", s.accumulate_steps),
         )?;

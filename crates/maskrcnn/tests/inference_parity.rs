@@ -105,10 +105,10 @@ fn match_detections(ours: &HashMap<&str, Tensor>, theirs: &HashMap<&str, Tensor>
         return m;
     }
     let iou = box_iou(&tb, &ob);
-    for j in 0..tl.len() {
+    for (j, &tlabel) in tl.iter().enumerate() {
         let mut best: Option<(usize, f64)> = None;
         for (i, &l) in ol.iter().enumerate() {
-            if used[i] || l != tl[j] {
+            if used[i] || l != tlabel {
                 continue;
             }
             let v = iou.double_value(&[j as i64, i as i64]);

@@ -102,7 +102,8 @@ fn predict_json_matches_torchvision_and_pycocotools() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ours: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let theirs: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(dir.join("predict_ref.json")).unwrap()).unwrap();
+    let theirs: Vec<Det> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("predict_ref.json")).unwrap()).unwrap();
     assert!(!theirs.is_empty());
     let mut used = vec![false; ours.len()];
     let (mut matched, mut identical_rle) = (0, 0);
@@ -132,10 +133,10 @@ fn predict_json_matches_torchvision_and_pycocotools() {
     eprintln!("predict: {matched}/{total} detections matched, {identical_rle} with identical RLE strings");
     assert!(matched as f64 >= 0.99 * total as f64, "{matched}/{total}");
     // One drawing per image.
-    for i in 0..3 {
+    for (i, source) in images.iter().enumerate() {
         let png = draw.join(format!("img{i}.png"));
         let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
-        let src = image::open(&images[i]).unwrap();
+        let src = image::open(source).unwrap();
         assert_eq!((img.width(), img.height()), (src.width(), src.height()));
     }
 }

@@ -11,8 +11,8 @@ use maskrcnn::engine::predictor::{predict_files, PredictOptions};
 use maskrcnn::environment::EnvReport;
 use maskrcnn::{Config, MaskRcnn};
 use std::path::PathBuf;
-use tch::Device;
 use std::process::ExitCode;
+use tch::Device;
 
 #[derive(Parser)]
 #[command(name = "maskrcnn", version, about = "Mask R-CNN instance segmentation: training, evaluation, inference")]
@@ -174,7 +174,12 @@ fn predict(args: PredictArgs) -> Result<()> {
         args.draw.as_ref().map(|p| format!(", drawings in {}", p.display())).unwrap_or_default(),
     );
     if !summary.failed.is_empty() {
-        bail!("{} of {} image(s) could not be read: {}", summary.failed.len(), args.images.len(), summary.failed.join("; "));
+        bail!(
+            "{} of {} image(s) could not be read: {}",
+            summary.failed.len(),
+            args.images.len(),
+            summary.failed.join("; ")
+        );
     }
     Ok(())
 }
@@ -183,7 +188,13 @@ fn bench(args: BenchArgs) -> Result<()> {
     let device = args.device.resolve()?;
     match args.what {
         BenchWhat::Infer => {
-            let opts = InferBench { batch: args.batch.max(1), iters: args.iters.max(1), warmup: 5, amp: args.amp.into(), device };
+            let opts = InferBench {
+                batch: args.batch.max(1),
+                iters: args.iters.max(1),
+                warmup: 5,
+                amp: args.amp.into(),
+                device,
+            };
             let r = run_infer_bench(&opts)?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);

@@ -40,7 +40,11 @@ pub struct PredictSummary {
 /// Runs `model` over `paths` in batches of `test.ims_per_batch`, writing the
 /// results JSON and drawings per `opts`. Unreadable images are reported on
 /// stderr, skipped and listed in the summary.
-pub fn predict_files(model: &MaskRcnn, paths: &[PathBuf], opts: &PredictOptions) -> Result<PredictSummary, PredictError> {
+pub fn predict_files(
+    model: &MaskRcnn,
+    paths: &[PathBuf],
+    opts: &PredictOptions,
+) -> Result<PredictSummary, PredictError> {
     if let Some(dir) = &opts.draw {
         std::fs::create_dir_all(dir).map_err(|source| PredictError::CreateDir { path: dir.clone(), source })?;
     }
@@ -118,7 +122,8 @@ fn draw_one(
             }
         })
         .collect();
-    let stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| name.to_string());
+    let stem =
+        Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| name.to_string());
     let out = dir.join(format!("{stem}.png"));
     draw_detections(img, &items, &out).map_err(|e| PredictError::Write { path: out, message: e.to_string() })
 }
