@@ -4,11 +4,13 @@
 use super::backbone::BackboneWithFpn;
 use super::roi_heads::{Detections, RoiHeads};
 use super::rpn::{Rpn, RpnOutput};
-use super::transform::{ImageList, Transform};
+use super::transform::{resize_target, ImageList, Transform};
 use super::{weights, ModelError};
 use crate::config::Config;
 use crate::ops::boxes::resize_boxes;
+use crate::ops::sampler::FgBgSampler;
 use crate::structures::masks::paste_masks_in_image;
+use crate::structures::Target;
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -22,6 +24,48 @@ pub struct MaskRcnn {
     pub rpn: Rpn,
     pub roi_heads: RoiHeads,
     pub config: Config,
+}
+
+/// The five training losses, named as torchvision names them.
+#[derive(Debug)]
+pub struct Losses {
+    pub objectness: Tensor,
+    pub rpn_box_reg: Tensor,
+    pub classifier: Tensor,
+    pub box_reg: Tensor,
+    pub mask: Tensor,
+}
+
+impl Losses {
+    /// `(name, loss)` pairs: `loss_objectness`, `loss_rpn_box_reg`,
+    /// `loss_classifier`, `loss_box_reg`, `loss_mask`.
+    pub fn named(&self) -> [(&'static str, &Tensor); 5] {
+        [
+            ("loss_objectness", &self.objectness),
+            ("loss_rpn_box_reg", &self.rpn_box_reg),
+            ("loss_classifier", &self.classifier),
+            ("loss_box_reg", &self.box_reg),
+            ("loss_mask", &self.mask),
+        ]
+    }
+
+    /// The unweighted sum.
+    pub fn total(&self) -> Tensor {
+        &self.objectness + &self.rpn_box_reg + &self.classifier + &self.box_reg + &self.mask
+    }
+}
+
+/// A training target that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("image {image}: box {index} {coords:?} has no positive width and height (or is not finite)")]
+    DegenerateBox { image: usize, index: usize, coords: [f32; 4] },
+    #[error("image {image}: {boxes} boxes but {labels} labels and {masks} masks")]
+    Inconsistent { image: usize, boxes: i64, labels: i64, masks: i64 },
+    #[error("image {image}: label {label} is outside 1..{num_classes}")]
+    BadLabel { image: usize, label: i64, num_classes: usize },
+    #[error("{images} images but {targets} targets")]
+    Count { images: usize, targets: usize },
 }
 
 /// Everything inference computes for a batch, for inspection and tests.
@@ -82,6 +126,42 @@ impl MaskRcnn {
         })
     }
 
+    /// Training forward pass: the five losses for `images` (each `[3, H, W]`
+    /// float RGB in [0, 1]) and their `targets` (original-image pixels). The
+    /// short side is drawn from `input.min_size` per batch; `sampler` chooses
+    /// the anchors and proposals that enter the losses. Images without
+    /// instances train as negatives.
+    pub fn forward_train(
+        &self,
+        images: &[Tensor],
+        targets: &[Target],
+        sampler: &mut dyn FgBgSampler,
+    ) -> Result<Losses, TargetError> {
+        validate_targets(images, targets, self.config.model.num_classes)?;
+        let input = &self.config.input;
+        let choices = &input.min_size;
+        let pick = if choices.len() > 1 {
+            Tensor::randint(choices.len() as i64, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as usize
+        } else {
+            0
+        };
+        let list = self.transform.prepare(images, choices[pick] as i64, input.max_size as i64);
+        let resized: Vec<Target> = targets
+            .iter()
+            .zip(images)
+            .zip(&list.image_sizes)
+            .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size))
+            .collect();
+        let features = self.backbone.forward(&list.tensors, true);
+        let size = list.tensors.size();
+        let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
+        let gt_boxes: Vec<Tensor> = resized.iter().map(|t| non_crowd_boxes(t)).collect();
+        let crowd: Vec<Option<Tensor>> = resized.iter().map(crowd_boxes).collect();
+        let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, &gt_boxes, &crowd, sampler);
+        let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, &resized, sampler);
+        Ok(Losses { objectness, rpn_box_reg, classifier: roi.classifier, box_reg: roi.box_reg, mask: roi.mask })
+    }
+
     /// Detections per image in original-image pixels: boxes `[D, 4]`, scores,
     /// labels and mask probabilities `[D, 1, H, W]` pasted into the image.
     pub fn predict(&self, images: &[Tensor]) -> Vec<Detections> {
@@ -106,4 +186,40 @@ impl MaskRcnn {
                 .collect()
         })
     }
+}
+
+fn non_crowd_boxes(t: &Target) -> Tensor {
+    match &t.iscrowd {
+        Some(c) => t.boxes.index_select(0, &c.logical_not().nonzero().squeeze_dim(1)),
+        None => t.boxes.shallow_clone(),
+    }
+}
+
+fn crowd_boxes(t: &Target) -> Option<Tensor> {
+    t.iscrowd.as_ref().map(|c| t.boxes.index_select(0, &c.nonzero().squeeze_dim(1)))
+}
+
+/// Checks shapes, labels and boxes of every target (before any GPU work).
+fn validate_targets(images: &[Tensor], targets: &[Target], num_classes: usize) -> Result<(), TargetError> {
+    if images.len() != targets.len() {
+        return Err(TargetError::Count { images: images.len(), targets: targets.len() });
+    }
+    for (image, t) in targets.iter().enumerate() {
+        let (boxes, labels, masks) = (t.boxes.size()[0], t.labels.size()[0], t.masks.size()[0]);
+        if boxes != labels || boxes != masks {
+            return Err(TargetError::Inconsistent { image, boxes, labels, masks });
+        }
+        let coords = crate::ops::boxes::to_vec_f32(&t.boxes.reshape([-1]));
+        for (index, b) in coords.chunks(4).enumerate() {
+            if !(b.iter().all(|v| v.is_finite()) && b[2] > b[0] && b[3] > b[1]) {
+                return Err(TargetError::DegenerateBox { image, index, coords: [b[0], b[1], b[2], b[3]] });
+            }
+        }
+        for label in crate::ops::boxes::to_vec_i64(&t.labels) {
+            if label < 1 || label >= num_classes as i64 {
+                return Err(TargetError::BadLabel { image, label, num_classes });
+            }
+        }
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ pub mod rpn;
 pub mod transform;
 pub mod weights;
 
-pub use mask_rcnn::{InferenceTrace, MaskRcnn};
+pub use mask_rcnn::{InferenceTrace, Losses, MaskRcnn, TargetError};
 pub use roi_heads::Detections;
 
 /// Why a model could not be built or its weights loaded.

@@ -5,7 +5,11 @@
 use crate::config::RoiHeadsConfig;
 use crate::modeling::layers::{conv2d, conv_transpose2d, linear, Conv2d, ConvOpts, ConvTranspose2d, Linear};
 use crate::modeling::poolers::MultiScaleRoiAlign;
-use crate::ops::{batched_nms, clip_boxes_to_image, remove_small_boxes, BoxCoder};
+use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
+use crate::ops::sampler::{FgBgSampler, SampleStage};
+use crate::ops::{batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, BoxCoder};
+use crate::structures::masks::project_masks_on_boxes;
+use crate::structures::Target;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -195,4 +199,142 @@ impl RoiHeads {
         }
         out
     }
+}
+
+/// The three RoI-head losses.
+#[derive(Debug)]
+pub struct RoiLosses {
+    pub classifier: Tensor,
+    pub box_reg: Tensor,
+    pub mask: Tensor,
+}
+
+impl RoiHeads {
+    /// Training losses: ground-truth boxes are appended to the `proposals`,
+    /// proposals are matched (IoU >= fg: positive, < bg: background) and
+    /// sampled, then cross-entropy + class-specific smooth-L1 (β = 1/9) on the
+    /// samples and BCE on the positives' 28×28 mask targets, normalized as
+    /// torchvision's `fastrcnn_loss` / `maskrcnn_loss`. `targets` are in
+    /// resized-image pixels.
+    pub fn losses(
+        &self,
+        features: &[Tensor],
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+        targets: &[Target],
+        sampler: &mut dyn FgBgSampler,
+    ) -> RoiLosses {
+        let matcher = Matcher {
+            high_threshold: self.cfg.fg_iou_thresh,
+            low_threshold: self.cfg.bg_iou_thresh,
+            allow_low_quality_matches: false,
+        };
+        let device = proposals[0].device();
+        let mut all_props = Vec::new();
+        let mut matched_idxs = Vec::new();
+        let mut labels = Vec::new();
+        for (p, t) in proposals.iter().zip(targets) {
+            let gt = t.boxes.to_kind(p.kind());
+            let props = Tensor::cat(&[p.shallow_clone(), gt.shallow_clone()], 0);
+            let n = props.size()[0];
+            let (m, l) = if gt.size()[0] == 0 {
+                (Tensor::zeros([n], (Kind::Int64, device)), Tensor::zeros([n], (Kind::Int64, device)))
+            } else {
+                let m = matcher.assign(&box_iou(&gt, &props));
+                let clamped = m.clamp_min(0);
+                let l = t
+                    .labels
+                    .index_select(0, &clamped)
+                    .to_kind(Kind::Int64)
+                    .masked_fill(&m.eq(BELOW_LOW_THRESHOLD), 0)
+                    .masked_fill(&m.eq(BETWEEN_THRESHOLDS), -1);
+                (clamped, l)
+            };
+            let l = if let Some(crowd) = &t.iscrowd {
+                // Crowd instances never produce positives.
+                let is_crowd_match = crowd.index_select(0, &m).logical_and(&l.gt(0));
+                let l = l.masked_fill(&is_crowd_match, -1);
+                let crowd_boxes = t.boxes.index_select(0, &crowd.nonzero().squeeze_dim(1));
+                crate::modeling::rpn::ignore_crowd_overlaps(l, &props, Some(&crowd_boxes), self.cfg.fg_iou_thresh)
+            } else {
+                l
+            };
+            all_props.push(props);
+            matched_idxs.push(m);
+            labels.push(l);
+        }
+        let sampled =
+            sampler.sample(SampleStage::RoiHeads, &labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction);
+        let mut s_props = Vec::new();
+        let mut s_labels = Vec::new();
+        let mut s_matched = Vec::new();
+        let mut reg_targets = Vec::new();
+        for (i, s) in sampled.iter().enumerate() {
+            let inds = s.positive.logical_or(&s.negative).nonzero().squeeze_dim(1);
+            let props = all_props[i].index_select(0, &inds);
+            let m = matched_idxs[i].index_select(0, &inds);
+            let gt = if targets[i].is_empty() {
+                Tensor::zeros([1, 4], (props.kind(), device))
+            } else {
+                targets[i].boxes.to_kind(props.kind())
+            };
+            reg_targets.push(self.box_coder.encode(&gt.index_select(0, &m), &props));
+            s_labels.push(labels[i].index_select(0, &inds));
+            s_matched.push(m);
+            s_props.push(props);
+        }
+        let (logits, deltas) = self.box_branch.forward(features, &s_props, image_sizes);
+        let (classifier, box_reg) = fastrcnn_loss(&logits, &deltas, &s_labels, &reg_targets);
+
+        // Mask branch on the positives.
+        let mut mask_props = Vec::new();
+        let mut mask_targets = Vec::new();
+        let mut mask_labels = Vec::new();
+        for i in 0..s_props.len() {
+            let pos = s_labels[i].gt(0).nonzero().squeeze_dim(1);
+            let props = s_props[i].index_select(0, &pos);
+            let m = s_matched[i].index_select(0, &pos);
+            let resolution = self.cfg.mask_resolution as i64;
+            mask_targets.push(if pos.size()[0] == 0 {
+                Tensor::zeros([0, resolution, resolution], (Kind::Float, device))
+            } else {
+                project_masks_on_boxes(&targets[i].masks, &props, &m, resolution)
+            });
+            mask_labels.push(targets[i].labels.index_select(0, &m));
+            mask_props.push(props);
+        }
+        let mask_logits = self.mask_branch.forward(features, &mask_props, image_sizes);
+        let mask = maskrcnn_loss(&mask_logits, &Tensor::cat(&mask_labels, 0), &Tensor::cat(&mask_targets, 0));
+        RoiLosses { classifier, box_reg, mask }
+    }
+}
+
+/// Cross-entropy over all samples and smooth-L1 (β = 1/9, summed, divided by
+/// the number of samples) on the positives' deltas for their class.
+fn fastrcnn_loss(logits: &Tensor, deltas: &Tensor, labels: &[Tensor], targets: &[Tensor]) -> (Tensor, Tensor) {
+    let labels = Tensor::cat(labels, 0);
+    let targets = Tensor::cat(targets, 0);
+    let logits = logits.to_kind(Kind::Float);
+    let classification = logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
+    let pos = labels.gt(0).nonzero().squeeze_dim(1);
+    let labels_pos = labels.index_select(0, &pos);
+    let n = logits.size()[0];
+    let deltas = deltas.to_kind(Kind::Float).reshape([n, -1, 4]);
+    let pred = deltas.index(&[Some(pos.shallow_clone()), Some(labels_pos)]);
+    let box_loss =
+        pred.smooth_l1_loss(&targets.index_select(0, &pos), tch::Reduction::Sum, 1.0 / 9.0) / labels.size()[0] as f64;
+    (classification, box_loss)
+}
+
+/// Binary cross-entropy between each positive's mask logits for its class
+/// (`mask_logits` `[K, C, M, M]`, `labels` `[K]`) and its target `[K, M, M]`;
+/// zero (with a graph) when there are no positives.
+fn maskrcnn_loss(mask_logits: &Tensor, labels: &Tensor, targets: &Tensor) -> Tensor {
+    if targets.numel() == 0 {
+        return mask_logits.sum(Kind::Float) * 0.0;
+    }
+    let k = labels.size()[0];
+    let idx = Tensor::arange(k, (Kind::Int64, labels.device()));
+    let logits = mask_logits.index(&[Some(idx), Some(labels.shallow_clone())]).to_kind(Kind::Float);
+    logits.binary_cross_entropy_with_logits::<Tensor>(targets, None, None, tch::Reduction::Mean)
 }

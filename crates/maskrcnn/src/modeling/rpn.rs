@@ -3,7 +3,9 @@
 
 use crate::config::{RpnConfig, TopNScope};
 use crate::modeling::layers::{conv2d, Conv2d, ConvOpts};
-use crate::ops::{batched_nms, clip_boxes_to_image, remove_small_boxes, BoxCoder};
+use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
+use crate::ops::sampler::{FgBgSampler, SampleStage};
+use crate::ops::{batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, BoxCoder};
 use tch::nn::{Init, Path};
 use tch::{Device, Kind, Tensor};
 
@@ -254,4 +256,81 @@ fn keep_top_over_batch(boxes: Vec<Tensor>, scores: Vec<Tensor>, post_n: i64) -> 
         start += n;
     }
     (out_b, out_s)
+}
+
+impl Rpn {
+    /// RPN training losses `(loss_objectness, loss_rpn_box_reg)` for the head
+    /// outputs in `out` and ground-truth boxes per image (`[G_i, 4]`, resized
+    /// pixels; `crowd` marks regions that must not become positives).
+    /// Anchors match at IoU >= fg / < bg with torchvision's low-quality rule;
+    /// `sampler` picks `batch_size_per_image` anchors per image.
+    pub fn losses(
+        &self,
+        out: &RpnOutput,
+        gt_boxes: &[Tensor],
+        crowd: &[Option<Tensor>],
+        sampler: &mut dyn FgBgSampler,
+    ) -> (Tensor, Tensor) {
+        let matcher = Matcher {
+            high_threshold: self.cfg.fg_iou_thresh,
+            low_threshold: self.cfg.bg_iou_thresh,
+            allow_low_quality_matches: true,
+        };
+        let anchors = &out.anchors;
+        let device = anchors.device();
+        let mut labels = Vec::with_capacity(gt_boxes.len());
+        let mut targets = Vec::with_capacity(gt_boxes.len());
+        for (gt, crowd) in gt_boxes.iter().zip(crowd) {
+            let (l, matched_gt) = if gt.size()[0] == 0 {
+                (Tensor::zeros([anchors.size()[0]], (Kind::Float, device)), Tensor::zeros_like(anchors))
+            } else {
+                let matched = matcher.assign(&box_iou(gt, anchors));
+                let matched_gt = gt.index_select(0, &matched.clamp_min(0));
+                let l = matched
+                    .ge(0)
+                    .to_kind(Kind::Float)
+                    .masked_fill(&matched.eq(BELOW_LOW_THRESHOLD), 0.0)
+                    .masked_fill(&matched.eq(BETWEEN_THRESHOLDS), -1.0);
+                (l, matched_gt)
+            };
+            let l = ignore_crowd_overlaps(l, anchors, crowd.as_ref(), self.cfg.fg_iou_thresh);
+            targets.push(self.box_coder.encode(&matched_gt, anchors));
+            labels.push(l);
+        }
+        let sampled =
+            sampler.sample(SampleStage::Rpn, &labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction);
+        let pos = Tensor::cat(&sampled.iter().map(|s| s.positive.shallow_clone()).collect::<Vec<_>>(), 0);
+        let neg = Tensor::cat(&sampled.iter().map(|s| s.negative.shallow_clone()).collect::<Vec<_>>(), 0);
+        let pos_inds = pos.nonzero().squeeze_dim(1);
+        let neg_inds = neg.nonzero().squeeze_dim(1);
+        let sampled_inds = Tensor::cat(&[&pos_inds, &neg_inds], 0);
+        let objectness = out.objectness.reshape([-1]);
+        let deltas = out.deltas.reshape([-1, 4]);
+        let labels = Tensor::cat(&labels, 0);
+        let targets = Tensor::cat(&targets, 0);
+        let box_loss = deltas.index_select(0, &pos_inds).to_kind(Kind::Float).smooth_l1_loss(
+            &targets.index_select(0, &pos_inds),
+            tch::Reduction::Sum,
+            1.0 / 9.0,
+        ) / sampled_inds.size()[0] as f64;
+        let objectness_loss =
+            objectness.index_select(0, &sampled_inds).to_kind(Kind::Float).binary_cross_entropy_with_logits::<Tensor>(
+                &labels.index_select(0, &sampled_inds),
+                None,
+                None,
+                tch::Reduction::Mean,
+            );
+        (objectness_loss, box_loss)
+    }
+}
+
+/// Marks as ignored (-1) the background predictions that overlap a crowd
+/// region with IoU >= `thresh`: they are neither positives nor negatives.
+pub(crate) fn ignore_crowd_overlaps(labels: Tensor, boxes: &Tensor, crowd: Option<&Tensor>, thresh: f64) -> Tensor {
+    let Some(crowd) = crowd.filter(|c| c.size()[0] > 0) else {
+        return labels;
+    };
+    let overlaps = box_iou(crowd, boxes).max_dim(0, false).0.ge(thresh);
+    let is_background = labels.eq(0);
+    labels.masked_fill(&overlaps.logical_and(&is_background), -1)
 }

@@ -97,3 +97,30 @@ pub fn resize_image(image: &Tensor, min_size: i64, max_size: i64) -> Tensor {
     let (oh, ow) = resized_size(h, w, min_size, max_size);
     image.unsqueeze(0).upsample_bilinear2d([oh.max(1), ow.max(1)], false, None, None).squeeze_dim(0)
 }
+
+/// Resizes a training target from an `original` `(H, W)` image to the
+/// `resized` one: boxes scaled (torchvision's `resize_boxes`), masks by
+/// nearest-neighbour interpolation.
+pub fn resize_target(
+    target: &crate::structures::Target,
+    original: (i64, i64),
+    resized: (i64, i64),
+) -> crate::structures::Target {
+    let masks = if target.masks.size()[0] == 0 {
+        Tensor::zeros([0, resized.0, resized.1], (Kind::Uint8, target.masks.device()))
+    } else {
+        target
+            .masks
+            .unsqueeze(1)
+            .to_kind(Kind::Float)
+            .upsample_nearest2d([resized.0, resized.1], None, None)
+            .squeeze_dim(1)
+            .to_kind(Kind::Uint8)
+    };
+    crate::structures::Target {
+        boxes: crate::ops::boxes::resize_boxes(&target.boxes, original, resized),
+        labels: target.labels.shallow_clone(),
+        masks,
+        iscrowd: target.iscrowd.as_ref().map(|c| c.shallow_clone()),
+    }
+}

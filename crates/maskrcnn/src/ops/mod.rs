@@ -1,10 +1,15 @@
 //! Detection operators on tensors (CPU and CUDA): box geometry and coding,
-//! NMS, RoIAlign. Each matches its torchvision.ops counterpart.
+//! NMS, RoIAlign, matching and sampling. Each matches its torchvision
+//! counterpart.
 
 pub mod boxes;
+pub mod matcher;
 pub mod nms;
 pub mod roi_align;
+pub mod sampler;
 
 pub use boxes::{box_area, box_iou, clip_boxes_to_image, remove_small_boxes, BoxCoder};
+pub use matcher::Matcher;
 pub use nms::{batched_nms, nms};
 pub use roi_align::roi_align;
+pub use sampler::{BalancedSampler, FgBgSampler, ReplaySampler, SampleStage};

@@ -94,6 +94,8 @@ fn batched_nms_per_category(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_
         let _ = keep_mask.index_fill_(0, &current.index_select(0, &kept), 1);
     }
     let keep = keep_mask.nonzero().squeeze_dim(1);
-    let (_, order) = scores.index_select(0, &keep).sort_stable(true, 0, true);
+    // Unstable, as torchvision's `scores[keep].sort(descending=True)`: equal
+    // scores (e.g. proposals from padded regions) come out in its order.
+    let (_, order) = scores.index_select(0, &keep).sort(0, true);
     keep.index_select(0, &order)
 }

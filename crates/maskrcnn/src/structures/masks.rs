@@ -44,3 +44,14 @@ fn expand_boxes(boxes: &Tensor, scale: f64) -> Tensor {
     let y_c = (boxes.select(1, 3) + boxes.select(1, 1)) * 0.5;
     Tensor::stack(&[&x_c - &w_half, &y_c - &h_half, x_c + w_half, y_c + h_half], 1)
 }
+
+/// Mask targets for training: the ground-truth masks `gt_masks` `[G, H, W]`
+/// cropped to `boxes` `[K, 4]` (each matched to ground truth `matched` `[K]`)
+/// and resized to `m`×`m` by RoIAlign (adaptive sampling, aligned=false), as
+/// torchvision's `project_masks_on_boxes`. Returns `[K, m, m]` float in [0, 1],
+/// on the masks' device.
+pub fn project_masks_on_boxes(gt_masks: &Tensor, boxes: &Tensor, matched: &Tensor, m: i64) -> Tensor {
+    let rois = Tensor::cat(&[matched.to_kind(boxes.kind()).unsqueeze(1), boxes.shallow_clone()], 1);
+    let masks = gt_masks.unsqueeze(1).to_kind(boxes.kind());
+    crate::ops::roi_align(&masks, &rois, (m, m), 1.0, -1, false).squeeze_dim(1)
+}

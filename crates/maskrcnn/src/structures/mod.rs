@@ -1,4 +1,8 @@
-//! Data structures of detection: masks (pasting) and their COCO RLE encoding.
+//! Data structures of detection: ground-truth instances, masks (pasting,
+//! targets) and their COCO RLE encoding.
 
+pub mod instances;
 pub mod masks;
 pub mod rle;
+
+pub use instances::Target;

@@ -36,7 +36,7 @@ pub fn run_reference(script: &str, args: &[&str], output: &Path) {
     // while the others wait for it.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if output.exists() {
+    if is_fresh(output) {
         return;
     }
     let started = std::time::Instant::now();
@@ -54,6 +54,20 @@ pub fn run_reference(script: &str, args: &[&str], output: &Path) {
     );
     eprintln!("{script}: {:.1} s", started.elapsed().as_secs_f64());
     assert!(output.exists(), "{script} did not write {}", output.display());
+}
+
+/// Whether `output` exists and is newer than every oracle script (a changed
+/// script invalidates the cached fixtures).
+fn is_fresh(output: &Path) -> bool {
+    let Ok(out_time) = std::fs::metadata(output).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.flatten().all(|e| e.metadata().and_then(|m| m.modified()).map(|t| t <= out_time).unwrap_or(true))
+        })
+        .unwrap_or(true)
 }
 
 /// All tensors of a safetensors file, on `device`.

@@ -14,10 +14,7 @@ import os
 import torch
 import torchvision
 from safetensors.torch import save_file
-from torchvision.models import resnet
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.ops.misc import FrozenBatchNorm2d
+from tv_common import build, shapes_image
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -39,51 +36,7 @@ dev = torch.device(args.device)
 gen = torch.Generator().manual_seed(args.seed + 1)
 
 
-def build():
-    body = getattr(resnet, f"resnet{args.depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
-    # Plausible, non-identity statistics so FrozenBN arithmetic is exercised
-    # and activations stay in range (as with pretrained weights).
-    for m in body.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            n = m.weight.numel()
-            m.weight.copy_(torch.rand(n, generator=gen) * 0.3 + 0.2)
-            m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    backbone = _resnet_fpn_extractor(body, trainable_layers=3)
-    return MaskRCNN(backbone, num_classes=args.classes, min_size=args.min_size, max_size=args.max_size)
-
-
-def shapes_image(h, w, k):
-    """An image of k filled rectangles/ellipses on noise, with targets."""
-    img = torch.rand(3, h, w, generator=gen) * 0.3
-    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    boxes, labels, masks = [], [], []
-    for _ in range(k):
-        bw = float(torch.randint(max(4, w // 8), max(5, w // 2), (1,), generator=gen))
-        bh = float(torch.randint(max(4, h // 8), max(5, h // 2), (1,), generator=gen))
-        x0 = float(torch.randint(0, max(1, int(w - bw)), (1,), generator=gen))
-        y0 = float(torch.randint(0, max(1, int(h - bh)), (1,), generator=gen))
-        label = int(torch.randint(1, args.classes, (1,), generator=gen))
-        if label % 2:
-            m = (xx >= x0) & (xx < x0 + bw) & (yy >= y0) & (yy < y0 + bh)
-        else:
-            cx, cy = x0 + bw / 2, y0 + bh / 2
-            m = ((xx - cx) / (bw / 2)) ** 2 + ((yy - cy) / (bh / 2)) ** 2 <= 1
-        if m.sum() < 4:
-            continue
-        colour = torch.tensor([(label * 37 % 255) / 255, (label * 91 % 255) / 255, (label * 53 % 255) / 255])
-        img[:, m] = colour[:, None] * 0.8 + 0.2 * torch.rand(3, int(m.sum()), generator=gen)
-        ys, xs = torch.where(m)
-        boxes.append([float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1])
-        labels.append(label)
-        masks.append(m.to(torch.uint8))
-    t = dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.int64),
-             masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8))
-    return img.clamp(0, 1), t
-
-
-model = build().to(dev)
+model = build(args.depth, args.classes, args.min_size, args.max_size, gen).to(dev)
 
 # Sharpen: a few SGD steps at a small size.
 if args.steps > 0:
@@ -93,7 +46,7 @@ if args.steps > 0:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     for step in range(args.steps):
-        batch = [shapes_image(args.train_size, int(args.train_size * 1.25), 4) for _ in range(2)]
+        batch = [shapes_image(gen, args.train_size, int(args.train_size * 1.25), 4, args.classes) for _ in range(2)]
         imgs = [b[0].to(dev) for b in batch]
         tgts = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
         losses = model(imgs, tgts)
@@ -121,7 +74,7 @@ save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items
           os.path.join(args.out, "weights.safetensors"))
 
 sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-images = [shapes_image(h, w, 5)[0].to(dev) for h, w in sizes]
+images = [shapes_image(gen, h, w, 5, args.classes)[0].to(dev) for h, w in sizes]
 out = {}
 with torch.no_grad():
     il, _ = model.transform(images)

@@ -60,11 +60,12 @@ for n, m in [(0, 5), (5, 0), (30, 40)]:
     case += 1
 
 # --- roi_align (aligned=False and True, sampling 2, several scales)
-for (n, c, h, w, k, scale, out_size, aligned) in [
-    (2, 8, 25, 34, 40, 0.25, 7, False),
-    (1, 4, 13, 9, 12, 0.125, 14, False),
-    (2, 3, 10, 10, 10, 1.0, 5, True),
-    (1, 2, 6, 7, 0, 0.25, 7, False),
+for (n, c, h, w, k, scale, out_size, aligned, ratio) in [
+    (2, 8, 25, 34, 40, 0.25, 7, False, 2),
+    (1, 4, 13, 9, 12, 0.125, 14, False, 2),
+    (2, 3, 10, 10, 10, 1.0, 5, True, 2),
+    (1, 2, 6, 7, 0, 0.25, 7, False, 2),
+    (3, 1, 60, 80, 30, 1.0, 28, False, -1),  # adaptive: mask targets
 ]:
     feats = torch.randn(n, c, h, w, generator=g)
     size = max(h, w) / scale
@@ -74,8 +75,8 @@ for (n, c, h, w, k, scale, out_size, aligned) in [
         boxes[1] = torch.tensor([3.0, 3.0, 3.0, 3.0])  # a point
     bidx = torch.randint(0, n, (k, 1), generator=g).float()
     rois = torch.cat([bidx, boxes], 1)
-    pooled = torchvision.ops.roi_align(feats.to(device), rois.to(device), out_size, scale, 2, aligned)
-    put(f"roi{case}", feats=feats, rois=rois, params=torch.tensor([scale, out_size, 2, float(aligned)]), pooled=pooled)
+    pooled = torchvision.ops.roi_align(feats.to(device), rois.to(device), out_size, scale, ratio, aligned)
+    put(f"roi{case}", feats=feats, rois=rois, params=torch.tensor([scale, out_size, ratio, float(aligned)]), pooled=pooled)
     case += 1
 
 save_file(tensors, out)

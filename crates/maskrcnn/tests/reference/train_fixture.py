@@ -1,0 +1,89 @@
+"""Oracle for training: torchvision 0.26 Mask R-CNN losses and gradients on a
+seeded model, with every sample its two BalancedPositiveNegativeSamplers drew
+recorded so the Rust side can replay them.
+
+Usage: python train_fixture.py OUT_DIR [--depth 50] [--classes 7] [--min-size 320]
+           [--max-size 512] [--device cpu|cuda]
+Writes OUT_DIR/weights.safetensors and OUT_DIR/train.safetensors with
+image.{i}, boxes.{i}, labels.{i}, masks.{i}; loss.<name>; grad.<param>;
+sample.{call}.{stage}.{image}.pos/neg (stage 0 = RPN, 1 = RoI heads).
+"""
+import argparse
+import os
+import torch
+from safetensors.torch import save_file
+from torchvision.models.detection import _utils as det_utils
+from tv_common import build, shapes_image
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--depth", type=int, default=50)
+ap.add_argument("--classes", type=int, default=7)
+ap.add_argument("--min-size", type=int, default=320)
+ap.add_argument("--max-size", type=int, default=512)
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--seed", type=int, default=3)
+args = ap.parse_args()
+os.makedirs(args.out, exist_ok=True)
+torch.manual_seed(args.seed)
+gen = torch.Generator().manual_seed(args.seed)
+dev = torch.device(args.device)
+model = build(args.depth, args.classes, args.min_size, args.max_size, gen).to(dev)
+model.train()
+
+# Images: two with instances (non-square), one with none (a negative).
+images, targets = [], []
+for h, w, k in [(240, 320, 5), (300, 200, 3), (200, 260, 0)]:
+    img, t = shapes_image(gen, h, w, k, args.classes)
+    images.append(img.to(dev))
+    targets.append({k: v.to(dev) for k, v in t.items()})
+
+recorded = []
+original_call = det_utils.BalancedPositiveNegativeSampler.__call__
+
+
+def recording_call(self, matched_idxs):
+    pos, neg = original_call(self, matched_idxs)
+    stage = 0 if self is model.rpn.fg_bg_sampler else 1
+    recorded.append((stage, [p.clone() for p in pos], [n.clone() for n in neg]))
+    return pos, neg
+
+
+det_utils.BalancedPositiveNegativeSampler.__call__ = recording_call
+rpn_forward = model.rpn.forward
+rpn_boxes = []
+
+
+def recording_rpn(*a, **kw):
+    boxes, rpn_losses = rpn_forward(*a, **kw)
+    rpn_boxes.extend(b.detach().clone() for b in boxes)
+    return boxes, rpn_losses
+
+
+model.rpn.forward = recording_rpn
+losses = model(images, targets)
+total = sum(losses.values())
+total.backward()
+
+out = {}
+for i, (im, t) in enumerate(zip(images, targets)):
+    out[f"image.{i}"] = im
+    out[f"boxes.{i}"] = t["boxes"]
+    out[f"labels.{i}"] = t["labels"]
+    out[f"masks.{i}"] = t["masks"]
+for i, b in enumerate(rpn_boxes):
+    out[f"proposals.{i}"] = b
+for name, v in losses.items():
+    out[f"loss.{name}"] = v.detach().reshape(1)
+for name, p in model.named_parameters():
+    if p.requires_grad and p.grad is not None:
+        out[f"grad.{name}"] = p.grad
+for c, (stage, pos, neg) in enumerate(recorded):
+    for i, (p, n) in enumerate(zip(pos, neg)):
+        out[f"sample.{c}.{stage}.{i}.pos"] = p
+        out[f"sample.{c}.{stage}.{i}.neg"] = n
+save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, os.path.join(args.out, "train.safetensors"))
+# Weights as they were before the backward pass (backward changes none).
+save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+          os.path.join(args.out, "weights.safetensors"))
+print({k: round(float(v), 5) for k, v in losses.items()}, "sampler calls:", len(recorded))

@@ -1,0 +1,52 @@
+"""Shared by the oracle scripts: a seeded torchvision Mask R-CNN built as this
+project builds its model (ResNet-FPN, FrozenBatchNorm2d with plausible random
+statistics, trainable_layers=3) and synthetic shape images with targets."""
+import torch
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+def build(depth, classes, min_size, max_size, gen):
+    body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    # Plausible, non-identity statistics so FrozenBN arithmetic is exercised
+    # and activations stay in range (as with pretrained weights).
+    for m in body.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n, generator=gen) * 0.3 + 0.2)
+            m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    backbone = _resnet_fpn_extractor(body, trainable_layers=3)
+    return MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size)
+
+
+def shapes_image(gen, h, w, k, classes):
+    """An image of k filled rectangles/ellipses on noise, with targets."""
+    img = torch.rand(3, h, w, generator=gen) * 0.3
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    boxes, labels, masks = [], [], []
+    for _ in range(k):
+        bw = float(torch.randint(max(4, w // 8), max(5, w // 2), (1,), generator=gen))
+        bh = float(torch.randint(max(4, h // 8), max(5, h // 2), (1,), generator=gen))
+        x0 = float(torch.randint(0, max(1, int(w - bw)), (1,), generator=gen))
+        y0 = float(torch.randint(0, max(1, int(h - bh)), (1,), generator=gen))
+        label = int(torch.randint(1, classes, (1,), generator=gen))
+        if label % 2:
+            m = (xx >= x0) & (xx < x0 + bw) & (yy >= y0) & (yy < y0 + bh)
+        else:
+            cx, cy = x0 + bw / 2, y0 + bh / 2
+            m = ((xx - cx) / (bw / 2)) ** 2 + ((yy - cy) / (bh / 2)) ** 2 <= 1
+        if m.sum() < 4:
+            continue
+        colour = torch.tensor([(label * 37 % 255) / 255, (label * 91 % 255) / 255, (label * 53 % 255) / 255])
+        img[:, m] = colour[:, None] * 0.8 + 0.2 * torch.rand(3, int(m.sum()), generator=gen)
+        ys, xs = torch.where(m)
+        boxes.append([float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1])
+        labels.append(label)
+        masks.append(m.to(torch.uint8))
+    t = dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.int64),
+             masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8))
+    return img.clamp(0, 1), t
