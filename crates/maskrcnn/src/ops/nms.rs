@@ -1,6 +1,7 @@
 //! Non-maximum suppression, as `torchvision.ops.nms` / `batched_nms`.
 //!
-//! Scores are sorted (stably) on the tensors' device by libtorch; the greedy pass then runs on the CPU over the sorted
+//! Scores are sorted (stably, as torchvision's kernels) on the tensors' device;
+//! the greedy pass then runs on the CPU over the sorted
 //! boxes with torchvision's float32 IoU arithmetic. A fused CUDA kernel can
 //! replace the greedy pass later without changing results.
 
@@ -16,7 +17,7 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
     if n == 0 {
         return Tensor::empty([0], (Kind::Int64, device));
     }
-    // Stable, as torchvision's kernels: equal scores keep index order.
+    // Stable, as torchvision's kernels (checked: equal scores keep index order).
     let (_, order) = scores.sort_stable(true, 0, true);
     let sorted = boxes.index_select(0, &order);
     let coords = to_vec_f32(&sorted.to_kind(Kind::Float).reshape([-1]));
