@@ -180,7 +180,11 @@ fn check(case: &Case, device: Device) {
         assert!((a - b).abs() <= (0.01 * b).max(1.0), "{}: image {i}: {a} proposals vs {b}", case.name);
         let f = matched_fraction(ours, theirs, 0.999);
         if ours.size() == theirs.size() {
-            eprintln!("{}: image {i}: proposals in the same order, max |Δ| {:.1e}", case.name, max_abs_diff(ours, theirs));
+            eprintln!(
+                "{}: image {i}: proposals in the same order, max |Δ| {:.1e}",
+                case.name,
+                max_abs_diff(ours, theirs)
+            );
         }
         eprintln!("{}: image {i}: {a} proposals, {:.2}% matched at IoU >= 0.999", case.name, 100.0 * f);
         assert!(f >= 0.99, "{}: image {i}: only {:.2}% of proposals matched", case.name, 100.0 * f);

@@ -82,3 +82,68 @@ fn roi_align_is_differentiable_wrt_features() {
     let total = grad.sum(tch::Kind::Float).double_value(&[]);
     assert!((total - 8.0).abs() < 1e-4, "{total}");
 }
+
+fn check_training_ops(device: Device) {
+    use maskrcnn::ops::{BalancedSampler, BoxCoder, FgBgSampler, Matcher, SampleStage};
+    use maskrcnn::structures::masks::project_masks_on_boxes;
+    let t = cases(device);
+    let matcher_cases = names(&t, "match");
+    assert!(matcher_cases.len() >= 5);
+    for c in matcher_cases {
+        let g = |k: &str| &t[&format!("{c}.{k}")];
+        let p = g("params").to_device(Device::Cpu);
+        let m = Matcher {
+            high_threshold: p.double_value(&[0]),
+            low_threshold: p.double_value(&[1]),
+            allow_low_quality_matches: p.double_value(&[2]) > 0.5,
+        };
+        assert_eq!(to_vec_i64(&m.assign(g("quality"))), to_vec_i64(g("matches")), "{c}: matcher");
+    }
+    for c in names(&t, "coder") {
+        let g = |k: &str| &t[&format!("{c}.{k}")];
+        let w = g("weights").to_device(Device::Cpu);
+        let coder =
+            BoxCoder::new([w.double_value(&[0]), w.double_value(&[1]), w.double_value(&[2]), w.double_value(&[3])]);
+        let enc = coder.encode(g("ref"), g("props"));
+        assert!(
+            max_abs_diff(&enc, g("encoded")) <= 1e-5,
+            "{c}: encode differs by {}",
+            max_abs_diff(&enc, g("encoded"))
+        );
+        let dec = coder.decode(g("deltas"), g("props")).reshape([-1, 12]);
+        let rel = max_abs_diff(&dec, g("decoded")) / g("decoded").abs().max().double_value(&[]);
+        assert!(rel <= 1e-6, "{c}: decode differs by {rel} relative");
+    }
+    for c in names(&t, "masktgt") {
+        let g = |k: &str| &t[&format!("{c}.{k}")];
+        let ours = project_masks_on_boxes(g("masks"), g("boxes"), g("matched"), 28);
+        let d = max_abs_diff(&ours, g("targets"));
+        assert!(d <= 1e-5, "{c}: mask targets differ by {d}");
+    }
+    for c in names(&t, "sampler") {
+        let labels: Vec<Tensor> = (0..4).map(|i| t[&format!("{c}.labels{i}")].shallow_clone()).collect();
+        let sampled = BalancedSampler.sample(SampleStage::Rpn, &labels, 256, 0.5);
+        for (i, s) in sampled.iter().enumerate() {
+            let counts = to_vec_i64(&t[&format!("{c}.counts{i}")]);
+            let pos = s.positive.sum(tch::Kind::Int64).int64_value(&[]);
+            let neg = s.negative.sum(tch::Kind::Int64).int64_value(&[]);
+            assert_eq!(vec![pos, neg], counts, "{c}: image {i}: sample counts");
+            // Positives only among label >= 1, negatives only among label 0.
+            let l = &labels[i];
+            assert!(s.positive.logical_and(&l.lt(1)).sum(tch::Kind::Int64).int64_value(&[]) == 0);
+            assert!(s.negative.logical_and(&l.ne(0)).sum(tch::Kind::Int64).int64_value(&[]) == 0);
+        }
+    }
+}
+
+#[test]
+fn training_ops_match_torchvision_cpu() {
+    check_training_ops(Device::Cpu);
+}
+
+#[test]
+fn gpu_training_ops_match_torchvision_cuda() {
+    if let Some(dev) = cuda_or_skip("gpu_training_ops_match_torchvision_cuda") {
+        check_training_ops(dev);
+    }
+}

@@ -155,7 +155,7 @@ impl MaskRcnn {
         let features = self.backbone.forward(&list.tensors, true);
         let size = list.tensors.size();
         let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
-        let gt_boxes: Vec<Tensor> = resized.iter().map(|t| non_crowd_boxes(t)).collect();
+        let gt_boxes: Vec<Tensor> = resized.iter().map(non_crowd_boxes).collect();
         let crowd: Vec<Option<Tensor>> = resized.iter().map(crowd_boxes).collect();
         let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, &gt_boxes, &crowd, sampler);
         let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, &resized, sampler);

@@ -79,5 +79,59 @@ for (n, c, h, w, k, scale, out_size, aligned, ratio) in [
     put(f"roi{case}", feats=feats, rois=rois, params=torch.tensor([scale, out_size, ratio, float(aligned)]), pooled=pooled)
     case += 1
 
+# --- Matcher (RPN: 0.7/0.3 with low-quality matches; RoI: 0.5/0.5 without)
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+for (g_n, p_n, hi, lo, lq, kind) in [
+    (5, 300, 0.7, 0.3, True, "random"),
+    (4, 200, 0.5, 0.5, False, "random"),
+    (3, 100, 0.7, 0.3, True, "no_overlap"),   # a GT overlapping nothing: IoU row of zeros
+    (3, 100, 0.7, 0.3, True, "all_ignored"),  # every IoU between the thresholds
+    (1, 1, 0.7, 0.3, True, "random"),
+]:
+    gt = rand_boxes(g_n, degenerate=False) + 1.0
+    preds = rand_boxes(p_n) + 1.0
+    q = torchvision.ops.box_iou(gt, preds)
+    if kind == "no_overlap":
+        q[0] = 0.0
+    if kind == "all_ignored":
+        q = 0.3 + 0.39 * torch.rand(g_n, p_n, generator=g)
+    m = det_utils.Matcher(hi, lo, allow_low_quality_matches=lq)(q.clone().to(device))
+    put(f"match{case}", quality=q, params=torch.tensor([hi, lo, float(lq)]), matches=m)
+    case += 1
+
+# --- BoxCoder encode / decode
+for w in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
+    coder = det_utils.BoxCoder(w)
+    ref = rand_boxes(50) + 1.0
+    props = rand_boxes(50) + 1.0
+    enc = coder.encode_single(ref.to(device), props.to(device))
+    deltas = torch.randn(50, 4 * 3, generator=g) * 2
+    deltas[0, 2] = 20.0  # beyond the exp clamp
+    dec = coder.decode_single(deltas.to(device), props.to(device))
+    put(f"coder{case}", weights=torch.tensor(w), ref=ref, props=props, encoded=enc, deltas=deltas, decoded=dec)
+    case += 1
+
+# --- Mask targets: GT masks cropped/resized into boxes (adaptive RoIAlign)
+masks = (torch.rand(4, 90, 120, generator=g) > 0.5).to(torch.uint8)
+boxes = rand_boxes(25, size=120.0) + 2.0
+boxes[0] = torch.tensor([-20.0, -10.0, 140.0, 100.0])  # crossing the border
+matched = torch.randint(0, 4, (25,), generator=g)
+t = project_masks_on_boxes(masks.to(device), boxes.to(device), matched.to(device), 28)
+put(f"masktgt{case}", masks=masks, boxes=boxes, matched=matched, targets=t)
+case += 1
+
+# --- Sampler: how many positives / negatives torchvision draws per image
+sampler = det_utils.BalancedPositiveNegativeSampler(256, 0.5)
+labels = [torch.cat([torch.ones(300), torch.zeros(1000), -torch.ones(50)]),   # more positives than the quota
+          torch.cat([torch.ones(10), torch.zeros(100)]),                     # too few of both
+          torch.zeros(500),                                                  # no positives (no GT)
+          -torch.ones(40)]                                                   # all ignored
+pos, neg = sampler([l.to(device) for l in labels])
+for i, (l, p_, n_) in enumerate(zip(labels, pos, neg)):
+    put(f"sampler{case}", **{f"labels{i}": l, f"counts{i}": torch.tensor([int(p_.sum()), int(n_.sum())])})
+case += 1
+
 save_file(tensors, out)
 print(f"wrote {case} cases to {out}")
