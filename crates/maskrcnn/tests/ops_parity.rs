@@ -55,7 +55,10 @@ fn check_all(device: Device) {
         let ours = roi_align(g("feats"), g("rois"), (size, size), scale, ratio, aligned);
         assert_eq!(ours.size(), g("pooled").size(), "{c}");
         let d = max_abs_diff(&ours, g("pooled"));
-        assert!(d <= 1e-4, "{c}: roi_align differs by {d}");
+        eprintln!("{c}: roi_align max |Δ| {d:.1e}");
+        // Bit-identical arithmetic on the CPU; CUDA's kernel fuses multiply-adds.
+        let bound = if device == Device::Cpu { 1e-6 } else { 1e-5 };
+        assert!(d <= bound, "{c}: roi_align differs by {d}");
     }
 }
 
@@ -118,6 +121,7 @@ fn check_training_ops(device: Device) {
         let g = |k: &str| &t[&format!("{c}.{k}")];
         let ours = project_masks_on_boxes(g("masks"), g("boxes"), g("matched"), 28);
         let d = max_abs_diff(&ours, g("targets"));
+        eprintln!("{c}: mask targets max |Δ| {d:.1e}");
         assert!(d <= 1e-5, "{c}: mask targets differ by {d}");
     }
     for c in names(&t, "sampler") {

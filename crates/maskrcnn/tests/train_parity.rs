@@ -54,6 +54,8 @@ fn replay(t: &HashMap<String, Tensor>) -> ReplaySampler {
 
 fn check(device: Device) {
     let dir = fixture(device);
+    // As the oracle: full fp32, no TF32 (see train_fixture.py).
+    maskrcnn::shim::set_tf32(false);
     let t = load(&dir.join("train.safetensors"), device);
     let sets: Vec<String> =
         ["model.num_classes=7", "input.min_size=320", "input.max_size=512"].iter().map(|s| s.to_string()).collect();

@@ -1,12 +1,10 @@
 //! RoIAlign, as `torchvision.ops.roi_align`.
 //!
-//! Each output bin averages `sampling_ratio²` bilinear samples. The samples are
-//! taken with one `grid_sampler_2d` call per image over all of its RoIs, on
-//! coordinates clamped as torchvision's `bilinear_interpolate` clamps them;
-//! samples that torchvision zeroes (more than one pixel outside the map) are
-//! masked. It is differentiable with respect to the features and runs on
-//! any device; the result differs from torchvision's only by the rounding of
-//! the grid's normalized coordinates (~1e-5 pixel).
+//! Each output bin averages `sampling_ratio²` bilinear samples, computed with
+//! torchvision's arithmetic (bit-identical on the CPU) from gathers of the
+//! four neighbouring feature rows, so it is differentiable with respect to
+//! the features and runs on any device. A fused CUDA kernel can replace it
+//! later without changing results.
 
 use tch::{Kind, Tensor};
 
@@ -90,6 +88,13 @@ impl RoiGeometry {
 }
 
 /// RoIAlign with `samples` (per bin side, y and x) for every RoI; float32 out.
+///
+/// Follows torchvision's kernel operation by operation: the same float32
+/// sample coordinates, clamping and bilinear weights, the four corner values
+/// gathered from a channels-last copy of the features and combined in the
+/// kernel's order, samples accumulated in its order, then divided by the
+/// sample count. On the CPU this reproduces torchvision bit for bit; the
+/// gathers make it differentiable with respect to `input`.
 fn roi_align_fixed(input: &Tensor, rois: &Tensor, g: &RoiGeometry, samples: (i64, i64)) -> Tensor {
     let (ph, pw) = g.output_size;
     let (sy, sx) = samples;
@@ -98,48 +103,57 @@ fn roi_align_fixed(input: &Tensor, rois: &Tensor, g: &RoiGeometry, samples: (i64
     };
     let k = rois.size()[0];
     let device = input.device();
-    let input = input.to_kind(Kind::Float);
+    let opts = (Kind::Float, device);
+    // [N*H*W, C]: one row per feature-map position.
+    let rows = input.to_kind(Kind::Float).permute([0, 2, 3, 1]).reshape([n * h * w, c]);
+    let base = rois.select(1, 0).to_kind(Kind::Int64) * (h * w); // [K]
     let bin_w = &g.roi_w / pw as f64;
     let bin_h = &g.roi_h / ph as f64;
-    // Sample coordinates in torchvision's evaluation order:
-    // start + p * bin + ((i + 0.5) * bin) / s.
-    let coords = |start: &Tensor, bin: &Tensor, pooled: i64, s: i64| -> Tensor {
-        let opts = (Kind::Float, device);
-        let p = Tensor::arange(pooled, opts).repeat_interleave_self_int(s, 0, None);
-        let i = Tensor::arange(s, opts).repeat([pooled]) + 0.5;
-        let bin = bin.unsqueeze(1);
-        start.unsqueeze(1) + p.unsqueeze(0) * &bin + i.unsqueeze(0) * &bin / s as f64
+    let py = Tensor::arange(ph, opts);
+    let px = Tensor::arange(pw, opts);
+    // Coordinates of sample `i` of every bin: start + p * bin + ((i + 0.5) * bin) / s.
+    let coord = |start: &Tensor, bin: &Tensor, p: &Tensor, i: i64, s: i64| -> Tensor {
+        let offset = bin * (i as f64 + 0.5) / s as f64;
+        (start.unsqueeze(1) + p.unsqueeze(0) * bin.unsqueeze(1)) + offset.unsqueeze(1)
     };
-    let xs = coords(&g.start_x, &bin_w, pw, sx); // [K, pw*sx]
-    let ys = coords(&g.start_y, &bin_h, ph, sy); // [K, ph*sy]
-    let valid_x = xs.ge(-1.0).logical_and(&xs.le(w as f64));
-    let valid_y = ys.ge(-1.0).logical_and(&ys.le(h as f64));
-    let valid = valid_y.unsqueeze(2).logical_and(&valid_x.unsqueeze(1)).to_kind(Kind::Float);
-    // Clamp into [0, size-1] and normalize for grid_sample(align_corners=false).
-    let gx = (xs.clamp(0.0, (w - 1) as f64) * 2.0 + 1.0) / w as f64 - 1.0;
-    let gy = (ys.clamp(0.0, (h - 1) as f64) * 2.0 + 1.0) / h as f64 - 1.0;
-    let (gh, gw) = (ph * sy, pw * sx);
-    let grid =
-        Tensor::stack(&[gx.unsqueeze(1).expand([k, gh, gw], false), gy.unsqueeze(2).expand([k, gh, gw], false)], 3);
-
-    let batch_index = rois.select(1, 0).to_kind(Kind::Int64);
-    let mut parts = Vec::new();
-    let mut order = Vec::new();
-    for b in 0..n {
-        let idx = batch_index.eq(b).nonzero().squeeze_dim(1);
-        let kb = idx.size()[0];
-        if kb == 0 {
-            continue;
+    // torchvision's bilinear_interpolate along one axis: validity, low/high
+    // indices and the (low, high) weights.
+    let axis = |v: &Tensor, size: i64| -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+        let valid = v.ge(-1.0).logical_and(&v.le(size as f64));
+        let v = v.clamp_min(0.0);
+        let low = v.floor().to_kind(Kind::Int64);
+        let at_edge = low.ge(size - 1);
+        let low = low.clamp_max(size - 1);
+        let high = (&low + 1).clamp_max(size - 1);
+        let v = v.where_self(&at_edge.logical_not(), &low.to_kind(Kind::Float));
+        let l = &v - low.to_kind(Kind::Float);
+        let hw = l.ones_like() - &l;
+        (valid, low, high, hw, l)
+    };
+    let mut acc: Option<Tensor> = None;
+    for iy in 0..sy {
+        let (vy, y_low, y_high, hy, ly) = axis(&coord(&g.start_y, &bin_h, &py, iy, sy), h); // [K, PH]
+        for ix in 0..sx {
+            let (vx, x_low, x_high, hx, lx) = axis(&coord(&g.start_x, &bin_w, &px, ix, sx), w); // [K, PW]
+            let valid = vy.unsqueeze(2).logical_and(&vx.unsqueeze(1)).to_kind(Kind::Float); // [K, PH, PW]
+            let weight = |a: &Tensor, b: &Tensor| (a.unsqueeze(2) * b.unsqueeze(1) * &valid).unsqueeze(3);
+            let gather = |yi: &Tensor, xi: &Tensor| {
+                let idx = base.reshape([k, 1, 1]) + yi.unsqueeze(2) * w + xi.unsqueeze(1);
+                rows.index_select(0, &idx.reshape([-1])).reshape([k, ph, pw, c])
+            };
+            let val = weight(&hy, &hx) * gather(&y_low, &x_low)
+                + weight(&hy, &lx) * gather(&y_low, &x_high)
+                + weight(&ly, &hx) * gather(&y_high, &x_low)
+                + weight(&ly, &lx) * gather(&y_high, &x_high);
+            acc = Some(match acc {
+                None => val,
+                Some(a) => a + val,
+            });
         }
-        let grid_b = grid.index_select(0, &idx).reshape([1, kb * gh, gw, 2]);
-        // mode 0 = bilinear, padding 0 = zeros (every coordinate is in range).
-        let sampled = input.narrow(0, b, 1).grid_sampler_2d(&grid_b, 0, 0, false);
-        let sampled = sampled.reshape([c, kb, gh, gw]).permute([1, 0, 2, 3]);
-        let sampled = sampled * valid.index_select(0, &idx).unsqueeze(1);
-        parts.push(sampled.avg_pool2d([sy, sx], [sy, sx], [0, 0], false, true, None::<i64>));
-        order.push(idx);
     }
-    let pooled = Tensor::cat(&parts, 0);
-    let order = Tensor::cat(&order, 0);
-    Tensor::zeros([k, c, ph, pw], (Kind::Float, device)).index_copy(0, &order, &pooled)
+    let count = (sy * sx).max(1) as f64;
+    match acc {
+        Some(a) => (a / count).permute([0, 3, 1, 2]),
+        None => Tensor::zeros([k, c, ph, pw], opts),
+    }
 }

@@ -108,9 +108,14 @@ print("detections per image:", [len(d["boxes"]) for d in final],
 # The same images as 8-bit PNG files, and torchvision's detections on them in
 # the COCO results format `maskrcnn predict --json` writes (pycocotools RLE).
 import json
+import sys
 import numpy as np
 from PIL import Image
-import pycocotools.mask as mask_util
+try:
+    import pycocotools.mask as mask_util
+except ImportError:  # the GPU machine has no pycocotools; predict is tested on CPU
+    print("pycocotools missing: predict_ref.json not written")
+    sys.exit(0)
 
 pngs = []
 for i, im in enumerate(images):

@@ -28,6 +28,10 @@ os.makedirs(args.out, exist_ok=True)
 torch.manual_seed(args.seed)
 gen = torch.Generator().manual_seed(args.seed)
 dev = torch.device(args.device)
+# Gradients are compared in full fp32: TF32 would turn the last-bit
+# differences of two correct implementations into 1e-3-level ones.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 model = build(args.depth, args.classes, args.min_size, args.max_size, gen).to(dev)
 model.train()
 
