@@ -55,10 +55,13 @@ fn check_all(device: Device) {
         let ours = roi_align(g("feats"), g("rois"), (size, size), scale, ratio, aligned);
         assert_eq!(ours.size(), g("pooled").size(), "{c}");
         let d = max_abs_diff(&ours, g("pooled"));
-        eprintln!("{c}: roi_align max |Δ| {d:.1e}");
-        // Bit-identical arithmetic on the CPU; CUDA's kernel fuses multiply-adds.
+        let scale = if ours.numel() == 0 { 1.0 } else { g("pooled").abs().max().double_value(&[]).max(1e-12) };
+        let rel = d / scale;
+        eprintln!("{c}: roi_align max |Δ| {d:.1e} ({rel:.1e} of the largest value)");
+        // Bit-identical arithmetic on the CPU; torchvision's CUDA kernel fuses
+        // multiply-adds, which moves the last bits.
         let bound = if device == Device::Cpu { 1e-6 } else { 1e-5 };
-        assert!(d <= bound, "{c}: roi_align differs by {d}");
+        assert!(rel <= bound, "{c}: roi_align differs by {rel:.2e} relative");
     }
 }
 

@@ -1,7 +1,9 @@
 //! Training parity with torchvision 0.26: with identical weights, images,
 //! targets and sampled anchors/proposals (torchvision's samples replayed), the
 //! five losses agree within 1e-5 relative and the gradient of their sum for
-//! every trainable parameter within 1e-4 (‖Δ‖₂ / ‖ref‖₂). The oracle is
+//! every trainable parameter within 1e-4 (‖Δ‖₂ / ‖ref‖₂) — or, on CUDA, within
+//! twice the spread of torchvision's own gradients between two identical
+//! passes (atomic accumulation order), which the oracle measures. The oracle is
 //! `tests/reference/train_fixture.py`.
 
 mod common;
@@ -102,9 +104,10 @@ fn check(device: Device) {
     losses.total().backward();
     let vars = model.vs.variables();
     let trainable: Vec<(&String, &Tensor)> = vars.iter().filter(|(_, v)| v.requires_grad()).collect();
-    let expected: Vec<&String> = t.keys().filter_map(|k| k.strip_prefix("grad.").map(|_| k)).collect();
+    let expected: Vec<&String> = t.keys().filter(|k| k.starts_with("grad.")).collect();
     assert_eq!(trainable.len(), expected.len(), "trainable parameter sets differ");
     let mut worst = (0.0f64, String::new());
+    let mut worst_noise = 0.0f64;
     for (name, v) in trainable {
         let reference = t.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("torchvision has no grad for {name}"));
         let g = v.grad();
@@ -112,12 +115,25 @@ fn check(device: Device) {
         let diff = (&g - reference).to_kind(Kind::Double).norm().double_value(&[]);
         let norm = reference.to_kind(Kind::Double).norm().double_value(&[]);
         let rel = if norm == 0.0 { diff } else { diff / norm };
+        // torchvision's own spread between two identical passes on this device.
+        let again = &t[&format!("grad2.{name}")];
+        let noise = (again - reference).to_kind(Kind::Double).norm().double_value(&[]) / norm.max(1e-30);
         if rel > worst.0 {
             worst = (rel, name.clone());
         }
-        assert!(rel <= 1e-4, "{name}: gradient differs, rel L2 {rel:.2e}");
+        worst_noise = worst_noise.max(noise);
+        assert!(
+            rel <= 1e-4 || rel <= 2.0 * noise,
+            "{name}: gradient differs, rel L2 {rel:.2e} (torchvision vs itself: {noise:.2e})"
+        );
     }
-    eprintln!("{} gradients compared, worst rel L2 {:.1e} ({})", expected.len(), worst.0, worst.1);
+    eprintln!(
+        "{} gradients compared, worst rel L2 {:.1e} ({}); torchvision vs itself up to {:.1e}",
+        expected.len(),
+        worst.0,
+        worst.1,
+        worst_noise
+    );
 }
 
 #[test]

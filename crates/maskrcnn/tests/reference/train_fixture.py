@@ -60,7 +60,8 @@ rpn_boxes = []
 
 def recording_rpn(*a, **kw):
     boxes, rpn_losses = rpn_forward(*a, **kw)
-    rpn_boxes.extend(b.detach().clone() for b in boxes)
+    if not rpn_boxes:
+        rpn_boxes.extend(b.detach().clone() for b in boxes)
     return boxes, rpn_losses
 
 
@@ -69,7 +70,25 @@ losses = model(images, targets)
 total = sum(losses.values())
 total.backward()
 
+# Second, identical pass (same samples replayed): how far torchvision's own
+# gradients move between two runs on this device (atomics, kernel choice).
+first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+replay = list(recorded)
+
+
+def replaying_call(self, matched_idxs):
+    stage, pos, neg = replay.pop(0)
+    return pos, neg
+
+
+det_utils.BalancedPositiveNegativeSampler.__call__ = replaying_call
+model.zero_grad()
+sum(model(images, targets).values()).backward()
+
 out = {}
+for n, p in model.named_parameters():
+    if n in first_grads:
+        out[f"grad2.{n}"] = p.grad
 for i, (im, t) in enumerate(zip(images, targets)):
     out[f"image.{i}"] = im
     out[f"boxes.{i}"] = t["boxes"]
@@ -79,9 +98,8 @@ for i, b in enumerate(rpn_boxes):
     out[f"proposals.{i}"] = b
 for name, v in losses.items():
     out[f"loss.{name}"] = v.detach().reshape(1)
-for name, p in model.named_parameters():
-    if p.requires_grad and p.grad is not None:
-        out[f"grad.{name}"] = p.grad
+for name, g in first_grads.items():
+    out[f"grad.{name}"] = g
 for c, (stage, pos, neg) in enumerate(recorded):
     for i, (p, n) in enumerate(zip(pos, neg)):
         out[f"sample.{c}.{stage}.{i}.pos"] = p
