@@ -91,10 +91,11 @@ impl RoiGeometry {
 ///
 /// Follows torchvision's kernel operation by operation: the same float32
 /// sample coordinates, clamping and bilinear weights, the four corner values
-/// gathered from a channels-last copy of the features and combined in the
+/// gathered from the features and combined in the
 /// kernel's order, samples accumulated in its order, then divided by the
 /// sample count. On the CPU this reproduces torchvision bit for bit; the
-/// gathers make it differentiable with respect to `input`.
+/// gathers (per image, from its `[C, H*W]` view) make it differentiable with
+/// respect to `input`.
 fn roi_align_fixed(input: &Tensor, rois: &Tensor, g: &RoiGeometry, samples: (i64, i64)) -> Tensor {
     let (ph, pw) = g.output_size;
     let (sy, sx) = samples;
@@ -104,9 +105,7 @@ fn roi_align_fixed(input: &Tensor, rois: &Tensor, g: &RoiGeometry, samples: (i64
     let k = rois.size()[0];
     let device = input.device();
     let opts = (Kind::Float, device);
-    // [N*H*W, C]: one row per feature-map position.
-    let rows = input.to_kind(Kind::Float).permute([0, 2, 3, 1]).reshape([n * h * w, c]);
-    let base = rois.select(1, 0).to_kind(Kind::Int64) * (h * w); // [K]
+    let input = input.to_kind(Kind::Float);
     let bin_w = &g.roi_w / pw as f64;
     let bin_h = &g.roi_h / ph as f64;
     let py = Tensor::arange(ph, opts);
@@ -130,30 +129,51 @@ fn roi_align_fixed(input: &Tensor, rois: &Tensor, g: &RoiGeometry, samples: (i64
         let hw = l.ones_like() - &l;
         (valid, low, high, hw, l)
     };
-    let mut acc: Option<Tensor> = None;
-    for iy in 0..sy {
-        let (vy, y_low, y_high, hy, ly) = axis(&coord(&g.start_y, &bin_h, &py, iy, sy), h); // [K, PH]
-        for ix in 0..sx {
-            let (vx, x_low, x_high, hx, lx) = axis(&coord(&g.start_x, &bin_w, &px, ix, sx), w); // [K, PW]
-            let valid = vy.unsqueeze(2).logical_and(&vx.unsqueeze(1)).to_kind(Kind::Float); // [K, PH, PW]
-            let weight = |a: &Tensor, b: &Tensor| (a.unsqueeze(2) * b.unsqueeze(1) * &valid).unsqueeze(3);
-            let gather = |yi: &Tensor, xi: &Tensor| {
-                let idx = base.reshape([k, 1, 1]) + yi.unsqueeze(2) * w + xi.unsqueeze(1);
-                rows.index_select(0, &idx.reshape([-1])).reshape([k, ph, pw, c])
-            };
-            let val = weight(&hy, &hx) * gather(&y_low, &x_low)
-                + weight(&hy, &lx) * gather(&y_low, &x_high)
-                + weight(&ly, &hx) * gather(&y_high, &x_low)
-                + weight(&ly, &lx) * gather(&y_high, &x_high);
-            acc = Some(match acc {
-                None => val,
-                Some(a) => a + val,
-            });
+    // The RoIs of each image gather from that image's [C, H*W] view, so the
+    // gradient reaching `input` is an ordinary contiguous NCHW tensor.
+    let batch_index = rois.select(1, 0).to_kind(Kind::Int64);
+    let mut parts = Vec::new();
+    let mut order = Vec::new();
+    for b in 0..n {
+        let idx = batch_index.eq(b).nonzero().squeeze_dim(1);
+        let kb = idx.size()[0];
+        if kb == 0 {
+            continue;
+        }
+        let plane = input.get(b).reshape([c, h * w]);
+        let pick = |t: &Tensor| t.index_select(0, &idx);
+        let (start_y, start_x, bh, bw) = (pick(&g.start_y), pick(&g.start_x), pick(&bin_h), pick(&bin_w));
+        let mut acc: Option<Tensor> = None;
+        for iy in 0..sy {
+            let (vy, y_low, y_high, hy, ly) = axis(&coord(&start_y, &bh, &py, iy, sy), h); // [Kb, PH]
+            for ix in 0..sx {
+                let (vx, x_low, x_high, hx, lx) = axis(&coord(&start_x, &bw, &px, ix, sx), w); // [Kb, PW]
+                let valid = vy.unsqueeze(2).logical_and(&vx.unsqueeze(1)).to_kind(Kind::Float); // [Kb, PH, PW]
+                let weight = |a: &Tensor, b: &Tensor| (a.unsqueeze(2) * b.unsqueeze(1) * &valid).unsqueeze(0);
+                let gather = |yi: &Tensor, xi: &Tensor| {
+                    let pos = yi.unsqueeze(2) * w + xi.unsqueeze(1); // [Kb, PH, PW]
+                    plane.index_select(1, &pos.reshape([-1])).reshape([c, kb, ph, pw])
+                };
+                let val = weight(&hy, &hx) * gather(&y_low, &x_low)
+                    + weight(&hy, &lx) * gather(&y_low, &x_high)
+                    + weight(&ly, &hx) * gather(&y_high, &x_low)
+                    + weight(&ly, &lx) * gather(&y_high, &x_high);
+                acc = Some(match acc {
+                    None => val,
+                    Some(a) => a + val,
+                });
+            }
+        }
+        if let Some(a) = acc {
+            parts.push(a.permute([1, 0, 2, 3])); // [Kb, C, PH, PW]
+            order.push(idx);
         }
     }
     let count = (sy * sx).max(1) as f64;
-    match acc {
-        Some(a) => (a / count).permute([0, 3, 1, 2]),
-        None => Tensor::zeros([k, c, ph, pw], opts),
+    if parts.is_empty() {
+        return Tensor::zeros([k, c, ph, pw], opts);
     }
+    let pooled = Tensor::cat(&parts, 0) / count;
+    let order = Tensor::cat(&order, 0);
+    Tensor::zeros([k, c, ph, pw], opts).index_copy(0, &order, &pooled)
 }
