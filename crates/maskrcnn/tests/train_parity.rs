@@ -12,7 +12,7 @@ mod common;
 
 use common::*;
 use maskrcnn::ops::{ReplaySampler, SampleStage};
-use maskrcnn::structures::Target;
+use maskrcnn::structures::{InstanceMasks, Target};
 use maskrcnn::{Config, MaskRcnn};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -71,7 +71,7 @@ fn check(device: Device) {
         .map(|i| Target {
             boxes: t[&format!("boxes.{i}")].shallow_clone(),
             labels: t[&format!("labels.{i}")].shallow_clone(),
-            masks: t[&format!("masks.{i}")].shallow_clone(),
+            masks: InstanceMasks::Bitmaps(t[&format!("masks.{i}")].shallow_clone()),
             iscrowd: None,
         })
         .collect();

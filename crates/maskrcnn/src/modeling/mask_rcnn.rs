@@ -205,7 +205,7 @@ fn validate_targets(images: &[Tensor], targets: &[Target], num_classes: usize) -
         return Err(TargetError::Count { images: images.len(), targets: targets.len() });
     }
     for (image, t) in targets.iter().enumerate() {
-        let (boxes, labels, masks) = (t.boxes.size()[0], t.labels.size()[0], t.masks.size()[0]);
+        let (boxes, labels, masks) = (t.boxes.size()[0], t.labels.size()[0], t.masks.len());
         if boxes != labels || boxes != masks {
             return Err(TargetError::Inconsistent { image, boxes, labels, masks });
         }

@@ -8,8 +8,8 @@ use crate::modeling::poolers::MultiScaleRoiAlign;
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::ops::sampler::{FgBgSampler, SampleStage};
 use crate::ops::{batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, BoxCoder};
-use crate::structures::masks::project_masks_on_boxes;
-use crate::structures::Target;
+use crate::structures::masks::{polygon_mask_targets, project_masks_on_boxes};
+use crate::structures::{InstanceMasks, Target};
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -295,10 +295,10 @@ impl RoiHeads {
             let props = s_props[i].index_select(0, &pos);
             let m = s_matched[i].index_select(0, &pos);
             let resolution = self.cfg.mask_resolution as i64;
-            mask_targets.push(if pos.size()[0] == 0 {
-                Tensor::zeros([0, resolution, resolution], (Kind::Float, device))
-            } else {
-                project_masks_on_boxes(&targets[i].masks, &props, &m, resolution)
+            mask_targets.push(match &targets[i].masks {
+                _ if pos.size()[0] == 0 => Tensor::zeros([0, resolution, resolution], (Kind::Float, device)),
+                InstanceMasks::Bitmaps(masks) => project_masks_on_boxes(masks, &props, &m, resolution),
+                InstanceMasks::Polygons(polys) => polygon_mask_targets(polys, &props, &m, resolution, device),
             });
             mask_labels.push(targets[i].labels.index_select(0, &m));
             mask_props.push(props);

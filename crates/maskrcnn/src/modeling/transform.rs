@@ -99,23 +99,38 @@ pub fn resize_image(image: &Tensor, min_size: i64, max_size: i64) -> Tensor {
 }
 
 /// Resizes a training target from an `original` `(H, W)` image to the
-/// `resized` one: boxes scaled (torchvision's `resize_boxes`), masks by
-/// nearest-neighbour interpolation.
+/// `resized` one: boxes scaled (torchvision's `resize_boxes`), bitmap masks by
+/// nearest-neighbour interpolation, polygons by the same ratios as the boxes.
 pub fn resize_target(
     target: &crate::structures::Target,
     original: (i64, i64),
     resized: (i64, i64),
 ) -> crate::structures::Target {
-    let masks = if target.masks.size()[0] == 0 {
-        Tensor::zeros([0, resized.0, resized.1], (Kind::Uint8, target.masks.device()))
-    } else {
-        target
-            .masks
-            .unsqueeze(1)
-            .to_kind(Kind::Float)
-            .upsample_nearest2d([resized.0, resized.1], None, None)
-            .squeeze_dim(1)
-            .to_kind(Kind::Uint8)
+    use crate::structures::InstanceMasks;
+    let masks = match &target.masks {
+        InstanceMasks::Bitmaps(m) if m.size()[0] == 0 => {
+            InstanceMasks::Bitmaps(Tensor::zeros([0, resized.0, resized.1], (Kind::Uint8, m.device())))
+        }
+        InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(
+            m.unsqueeze(1)
+                .to_kind(Kind::Float)
+                .upsample_nearest2d([resized.0, resized.1], None, None)
+                .squeeze_dim(1)
+                .to_kind(Kind::Uint8),
+        ),
+        InstanceMasks::Polygons(polys) => {
+            // The same float32 ratios as the boxes.
+            let rh = f64::from(resized.0 as f32 / original.0 as f32);
+            let rw = f64::from(resized.1 as f32 / original.1 as f32);
+            InstanceMasks::Polygons(
+                polys
+                    .iter()
+                    .map(|inst| {
+                        inst.iter().map(|p| p.chunks(2).flat_map(|xy| [xy[0] * rw, xy[1] * rh]).collect()).collect()
+                    })
+                    .collect(),
+            )
+        }
     };
     crate::structures::Target {
         boxes: crate::ops::boxes::resize_boxes(&target.boxes, original, resized),

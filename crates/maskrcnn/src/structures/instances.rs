@@ -9,8 +9,8 @@ pub struct Target {
     pub boxes: Tensor,
     /// `[G]` int64 contiguous labels in `1..num_classes`.
     pub labels: Tensor,
-    /// `[G, H, W]` uint8 binary masks, the image's size.
-    pub masks: Tensor,
+    /// The instances' masks, as bitmaps or polygons.
+    pub masks: InstanceMasks,
     /// `[G]` bool: crowd regions, never positives (and what overlaps them
     /// strongly is ignored rather than background). `None`: no crowds.
     pub iscrowd: Option<Tensor>,
@@ -31,8 +31,37 @@ impl Target {
         Target {
             boxes: self.boxes.to_device(device),
             labels: self.labels.to_device(device),
-            masks: self.masks.to_device(device),
+            masks: match &self.masks {
+                InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(m.to_device(device)),
+                InstanceMasks::Polygons(p) => InstanceMasks::Polygons(p.clone()),
+            },
             iscrowd: self.iscrowd.as_ref().map(|c| c.to_device(device)),
         }
+    }
+}
+
+/// Instance masks in one of COCO's two forms.
+#[derive(Debug)]
+pub enum InstanceMasks {
+    /// `[G, H, W]` uint8 binary masks, the image's size (on the model's
+    /// device: mask targets are cropped from them there by RoIAlign).
+    Bitmaps(Tensor),
+    /// Per instance, its polygons, each `[x0, y0, x1, y1, ...]` in image
+    /// pixels. Only the positive RoIs' targets are rasterized (at 28×28),
+    /// never a full-image bitmap.
+    Polygons(Vec<Vec<Vec<f64>>>),
+}
+
+impl InstanceMasks {
+    /// Number of instances.
+    pub fn len(&self) -> i64 {
+        match self {
+            InstanceMasks::Bitmaps(m) => m.size()[0],
+            InstanceMasks::Polygons(p) => p.len() as i64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

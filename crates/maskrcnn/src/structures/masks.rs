@@ -55,3 +55,43 @@ pub fn project_masks_on_boxes(gt_masks: &Tensor, boxes: &Tensor, matched: &Tenso
     let masks = gt_masks.unsqueeze(1).to_kind(boxes.kind());
     crate::ops::roi_align(&masks, &rois, (m, m), 1.0, -1, false).squeeze_dim(1)
 }
+
+/// Mask targets from polygons, as maskrcnn_benchmark builds them: each
+/// positive RoI's ground-truth polygons (`polygons[matched[k]]`, image
+/// pixels) are shifted to the box origin, scaled to `m`×`m` (by `m / width`,
+/// `m / height`, sides at least 1 pixel) and rasterized with COCO's polygon
+/// rasterizer. Returns `[K, m, m]` float {0, 1} on `device`.
+pub fn polygon_mask_targets(
+    polygons: &[Vec<Vec<f64>>],
+    boxes: &Tensor,
+    matched: &Tensor,
+    m: i64,
+    device: tch::Device,
+) -> Tensor {
+    let k = boxes.size()[0];
+    let b = crate::ops::boxes::to_vec_f32(&boxes.reshape([-1]));
+    let idx = crate::ops::boxes::to_vec_i64(matched);
+    let side = m as u32;
+    let mut out = vec![0u8; (k * m * m) as usize];
+    for i in 0..k as usize {
+        let (x0, y0) = (f64::from(b[4 * i]), f64::from(b[4 * i + 1]));
+        let w = (f64::from(b[4 * i + 2]) - x0).max(1.0);
+        let h = (f64::from(b[4 * i + 3]) - y0).max(1.0);
+        let (sx, sy) = (m as f64 / w, m as f64 / h);
+        let polys: Vec<Vec<f64>> = polygons[idx[i] as usize]
+            .iter()
+            .map(|p| p.chunks(2).flat_map(|xy| [(xy[0] - x0) * sx, (xy[1] - y0) * sy]).collect())
+            .collect();
+        if let Ok(rle) = hotcoco::mask::fr_polys(&polys, side, side) {
+            // Column-major bytes → row-major rows of the target.
+            let cm = hotcoco::mask::decode(&rle);
+            let dst = &mut out[i * (m * m) as usize..(i + 1) * (m * m) as usize];
+            for x in 0..m as usize {
+                for y in 0..m as usize {
+                    dst[y * m as usize + x] = cm[x * m as usize + y];
+                }
+            }
+        }
+    }
+    Tensor::from_slice(&out).reshape([k, m, m]).to_device(device).to_kind(Kind::Float)
+}

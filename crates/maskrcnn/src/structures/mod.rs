@@ -5,4 +5,4 @@ pub mod instances;
 pub mod masks;
 pub mod rle;
 
-pub use instances::Target;
+pub use instances::{InstanceMasks, Target};

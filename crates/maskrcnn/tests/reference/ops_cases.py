@@ -133,5 +133,43 @@ for i, (l, p_, n_) in enumerate(zip(labels, pos, neg)):
     put(f"sampler{case}", **{f"labels{i}": l, f"counts{i}": torch.tensor([int(p_.sum()), int(n_.sum())])})
 case += 1
 
+# --- Polygon mask targets (maskrcnn_benchmark's procedure: shift to the box,
+# scale to MxM, rasterize with pycocotools). Skipped where pycocotools is missing.
+try:
+    import numpy as np
+    import pycocotools.mask as mask_util
+except ImportError:
+    mask_util = None
+if mask_util is not None:
+    M = 28
+    instances = []
+    for _ in range(3):
+        polys = []
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
+            k = int(torch.randint(3, 7, (1,), generator=g))
+            ang = torch.sort(torch.rand(k, generator=g) * 6.283)[0]
+            r = 10 + torch.rand(k, generator=g) * 30
+            cx, cy = 20 + torch.rand(2, generator=g) * 60
+            polys.append(torch.stack([cx + r * torch.cos(ang), cy + r * torch.sin(ang)], 1).reshape(-1).double())
+        instances.append(polys)
+    boxes = rand_boxes(12, size=100.0) + 1.0
+    boxes[0] = torch.tensor([-10.0, -5.0, 130.0, 90.0])
+    matched = torch.randint(0, 3, (12,), generator=g)
+    targets = []
+    for b, mi in zip(boxes.double().tolist(), matched.tolist()):
+        w, h = max(b[2] - b[0], 1.0), max(b[3] - b[1], 1.0)
+        ps = [((p.reshape(-1, 2) - torch.tensor([b[0], b[1]], dtype=torch.float64)) * torch.tensor([M / w, M / h], dtype=torch.float64)).reshape(-1).tolist()
+              for p in instances[mi]]
+        rle = mask_util.merge(mask_util.frPyObjects(ps, M, M))
+        targets.append(torch.from_numpy(mask_util.decode(rle).astype(np.float32)))
+    flat, lengths = [], []
+    for inst_i, polys in enumerate(instances):
+        for p in polys:
+            flat.append(p)
+            lengths.append([inst_i, p.numel()])
+    put(f"polytgt{case}", coords=torch.cat(flat), lengths=torch.tensor(lengths), boxes=boxes, matched=matched,
+        targets=torch.stack(targets))
+    case += 1
+
 save_file(tensors, out)
 print(f"wrote {case} cases to {out}")
