@@ -31,6 +31,21 @@ enum Command {
     Predict(PredictArgs),
     /// Measure speed on synthetic data shaped like COCO.
     Bench(BenchArgs),
+    /// COCO evaluation (bbox, and segm when the results have masks) of a results file.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Ground truth: a COCO instances JSON.
+    #[arg(long, value_name = "GT.json")]
+    ann: PathBuf,
+    /// Detections in the COCO results format.
+    #[arg(long, value_name = "DETS.json")]
+    results: PathBuf,
+    /// Also write the numbers as JSON here.
+    #[arg(long, value_name = "OUT.json")]
+    metrics: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -155,6 +170,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Predict(args) => predict(args)?,
         Command::Bench(args) => bench(args)?,
+        Command::Eval(args) => eval(args)?,
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let metrics = maskrcnn::evaluation::coco_eval::evaluate_files(&args.ann, &args.results)?;
+    for (name, m) in [("bbox", Some(&metrics.bbox)), ("segm", metrics.segm.as_ref())] {
+        if let Some(m) = m {
+            println!("IoU type: {name}");
+            for line in &m.summary {
+                println!("{line}");
+            }
+        }
+    }
+    if let Some(path) = &args.metrics {
+        maskrcnn::engine::predictor::write_json_atomic(path, &metrics)?;
     }
     Ok(())
 }

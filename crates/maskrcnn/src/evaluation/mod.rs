@@ -1,3 +1,4 @@
-//! Results export (and, later, COCO evaluation).
+//! COCO evaluation (through hotcoco) and results export.
 
+pub mod coco_eval;
 pub mod results;

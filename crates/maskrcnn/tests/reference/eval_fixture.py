@@ -1,0 +1,93 @@
+"""Oracle for COCO evaluation: a synthetic ground truth (polygons, RLE and a
+crowd region), detections derived from it (jittered, missed, false), written
+as COCO JSON, and pycocotools' 12 summary numbers for bbox and segm.
+
+Usage: python eval_fixture.py OUT_DIR
+Writes gt.json, dets.json, dets_empty.json, expected.json.
+"""
+import json
+import os
+import sys
+import numpy as np
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+def uncompressed(m):
+    """Run lengths of a binary mask in column-major order, starting with zeros."""
+    flat = m.flatten(order="F")
+    runs, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    return [int(r) for r in runs]
+
+
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+rng = np.random.default_rng(7)
+images, anns, dets = [], [], []
+cats = [{"id": cid, "name": f"c{cid}"} for cid in (1, 3, 7)]
+aid = 1
+for img_id in range(1, 9):
+    h, w = int(rng.integers(120, 300)), int(rng.integers(120, 300))
+    images.append({"id": img_id, "file_name": f"{img_id}.jpg", "height": h, "width": w})
+    for k in range(int(rng.integers(1, 6))):
+        x0, y0 = float(rng.uniform(0, w * 0.6)), float(rng.uniform(0, h * 0.6))
+        bw, bh = float(rng.uniform(8, w - x0)), float(rng.uniform(8, h - y0))
+        cat = int(rng.choice([1, 3, 7]))
+        crowd = int(k == 0 and img_id % 4 == 0)
+        poly = [x0, y0, x0 + bw, y0, x0 + bw * 0.8, y0 + bh, x0, y0 + bh * 0.7]
+        prle = mask_util.merge(mask_util.frPyObjects([poly], h, w))
+        if crowd:  # crowds as uncompressed RLE, as in COCO
+            seg = {"size": [h, w], "counts": uncompressed(mask_util.decode(prle))}
+        elif k % 2 == 0:
+            seg = [poly]
+        else:
+            seg = {"size": [h, w], "counts": prle["counts"].decode()}
+        rle = prle
+        area = float(mask_util.area(rle))
+        anns.append({"id": aid, "image_id": img_id, "category_id": cat, "segmentation": seg, "area": area,
+                     "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": crowd})
+        aid += 1
+        if crowd or rng.random() < 0.15:
+            continue  # missed
+        m = mask_util.decode(rle)
+        shift = rng.integers(-3, 4, 2)
+        m = np.roll(np.roll(m, shift[0], 0), shift[1], 1)
+        drle = mask_util.encode(np.asfortranarray(m))
+        dets.append({"image_id": img_id, "category_id": cat if rng.random() > 0.1 else int(rng.choice([1, 3, 7])),
+                     "bbox": [float(v) for v in mask_util.toBbox(drle)], "score": float(rng.uniform(0.05, 1.0)),
+                     "segmentation": {"size": [h, w], "counts": drle["counts"].decode()}})
+    for _ in range(int(rng.integers(0, 3))):  # false positives
+        x0, y0 = float(rng.uniform(0, w - 20)), float(rng.uniform(0, h - 20))
+        m = np.zeros((h, w), np.uint8)
+        m[int(y0):int(y0) + 15, int(x0):int(x0) + 18] = 1
+        drle = mask_util.encode(np.asfortranarray(m))
+        dets.append({"image_id": img_id, "category_id": int(rng.choice([1, 3, 7])),
+                     "bbox": [float(v) for v in mask_util.toBbox(drle)], "score": float(rng.uniform(0.05, 0.6)),
+                     "segmentation": {"size": [h, w], "counts": drle["counts"].decode()}})
+gt = {"images": images, "annotations": anns, "categories": cats}
+for name, obj in [("gt.json", gt), ("dets.json", dets), ("dets_empty.json", [])]:
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(obj, f)
+expected = {}
+coco_gt = COCO(os.path.join(out, "gt.json"))
+coco_dt = coco_gt.loadRes(os.path.join(out, "dets.json"))
+for iou in ("bbox", "segm"):
+    ev = COCOeval(coco_gt, coco_dt, iou)
+    ev.evaluate(); ev.accumulate(); ev.summarize()
+    expected[iou] = [float(v) for v in ev.stats]
+# Empty results: pycocotools' loadRes cannot take [], so evaluate a results
+# COCO with no annotations, which is what an empty file means.
+empty = COCO()
+empty.dataset = {"images": images, "categories": cats, "annotations": []}
+empty.createIndex()
+ev = COCOeval(coco_gt, empty, "bbox")
+ev.evaluate(); ev.accumulate(); ev.summarize()
+expected["empty_bbox"] = [float(v) for v in ev.stats]
+with open(os.path.join(out, "expected.json"), "w") as f:
+    json.dump(expected, f)
