@@ -203,3 +203,39 @@ fn predict_rejects_bad_weights_with_one_line() {
     let o = run(&["--weights", "/nonexistent.safetensors", "--device", "cpu"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.safetensors: no such file"));
 }
+
+/// `eval --weights --images`: our model over the fixture's PNGs, scored
+/// against its ground truth, gives the numbers pycocotools gives for
+/// torchvision's detections on the same images.
+#[test]
+fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dets, metrics) = (tmp.path().join("dets.json"), tmp.path().join("m.json"));
+    let o = Command::new(bin())
+        .args(["eval", "--ann", dir.join("gt.json").to_str().unwrap()])
+        .args(["--weights", dir.join("weights.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap()])
+        .args(SETS)
+        .args(["--device", "cpu", "--out", dets.to_str().unwrap(), "--metrics", metrics.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("IoU type: segm"));
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval_ref.json")).unwrap()).unwrap();
+    for (iou, tol) in [("bbox", 1e-9), ("segm", 2e-3)] {
+        let a: Vec<f64> = ours[iou]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let b: Vec<f64> = reference[iou].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol, "{iou} stat {i}: ours {x}, pycocotools on torchvision {y}");
+        }
+        eprintln!("eval {iou}: AP {:.4} vs {:.4}", a[0], b[0]);
+        assert!(b[0] > 0.05, "{iou}: the reference AP {} is too small to tell anything", b[0]);
+    }
+    // The written detections are valid COCO results with the dataset's image ids.
+    let written: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&dets).unwrap()).unwrap();
+    assert!(
+        !written.is_empty() && written.iter().all(|d| d["image_id"].as_u64().is_some_and(|i| (1..=3).contains(&i)))
+    );
+}

@@ -31,7 +31,8 @@ enum Command {
     Predict(PredictArgs),
     /// Measure speed on synthetic data shaped like COCO.
     Bench(BenchArgs),
-    /// COCO evaluation (bbox, and segm when the results have masks) of a results file.
+    /// COCO evaluation (bbox, and segm when there are masks) of a results file,
+    /// or of a model run over the dataset's images.
     Eval(EvalArgs),
 }
 
@@ -40,9 +41,22 @@ struct EvalArgs {
     /// Ground truth: a COCO instances JSON.
     #[arg(long, value_name = "GT.json")]
     ann: PathBuf,
-    /// Detections in the COCO results format.
+    /// Detections in the COCO results format (instead of running a model).
+    #[arg(long, value_name = "DETS.json", conflicts_with_all = ["weights", "images", "out"])]
+    results: Option<PathBuf>,
+    /// Model weights to run over the dataset (with --images).
+    #[arg(long, value_name = "FILE", requires = "images")]
+    weights: Option<PathBuf>,
+    /// Folder holding the dataset's images (with --weights).
+    #[arg(long, value_name = "DIR", requires = "weights")]
+    images: Option<PathBuf>,
+    /// Where the model's detections are written (default: detections.json).
     #[arg(long, value_name = "DETS.json")]
-    results: PathBuf,
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Also write the numbers as JSON here.
     #[arg(long, value_name = "OUT.json")]
     metrics: Option<PathBuf>,
@@ -176,7 +190,22 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    let metrics = maskrcnn::evaluation::coco_eval::evaluate_files(&args.ann, &args.results)?;
+    let results = match (&args.results, &args.weights, &args.images) {
+        (Some(r), _, _) => r.clone(),
+        (None, Some(weights), Some(images)) => {
+            let config = args.config.resolve()?;
+            let device = args.device.resolve()?;
+            maskrcnn::shim::set_tf32(config.precision.tf32);
+            let model = MaskRcnn::from_weights(&config, weights, device)?;
+            let dets = maskrcnn::evaluation::dataset_inference::infer_dataset(&model, &args.ann, images)?;
+            let out = args.out.clone().unwrap_or_else(|| PathBuf::from("detections.json"));
+            maskrcnn::engine::predictor::write_json_atomic(&out, &dets)?;
+            eprintln!("{} detections written to {}", dets.len(), out.display());
+            out
+        }
+        _ => bail!("eval needs --results DETS.json, or --weights W and --images DIR"),
+    };
+    let metrics = maskrcnn::evaluation::coco_eval::evaluate_files(&args.ann, &results)?;
     for (name, m) in [("bbox", Some(&metrics.bbox)), ("segm", metrics.segm.as_ref())] {
         if let Some(m) = m {
             println!("IoU type: {name}");

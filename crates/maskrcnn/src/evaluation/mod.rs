@@ -1,4 +1,6 @@
-//! COCO evaluation (through hotcoco) and results export.
+//! COCO evaluation (through hotcoco), running a model over a dataset, and the
+//! results formats.
 
 pub mod coco_eval;
+pub mod dataset_inference;
 pub mod results;

@@ -42,3 +42,20 @@ pub fn to_results(file_name: &str, det: &Detections, category_id: impl Fn(i64) -
         })
         .collect()
 }
+
+/// One detection in the COCO results format (`image_id` instead of a file
+/// name), as `eval` writes and reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CocoResult {
+    pub image_id: u64,
+    pub category_id: i64,
+    pub score: f64,
+    pub bbox: [f64; 4],
+    pub segmentation: CompressedRle,
+}
+
+impl CocoResult {
+    pub fn from_result(image_id: u64, r: DetectionResult) -> CocoResult {
+        CocoResult { image_id, category_id: r.category_id, score: r.score, bbox: r.bbox, segmentation: r.segmentation }
+    }
+}

@@ -74,7 +74,8 @@ save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items
           os.path.join(args.out, "weights.safetensors"))
 
 sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-images = [shapes_image(gen, h, w, 5, args.classes)[0].to(dev) for h, w in sizes]
+scenes = [shapes_image(gen, h, w, 5, args.classes) for h, w in sizes]
+images = [img.to(dev) for img, _ in scenes]
 out = {}
 with torch.no_grad():
     il, _ = model.transform(images)
@@ -134,3 +135,39 @@ for (path, _), d in zip(pngs, preds):
                             segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
 with open(os.path.join(args.out, "predict_ref.json"), "w") as f:
     json.dump(results, f)
+
+# A COCO ground truth for the PNGs (the shapes drawn into them; category id =
+# label) and pycocotools' scores of torchvision's detections against it.
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"class {c}"} for c in range(1, args.classes)]}
+for i, ((path, _), (_, t)) in enumerate(zip(pngs, scenes)):
+    h, w = t["masks"].shape[-2:] if len(t["masks"]) else images[i].shape[-2:]
+    gt["images"].append({"id": i + 1, "file_name": os.path.basename(path), "height": int(h), "width": int(w)})
+    for b, l, m in zip(t["boxes"].tolist(), t["labels"].tolist(), t["masks"]):
+        rle = mask_util.encode(np.asfortranarray(m.numpy().astype(np.uint8)))
+        gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": l,
+                                  "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": float(mask_util.area(rle)),
+                                  "iscrowd": 0, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+# Every third of torchvision's detections also becomes a ground-truth
+# instance, so the scores below are not trivially zero for a weak model.
+for r in results[::3]:
+    img_id = next(im["id"] for im in gt["images"] if im["file_name"] == r["file_name"])
+    seg = r["segmentation"]
+    area = float(mask_util.area({"size": seg["size"], "counts": seg["counts"].encode()}))
+    if area == 0:
+        continue
+    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": img_id, "category_id": r["category_id"],
+                              "bbox": r["bbox"], "area": area, "iscrowd": 0, "segmentation": seg})
+with open(os.path.join(args.out, "gt.json"), "w") as f:
+    json.dump(gt, f)
+ids = {im["file_name"]: im["id"] for im in gt["images"]}
+coco_res = [dict(r, image_id=ids[r["file_name"]]) for r in results]
+coco_gt = COCO(os.path.join(args.out, "gt.json"))
+expected = {}
+for iou in ("bbox", "segm"):
+    ev = COCOeval(coco_gt, coco_gt.loadRes(coco_res), iou)
+    ev.evaluate(); ev.accumulate(); ev.summarize()
+    expected[iou] = [float(v) for v in ev.stats]
+with open(os.path.join(args.out, "eval_ref.json"), "w") as f:
+    json.dump(expected, f)

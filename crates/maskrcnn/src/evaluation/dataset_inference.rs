@@ -1,0 +1,79 @@
+//! Running a model over a COCO dataset's images and writing its detections in
+//! the results format, with the dataset's own category ids.
+
+use super::results::{to_results, CocoResult};
+use crate::data::image::RgbImage;
+use crate::modeling::MaskRcnn;
+use crate::shim::AutocastGuard;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Why a dataset could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetInferenceError {
+    #[error("cannot read ground truth {path}: {message}")]
+    GroundTruth { path: PathBuf, message: String },
+    #[error("{path}: {categories} categories (ids {ids}) do not fit model.num_classes = {num_classes}; use num_classes = {needed}, or 91 for torchvision's COCO label space")]
+    Categories { path: PathBuf, categories: usize, ids: String, num_classes: usize, needed: usize },
+    #[error("{0}")]
+    Image(#[from] crate::data::image::ImageError),
+}
+
+/// How contiguous labels map to the dataset's category ids: torchvision's
+/// COCO models (91 classes) predict the ids themselves; other models predict
+/// 1..=K for the K categories sorted by id.
+fn label_to_category(ids: &BTreeSet<u64>, num_classes: usize, path: &Path) -> Result<Vec<i64>, DatasetInferenceError> {
+    if num_classes == 91 && ids.iter().all(|&i| (1..=90).contains(&i)) {
+        return Ok((0..91).collect());
+    }
+    if num_classes == ids.len() + 1 {
+        let mut map = vec![0i64];
+        map.extend(ids.iter().map(|&i| i as i64));
+        return Ok(map);
+    }
+    let shown: Vec<String> = ids.iter().take(8).map(u64::to_string).collect();
+    Err(DatasetInferenceError::Categories {
+        path: path.to_path_buf(),
+        categories: ids.len(),
+        ids: format!("{}{}", shown.join(", "), if ids.len() > 8 { ", ..." } else { "" }),
+        num_classes,
+        needed: ids.len() + 1,
+    })
+}
+
+/// Runs `model` over every image of the COCO file `gt` (read from
+/// `images_dir/<file_name>`), in batches of `test.ims_per_batch`, reporting
+/// progress on stderr. An unreadable image is an error naming it.
+pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<Vec<CocoResult>, DatasetInferenceError> {
+    let coco = hotcoco::COCO::new(gt).map_err(|e| DatasetInferenceError::GroundTruth {
+        path: gt.to_path_buf(),
+        message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+    })?;
+    let ids: BTreeSet<u64> = coco.dataset.categories.iter().map(|c| c.id).collect();
+    let map = label_to_category(&ids, model.config.model.num_classes, gt)?;
+    let device = model.device();
+    let images = &coco.dataset.images;
+    let batch = model.config.test.ims_per_batch.max(1);
+    let started = Instant::now();
+    let mut out = Vec::new();
+    for (done, chunk) in images.chunks(batch).enumerate() {
+        let loaded: Vec<RgbImage> =
+            chunk.iter().map(|im| RgbImage::open(&images_dir.join(&im.file_name))).collect::<Result<_, _>>()?;
+        let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
+        let dets = {
+            let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };
+            model.predict(&tensors)
+        };
+        for (im, det) in chunk.iter().zip(&dets) {
+            let res = to_results(&im.file_name, det, |l| map.get(l as usize).copied().unwrap_or(l));
+            out.extend(res.into_iter().map(|r| CocoResult::from_result(im.id, r)));
+        }
+        let n = ((done + 1) * batch).min(images.len());
+        if done % 10 == 9 || n == images.len() {
+            let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!("eval: {n}/{} images ({rate:.1} img/s)", images.len());
+        }
+    }
+    Ok(out)
+}
