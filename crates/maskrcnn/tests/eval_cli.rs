@@ -1,6 +1,8 @@
 //! `maskrcnn eval --ann GT --results DETS`: the 12 COCO numbers for bbox and
-//! segm equal pycocotools' (oracle: tests/reference/eval_fixture.py), and bad
-//! results files are one-line errors.
+//! segm equal pycocotools' within 1e-6 (oracle: tests/reference/eval_fixture.py:
+//! 10 categories, polygons / compressed / uncompressed-RLE crowds, an image
+//! without ground truth, one without detections, one with 130+ detections,
+//! small/medium/large areas), and bad results files are one-line errors.
 
 mod common;
 
@@ -51,7 +53,7 @@ fn bbox_and_segm_stats_equal_pycocotools() {
         let (a, b) = (stats(&ours[iou]["stats"]), stats(&expected[iou]));
         assert_eq!(a.len(), 12);
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= 1e-12, "{iou} stat {i}: ours {x} pycocotools {y}");
+            assert!((x - y).abs() <= 1e-6, "{iou} stat {i}: ours {x} pycocotools {y}");
         }
         eprintln!("{iou}: AP {:.4} (pycocotools {:.4}), all 12 equal", a[0], b[0]);
     }

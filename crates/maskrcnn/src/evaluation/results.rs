@@ -2,7 +2,7 @@
 //! `eval --results` reads.
 
 use crate::modeling::Detections;
-use crate::structures::rle::{encode_mask, CompressedRle};
+use crate::structures::rle::{encode_masks_parallel, CompressedRle};
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
@@ -24,14 +24,23 @@ pub fn to_results(file_name: &str, det: &Detections, category_id: impl Fn(i64) -
     let boxes = crate::ops::boxes::to_vec_f32(&det.boxes.reshape([-1]));
     let scores = crate::ops::boxes::to_vec_f32(&det.scores);
     let labels = crate::ops::boxes::to_vec_i64(&det.labels);
-    let masks = det.masks.as_ref().map(|m| m.squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8).to_device(tch::Device::Cpu));
-    (0..scores.len())
-        .map(|i| {
+    // Binarize on the device, copy once, encode on all cores.
+    let n = scores.len();
+    let rles: Vec<CompressedRle> = match &det.masks {
+        Some(m) if n > 0 => {
+            let m = m.squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8).to_device(tch::Device::Cpu).contiguous();
+            let (h, w) = (m.size()[1] as usize, m.size()[2] as usize);
+            let mut bytes = vec![0u8; n * h * w];
+            let len = bytes.len();
+            m.copy_data(&mut bytes, len);
+            encode_masks_parallel(&bytes, n, h, w)
+        }
+        _ => vec![CompressedRle { size: [0, 0], counts: String::new() }; n],
+    };
+    rles.into_iter()
+        .enumerate()
+        .map(|(i, segmentation)| {
             let b = &boxes[4 * i..4 * i + 4];
-            let segmentation = match &masks {
-                Some(m) => encode_mask(&m.get(i as i64)),
-                None => CompressedRle { size: [0, 0], counts: String::new() },
-            };
             DetectionResult {
                 file_name: file_name.to_string(),
                 category_id: category_id(labels[i]),

@@ -30,15 +30,20 @@ out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
 rng = np.random.default_rng(7)
 images, anns, dets = [], [], []
-cats = [{"id": cid, "name": f"c{cid}"} for cid in (1, 3, 7)]
+CATS = [1, 3, 7, 8, 11, 15, 20, 33, 41, 90]
+cats = [{"id": cid, "name": f"c{cid}"} for cid in CATS]
 aid = 1
-for img_id in range(1, 9):
+for img_id in range(1, 15):
     h, w = int(rng.integers(120, 300)), int(rng.integers(120, 300))
     images.append({"id": img_id, "file_name": f"{img_id}.jpg", "height": h, "width": w})
-    for k in range(int(rng.integers(1, 6))):
+    # image 9 has no ground truth; image 10 gets no detections; image 11 gets
+    # more than 100 detections; sizes span COCO's small/medium/large areas.
+    n_gt = 0 if img_id == 9 else int(rng.integers(1, 8))
+    for k in range(n_gt):
         x0, y0 = float(rng.uniform(0, w * 0.6)), float(rng.uniform(0, h * 0.6))
-        bw, bh = float(rng.uniform(8, w - x0)), float(rng.uniform(8, h - y0))
-        cat = int(rng.choice([1, 3, 7]))
+        scale = [0.1, 0.3, 1.0][k % 3]
+        bw, bh = float(rng.uniform(6, max(7, (w - x0) * scale))), float(rng.uniform(6, max(7, (h - y0) * scale)))
+        cat = int(rng.choice(CATS))
         crowd = int(k == 0 and img_id % 4 == 0)
         poly = [x0, y0, x0 + bw, y0, x0 + bw * 0.8, y0 + bh, x0, y0 + bh * 0.7]
         prle = mask_util.merge(mask_util.frPyObjects([poly], h, w))
@@ -53,21 +58,22 @@ for img_id in range(1, 9):
         anns.append({"id": aid, "image_id": img_id, "category_id": cat, "segmentation": seg, "area": area,
                      "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": crowd})
         aid += 1
-        if crowd or rng.random() < 0.15:
+        if crowd or img_id == 10 or rng.random() < 0.15:
             continue  # missed
         m = mask_util.decode(rle)
         shift = rng.integers(-3, 4, 2)
         m = np.roll(np.roll(m, shift[0], 0), shift[1], 1)
         drle = mask_util.encode(np.asfortranarray(m))
-        dets.append({"image_id": img_id, "category_id": cat if rng.random() > 0.1 else int(rng.choice([1, 3, 7])),
+        dets.append({"image_id": img_id, "category_id": cat if rng.random() > 0.1 else int(rng.choice(CATS)),
                      "bbox": [float(v) for v in mask_util.toBbox(drle)], "score": float(rng.uniform(0.05, 1.0)),
                      "segmentation": {"size": [h, w], "counts": drle["counts"].decode()}})
-    for _ in range(int(rng.integers(0, 3))):  # false positives
+    n_fp = 0 if img_id == 10 else (130 if img_id == 11 else int(rng.integers(0, 3)))
+    for _ in range(n_fp):  # false positives
         x0, y0 = float(rng.uniform(0, w - 20)), float(rng.uniform(0, h - 20))
         m = np.zeros((h, w), np.uint8)
         m[int(y0):int(y0) + 15, int(x0):int(x0) + 18] = 1
         drle = mask_util.encode(np.asfortranarray(m))
-        dets.append({"image_id": img_id, "category_id": int(rng.choice([1, 3, 7])),
+        dets.append({"image_id": img_id, "category_id": int(rng.choice(CATS)),
                      "bbox": [float(v) for v in mask_util.toBbox(drle)], "score": float(rng.uniform(0.05, 0.6)),
                      "segmentation": {"size": [h, w], "counts": drle["counts"].decode()}})
 gt = {"images": images, "annotations": anns, "categories": cats}
