@@ -46,3 +46,29 @@ impl RgbImage {
             / 255.0
     }
 }
+
+/// Decodes `paths` on up to one thread per core; results in input order.
+pub fn open_many(paths: &[PathBuf]) -> Vec<Result<RgbImage, ImageError>> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(paths.len().max(1));
+    if threads <= 1 {
+        return paths.iter().map(|p| RgbImage::open(p)).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(|p| RgbImage::open(p)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .zip(paths.chunks(chunk))
+            .flat_map(|(h, part)| {
+                h.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|p| Err(ImageError::Decode { path: p.clone(), message: "decoder thread failed".into() }))
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}

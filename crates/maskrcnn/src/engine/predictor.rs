@@ -1,6 +1,6 @@
 //! Batch inference over image files: what `maskrcnn predict` runs.
 
-use crate::data::image::RgbImage;
+use crate::data::image::{open_many, RgbImage};
 use crate::evaluation::results::{to_results, DetectionResult};
 use crate::modeling::MaskRcnn;
 use crate::shim::AutocastGuard;
@@ -55,8 +55,8 @@ pub fn predict_files(
     let mut results: Vec<DetectionResult> = Vec::new();
     for chunk in paths.chunks(batch) {
         let mut loaded = Vec::new();
-        for path in chunk {
-            match RgbImage::open(path) {
+        for (path, decoded) in chunk.iter().zip(open_many(chunk)) {
+            match decoded {
                 Ok(img) => loaded.push((path, img)),
                 Err(e) => {
                     eprintln!("warning: skipping {e}");

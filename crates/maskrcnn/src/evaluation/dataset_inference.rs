@@ -2,7 +2,7 @@
 //! the results format, with the dataset's own category ids.
 
 use super::results::{to_results, CocoResult};
-use crate::data::image::RgbImage;
+use crate::data::image::{open_many, RgbImage};
 use crate::modeling::MaskRcnn;
 use crate::shim::AutocastGuard;
 use std::collections::BTreeSet;
@@ -58,8 +58,8 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
     let started = Instant::now();
     let mut out = Vec::new();
     for (done, chunk) in images.chunks(batch).enumerate() {
-        let loaded: Vec<RgbImage> =
-            chunk.iter().map(|im| RgbImage::open(&images_dir.join(&im.file_name))).collect::<Result<_, _>>()?;
+        let paths: Vec<PathBuf> = chunk.iter().map(|im| images_dir.join(&im.file_name)).collect();
+        let loaded: Vec<RgbImage> = open_many(&paths).into_iter().collect::<Result<_, _>>()?;
         let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
         let dets = {
             let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };

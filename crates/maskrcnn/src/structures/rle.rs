@@ -19,35 +19,91 @@ pub fn encode_column_major(bytes: &[u8], h: u32, w: u32) -> CompressedRle {
     }
 }
 
-/// Encodes `d` row-major `h`×`w` masks laid end to end in `bytes` (nonzero =
-/// foreground), spread over the CPU's cores.
-pub fn encode_masks_parallel(bytes: &[u8], d: usize, h: usize, w: usize) -> Vec<CompressedRle> {
-    let per = h * w;
-    let encode_one = |i: usize| {
-        let m = &bytes[i * per..(i + 1) * per];
-        let mut cm = vec![0u8; per];
-        for y in 0..h {
-            for x in 0..w {
-                cm[x * h + y] = m[y * w + x];
-            }
-        }
-        encode_column_major(&cm, h as u32, w as u32)
-    };
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(d.max(1));
-    if threads <= 1 || d < 4 {
-        return (0..d).map(encode_one).collect();
+/// A binary mask given by the window holding its foreground.
+#[derive(Debug, Clone)]
+pub struct MaskWindow {
+    pub x0: usize,
+    pub y0: usize,
+    pub width: usize,
+    pub height: usize,
+    /// `height × width` bytes, row-major, nonzero = foreground.
+    pub pixels: Vec<u8>,
+}
+
+/// Encodes `windows` of masks of an `h`×`w` image, spread over the CPU's cores.
+pub fn encode_windows_parallel(windows: &[MaskWindow], h: usize, w: usize) -> Vec<CompressedRle> {
+    let encode = |m: &MaskWindow| encode_window(&m.pixels, m.x0, m.y0, m.width, m.height, h, w);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if threads <= 1 || windows.len() < 8 {
+        return windows.iter().map(encode).collect();
     }
-    let chunk = d.div_ceil(threads);
-    let mut out: Vec<Option<CompressedRle>> = vec![None; d];
+    let chunk = windows.len().div_ceil(threads);
     std::thread::scope(|s| {
-        for (t, slot) in out.chunks_mut(chunk).enumerate() {
-            let encode_one = &encode_one;
-            s.spawn(move || {
-                for (j, r) in slot.iter_mut().enumerate() {
-                    *r = Some(encode_one(t * chunk + j));
-                }
-            });
+        let handles: Vec<_> =
+            windows.chunks(chunk).map(|part| s.spawn(move || part.iter().map(encode).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    })
+}
+
+/// Encodes a mask of an `h`×`w` image that is zero outside the window at
+/// (`x0`, `y0`) of `cw`×`ch` pixels, given only that window (`crop`,
+/// row-major, nonzero = foreground). The runs cover the whole image, so the
+/// result equals encoding the full mask, without ever materializing it.
+pub fn encode_window(crop: &[u8], x0: usize, y0: usize, cw: usize, ch: usize, h: usize, w: usize) -> CompressedRle {
+    let mut counts: Vec<u32> = Vec::new();
+    let mut current = false; // runs start with background
+    let mut run: u64 = 0;
+    let mut push = |value: bool, n: u64, counts: &mut Vec<u32>| {
+        if n == 0 {
+            return;
         }
-    });
-    out.into_iter().flatten().collect()
+        if value != current {
+            counts.push(run as u32);
+            current = value;
+            run = 0;
+        }
+        run += n;
+    };
+    push(false, (x0 * h) as u64, &mut counts);
+    for x in 0..cw {
+        push(false, y0 as u64, &mut counts);
+        for y in 0..ch {
+            push(crop[y * cw + x] != 0, 1, &mut counts);
+        }
+        push(false, (h - y0 - ch) as u64, &mut counts);
+    }
+    push(false, ((w - x0 - cw) * h) as u64, &mut counts);
+    counts.push(run as u32);
+    let rle = hotcoco::Rle { h: h as u32, w: w as u32, counts };
+    CompressedRle { size: [h as u32, w as u32], counts: hotcoco::mask::rle_to_string(&rle) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window encoding equals hotcoco's encoding of the full mask, for
+    /// windows inside, at every border, covering everything, and empty.
+    #[test]
+    fn window_encoding_equals_full_mask_encoding() {
+        let (h, w) = (13usize, 17usize);
+        let mut seed = 12345u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        for (x0, y0, cw, ch) in
+            [(3, 4, 5, 6), (0, 0, 4, 4), (10, 7, 7, 6), (0, 0, 17, 13), (16, 12, 1, 1), (5, 5, 0, 0)]
+        {
+            let crop: Vec<u8> = (0..cw * ch).map(|_| (rnd() % 3 == 0) as u8).collect();
+            let mut full_cm = vec![0u8; h * w];
+            for y in 0..ch {
+                for x in 0..cw {
+                    full_cm[(x0 + x) * h + (y0 + y)] = crop[y * cw + x];
+                }
+            }
+            let expected = encode_column_major(&full_cm, h as u32, w as u32);
+            assert_eq!(encode_window(&crop, x0, y0, cw, ch, h, w), expected, "window {x0},{y0} {cw}x{ch}");
+        }
+    }
 }
