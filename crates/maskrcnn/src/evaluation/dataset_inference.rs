@@ -56,6 +56,12 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
     let images = &coco.dataset.images;
     let batch = model.config.test.ims_per_batch.max(1);
     let started = Instant::now();
+    // A bar on a terminal; plain progress lines otherwise (logs, CI).
+    let bar = indicatif::ProgressBar::new(images.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("eval {bar:40} {pos}/{len} images  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut out = Vec::new();
     for (done, chunk) in images.chunks(batch).enumerate() {
         let paths: Vec<PathBuf> = chunk.iter().map(|im| images_dir.join(&im.file_name)).collect();
@@ -70,10 +76,12 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
             out.extend(res.into_iter().map(|r| CocoResult::from_result(im.id, r)));
         }
         let n = ((done + 1) * batch).min(images.len());
-        if done % 10 == 9 || n == images.len() {
+        bar.set_position(n as u64);
+        if bar.is_hidden() && (done % 10 == 9 || n == images.len()) {
             let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
             eprintln!("eval: {n}/{} images ({rate:.1} img/s)", images.len());
         }
     }
+    bar.finish_and_clear();
     Ok(out)
 }
