@@ -10,6 +10,7 @@
 //! and the result is validated as a whole ([`Config::validate`]).
 //! [`Config::to_toml`] prints a resolved config that loads back unchanged.
 
+use crate::text::one_line;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -550,10 +551,6 @@ fn iou_pair(fg: f64, bg: f64, section: &str) -> Result<(), ConfigError> {
     unit_interval(fg, &format!("{section}.fg_iou_thresh"))?;
     unit_interval(bg, &format!("{section}.bg_iou_thresh"))?;
     rule(bg <= fg, &format!("{section}.bg_iou_thresh"), &format!("must be <= {section}.fg_iou_thresh ({fg})"))
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// serde's wording for unsigned integers and enums, said for config users.

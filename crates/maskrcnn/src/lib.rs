@@ -16,6 +16,7 @@ pub mod modeling;
 pub mod ops;
 pub mod shim;
 pub mod structures;
+mod text;
 pub mod visualization;
 
 pub use config::{Config, ConfigError};

@@ -116,3 +116,32 @@ fn bad_results_are_one_line_errors() {
     assert_one_line_error(&eval(&bare, &dir.join("dets.json"), None), "has no segmentations");
     assert_one_line_error(&eval(Path::new("/nonexistent/gt.json"), &p, None), "cannot read ground truth");
 }
+
+/// COCO allows images without height/width: box results still evaluate, to
+/// the same numbers (masks then need the sizes, which hotcoco says in one line).
+#[test]
+fn ground_truth_without_image_sizes_still_evaluates() {
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = read_json(&dir.join("gt.json"));
+    for im in g["images"].as_array_mut().unwrap() {
+        let im = im.as_object_mut().unwrap();
+        im.remove("height");
+        im.remove("width");
+    }
+    let gt = tmp.path().join("gt.json");
+    std::fs::write(&gt, serde_json::to_string(&g).unwrap()).unwrap();
+    let mut dets = read_json(&dir.join("dets.json"));
+    for d in dets.as_array_mut().unwrap() {
+        d.as_object_mut().unwrap().remove("segmentation");
+    }
+    let boxes_only = tmp.path().join("boxes.json");
+    std::fs::write(&boxes_only, serde_json::to_string(&dets).unwrap()).unwrap();
+    let m = tmp.path().join("m.json");
+    let o = eval(&gt, &boxes_only, Some(&m));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = stats(&read_json(&m)["bbox"]["stats"]);
+    let expected = stats(&read_json(&dir.join("expected.json"))["bbox"]);
+    assert_eq!(ours, expected);
+    assert_one_line_error(&eval(&gt, &dir.join("dets.json"), None), "needs `height` and `width`");
+}

@@ -22,10 +22,8 @@ impl RgbImage {
     /// Decodes a JPEG or PNG file (the format is read from its content).
     pub fn open(path: &Path) -> Result<RgbImage, ImageError> {
         // Decoder messages can span lines; errors here are one line.
-        let err = |message: String| ImageError::Decode {
-            path: path.to_path_buf(),
-            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
-        };
+        let err =
+            |message: String| ImageError::Decode { path: path.to_path_buf(), message: crate::text::one_line(&message) };
         let reader = image::ImageReader::open(path).map_err(|e| err(e.to_string()))?;
         let reader = reader.with_guessed_format().map_err(|e| err(e.to_string()))?;
         let img = reader.decode().map_err(|e| err(e.to_string()))?.to_rgb8();

@@ -2,6 +2,7 @@
 //! (checked identical to pycocotools), with the inputs validated first so a
 //! bad file is one clear error instead of a warning and a silently low AP.
 
+use crate::text::one_line;
 use hotcoco::{COCOeval, IouType, COCO};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -60,10 +61,6 @@ pub fn summary_lines(stats: &[f64]) -> Vec<String> {
             format!(" {title:<18} {kind} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {v:0.3}")
         })
         .collect()
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Evaluates the COCO results file `results` (a JSON list of `image_id`,
@@ -137,12 +134,14 @@ fn validate(gt: &COCO, dets: &[serde_json::Value], path: &Path) -> Result<bool, 
             let counts = s.get("counts").and_then(serde_json::Value::as_str);
             match (size.as_deref(), counts) {
                 (Some([sh, sw]), Some(c)) => {
-                    if (*sh, *sw) != (u64::from(h), u64::from(w)) {
+                    // COCO allows images without height/width; check when given.
+                    if h > 0 && w > 0 && (*sh, *sw) != (u64::from(h), u64::from(w)) {
                         return Err(err(
                             i,
                             format!("segmentation size [{sh}, {sw}] is not image {image}'s [{h}, {w}]"),
                         ));
                     }
+                    let (h, w) = (u32::try_from(*sh).unwrap_or(u32::MAX), u32::try_from(*sw).unwrap_or(u32::MAX));
                     let rle = hotcoco::mask::rle_from_string(c, h, w)
                         .map_err(|e| err(i, format!("malformed RLE counts: {}", one_line(&e.to_string()))))?;
                     if rle.counts.iter().map(|&v| u64::from(v)).sum::<u64>() != u64::from(h) * u64::from(w) {

@@ -48,7 +48,7 @@ fn label_to_category(ids: &BTreeSet<u64>, num_classes: usize, path: &Path) -> Re
 pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<Vec<CocoResult>, DatasetInferenceError> {
     let coco = hotcoco::COCO::new(gt).map_err(|e| DatasetInferenceError::GroundTruth {
         path: gt.to_path_buf(),
-        message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+        message: crate::text::one_line(&e.to_string()),
     })?;
     let ids: BTreeSet<u64> = coco.dataset.categories.iter().map(|c| c.id).collect();
     let map = label_to_category(&ids, model.config.model.num_classes, gt)?;

@@ -255,7 +255,7 @@ impl RoiHeads {
                 let is_crowd_match = crowd.index_select(0, &m).logical_and(&l.gt(0));
                 let l = l.masked_fill(&is_crowd_match, -1);
                 let crowd_boxes = t.boxes.index_select(0, &crowd.nonzero().squeeze_dim(1));
-                crate::modeling::rpn::ignore_crowd_overlaps(l, &props, Some(&crowd_boxes), self.cfg.fg_iou_thresh)
+                crate::ops::matcher::ignore_crowd_overlaps(l, &props, Some(&crowd_boxes), self.cfg.fg_iou_thresh)
             } else {
                 l
             };

@@ -293,7 +293,7 @@ impl Rpn {
                     .masked_fill(&matched.eq(BETWEEN_THRESHOLDS), -1.0);
                 (l, matched_gt)
             };
-            let l = ignore_crowd_overlaps(l, anchors, crowd.as_ref(), self.cfg.fg_iou_thresh);
+            let l = crate::ops::matcher::ignore_crowd_overlaps(l, anchors, crowd.as_ref(), self.cfg.fg_iou_thresh);
             targets.push(self.box_coder.encode(&matched_gt, anchors));
             labels.push(l);
         }
@@ -322,15 +322,4 @@ impl Rpn {
             );
         (objectness_loss, box_loss)
     }
-}
-
-/// Marks as ignored (-1) the background predictions that overlap a crowd
-/// region with IoU >= `thresh`: they are neither positives nor negatives.
-pub(crate) fn ignore_crowd_overlaps(labels: Tensor, boxes: &Tensor, crowd: Option<&Tensor>, thresh: f64) -> Tensor {
-    let Some(crowd) = crowd.filter(|c| c.size()[0] > 0) else {
-        return labels;
-    };
-    let overlaps = box_iou(crowd, boxes).max_dim(0, false).0.ge(thresh);
-    let is_background = labels.eq(0);
-    labels.masked_fill(&overlaps.logical_and(&is_background), -1)
 }

@@ -41,3 +41,14 @@ impl Matcher {
         matches.to_kind(Kind::Int64)
     }
 }
+
+/// Marks as ignored (-1) the background predictions that overlap a crowd
+/// region with IoU >= `thresh`: they are neither positives nor negatives.
+pub fn ignore_crowd_overlaps(labels: Tensor, boxes: &Tensor, crowd: Option<&Tensor>, thresh: f64) -> Tensor {
+    let Some(crowd) = crowd.filter(|c| c.size()[0] > 0) else {
+        return labels;
+    };
+    let overlaps = super::box_iou(crowd, boxes).max_dim(0, false).0.ge(thresh);
+    let is_background = labels.eq(0);
+    labels.masked_fill(&overlaps.logical_and(&is_background), -1)
+}
