@@ -1,7 +1,8 @@
 //! Training behaviour beyond parity: bad targets, crowds, frozen stages, and a
 //! short SGD run that must drive the loss down.
 
-use maskrcnn::ops::BalancedSampler;
+use maskrcnn::ops::sampler::Sampled;
+use maskrcnn::ops::{BalancedSampler, FgBgSampler, ReplaySampler, SampleStage};
 use maskrcnn::structures::{InstanceMasks, Target};
 use maskrcnn::{Config, MaskRcnn};
 use tch::{nn::OptimizerConfig, Device, Kind, Tensor};
@@ -155,13 +156,29 @@ fn polygon_targets_train_like_bitmaps() {
         masks: InstanceMasks::Polygons(polygons),
         iscrowd: None,
     };
-    tch::manual_seed(5);
-    let a = model.forward_train(&[img.shallow_clone()], &[bitmap_target], &mut BalancedSampler).unwrap();
-    tch::manual_seed(5);
-    let b = model.forward_train(&[img], &[polygon_target], &mut BalancedSampler).unwrap();
+    // The same samples for both passes: record the first pass's and replay
+    // them (the global RNG is shared with tests running in parallel).
+    let mut recorder = Recorder::default();
+    let a = model.forward_train(&[img.shallow_clone()], &[bitmap_target], &mut recorder).unwrap();
+    let mut replay = ReplaySampler { calls: recorder.calls.into() };
+    let b = model.forward_train(&[img], &[polygon_target], &mut replay).unwrap();
     for ((name, x), (_, y)) in a.named().iter().zip(b.named().iter()).take(4) {
         assert_eq!(x.double_value(&[]), y.double_value(&[]), "{name}");
     }
     let (ma, mb) = (a.mask.double_value(&[]), b.mask.double_value(&[]));
     assert!((ma - mb).abs() <= 0.1 * ma, "mask loss {ma} (bitmaps) vs {mb} (polygons)");
+}
+
+/// Draws like `BalancedSampler` and keeps what it drew, for replay.
+#[derive(Default)]
+struct Recorder {
+    calls: Vec<(SampleStage, Vec<(Tensor, Tensor)>)>,
+}
+
+impl FgBgSampler for Recorder {
+    fn sample(&mut self, stage: SampleStage, labels: &[Tensor], batch: usize, fraction: f64) -> Vec<Sampled> {
+        let drawn = BalancedSampler.sample(stage, labels, batch, fraction);
+        self.calls.push((stage, drawn.iter().map(|s| (s.positive.copy(), s.negative.copy())).collect()));
+        drawn
+    }
 }
