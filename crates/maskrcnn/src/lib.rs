@@ -14,6 +14,7 @@ pub mod environment;
 pub mod evaluation;
 pub mod modeling;
 pub mod ops;
+pub mod random;
 pub mod shim;
 pub mod structures;
 mod text;

@@ -1,3 +1,12 @@
-//! Data: reading images (and, later, COCO datasets, transforms and loaders).
+//! Data: COCO datasets, synthetic data, images, transforms, the batch
+//! sampler and the prefetching loader.
 
+pub mod coco;
 pub mod image;
+pub mod loader;
+pub mod sampler;
+pub mod synth;
+pub mod transforms;
+
+pub use coco::{CocoDataset, DatasetError, LoadOptions};
+pub use loader::{Batch, Loader, LoaderError, LoaderOptions};

@@ -2,4 +2,5 @@
 //! training).
 
 pub mod bench;
+pub mod data_bench;
 pub mod predictor;

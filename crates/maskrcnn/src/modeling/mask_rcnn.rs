@@ -127,7 +127,8 @@ impl MaskRcnn {
     }
 
     /// Training forward pass: the five losses for `images` (each `[3, H, W]`
-    /// float RGB in [0, 1]) and their `targets` (original-image pixels). The
+    /// float RGB in [0, 1], on the model's device) and their `targets`
+    /// (original-image pixels, on any device). The
     /// short side is drawn from `input.min_size` per batch; `sampler` chooses
     /// the anchors and proposals that enter the losses. Images without
     /// instances train as negatives.
@@ -137,7 +138,12 @@ impl MaskRcnn {
         targets: &[Target],
         sampler: &mut dyn FgBgSampler,
     ) -> Result<Losses, TargetError> {
+        // Checked where they are (on the host for the data loader's targets:
+        // no GPU sync), then copied to the model's device without blocking.
         validate_targets(images, targets, self.config.model.num_classes)?;
+        let device = self.device();
+        let on_device: Vec<Target> = targets.iter().map(|t| t.to_device(device)).collect();
+        let targets = &on_device[..];
         let input = &self.config.input;
         let choices = &input.min_size;
         let pick = if choices.len() > 1 {

@@ -26,16 +26,18 @@ impl Target {
         self.len() == 0
     }
 
-    /// Same target on `device`.
+    /// Same target on `device`. Copies do not block the host (from pinned
+    /// memory they overlap with the GPU's work).
     pub fn to_device(&self, device: tch::Device) -> Target {
+        let move_ = |t: &Tensor| t.to_device_(device, t.kind(), true, false);
         Target {
-            boxes: self.boxes.to_device(device),
-            labels: self.labels.to_device(device),
+            boxes: move_(&self.boxes),
+            labels: move_(&self.labels),
             masks: match &self.masks {
-                InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(m.to_device(device)),
+                InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(move_(m)),
                 InstanceMasks::Polygons(p) => InstanceMasks::Polygons(p.clone()),
             },
-            iscrowd: self.iscrowd.as_ref().map(|c| c.to_device(device)),
+            iscrowd: self.iscrowd.as_ref().map(move_),
         }
     }
 }

@@ -1,0 +1,356 @@
+//! The prefetching hybrid training loader. Worker threads read, decode and
+//! flip whole batches and collate them into one pinned host buffer (uint8
+//! HWC pixels, images back to back, no padding) plus CPU targets; the
+//! training thread issues one non-blocking host→device copy per batch and
+//! turns the bytes into float images on the device, where the model
+//! normalizes, resizes and pads them (the seed's "hybrid" loader). Batches
+//! come out in sampler order whatever the thread timing, so a run is
+//! reproducible from its seed; nothing here waits for the GPU.
+//!
+//! An image that cannot be read or decoded is left out of its batch, counted
+//! and reported once with its id; with `strict` it stops the run.
+
+use super::coco::CocoDataset;
+use super::image::RgbImage;
+use super::sampler::{BatchPlan, GroupedBatchSampler};
+use super::transforms::{hflip_image, to_target};
+use crate::random::Rng;
+use crate::structures::{InstanceMasks, Target};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Loader settings.
+#[derive(Debug, Clone)]
+pub struct LoaderOptions {
+    /// Images per batch on this rank.
+    pub batch_size: usize,
+    /// Decode/augment threads.
+    pub workers: usize,
+    /// Batches prepared ahead beyond one per worker.
+    pub prefetch: usize,
+    pub flip_prob: f64,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    pub group_by_aspect: bool,
+    /// A bad image stops the run instead of being skipped.
+    pub strict: bool,
+    /// Where the images go (pinned host buffers when CUDA).
+    pub device: Device,
+    /// First iteration to produce (resuming a run).
+    pub start_iteration: u64,
+}
+
+/// Host-side time spent on one batch, summed over its images (milliseconds).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    /// File read + JPEG/PNG decode.
+    pub decode: f64,
+    /// Flip of pixels and annotations, target building.
+    pub augment: f64,
+    /// Copy into the pinned batch buffer.
+    pub collate: f64,
+}
+
+/// A training batch ready for the model.
+#[derive(Debug)]
+pub struct Batch {
+    pub iteration: u64,
+    pub image_ids: Vec<u64>,
+    /// `[3, H, W]` float RGB in [0, 1] on the loader's device, original sizes.
+    pub images: Vec<Tensor>,
+    /// Targets in original-image pixels, on the CPU (pinned when CUDA); the
+    /// model validates them there and copies them without blocking.
+    pub targets: Vec<Target>,
+    pub times: StageTimes,
+}
+
+/// Why loading stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("{0}")]
+    Sampler(#[from] super::sampler::SamplerError),
+    #[error("image {id} ({path}): {message}")]
+    BadImage { id: u64, path: String, message: String },
+    #[error("data loader workers stopped")]
+    WorkersGone,
+}
+
+struct HostBatch {
+    iteration: u64,
+    image_ids: Vec<u64>,
+    pixels: Tensor,
+    sizes: Vec<(i64, i64)>,
+    targets: Vec<Target>,
+    times: StageTimes,
+}
+
+type Job = (u64, Vec<usize>);
+type Done = Result<HostBatch, LoaderError>;
+
+/// Images left out at run time, each reported once.
+#[derive(Debug, Default)]
+pub struct SkipLog {
+    seen: Mutex<HashSet<u64>>,
+}
+
+impl SkipLog {
+    /// Records image `id`; logs the reason the first time only.
+    pub fn record(&self, id: u64, reason: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.insert(id) {
+            tracing::warn!("skipping image {id}: {reason}");
+        }
+    }
+
+    /// Distinct images skipped so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The loader: iterate with [`Loader::next_batch`].
+pub struct Loader {
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    plan: BatchPlan,
+    ready: BTreeMap<u64, Done>,
+    next_iteration: u64,
+    in_flight: usize,
+    max_in_flight: usize,
+    device: Device,
+    pub skipped: Arc<SkipLog>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Starts `options.workers` threads over `dataset`.
+    pub fn new(dataset: Arc<CocoDataset>, options: LoaderOptions) -> Result<Loader, LoaderError> {
+        let landscape = dataset.images.iter().map(|r| r.is_landscape()).collect();
+        let sampler = GroupedBatchSampler::new(
+            landscape,
+            options.batch_size,
+            options.seed,
+            options.rank,
+            options.world_size,
+            options.group_by_aspect,
+        )?;
+        let start = options.start_iteration;
+        let plan = sampler.plan_from(start);
+        let (job_tx, job_rx) = channel::<Job>();
+        let (done_tx, done_rx) = channel::<Done>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let skipped = Arc::new(SkipLog::default());
+        let workers = (0..options.workers.max(1))
+            .map(|_| {
+                let (jobs, done, dataset, skipped, options) =
+                    (job_rx.clone(), done_tx.clone(), dataset.clone(), skipped.clone(), options.clone());
+                std::thread::spawn(move || worker(jobs, done, dataset, skipped, options))
+            })
+            .collect();
+        Ok(Loader {
+            jobs: Some(job_tx),
+            done: done_rx,
+            plan,
+            ready: BTreeMap::new(),
+            next_iteration: start,
+            in_flight: 0,
+            max_in_flight: options.workers.max(1) + options.prefetch,
+            device: options.device,
+            skipped,
+            workers,
+        })
+    }
+
+    /// The batch of the next iteration, its images already on the device
+    /// (copy issued, not awaited). Batches whose images all failed to load
+    /// are passed over.
+    pub fn next_batch(&mut self) -> Result<Batch, LoaderError> {
+        loop {
+            let host = self.next_host()?;
+            if host.image_ids.is_empty() {
+                continue;
+            }
+            return Ok(self.upload(host));
+        }
+    }
+
+    fn next_host(&mut self) -> Result<HostBatch, LoaderError> {
+        let jobs = self.jobs.as_ref().ok_or(LoaderError::WorkersGone)?;
+        while self.in_flight < self.max_in_flight {
+            match self.plan.next() {
+                Some(job) => {
+                    jobs.send(job).map_err(|_| LoaderError::WorkersGone)?;
+                    self.in_flight += 1;
+                }
+                None => break,
+            }
+        }
+        while !self.ready.contains_key(&self.next_iteration) {
+            let done = self.done.recv().map_err(|_| LoaderError::WorkersGone)?;
+            let it = match &done {
+                Ok(b) => b.iteration,
+                // Errors stop the run at once, whatever their iteration.
+                Err(_) => return done,
+            };
+            self.ready.insert(it, done);
+        }
+        self.in_flight -= 1;
+        let out = self.ready.remove(&self.next_iteration).ok_or(LoaderError::WorkersGone)?;
+        self.next_iteration += 1;
+        out
+    }
+
+    /// One non-blocking copy of the pinned pixels; per-image float views.
+    fn upload(&self, host: HostBatch) -> Batch {
+        let pixels = if self.device == Device::Cpu {
+            host.pixels
+        } else {
+            host.pixels.to_device_(self.device, Kind::Uint8, true, false)
+        };
+        let mut offset = 0;
+        let images = host
+            .sizes
+            .iter()
+            .map(|&(h, w)| {
+                let n = h * w * 3;
+                let im = pixels.narrow(0, offset, n).view([h, w, 3]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0;
+                offset += n;
+                im
+            })
+            .collect();
+        Batch { iteration: host.iteration, image_ids: host.image_ids, images, targets: host.targets, times: host.times }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the job channel ends the workers after their current batch.
+        self.jobs = None;
+        while self.done.try_recv().is_ok() {}
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    done: Sender<Done>,
+    dataset: Arc<CocoDataset>,
+    skipped: Arc<SkipLog>,
+    options: LoaderOptions,
+) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok((iteration, indices)) = job else { return };
+        let result = load_batch(&dataset, &indices, iteration, &skipped, &options);
+        if done.send(result).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads, decodes, flips and collates one batch.
+fn load_batch(
+    dataset: &CocoDataset,
+    indices: &[usize],
+    iteration: u64,
+    skipped: &SkipLog,
+    options: &LoaderOptions,
+) -> Result<HostBatch, LoaderError> {
+    let mut times = StageTimes::default();
+    let mut decoded = Vec::with_capacity(indices.len());
+    for &i in indices {
+        let record = &dataset.images[i];
+        let path = dataset.image_path(record);
+        let t0 = Instant::now();
+        let image = RgbImage::open(&path).and_then(|im| {
+            if (im.width, im.height) == (record.width, record.height) {
+                Ok(im)
+            } else {
+                Err(super::image::ImageError::Decode {
+                    path: path.clone(),
+                    message: format!(
+                        "is {}x{} but the annotations say {}x{}",
+                        im.width, im.height, record.width, record.height
+                    ),
+                })
+            }
+        });
+        times.decode += t0.elapsed().as_secs_f64() * 1e3;
+        match image {
+            Ok(mut image) => {
+                let t1 = Instant::now();
+                // One draw per (seed, iteration, image): the same flips
+                // whatever thread loads the batch, and after a resume.
+                let flip = Rng::derive(options.seed, iteration, record.id).chance(options.flip_prob);
+                if flip {
+                    hflip_image(&mut image);
+                }
+                let target = to_target(&record.instances, record.height, record.width, flip);
+                times.augment += t1.elapsed().as_secs_f64() * 1e3;
+                decoded.push((record.id, image, target));
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if options.strict {
+                    return Err(LoaderError::BadImage { id: record.id, path: path.display().to_string(), message });
+                }
+                skipped.record(record.id, &message);
+            }
+        }
+    }
+    let t2 = Instant::now();
+    let total: usize = decoded.iter().map(|(_, im, _)| im.pixels.len()).sum();
+    let pinned = options.device != Device::Cpu;
+    let pixels = host_buffer(total as i64, pinned, options.device);
+    {
+        // SAFETY: `pixels` is a fresh contiguous uint8 CPU tensor of `total`
+        // bytes that nothing else references yet.
+        let dst = unsafe { std::slice::from_raw_parts_mut(pixels.data_ptr() as *mut u8, total) };
+        let mut offset = 0;
+        for (_, im, _) in &decoded {
+            dst[offset..offset + im.pixels.len()].copy_from_slice(&im.pixels);
+            offset += im.pixels.len();
+        }
+    }
+    let mut image_ids = Vec::with_capacity(decoded.len());
+    let mut sizes = Vec::with_capacity(decoded.len());
+    let mut targets = Vec::with_capacity(decoded.len());
+    for (id, im, target) in decoded {
+        image_ids.push(id);
+        sizes.push((i64::from(im.height), i64::from(im.width)));
+        targets.push(if pinned { pin_target(target, options.device) } else { target });
+    }
+    times.collate += t2.elapsed().as_secs_f64() * 1e3;
+    Ok(HostBatch { iteration, image_ids, pixels, sizes, targets, times })
+}
+
+/// A `[n]` uint8 CPU buffer, page-locked when it will be copied to a GPU.
+fn host_buffer(n: i64, pinned: bool, device: Device) -> Tensor {
+    let t = Tensor::empty([n], (Kind::Uint8, Device::Cpu));
+    if pinned {
+        t.pin_memory(device)
+    } else {
+        t
+    }
+}
+
+fn pin_target(t: Target, device: Device) -> Target {
+    Target {
+        boxes: t.boxes.pin_memory(device),
+        labels: t.labels.pin_memory(device),
+        masks: match t.masks {
+            InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(m.pin_memory(device)),
+            p => p,
+        },
+        iscrowd: t.iscrowd.map(|c| c.pin_memory(device)),
+    }
+}
