@@ -1,8 +1,22 @@
 // C ABI over the few libtorch APIs that tch 0.24 does not expose.
 // Every function catches C++ exceptions and reports failure by return code;
 // nothing here may unwind into Rust.
+#include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <string>
+#include <vector>
+
+// tch's tensor handles are `at::Tensor*` (torch-sys's `tensor` type).
+static thread_local std::string last_error;
+
+static std::vector<at::Tensor> tensor_list(at::Tensor** ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
 
 extern "C" {
 
@@ -38,6 +52,64 @@ int mrcnn_autocast_cuda(int enabled, int dtype) {
     at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
     if (!enabled) at::autocast::clear_cache();
     return prev;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// The message of the last failed call on this thread.
+const char* mrcnn_last_error() { return last_error.c_str(); }
+
+// torch.optim.SGD's fused update (momentum, weight decay, dampening 0) of
+// `n` parameters in place: one multi-tensor kernel launch per dtype/device
+// group. `grad_scale` (nullable) divides the gradients first; `found_inf`
+// (nullable, float scalar) skips the whole update on the device when
+// nonzero, without a host sync. Returns 0, or -1 (see mrcnn_last_error).
+int mrcnn_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n, double weight_decay,
+                    double momentum, double lr, int is_first_step, at::Tensor* grad_scale, at::Tensor* found_inf) {
+  try {
+    std::optional<at::Tensor> scale = grad_scale ? std::optional<at::Tensor>(*grad_scale) : std::nullopt;
+    std::optional<at::Tensor> inf = found_inf ? std::optional<at::Tensor>(*found_inf) : std::nullopt;
+    at::_fused_sgd_(tensor_list(params, n), tensor_list(grads, n), tensor_list(bufs, n), weight_decay, momentum, lr,
+                    0.0, false, false, is_first_step != 0, scale, inf);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// GradScaler's check: multiplies every gradient by `inv_scale` and sets
+// `found_inf` to 1 if any value is inf or NaN (all on the device).
+int mrcnn_non_finite_check_and_unscale(at::Tensor** grads, int n, at::Tensor* found_inf, at::Tensor* inv_scale) {
+  try {
+    std::vector<at::Tensor> g = tensor_list(grads, n);
+    at::_amp_foreach_non_finite_check_and_unscale_(g, *found_inf, *inv_scale);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// An uninitialized page-locked uint8 CPU tensor of `n` bytes in *out.
+int mrcnn_empty_pinned(int64_t n, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Peak bytes allocated by libtorch's CUDA caching allocator on `device`
+// since start (or -1 when unavailable).
+int64_t mrcnn_cuda_peak_allocated(int device) {
+  try {
+    // The device-generic allocator interface: no CUDA headers needed here.
+    auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
   } catch (...) {
     return -1;
   }

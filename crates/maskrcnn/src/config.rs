@@ -71,9 +71,15 @@ pub struct ModelConfig {
     pub backbone_depth: usize,
     /// How many ResNet stages train, counted from the top (layer4 first):
     /// 3 freezes conv1 and layer1 (the seed's "first two blocks frozen").
+    /// Applies with `backbone_weights`; from scratch every stage trains (as
+    /// torchvision without pretrained weights).
     pub trainable_layers: usize,
     /// Normalization inside the backbone.
     pub norm: NormKind,
+    /// ImageNet ResNet weights (safetensors, torchvision's resnet names:
+    /// `conv1.weight`, `layer1.0.bn1.running_mean`, ...) to start training
+    /// from; empty: train from scratch.
+    pub backbone_weights: String,
     /// Channels of every FPN output level.
     pub fpn_channels: usize,
 }
@@ -82,6 +88,8 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
+    /// `frozen_bn` with `model.backbone_weights`, `bn` from scratch.
+    Auto,
     /// BatchNorm with fixed statistics and affine parameters (torchvision's
     /// `FrozenBatchNorm2d`, eps 1e-5), as every detection recipe fine-tuning
     /// an ImageNet backbone uses.
@@ -229,6 +237,12 @@ pub struct SolverConfig {
     pub accumulate_steps: usize,
     /// A checkpoint is written every this many iterations.
     pub checkpoint_period: usize,
+    /// Checkpoints kept in the output directory (oldest removed first).
+    pub checkpoint_keep: usize,
+    /// Clip the global gradient L2 norm to this value; 0 disables clipping.
+    pub clip_grad_norm: f64,
+    /// Iterations between logged losses, learning rate and speed.
+    pub log_period: usize,
 }
 
 /// Learning-rate warmup shape.
@@ -247,8 +261,13 @@ pub struct PrecisionConfig {
     pub amp: AmpMode,
     /// Allow TF32 tensor cores for fp32 convolutions and matmuls.
     pub tf32: bool,
-    /// Keep activations in NHWC (channels-last) layout.
+    /// Keep activations and convolution weights in NHWC (channels-last)
+    /// layout on CUDA.
     pub channels_last: bool,
+    /// fp16 dynamic loss scaling: initial scale (doubles after
+    /// `loss_scale_growth_interval` clean steps, halves on inf/NaN).
+    pub loss_scale_init: f64,
+    pub loss_scale_growth_interval: usize,
 }
 
 /// Mixed-precision mode.
@@ -288,6 +307,13 @@ pub struct DataLoaderConfig {
 pub struct TestConfig {
     /// Images per inference batch (global).
     pub ims_per_batch: usize,
+    /// Evaluate on `data.val_*` every this many training iterations (and at
+    /// the end); 0: only at the end.
+    pub eval_period: usize,
+    /// Early stop: training ends once bbox AP reaches this and mask AP
+    /// reaches `min_mask_map` (the seed's target accuracy); 0: never.
+    pub min_bbox_map: f64,
+    pub min_mask_map: f64,
 }
 
 /// Dataset locations: COCO instances JSON files and their image folders.
@@ -309,7 +335,8 @@ impl Default for Config {
                 num_classes: 91,
                 backbone_depth: 50,
                 trainable_layers: 3,
-                norm: NormKind::FrozenBn,
+                norm: NormKind::Auto,
+                backbone_weights: String::new(),
                 fpn_channels: 256,
             },
             input: InputConfig {
@@ -369,10 +396,19 @@ impl Default for Config {
                 ims_per_batch: 16,
                 accumulate_steps: 1,
                 checkpoint_period: 2500,
+                checkpoint_keep: 3,
+                clip_grad_norm: 0.0,
+                log_period: 20,
             },
-            precision: PrecisionConfig { amp: AmpMode::Off, tf32: true, channels_last: false },
+            precision: PrecisionConfig {
+                amp: AmpMode::Off,
+                tf32: true,
+                channels_last: true,
+                loss_scale_init: 8192.0,
+                loss_scale_growth_interval: 2000,
+            },
             dataloader: DataLoaderConfig { workers: 4, aspect_ratio_grouping: true, prefetch: 2 },
-            test: TestConfig { ims_per_batch: 8 },
+            test: TestConfig { ims_per_batch: 8, eval_period: 0, min_bbox_map: 0.0, min_mask_map: 0.0 },
             data: DataConfig {
                 train_ann: String::new(),
                 train_images: String::new(),
@@ -519,10 +555,42 @@ impl Config {
             &format!("must be divisible by solver.accumulate_steps ({})", s.accumulate_steps),
         )?;
         rule(s.checkpoint_period > 0, "solver.checkpoint_period", "must be > 0")?;
+        rule(s.checkpoint_keep >= 1, "solver.checkpoint_keep", "must be >= 1")?;
+        rule(
+            s.clip_grad_norm >= 0.0 && s.clip_grad_norm.is_finite(),
+            "solver.clip_grad_norm",
+            "must be >= 0 (0: off)",
+        )?;
+        rule(s.log_period >= 1, "solver.log_period", "must be >= 1")?;
+        let p = &self.precision;
+        rule(p.loss_scale_init >= 1.0 && p.loss_scale_init.is_finite(), "precision.loss_scale_init", "must be >= 1")?;
+        rule(p.loss_scale_growth_interval >= 1, "precision.loss_scale_growth_interval", "must be >= 1")?;
+        unit_interval(self.test.min_bbox_map, "test.min_bbox_map")?;
+        unit_interval(self.test.min_mask_map, "test.min_mask_map")?;
 
         rule(self.dataloader.prefetch >= 1, "dataloader.prefetch", "must be >= 1")?;
         rule(self.test.ims_per_batch >= 1, "test.ims_per_batch", "must be >= 1")?;
         Ok(())
+    }
+
+    /// The backbone normalization actually built: `auto` resolves to frozen
+    /// BatchNorm with ImageNet weights, trainable BatchNorm from scratch.
+    pub fn norm_kind(&self) -> NormKind {
+        match (self.model.norm, self.model.backbone_weights.is_empty()) {
+            (NormKind::Auto, true) => NormKind::Bn,
+            (NormKind::Auto, false) => NormKind::FrozenBn,
+            (n, _) => n,
+        }
+    }
+
+    /// ResNet stages that train: all five when `auto` normalization trains
+    /// from scratch (torchvision's rule), else `model.trainable_layers`.
+    pub fn trainable_layers(&self) -> usize {
+        if self.model.norm == NormKind::Auto && self.model.backbone_weights.is_empty() {
+            5
+        } else {
+            self.model.trainable_layers
+        }
     }
 
     /// Every valid key path (`section.key`), in declaration order.

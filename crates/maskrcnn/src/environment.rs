@@ -172,6 +172,14 @@ impl fmt::Display for EnvReport {
     }
 }
 
+/// Peak GPU memory allocated by libtorch on `device`, GiB (0 on the CPU).
+pub fn cuda_peak_memory_gib(device: tch::Device) -> f64 {
+    match device {
+        tch::Device::Cuda(i) => crate::shim::cuda_peak_allocated(i).map_or(0.0, |b| b as f64 / (1u64 << 30) as f64),
+        _ => 0.0,
+    }
+}
+
 /// Peak resident memory of this process in bytes (Linux `VmHWM`).
 pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

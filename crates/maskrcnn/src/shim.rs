@@ -1,11 +1,127 @@
 //! Safe wrappers over `cpp/shim.cpp`: libtorch APIs that tch 0.24 lacks.
 
-use std::ffi::c_int;
+use std::ffi::{c_char, c_double, c_int, CStr};
+use tch::Tensor;
+
+/// tch's opaque tensor handle (`at::Tensor*` on the C++ side).
+type Handle = *mut torch_sys::C_tensor;
 
 extern "C" {
     fn mrcnn_set_tf32(enabled: c_int) -> c_int;
     fn mrcnn_tf32_enabled() -> c_int;
     fn mrcnn_autocast_cuda(enabled: c_int, dtype: c_int) -> c_int;
+    fn mrcnn_last_error() -> *const c_char;
+    fn mrcnn_fused_sgd(
+        params: *const Handle,
+        grads: *const Handle,
+        bufs: *const Handle,
+        n: c_int,
+        weight_decay: c_double,
+        momentum: c_double,
+        lr: c_double,
+        is_first_step: c_int,
+        grad_scale: Handle,
+        found_inf: Handle,
+    ) -> c_int;
+    fn mrcnn_non_finite_check_and_unscale(
+        grads: *const Handle,
+        n: c_int,
+        found_inf: Handle,
+        inv_scale: Handle,
+    ) -> c_int;
+    fn mrcnn_empty_pinned(n: i64, out: *mut Handle) -> c_int;
+    fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
+}
+
+/// Peak bytes libtorch has allocated on CUDA device `index` (None without CUDA).
+pub fn cuda_peak_allocated(index: usize) -> Option<u64> {
+    // SAFETY: reads allocator statistics; the C side catches exceptions.
+    let v = unsafe { mrcnn_cuda_peak_allocated(index as c_int) };
+    u64::try_from(v).ok()
+}
+
+/// A libtorch call of the shim failed.
+#[derive(Debug, thiserror::Error)]
+#[error("libtorch: {0}")]
+pub struct ShimError(String);
+
+fn check(code: c_int) -> Result<(), ShimError> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a pointer to its thread-local message string.
+    let msg = unsafe { CStr::from_ptr(mrcnn_last_error()) }.to_string_lossy();
+    Err(ShimError(crate::text::one_line(&msg)))
+}
+
+fn handles(ts: &[&Tensor]) -> Vec<Handle> {
+    ts.iter().map(|t| t.as_ptr() as Handle).collect()
+}
+
+/// `torch.optim.SGD`'s fused step over `params` (in place): with weight
+/// decay `wd`, `buf = momentum * buf + (grad + wd * param)` (`buf = that`
+/// on the first step) and `param -= lr * buf`. `grad_scale` divides the
+/// gradients first; a nonzero `found_inf` skips the step on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_sgd(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    bufs: &[&Tensor],
+    wd: f64,
+    momentum: f64,
+    lr: f64,
+    first_step: bool,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<(), ShimError> {
+    assert!(params.len() == grads.len() && grads.len() == bufs.len(), "fused_sgd: list lengths differ");
+    let (p, g, b) = (handles(params), handles(grads), handles(bufs));
+    let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as Handle);
+    // SAFETY: every handle is a live tensor borrowed for the call; the C
+    // side copies the handles and catches exceptions.
+    check(unsafe {
+        mrcnn_fused_sgd(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            p.len() as c_int,
+            wd,
+            momentum,
+            lr,
+            c_int::from(first_step),
+            opt(grad_scale),
+            opt(found_inf),
+        )
+    })
+}
+
+/// Multiplies `grads` by `inv_scale` (1-element float tensor) in place and
+/// sets `found_inf` (1-element float) to 1 when any value is not finite.
+pub fn non_finite_check_and_unscale(
+    grads: &[&Tensor],
+    found_inf: &Tensor,
+    inv_scale: &Tensor,
+) -> Result<(), ShimError> {
+    let g = handles(grads);
+    // SAFETY: as in `fused_sgd`.
+    check(unsafe {
+        mrcnn_non_finite_check_and_unscale(
+            g.as_ptr(),
+            g.len() as c_int,
+            found_inf.as_ptr() as Handle,
+            inv_scale.as_ptr() as Handle,
+        )
+    })
+}
+
+/// An uninitialized `[n]` uint8 CPU tensor in page-locked memory (host→GPU
+/// copies from it run asynchronously).
+pub fn empty_pinned(n: i64) -> Result<Tensor, ShimError> {
+    let mut out: Handle = std::ptr::null_mut();
+    // SAFETY: on success the shim stores a heap-allocated at::Tensor that
+    // tch takes ownership of.
+    check(unsafe { mrcnn_empty_pinned(n, &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// Enables CUDA autocast (mixed precision) for its lifetime and restores the

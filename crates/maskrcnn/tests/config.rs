@@ -29,7 +29,8 @@ fn defaults_are_the_r50_fpn_recipe() {
     assert_eq!(c.model.num_classes, 91);
     assert_eq!(c.model.backbone_depth, 50);
     assert_eq!(c.model.trainable_layers, 3);
-    assert_eq!(c.model.norm, NormKind::FrozenBn);
+    assert_eq!(c.model.norm, NormKind::Auto);
+    assert_eq!((c.norm_kind(), c.trainable_layers()), (NormKind::Bn, 5), "from scratch: trainable BN, every stage");
     assert_eq!(c.model.fpn_channels, 256);
     assert_eq!(c.input.min_size, vec![800]);
     assert_eq!(c.input.max_size, 1333);

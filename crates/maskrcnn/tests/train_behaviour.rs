@@ -8,11 +8,16 @@ use maskrcnn::{Config, MaskRcnn};
 use tch::{nn::OptimizerConfig, Device, Kind, Tensor};
 
 fn config(extra: &[&str]) -> Config {
-    let mut sets: Vec<String> =
-        ["model.backbone_depth=18", "model.num_classes=4", "input.min_size=160", "input.max_size=240"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut sets: Vec<String> = [
+        "model.backbone_depth=18",
+        "model.num_classes=4",
+        "input.min_size=160",
+        "input.max_size=240",
+        "model.norm=\"frozen_bn\"",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &sets).unwrap()
 }

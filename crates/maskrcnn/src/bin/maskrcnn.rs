@@ -36,6 +36,25 @@ enum Command {
     Eval(EvalArgs),
     /// Generate a synthetic COCO-format dataset of shapes (JPEGs + instances JSON).
     Synth(SynthArgs),
+    /// Train on data.train_ann/data.train_images; checkpoints, logs and metrics in --output.
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Output directory: config, metrics.jsonl, checkpoints/, model_final.safetensors, eval/.
+    #[arg(long, value_name = "DIR", default_value = "output")]
+    output: PathBuf,
+    /// Continue from the newest checkpoint in --output.
+    #[arg(long)]
+    resume: bool,
+    /// A bad annotation or image stops training instead of being skipped.
+    #[arg(long)]
+    strict: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -232,6 +251,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench(args)?,
         Command::Eval(args) => eval(args)?,
         Command::Synth(args) => synth(args)?,
+        Command::Train(args) => train(args)?,
     }
     Ok(())
 }
@@ -263,6 +283,63 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     if let Some(path) = &args.metrics {
         maskrcnn::engine::predictor::write_json_atomic(path, &metrics)?;
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = args.config.resolve()?;
+    let device = args.device.resolve()?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // First Ctrl-C: checkpoint after the current step and exit; second: now.
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this iteration (Ctrl-C again to abort without a checkpoint)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    std::fs::create_dir_all(&args.output).with_context(|| format!("output directory {}", args.output.display()))?;
+    std::fs::write(args.output.join("config.toml"), config.to_toml())
+        .with_context(|| format!("output directory {}: cannot write config.toml", args.output.display()))?;
+    let opts = maskrcnn::engine::trainer::TrainOptions {
+        output: args.output.clone(),
+        resume: args.resume,
+        device,
+        stop,
+        progress: std::io::stderr().is_terminal(),
+        strict: args.strict,
+    };
+    let s = maskrcnn::engine::trainer::train(&config, &opts)?;
+    maskrcnn::engine::predictor::write_json_atomic(&args.output.join("summary.json"), &s)?;
+    println!("{:<22} {}", "iterations", format!("{} -> {}", s.start_iteration, s.iterations));
+    println!("{:<22} {:.1} s ({:.1} img/s)", "time", s.seconds, s.images_per_s);
+    for (name, v) in &s.final_losses {
+        println!("{name:<22} {v:.4}");
+    }
+    if let Some(scale) = s.loss_scale {
+        println!("{:<22} {scale:.0} ({:.0} skipped steps)", "loss scale", s.skipped_steps);
+    }
+    for e in &s.evals {
+        println!(
+            "{:<22} bbox AP {:.4}  segm AP {:.4}  ({:.0} s)",
+            format!("eval @ {}", e.iteration),
+            e.bbox_ap,
+            e.segm_ap,
+            e.seconds
+        );
+    }
+    if s.skipped_images > 0 {
+        println!("{:<22} {}", "unreadable images", s.skipped_images);
+    }
+    println!("{:<22} {}", "weights", s.weights.display());
+    if s.interrupted {
+        println!("interrupted: continue with --resume --output {}", args.output.display());
+    } else if s.stopped_early {
+        println!("stopped early: target accuracy reached");
     }
     Ok(())
 }

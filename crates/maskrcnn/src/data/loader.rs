@@ -310,7 +310,7 @@ fn load_batch(
     let t2 = Instant::now();
     let total: usize = decoded.iter().map(|(_, im, _)| im.pixels.len()).sum();
     let pinned = options.device != Device::Cpu;
-    let pixels = host_buffer(total as i64, pinned, options.device);
+    let pixels = host_buffer(total as i64, pinned);
     {
         // SAFETY: `pixels` is a fresh contiguous uint8 CPU tensor of `total`
         // bytes that nothing else references yet.
@@ -333,14 +333,15 @@ fn load_batch(
     Ok(HostBatch { iteration, image_ids, pixels, sizes, targets, times })
 }
 
-/// A `[n]` uint8 CPU buffer, page-locked when it will be copied to a GPU.
-fn host_buffer(n: i64, pinned: bool, device: Device) -> Tensor {
-    let t = Tensor::empty([n], (Kind::Uint8, Device::Cpu));
+/// A `[n]` uint8 CPU buffer, page-locked when it will be copied to a GPU
+/// (allocated pinned: no extra copy).
+fn host_buffer(n: i64, pinned: bool) -> Tensor {
     if pinned {
-        t.pin_memory(device)
-    } else {
-        t
+        if let Ok(t) = crate::shim::empty_pinned(n) {
+            return t;
+        }
     }
+    Tensor::empty([n], (Kind::Uint8, Device::Cpu))
 }
 
 fn pin_target(t: Target, device: Device) -> Target {

@@ -1,6 +1,11 @@
-//! Running the model: batch prediction over files, benchmarks (and, later,
-//! training).
+//! Running the model: training (loop, optimizer, LR schedule, loss scaling,
+//! checkpoints), batch prediction over files, and benchmarks.
 
+pub mod amp;
 pub mod bench;
+pub mod checkpoint;
 pub mod data_bench;
+pub mod lr_schedule;
+pub mod optimizer;
 pub mod predictor;
+pub mod trainer;

@@ -173,7 +173,8 @@ pub enum Norm {
 /// their BN fixed as well).
 pub fn norm(p: &Path, c: i64, kind: crate::config::NormKind, trainable: bool) -> Norm {
     match kind {
-        crate::config::NormKind::FrozenBn => Norm::Frozen(frozen_batch_norm2d(p, c)),
+        // `Auto` is resolved by `Config::norm_kind` before models are built.
+        crate::config::NormKind::FrozenBn | crate::config::NormKind::Auto => Norm::Frozen(frozen_batch_norm2d(p, c)),
         crate::config::NormKind::Bn => Norm::Batch(BatchNorm2d {
             weight: param(p, "weight", &[c], Init::Const(1.0), trainable),
             bias: param(p, "bias", &[c], Init::Const(0.0), trainable),

@@ -85,7 +85,7 @@ impl MaskRcnn {
         tch::manual_seed(config.seed as i64);
         let vs = VarStore::new(device);
         let root = vs.root();
-        let backbone = BackboneWithFpn::new(&(&root / "backbone"), &config.model)?;
+        let backbone = BackboneWithFpn::new(&(&root / "backbone"), config)?;
         let rpn = Rpn::new(&(&root / "rpn"), backbone.out_channels, &config.rpn);
         let roi_heads = RoiHeads::new(
             &(&root / "roi_heads"),
@@ -106,6 +106,29 @@ impl MaskRcnn {
     /// Saves the weights (torchvision names) to `path`, atomically.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         weights::save_weights(&self.vs, path)
+    }
+
+    /// Stores every 4-D weight in NHWC (channels-last) layout; with
+    /// `precision.channels_last` the input batch follows on CUDA, so cuDNN
+    /// runs its NHWC kernels throughout the backbone.
+    pub fn to_channels_last(&mut self) {
+        tch::no_grad(|| {
+            for (_, mut v) in self.vs.variables() {
+                if v.dim() == 4 {
+                    let nhwc = v.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+                    v.set_data(&nhwc);
+                }
+            }
+        });
+    }
+
+    /// The padded batch in the layout the backbone runs in.
+    fn layout(&self, batch: Tensor) -> Tensor {
+        if self.config.precision.channels_last && batch.device().is_cuda() {
+            batch.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            batch
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -158,7 +181,7 @@ impl MaskRcnn {
             .zip(&list.image_sizes)
             .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size))
             .collect();
-        let features = self.backbone.forward(&list.tensors, true);
+        let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
         let size = list.tensors.size();
         let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
         let gt_boxes: Vec<Tensor> = resized.iter().map(non_crowd_boxes).collect();

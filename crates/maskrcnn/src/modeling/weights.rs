@@ -78,3 +78,53 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
     Tensor::write_safetensors(&named, &tmp).map_err(|e| write_err(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
 }
+
+/// Copies an ImageNet ResNet state dict (torchvision's `resnet50` names:
+/// `conv1.weight`, `bn1.running_var`, `layer1.0.conv1.weight`, ...; the
+/// classifier `fc.*` is ignored) into the model's `backbone.body`. Every
+/// body tensor must be present with its shape; nothing changes otherwise.
+pub fn load_backbone_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    if !path.is_file() {
+        return Err(read_err("no such file (model.backbone_weights)".into()));
+    }
+    let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("fc.") && !n.ends_with(".num_batches_tracked"))
+        .map(|(n, t)| (format!("backbone.body.{n}"), t))
+        .collect();
+    let model: BTreeMap<String, Tensor> =
+        vs.variables().into_iter().filter(|(n, _)| n.starts_with("backbone.body.")).collect();
+    let mut problems = Vec::new();
+    for (name, var) in &model {
+        match file.get(name) {
+            None => problems.push(format!("missing {} {:?}", &name["backbone.body.".len()..], var.size())),
+            Some(t) if t.size() != var.size() => problems.push(format!(
+                "{}: file has {:?}, model needs {:?}",
+                &name["backbone.body.".len()..],
+                t.size(),
+                var.size()
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, t) in &file {
+        if !model.contains_key(name) {
+            problems.push(format!("unexpected {} {:?}", &name["backbone.body.".len()..], t.size()));
+        }
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        let shown: Vec<String> = problems.into_iter().take(12).collect();
+        let more = if n > shown.len() { format!("; and {} more", n - shown.len()) } else { String::new() };
+        return Err(ModelError::Mismatch { path: path.to_path_buf(), problems: format!("{}{more}", shown.join("; ")) });
+    }
+    tch::no_grad(|| {
+        for (name, var) in &model {
+            let mut var = var.shallow_clone();
+            var.copy_(&file[name].to_kind(var.kind()).to_device(var.device()));
+        }
+    });
+    Ok(())
+}

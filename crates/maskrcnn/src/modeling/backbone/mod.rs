@@ -3,7 +3,7 @@
 pub mod fpn;
 pub mod resnet;
 
-use crate::config::ModelConfig;
+use crate::config::Config;
 use crate::modeling::ModelError;
 use fpn::Fpn;
 use resnet::ResNet;
@@ -21,8 +21,9 @@ pub struct BackboneWithFpn {
 
 impl BackboneWithFpn {
     /// Builds the backbone at `p` (`backbone`).
-    pub fn new(p: &Path, cfg: &ModelConfig) -> Result<BackboneWithFpn, ModelError> {
-        let body = ResNet::new(&(p / "body"), cfg.backbone_depth, cfg.trainable_layers, cfg.norm)
+    pub fn new(p: &Path, config: &Config) -> Result<BackboneWithFpn, ModelError> {
+        let cfg = &config.model;
+        let body = ResNet::new(&(p / "body"), cfg.backbone_depth, config.trainable_layers(), config.norm_kind())
             .ok_or(ModelError::UnsupportedDepth(cfg.backbone_depth))?;
         let out_channels = cfg.fpn_channels as i64;
         let fpn = Fpn::new(&(p / "fpn"), &body.out_channels, out_channels);

@@ -1,0 +1,490 @@
+//! `maskrcnn train`: the training loop. Data from the prefetching loader,
+//! forward/backward under autocast (fp16 with dynamic loss scaling, bf16, or
+//! fp32 with TF32), gradient accumulation and clipping, fused SGD with the
+//! warmup/multi-step schedule, periodic atomic checkpoints, evaluation with
+//! the seed's early stop, logs (progress bar, `metrics.jsonl`, summary).
+//!
+//! Reproducibility: libtorch's generator is reseeded from `(seed, micro
+//! batch)` before every forward pass and the loader's order and flips derive
+//! from the seed and iteration, so a resumed run takes the same steps as an
+//! uninterrupted one.
+
+use crate::config::{AmpMode, Config};
+use crate::data::coco::{CocoDataset, LoadOptions};
+use crate::data::loader::{Loader, LoaderOptions};
+use crate::engine::amp::GradScaler;
+use crate::engine::checkpoint::{self, TrainState};
+use crate::engine::lr_schedule::LrSchedule;
+use crate::engine::optimizer::Sgd;
+use crate::evaluation::coco_eval::CocoMetrics;
+use crate::modeling::MaskRcnn;
+use crate::ops::BalancedSampler;
+use crate::shim::AutocastGuard;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub output: PathBuf,
+    /// Continue from the newest checkpoint in `output`.
+    pub resume: bool,
+    pub device: Device,
+    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Show a progress bar (else log lines every `solver.log_period`).
+    pub progress: bool,
+    /// Data strictness: a bad sample stops training.
+    pub strict: bool,
+}
+
+/// Why training could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Dataset(#[from] crate::data::DatasetError),
+    #[error("{0}")]
+    Loader(#[from] crate::data::LoaderError),
+    #[error("{0}")]
+    Model(#[from] crate::modeling::ModelError),
+    #[error("{0}")]
+    Targets(#[from] crate::modeling::TargetError),
+    #[error("{0}")]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("{0}")]
+    Shim(#[from] crate::shim::ShimError),
+    #[error("iteration {iteration}: {loss} is {value} (fp32 training diverged; lower solver.base_lr or enable solver.clip_grad_norm)")]
+    NonFinite { iteration: u64, loss: String, value: f64 },
+    #[error("evaluation: {0}")]
+    Eval(String),
+}
+
+/// One evaluation during training.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    pub iteration: u64,
+    pub seconds: f64,
+    pub bbox_ap: f64,
+    pub segm_ap: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub start_iteration: u64,
+    pub iterations: u64,
+    pub seconds: f64,
+    pub images_per_s: f64,
+    pub final_losses: Vec<(String, f64)>,
+    pub skipped_steps: f64,
+    pub loss_scale: Option<f64>,
+    pub evals: Vec<EvalPoint>,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub weights: PathBuf,
+    pub skipped_images: usize,
+}
+
+/// Trains per `config` into `opts.output`.
+pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    let setup = |m: String| TrainError::Setup(m);
+    let world_size = 1usize;
+    let solver = &config.solver;
+    if config.data.train_ann.is_empty() || config.data.train_images.is_empty() {
+        return Err(setup("no training data: set data.train_ann and data.train_images (see `maskrcnn synth`)".into()));
+    }
+    let per_step = solver.ims_per_batch / world_size;
+    if per_step == 0 || !per_step.is_multiple_of(solver.accumulate_steps) {
+        return Err(setup(format!(
+            "solver.ims_per_batch = {} does not split into {world_size} GPU(s) × solver.accumulate_steps = {}",
+            solver.ims_per_batch, solver.accumulate_steps
+        )));
+    }
+    let micro_batch = per_step / solver.accumulate_steps;
+    prepare_output(&opts.output)?;
+
+    // Resume: the checkpoint must come from a compatible model.
+    let resume_from = if opts.resume { checkpoint::list(&opts.output).pop() } else { None };
+    let resumed = match &resume_from {
+        Some((_, dir)) => {
+            let loaded = checkpoint::load(dir)?;
+            check_compatible(config, &loaded.config_toml, dir)?;
+            Some(loaded)
+        }
+        None => None,
+    };
+    if opts.resume && resumed.is_none() {
+        tracing::warn!("--resume: no checkpoint in {}, starting from iteration 0", opts.output.display());
+    }
+
+    let dataset = CocoDataset::load(
+        Path::new(&config.data.train_ann),
+        Path::new(&config.data.train_images),
+        LoadOptions { drop_empty: true, strict: opts.strict },
+    )?;
+    for line in dataset.skip_summary() {
+        tracing::warn!("{}: {line}", config.data.train_ann);
+    }
+    if dataset.num_classes() != config.model.num_classes {
+        return Err(setup(format!(
+            "{}: {} categories need model.num_classes = {} (background + categories), config has {}",
+            config.data.train_ann,
+            dataset.categories.len(),
+            dataset.num_classes(),
+            config.model.num_classes
+        )));
+    }
+    let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
+    if has_val && !Path::new(&config.data.val_ann).is_file() {
+        return Err(setup(format!("data.val_ann: {} does not exist", config.data.val_ann)));
+    }
+    let images_in_set = dataset.images.len();
+
+    // Model, optionally from ImageNet backbone weights, or resumed.
+    let mut model = MaskRcnn::new(config, opts.device)?;
+    match &resumed {
+        Some(r) => crate::modeling::weights::load_weights(
+            &model.vs,
+            &r.dir.join("model.safetensors"),
+            config.model.num_classes,
+        )?,
+        None if !config.model.backbone_weights.is_empty() => {
+            crate::modeling::weights::load_backbone_weights(&model.vs, Path::new(&config.model.backbone_weights))?
+        }
+        None => {}
+    }
+    let cuda = opts.device.is_cuda();
+    crate::shim::set_tf32(config.precision.tf32);
+    if cuda {
+        tch::Cuda::cudnn_set_benchmark(true);
+        if config.precision.channels_last {
+            model.to_channels_last();
+        }
+    }
+    let amp = if cuda { config.precision.amp } else { AmpMode::Off };
+    if config.precision.amp != AmpMode::Off && !cuda {
+        tracing::warn!("precision.amp = {} needs CUDA; training in fp32 on the CPU", config.precision.amp);
+    }
+
+    let mut sgd =
+        Sgd::new(&model.vs, solver.momentum, solver.weight_decay, solver.bias_lr_factor, solver.bias_weight_decay);
+    let mut scaler = (amp == AmpMode::Fp16).then(|| {
+        GradScaler::new(config.precision.loss_scale_init, config.precision.loss_scale_growth_interval, opts.device)
+    });
+    let mut start = 0u64;
+    let mut images_seen = 0u64;
+    if let Some(r) = &resumed {
+        sgd.restore(&r.optimizer, r.state.iteration).map_err(|e| setup(format!("{}: {e}", r.dir.display())))?;
+        if let (Some(s), Some(st)) = (scaler.as_mut(), r.state.scaler) {
+            s.restore(st);
+        }
+        start = r.state.iteration;
+        images_seen = r.state.images_seen;
+        tracing::info!("resuming from {} (iteration {start})", r.dir.display());
+    }
+    let dataset = Arc::new(dataset);
+    let mut loader = Loader::new(
+        dataset.clone(),
+        LoaderOptions {
+            batch_size: micro_batch,
+            workers: config.dataloader.workers.max(1),
+            prefetch: config.dataloader.prefetch,
+            flip_prob: config.input.flip_prob,
+            seed: config.seed,
+            rank: 0,
+            world_size,
+            group_by_aspect: config.dataloader.aspect_ratio_grouping,
+            strict: opts.strict,
+            device: opts.device,
+            start_iteration: start * solver.accumulate_steps as u64,
+        },
+    )?;
+
+    let schedule = LrSchedule::new(solver);
+    let max_iter = solver.max_iter as u64;
+    let mut metrics_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.output.join("metrics.jsonl"))
+        .map_err(|e| setup(format!("{}: {e}", opts.output.join("metrics.jsonl").display())))?;
+    let bar = progress_bar(opts.progress, start, max_iter);
+    let started = Instant::now();
+    let mut window = (Instant::now(), 0u64);
+    let mut last_losses: Vec<(String, f64)> = Vec::new();
+    let mut evals = Vec::new();
+    let (mut stopped_early, mut interrupted) = (false, false);
+    let config_toml = config.to_toml();
+    let mut iteration = start;
+    tracing::info!(
+        "training {} images ({} categories), {micro_batch} images × {} accumulation step(s) per iteration, iterations {start}..{max_iter}, amp {amp}, device {:?}",
+        images_in_set,
+        dataset.categories.len(),
+        solver.accumulate_steps,
+        opts.device
+    );
+
+    while iteration < max_iter {
+        let lr = schedule.lr_at(iteration as usize);
+        let mut sums: Vec<Tensor> = Vec::new();
+        let mut names: Vec<&'static str> = Vec::new();
+        for micro in 0..solver.accumulate_steps as u64 {
+            let batch = loader.next_batch()?;
+            images_seen += batch.images.len() as u64;
+            tch::manual_seed(
+                (config.seed ^ (iteration * solver.accumulate_steps as u64 + micro).wrapping_mul(0x9E37_79B9)) as i64,
+            );
+            let losses = {
+                let _autocast = AutocastGuard::new(amp);
+                model.forward_train(&batch.images, &batch.targets, &mut BalancedSampler)?
+            };
+            let named = losses.named();
+            let total = losses.total() / solver.accumulate_steps as f64;
+            let total = match &scaler {
+                Some(s) => s.scale_loss(&total),
+                None => total,
+            };
+            total.backward();
+            let values =
+                Tensor::stack(&named.iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0);
+            sums.push(values);
+            names = named.iter().map(|(n, _)| *n).collect();
+        }
+        let grads = sgd.grads();
+        let grad_refs: Vec<&Tensor> = grads.iter().collect();
+        if let Some(s) = &scaler {
+            s.unscale(&grad_refs)?;
+        }
+        if solver.clip_grad_norm > 0.0 {
+            sgd.clip_grad_norm(solver.clip_grad_norm);
+        }
+        sgd.step(lr, scaler.as_ref().map(|s| &s.found_inf))?;
+        if let Some(s) = scaler.as_mut() {
+            s.update();
+        }
+        sgd.zero_grad();
+        iteration += 1;
+
+        // Loss values on the host (one small copy per iteration).
+        let mean = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float).to_device(Device::Cpu);
+        let values: Vec<f64> = Vec::<f32>::try_from(&mean).unwrap_or_default().into_iter().map(f64::from).collect();
+        last_losses = names.iter().map(|n| n.to_string()).zip(values.iter().copied()).collect();
+        if scaler.is_none() {
+            if let Some((name, v)) = last_losses.iter().find(|(_, v)| !v.is_finite()) {
+                return Err(TrainError::NonFinite { iteration: iteration - 1, loss: name.clone(), value: *v });
+            }
+        }
+        let total_loss: f64 = values.iter().sum();
+        bar.set_position(iteration);
+
+        if iteration.is_multiple_of(solver.log_period as u64) || iteration == max_iter {
+            let elapsed = window.0.elapsed().as_secs_f64();
+            let ips = (iteration - window.1) as f64 * per_step as f64 / elapsed.max(1e-9);
+            window = (Instant::now(), iteration);
+            let scale = scaler.as_ref().map(|s| s.state());
+            let mut record = serde_json::Map::new();
+            record.insert("iteration".into(), iteration.into());
+            record.insert("lr".into(), lr.into());
+            record.insert("loss".into(), total_loss.into());
+            for (n, v) in &last_losses {
+                record.insert(n.clone(), (*v).into());
+            }
+            record.insert("images_per_s".into(), ips.into());
+            record.insert("seconds".into(), started.elapsed().as_secs_f64().into());
+            if let Some(s) = scale {
+                record.insert("loss_scale".into(), s.scale.into());
+                record.insert("skipped_steps".into(), s.skipped.into());
+            }
+            if cuda {
+                record.insert("max_memory_gib".into(), crate::environment::cuda_peak_memory_gib(opts.device).into());
+            }
+            let _ = writeln!(metrics_log, "{}", serde_json::Value::Object(record));
+            let scale_text =
+                scale.map(|s| format!(" scale {:.0} skipped {:.0}", s.scale, s.skipped)).unwrap_or_default();
+            let msg = format!("loss {total_loss:.4} lr {lr:.5} {ips:.1} img/s{scale_text}");
+            if bar.is_hidden() {
+                tracing::info!("iter {iteration}/{max_iter} {msg}");
+            } else {
+                bar.set_message(msg);
+            }
+        }
+
+        let stop = opts.stop.load(Ordering::SeqCst);
+        let last = iteration == max_iter;
+        if iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last {
+            save_checkpoint(
+                &model,
+                &sgd,
+                scaler.as_ref(),
+                iteration,
+                images_seen,
+                &config_toml,
+                &opts.output,
+                solver.checkpoint_keep,
+            )?;
+        }
+        if stop {
+            interrupted = true;
+            bar.suspend(|| {
+                tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume")
+            });
+            break;
+        }
+        let eval_now =
+            has_val && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
+        if eval_now {
+            let metrics = bar.suspend(|| evaluate(&model, config, &opts.output, iteration))?;
+            let point = EvalPoint {
+                iteration,
+                seconds: started.elapsed().as_secs_f64(),
+                bbox_ap: metrics.bbox.stats[0],
+                segm_ap: metrics.segm.as_ref().map_or(0.0, |m| m.stats[0]),
+            };
+            let _ = writeln!(
+                metrics_log,
+                "{}",
+                serde_json::json!({"iteration": iteration, "bbox_ap": point.bbox_ap, "segm_ap": point.segm_ap, "seconds": point.seconds})
+            );
+            bar.suspend(|| {
+                tracing::info!("iter {iteration}: bbox AP {:.4}, segm AP {:.4}", point.bbox_ap, point.segm_ap)
+            });
+            evals.push(point.clone());
+            let t = &config.test;
+            if (t.min_bbox_map > 0.0 || t.min_mask_map > 0.0)
+                && point.bbox_ap >= t.min_bbox_map
+                && point.segm_ap >= t.min_mask_map
+            {
+                stopped_early = !last;
+                if !last {
+                    save_checkpoint(
+                        &model,
+                        &sgd,
+                        scaler.as_ref(),
+                        iteration,
+                        images_seen,
+                        &config_toml,
+                        &opts.output,
+                        solver.checkpoint_keep,
+                    )?;
+                    bar.suspend(|| tracing::info!("target accuracy reached at iteration {iteration}: stopping early"));
+                }
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let weights = opts.output.join("model_final.safetensors");
+    model.save(&weights)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let done = iteration - start;
+    let scale = scaler.as_ref().map(|s| s.state());
+    Ok(TrainSummary {
+        start_iteration: start,
+        iterations: iteration,
+        seconds,
+        images_per_s: done as f64 * per_step as f64 / seconds.max(1e-9),
+        final_losses: last_losses,
+        skipped_steps: scale.map_or(0.0, |s| s.skipped),
+        loss_scale: scale.map(|s| s.scale),
+        evals,
+        stopped_early,
+        interrupted,
+        weights,
+        skipped_images: loader.skipped.count(),
+    })
+}
+
+/// Creates the output folder and proves it writable before any work.
+fn prepare_output(output: &Path) -> Result<(), TrainError> {
+    let err = |e: std::io::Error| TrainError::Setup(format!("output directory {}: {e}", output.display()));
+    std::fs::create_dir_all(output).map_err(err)?;
+    let probe = output.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(err)?;
+    let _ = std::fs::remove_file(probe);
+    checkpoint::remove_partial(output);
+    Ok(())
+}
+
+/// A checkpoint's model must have the shape the config builds.
+fn check_compatible(config: &Config, saved_toml: &str, dir: &Path) -> Result<(), TrainError> {
+    let saved: Config = toml::from_str(saved_toml).map_err(|e| {
+        TrainError::Setup(format!(
+            "{}: config.toml unreadable: {}",
+            dir.display(),
+            crate::text::one_line(&e.to_string())
+        ))
+    })?;
+    let (a, b) = (&saved.model, &config.model);
+    let mut diffs = Vec::new();
+    if a.num_classes != b.num_classes {
+        diffs.push(format!("model.num_classes {} vs {}", a.num_classes, b.num_classes));
+    }
+    if a.backbone_depth != b.backbone_depth {
+        diffs.push(format!("model.backbone_depth {} vs {}", a.backbone_depth, b.backbone_depth));
+    }
+    if a.fpn_channels != b.fpn_channels {
+        diffs.push(format!("model.fpn_channels {} vs {}", a.fpn_channels, b.fpn_channels));
+    }
+    if saved.roi_heads.representation_size != config.roi_heads.representation_size {
+        diffs.push("roi_heads.representation_size differs".into());
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(TrainError::Setup(format!(
+            "--resume: checkpoint {} is from another model ({}: checkpoint vs config); use another --output",
+            dir.display(),
+            diffs.join(", ")
+        )))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    model: &MaskRcnn,
+    sgd: &Sgd,
+    scaler: Option<&GradScaler>,
+    iteration: u64,
+    images_seen: u64,
+    config_toml: &str,
+    output: &Path,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let state = TrainState { iteration, scaler: scaler.map(|s| s.state()), images_seen };
+    let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(checkpoint::save(output, &state, &named, &sgd.state(), config_toml, keep)?)
+}
+
+/// bbox/segm AP of `model` on the validation set; detections kept under
+/// `output/eval/`.
+fn evaluate(model: &MaskRcnn, config: &Config, output: &Path, iteration: u64) -> Result<CocoMetrics, TrainError> {
+    let err = |e: String| TrainError::Eval(e);
+    let ann = Path::new(&config.data.val_ann);
+    let dets = crate::evaluation::dataset_inference::infer_dataset(model, ann, Path::new(&config.data.val_images))
+        .map_err(|e| err(e.to_string()))?;
+    let dir = output.join("eval");
+    std::fs::create_dir_all(&dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    let path = dir.join(format!("detections_iter_{iteration:07}.json"));
+    crate::engine::predictor::write_json_atomic(&path, &dets).map_err(|e| err(e.to_string()))?;
+    let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.to_string()))?;
+    let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
+    crate::engine::predictor::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.to_string()))?;
+    Ok(metrics)
+}
+
+fn progress_bar(show: bool, start: u64, max_iter: u64) -> indicatif::ProgressBar {
+    let bar = if show { indicatif::ProgressBar::new(max_iter) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("train {bar:30} {pos}/{len} eta {eta} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start);
+    bar
+}
