@@ -315,7 +315,7 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let s = maskrcnn::engine::trainer::train(&config, &opts)?;
     maskrcnn::engine::predictor::write_json_atomic(&args.output.join("summary.json"), &s)?;
-    println!("{:<22} {}", "iterations", format!("{} -> {}", s.start_iteration, s.iterations));
+    println!("{:<22} {} -> {}", "iterations", s.start_iteration, s.iterations);
     println!("{:<22} {:.1} s ({:.1} img/s)", "time", s.seconds, s.images_per_s);
     for (name, v) in &s.final_losses {
         println!("{name:<22} {v:.4}");
