@@ -207,6 +207,9 @@ pub struct RoiHeadsConfig {
     /// Side of the predicted masks (twice the mask pooler's, by the head's
     /// transposed convolution).
     pub mask_resolution: usize,
+    /// Channels of the four mask-head convolutions and the upsampler
+    /// (torchvision: 256).
+    pub mask_head_channels: usize,
 }
 
 /// Optimizer and learning-rate schedule.
@@ -380,6 +383,7 @@ impl Default for Config {
                 mask_pooler_resolution: 14,
                 sampling_ratio: 2,
                 mask_resolution: 28,
+                mask_head_channels: 256,
             },
             solver: SolverConfig {
                 base_lr: 0.02,
@@ -555,6 +559,7 @@ impl Config {
             &format!("must be divisible by solver.accumulate_steps ({})", s.accumulate_steps),
         )?;
         rule(s.checkpoint_period > 0, "solver.checkpoint_period", "must be > 0")?;
+        rule(self.roi_heads.mask_head_channels >= 1, "roi_heads.mask_head_channels", "must be >= 1")?;
         rule(s.checkpoint_keep >= 1, "solver.checkpoint_keep", "must be >= 1")?;
         rule(
             s.clip_grad_norm >= 0.0 && s.clip_grad_norm.is_finite(),

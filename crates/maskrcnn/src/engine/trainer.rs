@@ -233,48 +233,28 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     while iteration < max_iter {
         let lr = schedule.lr_at(iteration as usize);
         let mut sums: Vec<Tensor> = Vec::new();
-        let mut names: Vec<&'static str> = Vec::new();
         for micro in 0..solver.accumulate_steps as u64 {
             let batch = loader.next_batch()?;
             images_seen += batch.images.len() as u64;
-            tch::manual_seed(
-                (config.seed ^ (iteration * solver.accumulate_steps as u64 + micro).wrapping_mul(0x9E37_79B9)) as i64,
-            );
-            let losses = {
-                let _autocast = AutocastGuard::new(amp);
-                model.forward_train(&batch.images, &batch.targets, &mut BalancedSampler)?
-            };
-            let named = losses.named();
-            let total = losses.total() / solver.accumulate_steps as f64;
-            let total = match &scaler {
-                Some(s) => s.scale_loss(&total),
-                None => total,
-            };
-            total.backward();
-            let values =
-                Tensor::stack(&named.iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0);
-            sums.push(values);
-            names = named.iter().map(|(n, _)| *n).collect();
+            let seed = config.seed ^ (iteration * solver.accumulate_steps as u64 + micro).wrapping_mul(0x9E37_79B9);
+            tch::manual_seed(seed as i64);
+            let step = MicroBatch { images: &batch.images, targets: &batch.targets };
+            sums.push(forward_backward(
+                &model,
+                step,
+                solver.accumulate_steps,
+                scaler.as_ref(),
+                amp,
+                &mut BalancedSampler,
+            )?);
         }
-        let grads = sgd.grads();
-        let grad_refs: Vec<&Tensor> = grads.iter().collect();
-        if let Some(s) = &scaler {
-            s.unscale(&grad_refs)?;
-        }
-        if solver.clip_grad_norm > 0.0 {
-            sgd.clip_grad_norm(solver.clip_grad_norm);
-        }
-        sgd.step(lr, scaler.as_ref().map(|s| &s.found_inf))?;
-        if let Some(s) = scaler.as_mut() {
-            s.update();
-        }
-        sgd.zero_grad();
+        apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
         iteration += 1;
 
         // Loss values on the host (one small copy per iteration).
         let mean = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float).to_device(Device::Cpu);
         let values: Vec<f64> = Vec::<f32>::try_from(&mean).unwrap_or_default().into_iter().map(f64::from).collect();
-        last_losses = names.iter().map(|n| n.to_string()).zip(values.iter().copied()).collect();
+        last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values.iter().copied()).collect();
         if scaler.is_none() {
             if let Some((name, v)) = last_losses.iter().find(|(_, v)| !v.is_finite()) {
                 return Err(TrainError::NonFinite { iteration: iteration - 1, loss: name.clone(), value: *v });
@@ -336,8 +316,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             });
             break;
         }
-        let eval_now =
-            has_val && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
+        let eval_now = has_val
+            && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
         if eval_now {
             let metrics = bar.suspend(|| evaluate(&model, config, &opts.output, iteration))?;
             let point = EvalPoint {
@@ -400,6 +380,63 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     })
 }
 
+/// The names of the five losses, in [`crate::modeling::Losses::named`] order.
+pub const LOSS_NAMES: [&str; 5] =
+    ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"];
+
+/// One micro-batch: images on the model's device, targets anywhere.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch<'a> {
+    pub images: &'a [Tensor],
+    pub targets: &'a [crate::structures::Target],
+}
+
+/// Forward and backward of one micro-batch: the loss sum divided by
+/// `accumulate` (so `accumulate` micro-batches add up to the gradient of
+/// their mean), scaled by the loss scaler when there is one, under autocast
+/// per `amp`. Gradients accumulate into the parameters' `.grad`. Returns the
+/// five unscaled loss values `[5]` (device, not synced).
+pub fn forward_backward(
+    model: &MaskRcnn,
+    batch: MicroBatch<'_>,
+    accumulate: usize,
+    scaler: Option<&GradScaler>,
+    amp: AmpMode,
+    sampler: &mut dyn crate::ops::FgBgSampler,
+) -> Result<Tensor, TrainError> {
+    let losses = {
+        let _autocast = AutocastGuard::new(amp);
+        model.forward_train(batch.images, batch.targets, sampler)?
+    };
+    let total = losses.total() / accumulate as f64;
+    let total = match scaler {
+        Some(s) => s.scale_loss(&total),
+        None => total,
+    };
+    total.backward();
+    Ok(Tensor::stack(&losses.named().iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0))
+}
+
+/// The optimizer step after the micro-batches' backward passes: unscale
+/// (fp16; a non-finite gradient skips the step on the device and backs the
+/// scale off), clip the global norm when `clip > 0`, fused SGD at `lr`,
+/// clear the gradients.
+pub fn apply_update(sgd: &mut Sgd, scaler: Option<&mut GradScaler>, lr: f64, clip: f64) -> Result<(), TrainError> {
+    if let Some(s) = scaler.as_deref() {
+        let grads = sgd.grads();
+        s.unscale(&grads.iter().collect::<Vec<_>>())?;
+    }
+    if clip > 0.0 {
+        sgd.clip_grad_norm(clip);
+    }
+    sgd.step(lr, scaler.as_deref().map(|s| &s.found_inf))?;
+    if let Some(s) = scaler {
+        s.update();
+    }
+    sgd.zero_grad();
+    Ok(())
+}
+
 /// Creates the output folder and proves it writable before any work.
 fn prepare_output(output: &Path) -> Result<(), TrainError> {
     let err = |e: std::io::Error| TrainError::Setup(format!("output directory {}: {e}", output.display()));
@@ -431,8 +468,9 @@ fn check_compatible(config: &Config, saved_toml: &str, dir: &Path) -> Result<(),
     if a.fpn_channels != b.fpn_channels {
         diffs.push(format!("model.fpn_channels {} vs {}", a.fpn_channels, b.fpn_channels));
     }
-    if saved.roi_heads.representation_size != config.roi_heads.representation_size {
-        diffs.push("roi_heads.representation_size differs".into());
+    let (r, q) = (&saved.roi_heads, &config.roi_heads);
+    if (r.representation_size, r.mask_head_channels) != (q.representation_size, q.mask_head_channels) {
+        diffs.push("roi_heads.representation_size or mask_head_channels differ".into());
     }
     if diffs.is_empty() {
         Ok(())

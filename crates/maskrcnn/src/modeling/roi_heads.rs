@@ -83,20 +83,21 @@ pub struct MaskBranch {
 impl MaskBranch {
     fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig) -> MaskBranch {
         let init = kaiming_normal_fan_out();
+        let width = cfg.mask_head_channels as i64;
         let convs = (0..4)
             .map(|i| {
-                let cin = if i == 0 { channels } else { 256 };
-                conv2d(&(p / "mask_head" / i / 0), cin, 256, 3, ConvOpts { padding: 1, init, ..ConvOpts::default() })
+                let cin = if i == 0 { channels } else { width };
+                conv2d(&(p / "mask_head" / i / 0), cin, width, 3, ConvOpts { padding: 1, init, ..ConvOpts::default() })
             })
             .collect();
         let pred = p / "mask_predictor";
         MaskBranch {
             pooler: MultiScaleRoiAlign::new(cfg.mask_pooler_resolution as i64, cfg.sampling_ratio as i64),
             convs,
-            conv5_mask: conv_transpose2d(&(&pred / "conv5_mask"), 256, 256, 2, 2, init),
+            conv5_mask: conv_transpose2d(&(&pred / "conv5_mask"), width, width, 2, 2, init),
             mask_fcn_logits: conv2d(
                 &(&pred / "mask_fcn_logits"),
-                256,
+                width,
                 num_classes,
                 1,
                 ConvOpts { init, ..ConvOpts::default() },

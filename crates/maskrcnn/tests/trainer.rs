@@ -1,0 +1,385 @@
+//! The training engine: LR schedule, gradient accumulation, fp16 loss
+//! scaling, fused SGD against torch.optim.SGD's rule, checkpoints (atomic,
+//! resumable to the same result), and the errors that must come before any
+//! training starts.
+
+use maskrcnn::config::{AmpMode, Config, SolverConfig, WarmupMethod};
+use maskrcnn::engine::amp::GradScaler;
+use maskrcnn::engine::checkpoint::{self, TrainState};
+use maskrcnn::engine::lr_schedule::LrSchedule;
+use maskrcnn::engine::optimizer::Sgd;
+use maskrcnn::engine::trainer::{apply_update, forward_backward, train, MicroBatch, TrainOptions, LOSS_NAMES};
+use maskrcnn::ops::sampler::Sampled;
+use maskrcnn::ops::{FgBgSampler, SampleStage};
+use maskrcnn::structures::{InstanceMasks, Target};
+use maskrcnn::MaskRcnn;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+fn solver(method: WarmupMethod, factor: f64, iters: usize, steps: Vec<usize>) -> SolverConfig {
+    let mut s = Config::default().solver;
+    (s.base_lr, s.warmup_method, s.warmup_factor, s.warmup_iters, s.steps, s.gamma) =
+        (0.02, method, factor, iters, steps, 0.1);
+    s
+}
+
+#[test]
+fn lr_schedule_at_chosen_iterations() {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-12);
+    // The seed's recipe: linear warmup from 1/3 over 500 iterations, ×0.1 at 60k and 80k.
+    let linear = LrSchedule::new(&solver(WarmupMethod::Linear, 1.0 / 3.0, 500, vec![60_000, 80_000]));
+    for (i, want) in [
+        (0, 0.02 / 3.0),
+        (250, 0.02 * (1.0 / 3.0 * 0.5 + 0.5)),
+        (499, 0.02 * (1.0 / 3.0 * (1.0 - 499.0 / 500.0) + 499.0 / 500.0)),
+        (500, 0.02),
+        (59_999, 0.02),
+        (60_000, 0.002),
+        (79_999, 0.002),
+        (80_000, 0.0002),
+        (89_999, 0.0002),
+    ] {
+        assert!(close(linear.lr_at(i), want), "linear @ {i}: {} vs {want}", linear.lr_at(i));
+    }
+    let constant = LrSchedule::new(&solver(WarmupMethod::Constant, 0.001, 1000, vec![10, 2000]));
+    // A step inside the warmup applies on top of the warmup factor.
+    for (i, want) in [(0, 2e-5), (9, 2e-5), (10, 2e-6), (999, 2e-6), (1000, 0.002), (2000, 0.0002)] {
+        assert!(close(constant.lr_at(i), want), "constant @ {i}: {} vs {want}", constant.lr_at(i));
+    }
+    let none = LrSchedule::new(&solver(WarmupMethod::Linear, 0.5, 0, vec![]));
+    assert!(close(none.lr_at(0), 0.02) && close(none.lr_at(1_000_000), 0.02));
+}
+
+/// Takes the first positives and negatives by index: identical images get
+/// identical samples whatever the batch they are in.
+struct FirstSampler;
+
+impl FgBgSampler for FirstSampler {
+    fn sample(&mut self, _: SampleStage, labels: &[Tensor], batch: usize, fraction: f64) -> Vec<Sampled> {
+        labels
+            .iter()
+            .map(|l| {
+                let pick = |m: Tensor, n: i64| {
+                    let idx = m.nonzero().squeeze_dim(1);
+                    let idx = idx.narrow(0, 0, n.min(idx.size()[0]));
+                    (Tensor::zeros_like(l).to_kind(Kind::Bool).index_fill(0, &idx, 1), idx.size()[0])
+                };
+                let (positive, p) = pick(l.ge(1), (batch as f64 * fraction) as i64);
+                let (negative, _) = pick(l.eq(0), batch as i64 - p);
+                Sampled { positive, negative }
+            })
+            .collect()
+    }
+}
+
+fn small_config(extra: &[&str]) -> Config {
+    let mut sets: Vec<String> = [
+        "model.backbone_depth=18",
+        "model.num_classes=3",
+        "model.fpn_channels=32",
+        "model.norm=\"frozen_bn\"",
+        "roi_heads.representation_size=64",
+        "roi_heads.mask_head_channels=16",
+        "input.min_size=[96]",
+        "input.max_size=128",
+        "rpn.post_nms_top_n_train=200",
+        "roi_heads.batch_size_per_image=64",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::load(None, &sets).unwrap()
+}
+
+fn image_and_target() -> (Tensor, Target) {
+    let img = Tensor::full([3, 96, 128], 0.2, (Kind::Float, Device::Cpu));
+    let _ = img.narrow(1, 20, 40).narrow(2, 30, 50).fill_(0.9);
+    let _ = img.narrow(1, 50, 30).narrow(2, 80, 30).fill_(0.6);
+    let target = Target {
+        boxes: Tensor::from_slice(&[30f32, 20., 80., 60., 80., 50., 110., 80.]).reshape([2, 4]),
+        labels: Tensor::from_slice(&[1i64, 2]),
+        masks: InstanceMasks::Polygons(vec![
+            vec![vec![30., 20., 80., 20., 80., 60., 30., 60.]],
+            vec![vec![80., 50., 110., 50., 110., 80., 80., 80.]],
+        ]),
+        iscrowd: None,
+    };
+    (img, target)
+}
+
+fn weights(model: &MaskRcnn) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn max_rel_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
+    let mut worst = (0.0, String::new());
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let d = (x - y).abs().max().double_value(&[]);
+        let scale = y.abs().max().double_value(&[]).max(1e-6);
+        if d / scale > worst.0 {
+            worst = (d / scale, name.clone());
+        }
+    }
+    worst
+}
+
+fn fresh_model(config: &Config) -> MaskRcnn {
+    tch::manual_seed(17);
+    MaskRcnn::new(config, Device::Cpu).unwrap()
+}
+
+/// libtorch's random generator is global to the process: tests that draw
+/// from it (model init, sampling) run one at a time.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn accumulation_equals_one_larger_batch() {
+    let _rng = rng_lock();
+    let config = small_config(&[]);
+    let (img, target) = image_and_target();
+    let images: Vec<Tensor> = (0..4).map(|_| img.shallow_clone()).collect();
+    let targets: Vec<Target> = (0..4).map(|_| target.to_device(Device::Cpu)).collect();
+    let run = |chunks: usize| {
+        let model = fresh_model(&config);
+        let mut sgd = Sgd::new(&model.vs, 0.9, 1e-4, 2.0, 0.0);
+        for _ in 0..2 {
+            let per = 4 / chunks;
+            for c in 0..chunks {
+                let mb =
+                    MicroBatch { images: &images[c * per..(c + 1) * per], targets: &targets[c * per..(c + 1) * per] };
+                forward_backward(&model, mb, chunks, None, AmpMode::Off, &mut FirstSampler).unwrap();
+            }
+            apply_update(&mut sgd, None, 0.01, 0.0).unwrap();
+        }
+        weights(&model)
+    };
+    let one = run(1);
+    let four = run(4);
+    let two = run(2);
+    let before = weights(&fresh_model(&config));
+    let (moved, _) = max_rel_diff(&one, &before);
+    assert!(moved > 1e-4, "the steps changed nothing ({moved})");
+    for (k, w) in [(2, &two), (4, &four)] {
+        let (d, name) = max_rel_diff(w, &one);
+        eprintln!("accumulate {k} vs batch 4: worst relative weight difference {d:.2e} ({name})");
+        assert!(d < 1e-4, "accumulate_steps={k}: {name} differs by {d:.2e} (relative)");
+    }
+}
+
+#[test]
+fn fused_sgd_follows_torch_sgd_rule() {
+    // Two steps of torch.optim.SGD (momentum 0.9, dampening 0) written out:
+    // buf1 = g1 + wd·p0; p1 = p0 − lr·buf1; buf2 = 0.9·buf1 + g2 + wd·p1; p2 = p1 − lr·buf2.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let w = (&root / "layer").var("weight", &[3], tch::nn::Init::Const(1.0));
+    let b = (&root / "layer").var("bias", &[3], tch::nn::Init::Const(0.5));
+    let mut sgd = Sgd::new(&vs, 0.9, 0.1, 2.0, 0.0);
+    let (lr, wd) = (0.5, 0.1);
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+    let mut p = [1.0f64; 3];
+    let mut pb = [0.5f64; 3];
+    let (mut buf, mut bufb) = ([0.0f64; 3], [0.0f64; 3]);
+    for step in 0..2 {
+        let loss = ((&w * &x).sum(Kind::Float) + b.sum(Kind::Float) * 2.0).square();
+        let inner: f64 = (0..3).map(|i| p[i] * (i + 1) as f64).sum::<f64>() + 2.0 * pb.iter().sum::<f64>();
+        loss.backward();
+        sgd.step(lr, None).unwrap();
+        sgd.zero_grad();
+        for i in 0..3 {
+            let g = 2.0 * inner * (i + 1) as f64;
+            let gb = 2.0 * inner * 2.0;
+            let d = g + wd * p[i];
+            buf[i] = if step == 0 { d } else { 0.9 * buf[i] + d };
+            p[i] -= lr * buf[i];
+            bufb[i] = if step == 0 { gb } else { 0.9 * bufb[i] + gb }; // biases: no decay here
+            pb[i] -= lr * 2.0 * bufb[i]; // bias_lr_factor 2
+        }
+    }
+    let got: Vec<f32> = Vec::try_from(&w).unwrap();
+    let gotb: Vec<f32> = Vec::try_from(&b).unwrap();
+    for i in 0..3 {
+        assert!((f64::from(got[i]) - p[i]).abs() <= 1e-4 * p[i].abs().max(1.0), "weight {i}: {} vs {}", got[i], p[i]);
+        assert!(
+            (f64::from(gotb[i]) - pb[i]).abs() <= 1e-4 * pb[i].abs().max(1.0),
+            "bias {i}: {} vs {}",
+            gotb[i],
+            pb[i]
+        );
+    }
+}
+
+#[test]
+fn loss_scaler_skips_non_finite_steps_and_adapts() {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var("w", &[4], tch::nn::Init::Const(1.0));
+    let mut sgd = Sgd::new(&vs, 0.9, 0.0, 1.0, 0.0);
+    let mut scaler = GradScaler::new(8192.0, 2, Device::Cpu);
+    let step = |sgd: &mut Sgd, scaler: &mut GradScaler, poison: bool| {
+        let loss = scaler.scale_loss(&(&w * Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])).sum(Kind::Float));
+        loss.backward();
+        if poison {
+            let _ = w.grad().narrow(0, 1, 1).fill_(f64::INFINITY);
+        }
+        apply_update(sgd, Some(scaler), 0.1, 0.0).unwrap();
+    };
+    let before: Vec<f32> = Vec::try_from(&w).unwrap();
+    step(&mut sgd, &mut scaler, true);
+    let after: Vec<f32> = Vec::try_from(&w).unwrap();
+    assert_eq!(before, after, "a step with inf gradients must not change the weights");
+    let s = scaler.state();
+    assert_eq!((s.scale, s.skipped, s.growth_tracker), (4096.0, 1.0, 0));
+    step(&mut sgd, &mut scaler, false);
+    let after: Vec<f32> = Vec::try_from(&w).unwrap();
+    // Unscaled gradient [1, 2, 3, 4], lr 0.1, first momentum step.
+    let want = [0.9f32, 0.8, 0.7, 0.6];
+    for i in 0..4 {
+        assert!((after[i] - want[i]).abs() < 1e-6, "{after:?} vs {want:?}");
+    }
+    assert_eq!(scaler.state().scale, 4096.0);
+    step(&mut sgd, &mut scaler, false);
+    let s = scaler.state();
+    assert_eq!((s.scale, s.skipped), (8192.0, 1.0), "two clean steps (growth interval 2) double the scale");
+}
+
+fn synth_data(dir: &Path) -> maskrcnn::data::synth::SynthOutput {
+    maskrcnn::data::synth::generate(&maskrcnn::data::synth::SynthOptions {
+        out: dir.to_path_buf(),
+        train: 12,
+        val: 3,
+        seed: 1,
+        size: (96, 128),
+        annotations_only: false,
+    })
+    .unwrap()
+}
+
+fn train_config(data: &maskrcnn::data::synth::SynthOutput, extra: &[&str]) -> Config {
+    let mut sets = vec![
+        format!("data.train_ann='{}'", data.train_ann.display()),
+        format!("data.train_images='{}'", data.train_images.display()),
+        "model.num_classes=7".to_string(),
+        "solver.ims_per_batch=2".into(),
+        "solver.base_lr=0.01".into(),
+        "solver.warmup_iters=2".into(),
+        "solver.steps=[4]".into(),
+        "solver.log_period=1".into(),
+        "dataloader.workers=2".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+    small_config(&refs)
+}
+
+fn options(output: &Path, resume: bool) -> TrainOptions {
+    TrainOptions {
+        output: output.to_path_buf(),
+        resume,
+        device: Device::Cpu,
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: false,
+        strict: false,
+    }
+}
+
+fn losses_by_iteration(output: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(output.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["iteration"].as_u64()?, v.get("loss")?.as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn resume_continues_exactly_and_checkpoints_are_atomic() {
+    let _rng = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut full = train_config(&data, &[]);
+    full.solver.max_iter = 6;
+    full.solver.checkpoint_period = 3;
+    let a = tmp.path().join("a");
+    let sa = train(&full, &options(&a, false)).unwrap();
+    assert_eq!(sa.iterations, 6);
+    assert_eq!(checkpoint::list(&a).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6]);
+
+    let b = tmp.path().join("b");
+    let mut first = full.clone();
+    first.solver.max_iter = 3;
+    train(&first, &options(&b, false)).unwrap();
+    let sb = train(&full, &options(&b, true)).unwrap();
+    assert_eq!((sb.start_iteration, sb.iterations), (3, 6));
+    let read = |p: &Path| {
+        let mut v = Tensor::read_safetensors(p).unwrap();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let wa = read(&a.join("model_final.safetensors"));
+    let wb = read(&b.join("model_final.safetensors"));
+    let (d, name) = max_rel_diff(&wb, &wa);
+    assert!(d == 0.0, "resumed weights differ from the uninterrupted run: {name} by {d:.2e}");
+    assert_eq!(losses_by_iteration(&a), losses_by_iteration(&b), "loss curves differ");
+    let la = checkpoint::load(&checkpoint::list(&a)[1].1).unwrap();
+    assert_eq!(la.state.iteration, 6);
+    assert!(!la.optimizer.is_empty(), "momentum buffers are saved");
+
+    // A full disk while writing the next checkpoint: the error is reported,
+    // the previous checkpoints stay complete and loadable.
+    let state = TrainState { iteration: 9, scaler: None, images_seen: 0 };
+    let tmpdir = checkpoint::checkpoints_dir(&a).join(".tmp-iter_0000009");
+    std::fs::create_dir_all(&tmpdir).unwrap();
+    std::os::unix::fs::symlink("/dev/full", tmpdir.join("model.safetensors")).unwrap();
+    let model = weights(&fresh_model(&full));
+    let err = checkpoint::save(&a, &state, &model, &[], "x", 1).unwrap_err().to_string();
+    assert!(err.contains("iter_0000009"), "{err}");
+    assert_eq!(checkpoint::list(&a).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6]);
+    assert!(!tmpdir.exists(), "the partial checkpoint is removed");
+    let w6 = read(&checkpoint::list(&a)[1].1.join("model.safetensors"));
+    assert_eq!(max_rel_diff(&w6, &wa).0, 0.0);
+    // predict/eval load the checkpoint's weights as they are.
+    let cfg = full.clone();
+    MaskRcnn::from_weights(&cfg, &checkpoint::list(&a)[1].1.join("model.safetensors"), Device::Cpu).unwrap();
+    // Resuming with another model shape is refused before training.
+    let mut other = full.clone();
+    other.model.fpn_channels = 48;
+    let e = train(&other, &options(&a, true)).unwrap_err().to_string();
+    assert!(e.contains("another model") && e.contains("fpn_channels"), "{e}");
+}
+
+#[test]
+fn setup_errors_come_before_training() {
+    let _rng = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut c = train_config(&data, &[]);
+    c.solver.max_iter = 1;
+    c.data.train_ann = tmp.path().join("missing.json").display().to_string();
+    let e = train(&c, &options(&tmp.path().join("o1"), false)).unwrap_err().to_string();
+    assert!(e.contains("missing.json"), "{e}");
+    let mut c = train_config(&data, &[]);
+    c.model.num_classes = 91;
+    let e = train(&c, &options(&tmp.path().join("o2"), false)).unwrap_err().to_string();
+    assert!(e.contains("model.num_classes = 7"), "{e}");
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let c = train_config(&data, &[]);
+    let e = train(&c, &options(&file.join("out"), false)).unwrap_err().to_string();
+    assert!(e.contains("output directory"), "{e}");
+    // Divergence in fp32 names the iteration and the loss.
+    let mut c = train_config(&data, &[]);
+    (c.solver.base_lr, c.solver.warmup_iters, c.solver.max_iter, c.solver.steps) = (1e12, 0, 8, vec![]);
+    let e = train(&c, &options(&tmp.path().join("o3"), false)).unwrap_err().to_string();
+    assert!(e.starts_with("iteration ") && e.contains("loss_") && (e.contains("NaN") || e.contains("inf")), "{e}");
+    assert_eq!(LOSS_NAMES.len(), 5);
+}
