@@ -155,7 +155,7 @@ fn accumulation_equals_one_larger_batch() {
             for c in 0..chunks {
                 let mb =
                     MicroBatch { images: &images[c * per..(c + 1) * per], targets: &targets[c * per..(c + 1) * per] };
-                forward_backward(&model, mb, chunks, None, AmpMode::Off, &mut FirstSampler).unwrap();
+                let _ = forward_backward(&model, mb, chunks, None, AmpMode::Off, &mut FirstSampler).unwrap();
             }
             apply_update(&mut sgd, None, 0.01, 0.0).unwrap();
         }
