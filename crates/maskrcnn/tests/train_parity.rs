@@ -61,11 +61,16 @@ fn check(device: Device) {
     // As the oracle: full fp32, no TF32 (see train_fixture.py).
     maskrcnn::shim::set_tf32(false);
     let t = load(&dir.join("train.safetensors"), device);
-    let sets: Vec<String> =
-        ["model.num_classes=7", "input.min_size=256", "input.max_size=512", "model.norm=\"frozen_bn\""]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let sets: Vec<String> = [
+        "model.num_classes=7",
+        "input.min_size=256",
+        "input.max_size=512",
+        "model.norm=\"frozen_bn\"",
+        "precision.channels_last=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let config = Config::load(None, &sets).unwrap();
     let model = MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), device).unwrap();
     let n = (0..).take_while(|i| t.contains_key(&format!("image.{i}"))).count();

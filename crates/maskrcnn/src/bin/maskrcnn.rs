@@ -174,6 +174,8 @@ enum BenchWhat {
     Infer,
     /// The training data loader alone: read, decode, flip, collate, copy.
     Data,
+    /// Training steps (forward, backward, SGD) on synthetic COCO-sized batches.
+    Train,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -479,6 +481,26 @@ fn bench(args: BenchArgs) -> Result<()> {
                 for (stage, ms) in &r.stages_ms {
                     println!("  {stage:<22} {ms:>9.2} ms");
                 }
+            }
+        }
+        BenchWhat::Train => {
+            let config = args.config.resolve()?;
+            let opts = maskrcnn::engine::train_bench::TrainBench {
+                batch: args.batch.max(1),
+                iters: args.iters.max(1),
+                warmup: 8,
+                amp: args.amp.into(),
+                channels_last: config.precision.channels_last,
+                device,
+            };
+            let r = maskrcnn::engine::train_bench::run_train_bench(&opts)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "train bs={} amp={} channels_last={} on {}: {:.2} img/s (median step {:.4} s, peak memory {:.2} GiB)",
+                    r.bs, r.amp, r.channels_last, r.device, r.img_per_s, r.med_step_s, r.peak_mem_gib
+                );
             }
         }
         BenchWhat::Data => {

@@ -8,4 +8,5 @@ pub mod data_bench;
 pub mod lr_schedule;
 pub mod optimizer;
 pub mod predictor;
+pub mod train_bench;
 pub mod trainer;

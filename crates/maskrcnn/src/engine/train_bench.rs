@@ -1,0 +1,127 @@
+//! `maskrcnn bench train`: training-step throughput on the peer benchmark's
+//! synthetic batches (`shared/bench/peer_torchvision.py`: R50-FPN with frozen
+//! BN and 3 trainable stages, 91 classes, 800 × U(1000, 1333) noise images,
+//! 7 random boxes per image with box-shaped bitmap masks, four batches
+//! cycled), timed per step (forward, backward, SGD update, synchronized)
+//! exactly as the peer times torchvision's.
+
+use crate::config::{AmpMode, Config, NormKind};
+use crate::engine::amp::GradScaler;
+use crate::engine::optimizer::Sgd;
+use crate::engine::trainer::{apply_update, forward_backward, MicroBatch, TrainError};
+use crate::modeling::MaskRcnn;
+use crate::ops::BalancedSampler;
+use crate::structures::{InstanceMasks, Target};
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Settings of one training benchmark.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub batch: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub amp: AmpMode,
+    pub channels_last: bool,
+    pub device: Device,
+}
+
+/// Median step time, throughput and peak memory of one configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBenchResult {
+    pub kind: &'static str,
+    pub bs: usize,
+    pub amp: String,
+    pub channels_last: bool,
+    pub device: String,
+    pub med_step_s: f64,
+    pub img_per_s: f64,
+    pub peak_mem_gib: f64,
+}
+
+/// The peer's synthetic training batch of `n` images on `device`.
+fn synthetic_batch(n: usize, device: Device) -> (Vec<Tensor>, Vec<Target>) {
+    let mut images = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (h, w) = (800i64, Tensor::randint_low(1000, 1334, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]));
+        images.push(Tensor::rand([3, h, w], (Kind::Float, device)));
+        let k = 7i64;
+        let xy =
+            Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * Tensor::from_slice(&[w as f32 * 0.7, h as f32 * 0.7]);
+        let wh = Tensor::rand([k, 2], (Kind::Float, Device::Cpu))
+            * Tensor::from_slice(&[w as f32 * 0.3, h as f32 * 0.3])
+            + 32.0;
+        let boxes = Tensor::cat(&[&xy, &(&xy + &wh)], 1);
+        let masks = Tensor::zeros([k, h, w], (Kind::Uint8, Device::Cpu));
+        let b: Vec<f32> = Vec::try_from(boxes.round().reshape([-1])).unwrap_or_default();
+        for i in 0..k as usize {
+            let (x0, y0) = (b[4 * i] as i64, b[4 * i + 1] as i64);
+            let (x1, y1) = ((b[4 * i + 2] as i64).min(w), (b[4 * i + 3] as i64).min(h));
+            if x1 > x0 && y1 > y0 {
+                let _ = masks.get(i as i64).narrow(0, y0, y1 - y0).narrow(1, x0, x1 - x0).fill_(1);
+            }
+        }
+        targets.push(Target {
+            boxes,
+            labels: Tensor::randint_low(1, 91, [k], (Kind::Int64, Device::Cpu)),
+            masks: InstanceMasks::Bitmaps(masks.to_device(device)),
+            iscrowd: None,
+        });
+    }
+    (images, targets)
+}
+
+/// Runs the benchmark with a randomly initialized R50-FPN.
+pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError> {
+    let mut config = Config::default();
+    config.model.norm = NormKind::FrozenBn;
+    config.model.trainable_layers = 3;
+    config.precision.amp = opts.amp;
+    config.precision.channels_last = opts.channels_last;
+    tch::manual_seed(0);
+    let cuda = opts.device.is_cuda();
+    if cuda {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    crate::shim::set_tf32(true);
+    let mut model = MaskRcnn::new(&config, opts.device)?;
+    if cuda && opts.channels_last {
+        model.to_channels_last();
+    }
+    let mut sgd = Sgd::new(&model.vs, 0.9, 1e-4, 1.0, 1e-4);
+    let amp = if cuda { opts.amp } else { AmpMode::Off };
+    let mut scaler = (amp == AmpMode::Fp16).then(|| GradScaler::new(65536.0, 2000, opts.device));
+    let batches: Vec<(Vec<Tensor>, Vec<Target>)> = (0..4).map(|_| synthetic_batch(opts.batch, opts.device)).collect();
+    let sync = || {
+        if let Device::Cuda(i) = opts.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    sync();
+    let mut times = Vec::with_capacity(opts.iters);
+    for it in 0..opts.warmup + opts.iters {
+        let (images, targets) = &batches[it % batches.len()];
+        let t0 = Instant::now();
+        let step = MicroBatch { images, targets };
+        let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
+        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        sync();
+        if it >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let med = times[times.len() / 2];
+    Ok(TrainBenchResult {
+        kind: "train",
+        bs: opts.batch,
+        amp: amp.to_string(),
+        channels_last: opts.channels_last && cuda,
+        device: format!("{:?}", opts.device),
+        med_step_s: med,
+        img_per_s: opts.batch as f64 / med,
+        peak_mem_gib: crate::environment::cuda_peak_memory_gib(opts.device),
+    })
+}
