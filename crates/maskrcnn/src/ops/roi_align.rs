@@ -31,6 +31,15 @@ pub fn roi_align(
     if k == 0 {
         return Tensor::zeros([0, c, ph, pw], (out_kind, device));
     }
+    // Without gradients on CUDA, one fused kernel (torchvision's own
+    // arithmetic) replaces the gathers: mask targets and inference.
+    if input.device().is_cuda() && !input.requires_grad() {
+        if let Some(out) =
+            crate::kernels::roi_align::roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        {
+            return out.to_kind(out_kind);
+        }
+    }
     let geometry = RoiGeometry::new(rois, spatial_scale, aligned, output_size);
     if sampling_ratio > 0 {
         return roi_align_fixed(input, rois, &geometry, (sampling_ratio, sampling_ratio)).to_kind(out_kind);

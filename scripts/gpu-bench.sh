@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Benchmarks on the GPU machine, ours beside the peer in the same call:
+#   scripts/gpu-bench.sh [train|infer|data|all]
+# Needs target/gpu (scripts/gpu-build.sh) and .peer/peer_torchvision.py (a
+# copy of ../shared/bench/peer_torchvision.py) carried along.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+B=${MASKRCNN_BIN:-$PWD/target/gpu/maskrcnn}
+what=${1:-all}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [[ $what == data || $what == all ]]; then
+  echo "== bench data (800..1333 px JPEGs, $(nproc) cores)"
+  "$B" bench data --batch 8 --iters 60 --workers "$(nproc)" --size 800,1333 --json
+  "$B" bench data --batch 8 --iters 30 --workers 2 --size 800,1333 --json
+fi
+if [[ $what == train || $what == all ]]; then
+  echo "== bench train (ours)"
+  for cfg in "8 fp16 true" "8 bf16 true" "16 fp16 true" "16 bf16 true" "8 off false" "8 fp16 false"; do
+    set -- $cfg
+    "$B" bench train --batch "$1" --amp "$2" --iters 20 --set "precision.channels_last=$3" --json
+  done
+  echo "== peer_torchvision.py train"
+  python3 .peer/peer_torchvision.py train
+fi
+if [[ $what == infer || $what == all ]]; then
+  echo "== bench infer (ours)"
+  for cfg in "1 off" "1 fp16" "8 fp16"; do
+    set -- $cfg
+    "$B" bench infer --batch "$1" --amp "$2" --json
+  done
+  echo "== peer_torchvision.py infer"
+  python3 .peer/peer_torchvision.py infer
+fi
