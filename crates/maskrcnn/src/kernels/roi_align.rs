@@ -85,7 +85,19 @@ pub fn roi_align_forward(
     let blocks = ((n + 511) / 512).min(65_535) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     let mut launch = kernels.stream.launch_builder(f);
-    launch.arg(&n).arg(&inp).arg(&scale).arg(&ci).arg(&hi).arg(&wi).arg(&ph).arg(&pw).arg(&sr).arg(&al).arg(&roi).arg(&out);
+    launch
+        .arg(&n)
+        .arg(&inp)
+        .arg(&scale)
+        .arg(&ci)
+        .arg(&hi)
+        .arg(&wi)
+        .arg(&ph)
+        .arg(&pw)
+        .arg(&sr)
+        .arg(&al)
+        .arg(&roi)
+        .arg(&out);
     // SAFETY: the pointers are live contiguous float32 CUDA tensors of the
     // sizes passed (kept alive until after the launch is queued; the stream
     // orders later libtorch work after it); argument types match the kernel.

@@ -143,12 +143,20 @@ impl FrozenBatchNorm2d {
     /// `[N, C, H, W]` → same shape: `x * scale + shift` with torchvision's
     /// arithmetic (`scale = w * rsqrt(var + eps)`, `shift = b - mean * scale`).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let scale = &self.weight * (&self.running_var + self.eps).rsqrt();
-        let shift = &self.bias - &self.running_mean * &scale;
-        let scale = scale.reshape([1, -1, 1, 1]).to_kind(x.kind());
-        let shift = shift.reshape([1, -1, 1, 1]).to_kind(x.kind());
-        x * scale + shift
+        normalize_with_statistics(x, &self.weight, &self.bias, &self.running_mean, &self.running_var, self.eps)
     }
+}
+
+/// `x * scale + shift` per channel with `scale = w * rsqrt(var + eps)`,
+/// `shift = b - mean * scale`: torchvision's FrozenBatchNorm2d arithmetic,
+/// also what BatchNorm computes in eval mode (so a BN model and its frozen
+/// copy give identical inference).
+fn normalize_with_statistics(x: &Tensor, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor, eps: f64) -> Tensor {
+    let scale = w * (var + eps).rsqrt();
+    let shift = b - mean * &scale;
+    let scale = scale.reshape([1, -1, 1, 1]).to_kind(x.kind());
+    let shift = shift.reshape([1, -1, 1, 1]).to_kind(x.kind());
+    x * scale + shift
 }
 
 /// Ordinary BatchNorm (`torch.nn.BatchNorm2d`, eps 1e-5, momentum 0.1):
@@ -190,17 +198,20 @@ impl Norm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         match self {
             Norm::Frozen(bn) => bn.forward(x),
-            Norm::Batch(bn) => Tensor::batch_norm(
+            Norm::Batch(bn) if train && bn.weight.requires_grad() => Tensor::batch_norm(
                 x,
                 Some(&bn.weight),
                 Some(&bn.bias),
                 Some(&bn.running_mean),
                 Some(&bn.running_var),
-                train && bn.weight.requires_grad(),
+                true,
                 0.1,
                 1e-5,
                 true,
             ),
+            Norm::Batch(bn) => {
+                normalize_with_statistics(x, &bn.weight, &bn.bias, &bn.running_mean, &bn.running_var, 1e-5)
+            }
         }
     }
 }

@@ -34,9 +34,14 @@ pub fn roi_align(
     // Without gradients on CUDA, one fused kernel (torchvision's own
     // arithmetic) replaces the gathers: mask targets and inference.
     if input.device().is_cuda() && !input.requires_grad() {
-        if let Some(out) =
-            crate::kernels::roi_align::roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
-        {
+        if let Some(out) = crate::kernels::roi_align::roi_align_forward(
+            input,
+            rois,
+            output_size,
+            spatial_scale,
+            sampling_ratio,
+            aligned,
+        ) {
             return out.to_kind(out_kind);
         }
     }
