@@ -246,6 +246,9 @@ pub struct SolverConfig {
     pub clip_grad_norm: f64,
     /// Iterations between logged losses, learning rate and speed.
     pub log_period: usize,
+    /// Stop (checkpoint, final evaluation) once training has taken this many
+    /// seconds, evaluation excluded; 0: no time limit.
+    pub max_seconds: f64,
 }
 
 /// Learning-rate warmup shape.
@@ -403,6 +406,7 @@ impl Default for Config {
                 checkpoint_keep: 3,
                 clip_grad_norm: 0.0,
                 log_period: 20,
+                max_seconds: 0.0,
             },
             precision: PrecisionConfig {
                 amp: AmpMode::Off,
@@ -567,6 +571,7 @@ impl Config {
             "must be >= 0 (0: off)",
         )?;
         rule(s.log_period >= 1, "solver.log_period", "must be >= 1")?;
+        rule(s.max_seconds >= 0.0 && s.max_seconds.is_finite(), "solver.max_seconds", "must be >= 0 (0: no limit)")?;
         let p = &self.precision;
         rule(p.loss_scale_init >= 1.0 && p.loss_scale_init.is_finite(), "precision.loss_scale_init", "must be >= 1")?;
         rule(p.loss_scale_growth_interval >= 1, "precision.loss_scale_growth_interval", "must be >= 1")?;

@@ -47,7 +47,18 @@ fn saved_weights_use_torchvision_names_and_load_back_identically() {
 
 #[test]
 fn frozen_stages_are_not_trainable() {
-    let model = MaskRcnn::new(&small_config(), Device::Cpu).unwrap();
+    // From scratch (`model.norm = "auto"`, no backbone weights) every stage
+    // trains, BatchNorm included, as torchvision without pretrained weights.
+    let scratch = MaskRcnn::new(&small_config(), Device::Cpu).unwrap();
+    assert!(scratch
+        .vs
+        .variables()
+        .iter()
+        .filter(|(k, _)| k.starts_with("backbone.body."))
+        .all(|(k, t)| { t.requires_grad() || k.contains("running_") }));
+    let mut config = small_config();
+    config.model.norm = maskrcnn::config::NormKind::FrozenBn;
+    let model = MaskRcnn::new(&config, Device::Cpu).unwrap();
     let trainable = model.vs.trainable_variables().len();
     let frozen: Vec<String> =
         model.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).map(|(k, _)| k).collect();

@@ -501,6 +501,10 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "train bs={} amp={} channels_last={} on {}: {:.2} img/s (median step {:.4} s, peak memory {:.2} GiB)",
                     r.bs, r.amp, r.channels_last, r.device, r.img_per_s, r.med_step_s, r.peak_mem_gib
                 );
+                println!(
+                    "  forward {:.1} ms, backward {:.1} ms, update {:.1} ms (synchronized between phases)",
+                    r.split_ms[0], r.split_ms[1], r.split_ms[2]
+                );
             }
         }
         BenchWhat::Data => {

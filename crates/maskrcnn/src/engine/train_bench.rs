@@ -38,6 +38,9 @@ pub struct TrainBenchResult {
     pub med_step_s: f64,
     pub img_per_s: f64,
     pub peak_mem_gib: f64,
+    /// Median split of a step measured in extra synchronized iterations:
+    /// forward (losses), backward, optimizer update (ms).
+    pub split_ms: [f64; 3],
 }
 
 /// The peer's synthetic training batch of `n` images on `device`.
@@ -114,6 +117,34 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
+    // Where the time goes: a few more steps, synchronized between phases.
+    let mut phases: [Vec<f64>; 3] = [vec![], vec![], vec![]];
+    for it in 0..opts.iters.clamp(1, 6) {
+        let (images, targets) = &batches[it % batches.len()];
+        let t0 = Instant::now();
+        let losses = {
+            let _autocast = crate::shim::AutocastGuard::new(amp);
+            model.forward_train(images, targets, &mut BalancedSampler)?
+        };
+        sync();
+        let t1 = Instant::now();
+        let total = losses.total();
+        match &scaler {
+            Some(s) => s.scale_loss(&total).backward(),
+            None => total.backward(),
+        }
+        sync();
+        let t2 = Instant::now();
+        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        sync();
+        for (k, d) in [t1 - t0, t2 - t1, t2.elapsed()].into_iter().enumerate() {
+            phases[k].push(d.as_secs_f64() * 1e3);
+        }
+    }
+    let split_ms = phases.map(|mut v| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    });
     Ok(TrainBenchResult {
         kind: "train",
         bs: opts.batch,
@@ -123,5 +154,6 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         med_step_s: med,
         img_per_s: opts.batch as f64 / med,
         peak_mem_gib: crate::environment::cuda_peak_memory_gib(opts.device),
+        split_ms,
     })
 }

@@ -70,6 +70,7 @@ pub enum TrainError {
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalPoint {
     pub iteration: u64,
+    /// Training seconds so far (evaluation time excluded).
     pub seconds: f64,
     pub bbox_ap: f64,
     pub segm_ap: f64,
@@ -217,6 +218,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let bar = progress_bar(opts.progress, start, max_iter);
     let started = Instant::now();
     let mut window = (Instant::now(), 0u64);
+    // Training time without evaluation (the time budget and the AP-over-time log).
+    let mut eval_time = 0.0f64;
+    let train_seconds = |eval_time: f64| started.elapsed().as_secs_f64() - eval_time;
     let mut last_losses: Vec<(String, f64)> = Vec::new();
     let mut evals = Vec::new();
     let (mut stopped_early, mut interrupted) = (false, false);
@@ -296,7 +300,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         }
 
         let stop = opts.stop.load(Ordering::SeqCst);
-        let last = iteration == max_iter;
+        let time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
+        let last = iteration == max_iter || time_up;
         if iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last {
             save_checkpoint(
                 &model,
@@ -319,10 +324,12 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         let eval_now = has_val
             && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
         if eval_now {
+            let t_eval = Instant::now();
             let metrics = bar.suspend(|| evaluate(&model, config, &opts.output, iteration))?;
+            eval_time += t_eval.elapsed().as_secs_f64();
             let point = EvalPoint {
                 iteration,
-                seconds: started.elapsed().as_secs_f64(),
+                seconds: train_seconds(eval_time),
                 bbox_ap: metrics.bbox.stats[0],
                 segm_ap: metrics.segm.as_ref().map_or(0.0, |m| m.stats[0]),
             };
@@ -356,6 +363,12 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
                 }
                 break;
             }
+        }
+        if time_up {
+            bar.suspend(|| {
+                tracing::info!("solver.max_seconds = {} reached at iteration {iteration}", solver.max_seconds)
+            });
+            break;
         }
     }
     bar.finish_and_clear();
