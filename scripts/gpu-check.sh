@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # libtorch: the machine's torch (the path differs between machine kinds).
 TORCH_LIB=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 [[ -d $TORCH_LIB ]] || TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-$TORCH_LIB}
+export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # The oracle scripts use the machine's python (torch, torchvision there).
 export MASKRCNN_PYTHON=${MASKRCNN_PYTHON:-python3}
 export MASKRCNN_BIN=${MASKRCNN_BIN:-$PWD/target/gpu/maskrcnn}
