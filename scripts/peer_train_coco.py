@@ -154,7 +154,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     random.seed(0)
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = False  # as configs/demo_gpu.toml (multi-scale)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = torch.device("cuda")
@@ -203,7 +203,7 @@ def main():
             trained += now - t_prev
             t_prev = now
             if it % 50 == 0:
-                log.write(json.dumps(dict(iteration=it, seconds=trained, loss=float(loss))) + "\n")
+                log.write(json.dumps(dict(iteration=it, seconds=trained, loss=float(loss.detach()))) + "\n")
                 log.flush()
             last = trained >= budget
             if it % eval_every == 0 or last:

@@ -270,6 +270,10 @@ pub struct PrecisionConfig {
     /// Keep activations and convolution weights in NHWC (channels-last)
     /// layout on CUDA.
     pub channels_last: bool,
+    /// cuDNN autotuning of convolution algorithms per input shape: fastest
+    /// with fixed sizes; with multi-scale training every new padded size is
+    /// tuned again, which can dominate short runs.
+    pub cudnn_benchmark: bool,
     /// fp16 dynamic loss scaling: initial scale (doubles after
     /// `loss_scale_growth_interval` clean steps, halves on inf/NaN).
     pub loss_scale_init: f64,
@@ -412,6 +416,7 @@ impl Default for Config {
                 amp: AmpMode::Off,
                 tf32: true,
                 channels_last: true,
+                cudnn_benchmark: true,
                 loss_scale_init: 8192.0,
                 loss_scale_growth_interval: 2000,
             },

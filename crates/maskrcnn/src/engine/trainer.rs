@@ -164,7 +164,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let cuda = opts.device.is_cuda();
     crate::shim::set_tf32(config.precision.tf32);
     if cuda {
-        tch::Cuda::cudnn_set_benchmark(true);
+        tch::Cuda::cudnn_set_benchmark(config.precision.cudnn_benchmark);
         if config.precision.channels_last {
             model.to_channels_last();
         }
