@@ -103,6 +103,17 @@ int mrcnn_empty_pinned(int64_t n, at::Tensor** out) {
   }
 }
 
+// A page-locked copy of CPU tensor `t` in *out (no deprecated device argument).
+int mrcnn_pin(at::Tensor* t, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(t->pin_memory());
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
 // Peak bytes allocated by libtorch's CUDA caching allocator on `device`
 // since start (or -1 when unavailable).
 int64_t mrcnn_cuda_peak_allocated(int device) {

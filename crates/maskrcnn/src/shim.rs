@@ -31,6 +31,19 @@ extern "C" {
     ) -> c_int;
     fn mrcnn_empty_pinned(n: i64, out: *mut Handle) -> c_int;
     fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
+    fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
+}
+
+/// A page-locked copy of CPU tensor `t` (host→GPU copies from it run
+/// asynchronously); `t` itself when pinning fails (no CUDA).
+pub fn pinned(t: &Tensor) -> Tensor {
+    let mut out: Handle = std::ptr::null_mut();
+    // SAFETY: `t` is a live tensor; on success the shim hands over a new
+    // heap-allocated at::Tensor.
+    match check(unsafe { mrcnn_pin(t.as_ptr() as Handle, &mut out) }) {
+        Ok(()) => unsafe { Tensor::from_ptr(out) },
+        Err(_) => t.shallow_clone(),
+    }
 }
 
 /// Peak bytes libtorch has allocated on CUDA device `index` (None without CUDA).

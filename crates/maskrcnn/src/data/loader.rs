@@ -327,7 +327,7 @@ fn load_batch(
     for (id, im, target) in decoded {
         image_ids.push(id);
         sizes.push((i64::from(im.height), i64::from(im.width)));
-        targets.push(if pinned { pin_target(target, options.device) } else { target });
+        targets.push(if pinned { pin_target(target) } else { target });
     }
     times.collate += t2.elapsed().as_secs_f64() * 1e3;
     Ok(HostBatch { iteration, image_ids, pixels, sizes, targets, times })
@@ -344,14 +344,15 @@ fn host_buffer(n: i64, pinned: bool) -> Tensor {
     Tensor::empty([n], (Kind::Uint8, Device::Cpu))
 }
 
-fn pin_target(t: Target, device: Device) -> Target {
+fn pin_target(t: Target) -> Target {
+    use crate::shim::pinned;
     Target {
-        boxes: t.boxes.pin_memory(device),
-        labels: t.labels.pin_memory(device),
+        boxes: pinned(&t.boxes),
+        labels: pinned(&t.labels),
         masks: match t.masks {
-            InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(m.pin_memory(device)),
+            InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(pinned(&m)),
             p => p,
         },
-        iscrowd: t.iscrowd.map(|c| c.pin_memory(device)),
+        iscrowd: t.iscrowd.map(|c| pinned(&c)),
     }
 }
