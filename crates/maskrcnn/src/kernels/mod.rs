@@ -3,6 +3,7 @@
 //! on the same tensors (DESIGN.md). Each kernel has a tch-based fallback:
 //! when CUDA, the driver or NVRTC is unavailable the callers take it.
 
+pub mod nms;
 pub mod roi_align;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
@@ -16,7 +17,8 @@ pub(crate) struct DeviceKernels {
 }
 
 /// Every kernel source with the functions it defines.
-const SOURCES: &[(&str, &[&str])] = &[(roi_align::SOURCE, &["roi_align_forward"])];
+const SOURCES: &[(&str, &[&str])] =
+    &[(roi_align::SOURCE, &["roi_align_forward"]), (nms::SOURCE, &["nms_suppression_bits"])];
 
 /// The kernels of CUDA device `index`, compiled on first use (`None` when
 /// they cannot be built; the reason is logged once).

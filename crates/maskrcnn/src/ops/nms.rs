@@ -39,6 +39,15 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
 /// packed 8 pairs a byte, copied to the host in row blocks, and walked
 /// greedily. Returns the kept positions of each group.
 fn greedy_on_device_bits(groups: &Tensor, counts: &[i64], iou_threshold: f64) -> Vec<Vec<i64>> {
+    // One kernel on CUDA (same bits); tensor operations otherwise.
+    if let Some((words, per_row)) = crate::kernels::nms::suppression_bits(groups, iou_threshold) {
+        let m = groups.size()[1] as usize;
+        return counts
+            .iter()
+            .enumerate()
+            .map(|(gi, &count)| greedy_walk(&words[gi * m * per_row..(gi + 1) * m * per_row], count as usize, per_row))
+            .collect();
+    }
     let (g, m) = (groups.size()[0], groups.size()[1]);
     let m8 = (m + 7) / 8 * 8;
     let padded = groups.constant_pad_nd([0, 0, 0, m8 - m]); // [G, M8, 4]
@@ -76,25 +85,41 @@ fn greedy_on_device_bits(groups: &Tensor, counts: &[i64], iou_threshold: f64) ->
         }
         r0 += r;
     }
+    // Bytes (8 boxes each, little-endian bit order) → 64-bit words.
+    let per_row = bytes_per_row.div_ceil(8);
+    let words: Vec<u64> = bits
+        .chunks_exact(bytes_per_row)
+        .flat_map(|row| {
+            (0..per_row).map(move |w| {
+                row[w * 8..(w * 8 + 8).min(row.len())].iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+            })
+        })
+        .collect();
     counts
         .iter()
         .enumerate()
         .map(|(gi, &count)| {
-            let mut removed = vec![0u8; bytes_per_row];
-            let mut keep = Vec::new();
-            for i in 0..count as usize {
-                if removed[i / 8] & (1 << (i % 8)) != 0 {
-                    continue;
-                }
-                keep.push(i as i64);
-                let row = &bits[(gi * m8 as usize + i) * bytes_per_row..][..bytes_per_row];
-                for (r, b) in removed.iter_mut().zip(row) {
-                    *r |= b;
-                }
-            }
-            keep
+            let rows = m8 as usize * per_row;
+            greedy_walk(&words[gi * rows..(gi + 1) * rows], count as usize, per_row)
         })
         .collect()
+}
+
+/// The greedy walk over one group's suppression bits (`per_row` u64 words
+/// per box, boxes in decreasing score order): kept positions.
+fn greedy_walk(words: &[u64], count: usize, per_row: usize) -> Vec<i64> {
+    let mut removed = vec![0u64; per_row];
+    let mut keep = Vec::new();
+    for i in 0..count {
+        if removed[i / 64] & (1 << (i % 64)) != 0 {
+            continue;
+        }
+        keep.push(i as i64);
+        for (r, w) in removed.iter_mut().zip(&words[i * per_row..(i + 1) * per_row]) {
+            *r |= w;
+        }
+    }
+    keep
 }
 
 /// Greedy NMS over boxes already sorted by decreasing score (`coords` is
