@@ -5,6 +5,7 @@
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,67 @@ int mrcnn_non_finite_check_and_unscale(at::Tensor** grads, int n, at::Tensor* fo
 int mrcnn_empty_pinned(int64_t n, at::Tensor** out) {
   try {
     *out = new at::Tensor(at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// RoIAlign as an autograd function whose forward and backward launch the
+// NVRTC kernels of the Rust side (src/kernels/roi_align.rs) through these
+// callbacks: (input or grad_output, rois, output or grad_input, scale,
+// pooled h, pooled w, sampling ratio, aligned) -> 0 on success.
+typedef int (*mrcnn_roi_cb)(at::Tensor*, at::Tensor*, at::Tensor*, double, int64_t, int64_t, int64_t, int);
+static mrcnn_roi_cb roi_forward_cb = nullptr;
+static mrcnn_roi_cb roi_backward_cb = nullptr;
+
+void mrcnn_set_roi_align_callbacks(mrcnn_roi_cb forward, mrcnn_roi_cb backward) {
+  roi_forward_cb = forward;
+  roi_backward_cb = backward;
+}
+
+struct RoiAlignFunction : public torch::autograd::Function<RoiAlignFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& rois,
+                            double scale, int64_t ph, int64_t pw, int64_t sr, bool aligned) {
+    at::Tensor in = input.to(at::kFloat).contiguous();
+    at::Tensor r = rois.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({r.size(0), in.size(1), ph, pw}, in.options());
+    if (roi_forward_cb(&in, &r, &out, scale, ph, pw, sr, aligned ? 1 : 0) != 0)
+      throw std::runtime_error("RoIAlign forward kernel launch failed");
+    ctx->save_for_backward({r});
+    ctx->saved_data["shape"] = input.sizes().vec();
+    ctx->saved_data["dtype"] = static_cast<int64_t>(input.scalar_type());
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["ph"] = ph;
+    ctx->saved_data["pw"] = pw;
+    ctx->saved_data["sr"] = sr;
+    ctx->saved_data["aligned"] = aligned;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor r = ctx->get_saved_variables()[0];
+    auto shape = ctx->saved_data["shape"].toIntVector();
+    at::Tensor g = grads[0].to(at::kFloat).contiguous();
+    at::Tensor grad_in = at::zeros(shape, g.options());
+    if (roi_backward_cb(&g, &r, &grad_in, ctx->saved_data["scale"].toDouble(), ctx->saved_data["ph"].toInt(),
+                        ctx->saved_data["pw"].toInt(), ctx->saved_data["sr"].toInt(),
+                        ctx->saved_data["aligned"].toBool() ? 1 : 0) != 0)
+      throw std::runtime_error("RoIAlign backward kernel launch failed");
+    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {grad_in.to(dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Differentiable RoIAlign through the callbacks; `*out` receives
+// [K, C, ph, pw] float32. Returns 0, or -1 (see mrcnn_last_error).
+int mrcnn_roi_align_autograd(at::Tensor* input, at::Tensor* rois, double scale, int64_t ph, int64_t pw, int64_t sr,
+                             int aligned, at::Tensor** out) {
+  try {
+    if (!roi_forward_cb || !roi_backward_cb) throw std::runtime_error("RoIAlign callbacks not set");
+    *out = new at::Tensor(RoiAlignFunction::apply(*input, *rois, scale, ph, pw, sr, aligned != 0));
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();

@@ -32,6 +32,58 @@ extern "C" {
     fn mrcnn_empty_pinned(n: i64, out: *mut Handle) -> c_int;
     fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
     fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
+    fn mrcnn_set_roi_align_callbacks(forward: RoiCallback, backward: RoiCallback);
+    fn mrcnn_roi_align_autograd(
+        input: Handle,
+        rois: Handle,
+        scale: c_double,
+        ph: i64,
+        pw: i64,
+        sr: i64,
+        aligned: c_int,
+        out: *mut Handle,
+    ) -> c_int;
+}
+
+type RoiCallback = extern "C" fn(Handle, Handle, Handle, f64, i64, i64, i64, i32) -> i32;
+
+/// RoIAlign through the shim's autograd function, whose forward and backward
+/// launch this crate's CUDA kernels (`kernels::roi_align`). Output `[K, C,
+/// ph, pw]` float32; the gradient flows back to `input` in its dtype.
+pub fn roi_align_autograd(
+    input: &Tensor,
+    rois: &Tensor,
+    output_size: (i64, i64),
+    spatial_scale: f64,
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Result<Tensor, ShimError> {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: stores two function pointers that live for the whole program.
+        unsafe {
+            mrcnn_set_roi_align_callbacks(
+                crate::kernels::roi_align::forward_callback,
+                crate::kernels::roi_align::backward_callback,
+            )
+        }
+    });
+    let mut out: Handle = std::ptr::null_mut();
+    // SAFETY: live tensors borrowed for the call; on success the shim hands
+    // over a new heap-allocated at::Tensor.
+    check(unsafe {
+        mrcnn_roi_align_autograd(
+            input.as_ptr() as Handle,
+            rois.as_ptr() as Handle,
+            spatial_scale,
+            output_size.0,
+            output_size.1,
+            sampling_ratio,
+            c_int::from(aligned),
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// A page-locked copy of CPU tensor `t` (host→GPU copies from it run

@@ -18,7 +18,7 @@ pub(crate) struct DeviceKernels {
 
 /// Every kernel source with the functions it defines.
 const SOURCES: &[(&str, &[&str])] =
-    &[(roi_align::SOURCE, &["roi_align_forward"]), (nms::SOURCE, &["nms_suppression_bits"])];
+    &[(roi_align::SOURCE, &["roi_align_forward", "roi_align_backward"]), (nms::SOURCE, &["nms_suppression_bits"])];
 
 /// The kernels of CUDA device `index`, compiled on first use (`None` when
 /// they cannot be built; the reason is logged once).

@@ -31,17 +31,16 @@ pub fn roi_align(
     if k == 0 {
         return Tensor::zeros([0, c, ph, pw], (out_kind, device));
     }
-    // Without gradients on CUDA, one fused kernel (torchvision's own
-    // arithmetic) replaces the gathers: mask targets and inference.
-    if input.device().is_cuda() && !input.requires_grad() {
-        if let Some(out) = crate::kernels::roi_align::roi_align_forward(
-            input,
-            rois,
-            output_size,
-            spatial_scale,
-            sampling_ratio,
-            aligned,
-        ) {
+    // On CUDA: fused kernels with torchvision's arithmetic — the forward
+    // alone without gradients (mask targets, inference), forward and
+    // backward through the shim's autograd function otherwise.
+    if input.device().is_cuda() {
+        let kernel = if input.requires_grad() {
+            crate::kernels::roi_align::roi_align_autograd
+        } else {
+            crate::kernels::roi_align::roi_align_forward
+        };
+        if let Some(out) = kernel(input, rois, output_size, spatial_scale, sampling_ratio, aligned) {
             return out.to_kind(out_kind);
         }
     }
