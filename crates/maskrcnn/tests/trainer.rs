@@ -383,3 +383,66 @@ fn setup_errors_come_before_training() {
     assert!(e.starts_with("iteration ") && e.contains("loss_") && (e.contains("NaN") || e.contains("inf")), "{e}");
     assert_eq!(LOSS_NAMES.len(), 5);
 }
+
+#[test]
+fn cli_ctrl_c_checkpoints_and_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    let bin = env!("CARGO_BIN_EXE_maskrcnn");
+    let sets = [
+        format!("data.train_ann='{}'", data.train_ann.display()),
+        format!("data.train_images='{}'", data.train_images.display()),
+        "model.num_classes=7".into(),
+        "model.backbone_depth=18".into(),
+        "model.fpn_channels=32".into(),
+        "roi_heads.representation_size=64".into(),
+        "roi_heads.mask_head_channels=16".into(),
+        "input.min_size=[96]".into(),
+        "input.max_size=128".into(),
+        "solver.ims_per_batch=2".into(),
+        "solver.max_iter=100000".into(),
+        "solver.steps=[]".into(),
+        "solver.log_period=1".into(),
+        "dataloader.workers=1".into(),
+    ];
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> =
+            vec!["train".into(), "--device".into(), "cpu".into(), "--output".into(), out.display().to_string()];
+        for s in &sets {
+            a.push("--set".into());
+            a.push(s.clone());
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut child = std::process::Command::new(bin)
+        .args(args(&[]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for two logged iterations, then Ctrl-C.
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0) < 2 {
+        assert!(started.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("interrupted: continue with --resume"), "{stdout}");
+    let saved = checkpoint::list(&out);
+    assert_eq!(saved.len(), 1, "one checkpoint at the interruption");
+    let at = saved[0].0;
+    assert!(at >= 2);
+    // --resume continues from there to max_iter.
+    let target = format!("solver.max_iter={}", at + 2);
+    let resumed = std::process::Command::new(bin).args(args(&["--resume", "--set", &target])).output().unwrap();
+    let text = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(text.contains(&format!("{at} -> {}", at + 2)), "{text}");
+}

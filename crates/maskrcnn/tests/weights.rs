@@ -1,5 +1,7 @@
 //! Saving and loading weights: torchvision's names, atomic writes, round trip.
 
+mod common;
+
 use maskrcnn::{Config, MaskRcnn};
 use tch::Device;
 
@@ -69,4 +71,36 @@ fn frozen_stages_are_not_trainable() {
     assert!(!frozen.iter().any(|k| k == "backbone.body.layer2.0.conv1.weight"));
     assert!(frozen.iter().all(|k| !k.starts_with("roi_heads") && !k.starts_with("rpn") || k.contains("bn")));
     assert!(frozen.iter().any(|k| k == "backbone.body.layer4.0.bn1.weight"));
+}
+
+#[test]
+fn imagenet_backbone_weights_load_by_torchvision_names() {
+    let path = common::fixture_dir().join("resnet18_imagenet_names.safetensors");
+    common::run_reference("resnet_weights.py", &["18", path.to_str().unwrap()], &path);
+    let mut config = small_config();
+    config.model.backbone_weights = path.display().to_string();
+    // With ImageNet weights: frozen BN, conv1 and layer1 frozen (seed's recipe).
+    assert_eq!((config.norm_kind(), config.trainable_layers()), (maskrcnn::config::NormKind::FrozenBn, 3));
+    let model = MaskRcnn::new(&config, Device::Cpu).unwrap();
+    maskrcnn::modeling::weights::load_backbone_weights(&model.vs, &path).unwrap();
+    let file = tch::Tensor::read_safetensors(&path).unwrap();
+    let vars = model.vs.variables();
+    let mut compared = 0;
+    for (name, t) in &file {
+        if name.starts_with("fc.") || name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let ours = &vars[&format!("backbone.body.{name}")];
+        assert!(ours.equal(t), "{name} differs after loading");
+        compared += 1;
+    }
+    assert_eq!(compared, 100, "resnet18: 20 convs and 20 BNs of 4 tensors");
+    assert!(!vars["backbone.body.conv1.weight"].requires_grad());
+    assert!(vars["backbone.body.layer2.0.conv1.weight"].requires_grad());
+    // A file of another depth is refused, naming what does not fit.
+    let mut deeper = small_config();
+    deeper.model.backbone_depth = 34;
+    let other = MaskRcnn::new(&deeper, Device::Cpu).unwrap();
+    let e = maskrcnn::modeling::weights::load_backbone_weights(&other.vs, &path).unwrap_err().to_string();
+    assert!(e.contains("missing layer") || e.contains("layer3"), "{e}");
 }
