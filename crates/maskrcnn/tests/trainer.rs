@@ -416,7 +416,7 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let mut child = std::process::Command::new(bin)
+    let child = std::process::Command::new(bin)
         .args(args(&[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
