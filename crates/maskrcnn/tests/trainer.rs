@@ -332,6 +332,9 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     assert_eq!(losses_by_iteration(&a), losses_by_iteration(&b), "loss curves differ");
     let la = checkpoint::load(&checkpoint::list(&a)[1].1).unwrap();
     assert_eq!(la.state.iteration, 6);
+    let events: Vec<_> = std::fs::read_dir(a.join("tensorboard")).unwrap().flatten().collect();
+    assert_eq!(events.len(), 1, "one TensorBoard event file");
+    assert!(tf_records(&std::fs::read(events[0].path()).unwrap()).len() > 6, "scalars per logged iteration");
     assert!(!la.optimizer.is_empty(), "momentum buffers are saved");
 
     // A full disk while writing the next checkpoint: the error is reported,
@@ -445,4 +448,48 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
     let text = String::from_utf8_lossy(&resumed.stdout);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(text.contains(&format!("{at} -> {}", at + 2)), "{text}");
+}
+
+/// Records of a TFRecord file: (payload) after checking both masked CRCs.
+fn tf_records(bytes: &[u8]) -> Vec<Vec<u8>> {
+    use maskrcnn::engine::tensorboard::masked_crc32c;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        assert_eq!(u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()), masked_crc32c(len_bytes));
+        let data = &bytes[at + 12..at + 12 + len];
+        assert_eq!(u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap()), masked_crc32c(data));
+        out.push(data.to_vec());
+        at += 16 + len;
+    }
+    out
+}
+
+#[test]
+fn tensorboard_events_are_valid_tfrecords() {
+    use maskrcnn::engine::tensorboard::{crc32c, EventWriter};
+    // The published CRC-32C check value.
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = EventWriter::create(tmp.path()).unwrap();
+    w.scalar("loss", 7, 1.5).unwrap();
+    w.scalar("eval/bbox_ap", 300, 0.25).unwrap();
+    w.flush().unwrap();
+    let records = tf_records(&std::fs::read(w.path()).unwrap());
+    assert_eq!(records.len(), 3);
+    assert!(records[0].windows(13).any(|x| x == b"brain.Event:2"), "version record first");
+    for (rec, tag, step, value) in [(&records[1], "loss", 7u8, 1.5f32), (&records[2], "eval/bbox_ap", 0, 0.25)] {
+        // wall_time (field 1, fixed64) then step (field 2, varint).
+        assert_eq!(rec[0], 0x09);
+        assert_eq!(rec[9], 0x10);
+        if step > 0 {
+            assert_eq!(rec[10], step);
+        }
+        let tail = &rec[rec.len() - (tag.len() + 5)..];
+        assert_eq!(&tail[..tag.len()], tag.as_bytes());
+        assert_eq!(tail[tag.len()], 0x15, "simple_value is field 2, fixed32");
+        assert_eq!(f32::from_le_bytes(tail[tag.len() + 1..].try_into().unwrap()), value);
+    }
 }

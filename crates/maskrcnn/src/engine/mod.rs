@@ -8,5 +8,6 @@ pub mod data_bench;
 pub mod lr_schedule;
 pub mod optimizer;
 pub mod predictor;
+pub mod tensorboard;
 pub mod train_bench;
 pub mod trainer;

@@ -215,6 +215,13 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         .append(true)
         .open(opts.output.join("metrics.jsonl"))
         .map_err(|e| setup(format!("{}: {e}", opts.output.join("metrics.jsonl").display())))?;
+    let mut board = match crate::engine::tensorboard::EventWriter::create(&opts.output.join("tensorboard")) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("no TensorBoard events ({}): {e}", opts.output.join("tensorboard").display());
+            None
+        }
+    };
     let bar = progress_bar(opts.progress, start, max_iter);
     let started = Instant::now();
     let mut window = (Instant::now(), 0u64);
@@ -287,6 +294,14 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             }
             if cuda {
                 record.insert("max_memory_gib".into(), crate::environment::cuda_peak_memory_gib(opts.device).into());
+            }
+            if let Some(w) = board.as_mut() {
+                for (tag, v) in &record {
+                    if let (Some(x), false) = (v.as_f64(), tag == "iteration") {
+                        let _ = w.scalar(tag, iteration as i64, x as f32);
+                    }
+                }
+                let _ = w.flush();
             }
             let _ = writeln!(metrics_log, "{}", serde_json::Value::Object(record));
             let scale_text =
