@@ -109,5 +109,5 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// TFRecord's masked CRC: rotate right by 15 and add a constant.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let c = crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xA282_EAD8)
+    c.rotate_right(15).wrapping_add(0xA282_EAD8)
 }
