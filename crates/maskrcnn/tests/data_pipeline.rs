@@ -8,6 +8,7 @@ use maskrcnn::data::coco::{CocoDataset, InstanceMask, LoadOptions};
 use maskrcnn::data::loader::{Loader, LoaderError, LoaderOptions};
 use maskrcnn::data::synth::{generate, SynthOptions, SynthOutput, CATEGORIES};
 use maskrcnn::data::transforms::{flip_box, instance_bitmap, to_target};
+use maskrcnn::structures::rle::row_to_column;
 use maskrcnn::structures::InstanceMasks;
 use serde_json::Value;
 use std::path::Path;
@@ -19,16 +20,6 @@ const TRAIN: LoadOptions = LoadOptions { drop_empty: true, strict: false };
 fn synth(dir: &Path, train: usize, val: usize, seed: u64) -> SynthOutput {
     generate(&SynthOptions { out: dir.to_path_buf(), train, val, seed, size: (96, 160), annotations_only: false })
         .expect("synth")
-}
-
-fn row_to_column(rm: &[u8], h: usize, w: usize) -> Vec<u8> {
-    let mut out = vec![0u8; h * w];
-    for y in 0..h {
-        for x in 0..w {
-            out[x * h + y] = rm[y * w + x];
-        }
-    }
-    out
 }
 
 fn rle_string(bitmap: &[u8], h: u32, w: u32) -> String {

@@ -11,6 +11,7 @@
 //! blobs, so the model has to learn shape.
 
 use crate::random::Rng;
+use crate::structures::rle::{rle_into_bitmap, row_to_column};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -249,38 +250,20 @@ fn random_shape(rng: &mut Rng, class: usize, cx: f64, cy: f64, r: f64) -> Shape 
 
 /// Row-major {0,1} mask of `shape` on an `h`×`w` canvas.
 fn shape_mask(shape: &Shape, h: u32, w: u32) -> Vec<u8> {
-    let cm = |polys: &[Vec<f64>]| {
-        hotcoco::mask::fr_polys(polys, h, w)
-            .map(|r| hotcoco::mask::decode(&r))
-            .unwrap_or_else(|_| vec![0; (h * w) as usize])
+    let raster = |polys: &[Vec<f64>]| {
+        let mut m = vec![0u8; (h * w) as usize];
+        if let Ok(r) = hotcoco::mask::fr_polys(polys, h, w) {
+            rle_into_bitmap(&r, &mut m, false);
+        }
+        m
     };
-    let mut outer = cm(&shape.polygons);
+    let mut outer = raster(&shape.polygons);
     if let Some(hole) = &shape.hole {
-        for (o, i) in outer.iter_mut().zip(cm(std::slice::from_ref(hole))) {
-            *o &= 1 - i.min(1);
+        for (o, i) in outer.iter_mut().zip(raster(std::slice::from_ref(hole))) {
+            *o &= 1 - i;
         }
     }
-    column_to_row(&outer, h as usize, w as usize)
-}
-
-fn column_to_row(cm: &[u8], h: usize, w: usize) -> Vec<u8> {
-    let mut out = vec![0u8; h * w];
-    for x in 0..w {
-        for y in 0..h {
-            out[y * w + x] = cm[x * h + y];
-        }
-    }
-    out
-}
-
-fn row_to_column(rm: &[u8], h: usize, w: usize) -> Vec<u8> {
-    let mut out = vec![0u8; h * w];
-    for y in 0..h {
-        for x in 0..w {
-            out[x * h + y] = rm[y * w + x];
-        }
-    }
-    out
+    outer
 }
 
 /// A fill: base colour and a pattern.

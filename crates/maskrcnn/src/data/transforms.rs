@@ -6,6 +6,7 @@
 
 use super::coco::{Instance, InstanceMask};
 use super::image::RgbImage;
+use crate::structures::rle::rle_into_bitmap;
 use crate::structures::{InstanceMasks, Target};
 use tch::{Kind, Tensor};
 
@@ -40,25 +41,6 @@ pub fn flip_polygons(polys: &[Vec<f64>], width: u32, flip: bool) -> Vec<Vec<f64>
         .iter()
         .map(|p| p.chunks_exact(2).flat_map(|xy| [if flip { w - xy[0] } else { xy[0] }, xy[1]]).collect())
         .collect()
-}
-
-/// Writes the {0, 1} row-major bitmap of a column-major COCO RLE into `out`
-/// (`h`×`w`, zeroed), mirrored left–right when `flip`. Touches only the
-/// foreground pixels.
-pub fn rle_into_bitmap(rle: &hotcoco::Rle, out: &mut [u8], flip: bool) {
-    let (h, w) = (rle.h as usize, rle.w as usize);
-    let mut pos = 0usize;
-    for (k, &run) in rle.counts.iter().enumerate() {
-        let end = (pos + run as usize).min(h * w);
-        if k % 2 == 1 {
-            for idx in pos..end {
-                let (x, y) = (idx / h, idx % h);
-                let x = if flip { w - 1 - x } else { x };
-                out[y * w + x] = 1;
-            }
-        }
-        pos = end;
-    }
 }
 
 /// Writes the row-major {0, 1} bitmap of one instance into `out` (`h`×`w`,

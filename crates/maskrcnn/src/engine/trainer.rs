@@ -229,6 +229,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let mut eval_time = 0.0f64;
     let train_seconds = |eval_time: f64| started.elapsed().as_secs_f64() - eval_time;
     let mut last_losses: Vec<(String, f64)> = Vec::new();
+    let mut pending: Vec<(u64, Tensor)> = Vec::new();
     let mut evals = Vec::new();
     let (mut stopped_early, mut interrupted) = (false, false);
     let config_toml = config.to_toml();
@@ -262,19 +263,23 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
         iteration += 1;
 
-        // Loss values on the host (one small copy per iteration).
-        let mean = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float).to_device(Device::Cpu);
-        let values: Vec<f64> = Vec::<f32>::try_from(&mean).unwrap_or_default().into_iter().map(f64::from).collect();
-        last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values.iter().copied()).collect();
-        if scaler.is_none() {
-            if let Some((name, v)) = last_losses.iter().find(|(_, v)| !v.is_finite()) {
-                return Err(TrainError::NonFinite { iteration: iteration - 1, loss: name.clone(), value: *v });
+        // Loss values stay on the device until a log line or checkpoint needs
+        // them: one copy per `log_period`, not a sync per step.
+        pending.push((iteration - 1, Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float)));
+        bar.set_position(iteration);
+        let stop = opts.stop.load(Ordering::SeqCst);
+        let time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
+        let last = iteration == max_iter || time_up;
+        let log_now = iteration.is_multiple_of(solver.log_period as u64) || last;
+        if log_now || stop || iteration.is_multiple_of(solver.checkpoint_period as u64) {
+            // fp16 steps with inf/NaN are the loss scaler's to skip.
+            if let Some(values) = drain_losses(&mut pending, scaler.is_none())? {
+                last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values).collect();
             }
         }
-        let total_loss: f64 = values.iter().sum();
-        bar.set_position(iteration);
+        let total_loss: f64 = last_losses.iter().map(|(_, v)| v).sum();
 
-        if iteration.is_multiple_of(solver.log_period as u64) || iteration == max_iter {
+        if log_now {
             let elapsed = window.0.elapsed().as_secs_f64();
             let ips = (iteration - window.1) as f64 * per_step as f64 / elapsed.max(1e-9);
             window = (Instant::now(), iteration);
@@ -314,30 +319,10 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             }
         }
 
-        let stop = opts.stop.load(Ordering::SeqCst);
-        let time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
-        let last = iteration == max_iter || time_up;
-        if iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last {
-            save_checkpoint(
-                &model,
-                &sgd,
-                scaler.as_ref(),
-                iteration,
-                images_seen,
-                &config_toml,
-                &opts.output,
-                solver.checkpoint_keep,
-            )?;
-        }
-        if stop {
-            interrupted = true;
-            bar.suspend(|| {
-                tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume")
-            });
-            break;
-        }
-        let eval_now = has_val
+        let eval_now = !stop
+            && has_val
             && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
+        let mut target_reached = false;
         if eval_now {
             let t_eval = Instant::now();
             let metrics = bar.suspend(|| evaluate(&model, config, &opts.output, iteration))?;
@@ -356,28 +341,42 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             bar.suspend(|| {
                 tracing::info!("iter {iteration}: bbox AP {:.4}, segm AP {:.4}", point.bbox_ap, point.segm_ap)
             });
-            evals.push(point.clone());
-            let t = &config.test;
-            if (t.min_bbox_map > 0.0 || t.min_mask_map > 0.0)
-                && point.bbox_ap >= t.min_bbox_map
-                && point.segm_ap >= t.min_mask_map
-            {
-                stopped_early = !last;
-                if !last {
-                    save_checkpoint(
-                        &model,
-                        &sgd,
-                        scaler.as_ref(),
-                        iteration,
-                        images_seen,
-                        &config_toml,
-                        &opts.output,
-                        solver.checkpoint_keep,
-                    )?;
-                    bar.suspend(|| tracing::info!("target accuracy reached at iteration {iteration}: stopping early"));
-                }
-                break;
+            if let Some(w) = board.as_mut() {
+                let _ = w.scalar("eval/bbox_ap", iteration as i64, point.bbox_ap as f32);
+                let _ = w.scalar("eval/segm_ap", iteration as i64, point.segm_ap as f32);
+                let _ = w.flush();
             }
+            let t = &config.test;
+            target_reached = (t.min_bbox_map > 0.0 || t.min_mask_map > 0.0)
+                && point.bbox_ap >= t.min_bbox_map
+                && point.segm_ap >= t.min_mask_map;
+            evals.push(point);
+        }
+        if iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last || target_reached {
+            save_checkpoint(
+                &model,
+                &sgd,
+                scaler.as_ref(),
+                iteration,
+                images_seen,
+                &config_toml,
+                &opts.output,
+                solver.checkpoint_keep,
+            )?;
+        }
+        if stop {
+            interrupted = true;
+            bar.suspend(|| {
+                tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume")
+            });
+            break;
+        }
+        if target_reached {
+            stopped_early = !last;
+            if stopped_early {
+                bar.suspend(|| tracing::info!("target accuracy reached at iteration {iteration}: stopping early"));
+            }
+            break;
         }
         if time_up {
             bar.suspend(|| {
@@ -463,6 +462,32 @@ pub fn apply_update(sgd: &mut Sgd, scaler: Option<&mut GradScaler>, lr: f64, cli
     }
     sgd.zero_grad();
     Ok(())
+}
+
+/// Copies the per-iteration loss vectors `[5]` gathered on the device to the
+/// host in one transfer; with `check_finite`, the first non-finite loss is an
+/// error naming its iteration. Returns the newest iteration's losses.
+fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<Option<Vec<f64>>, TrainError> {
+    if pending.is_empty() {
+        return Ok(None);
+    }
+    let rows: Vec<&Tensor> = pending.iter().map(|(_, t)| t).collect();
+    let host = Tensor::stack(&rows, 0).to_device(Device::Cpu).reshape([-1]);
+    let values: Vec<f64> = Vec::<f32>::try_from(&host).unwrap_or_default().into_iter().map(f64::from).collect();
+    let n = LOSS_NAMES.len();
+    if check_finite {
+        for ((iteration, _), row) in pending.iter().zip(values.chunks(n)) {
+            if let Some((k, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(TrainError::NonFinite {
+                    iteration: *iteration,
+                    loss: LOSS_NAMES[k].to_string(),
+                    value: *v,
+                });
+            }
+        }
+    }
+    pending.clear();
+    Ok(values.chunks(n).last().map(|r| r.to_vec()))
 }
 
 /// Creates the output folder and proves it writable before any work.

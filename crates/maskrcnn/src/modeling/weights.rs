@@ -35,19 +35,33 @@ pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<()
             });
         }
     }
-    let model = vs.variables();
+    let model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    copy_matching(&model, &file, "", path)
+}
+
+/// Copies `file` tensors into the `model` variables of the same name, where
+/// model names are `prefix` + file names. Fails, changing nothing, when any
+/// model tensor is missing, any file tensor unexpected or any shape differs;
+/// the error lists each problem (names shown without `prefix`).
+fn copy_matching(
+    model: &BTreeMap<String, Tensor>,
+    file: &BTreeMap<String, Tensor>,
+    prefix: &str,
+    path: &Path,
+) -> Result<(), ModelError> {
     let mut problems = Vec::new();
-    for (name, var) in model.iter().collect::<BTreeMap<_, _>>() {
-        match file.get(name) {
-            None => problems.push(format!("missing {name} {:?}", var.size())),
+    for (name, var) in model {
+        let short = &name[prefix.len()..];
+        match file.get(short) {
+            None => problems.push(format!("missing {short} {:?}", var.size())),
             Some(t) if t.size() != var.size() => {
-                problems.push(format!("{name}: file has {:?}, model needs {:?}", t.size(), var.size()))
+                problems.push(format!("{short}: file has {:?}, model needs {:?}", t.size(), var.size()))
             }
             Some(_) => {}
         }
     }
-    for (name, t) in &file {
-        if !model.contains_key(name) {
+    for (name, t) in file {
+        if !model.contains_key(&format!("{prefix}{name}")) {
             problems.push(format!("unexpected {name} {:?}", t.size()));
         }
     }
@@ -58,8 +72,8 @@ pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<()
         return Err(ModelError::Mismatch { path: path.to_path_buf(), problems: format!("{}{more}", shown.join("; ")) });
     }
     tch::no_grad(|| {
-        for (name, var) in &model {
-            let src = &file[name];
+        for (name, var) in model {
+            let src = &file[&name[prefix.len()..]];
             let mut var = var.shallow_clone();
             var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
         }
@@ -92,39 +106,8 @@ pub fn load_backbone_weights(vs: &VarStore, path: &Path) -> Result<(), ModelErro
         .map_err(|e| read_err(e.to_string()))?
         .into_iter()
         .filter(|(n, _)| !n.starts_with("fc.") && !n.ends_with(".num_batches_tracked"))
-        .map(|(n, t)| (format!("backbone.body.{n}"), t))
         .collect();
-    let model: BTreeMap<String, Tensor> =
-        vs.variables().into_iter().filter(|(n, _)| n.starts_with("backbone.body.")).collect();
-    let mut problems = Vec::new();
-    for (name, var) in &model {
-        match file.get(name) {
-            None => problems.push(format!("missing {} {:?}", &name["backbone.body.".len()..], var.size())),
-            Some(t) if t.size() != var.size() => problems.push(format!(
-                "{}: file has {:?}, model needs {:?}",
-                &name["backbone.body.".len()..],
-                t.size(),
-                var.size()
-            )),
-            Some(_) => {}
-        }
-    }
-    for (name, t) in &file {
-        if !model.contains_key(name) {
-            problems.push(format!("unexpected {} {:?}", &name["backbone.body.".len()..], t.size()));
-        }
-    }
-    if !problems.is_empty() {
-        let n = problems.len();
-        let shown: Vec<String> = problems.into_iter().take(12).collect();
-        let more = if n > shown.len() { format!("; and {} more", n - shown.len()) } else { String::new() };
-        return Err(ModelError::Mismatch { path: path.to_path_buf(), problems: format!("{}{more}", shown.join("; ")) });
-    }
-    tch::no_grad(|| {
-        for (name, var) in &model {
-            let mut var = var.shallow_clone();
-            var.copy_(&file[name].to_kind(var.kind()).to_device(var.device()));
-        }
-    });
-    Ok(())
+    const BODY: &str = "backbone.body.";
+    let model: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(n, _)| n.starts_with(BODY)).collect();
+    copy_matching(&model, &file, BODY, path)
 }

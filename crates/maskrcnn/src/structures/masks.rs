@@ -83,14 +83,7 @@ pub fn polygon_mask_targets(
             .map(|p| p.chunks(2).flat_map(|xy| [(xy[0] - x0) * sx, (xy[1] - y0) * sy]).collect())
             .collect();
         if let Ok(rle) = hotcoco::mask::fr_polys(&polys, side, side) {
-            // Column-major bytes → row-major rows of the target.
-            let cm = hotcoco::mask::decode(&rle);
-            let dst = &mut out[i * (m * m) as usize..(i + 1) * (m * m) as usize];
-            for x in 0..m as usize {
-                for y in 0..m as usize {
-                    dst[y * m as usize + x] = cm[x * m as usize + y];
-                }
-            }
+            super::rle::rle_into_bitmap(&rle, &mut out[i * (m * m) as usize..(i + 1) * (m * m) as usize], false);
         }
     }
     Tensor::from_slice(&out).reshape([k, m, m]).to_device(device).to_kind(Kind::Float)

@@ -78,6 +78,37 @@ pub fn encode_window(crop: &[u8], x0: usize, y0: usize, cw: usize, ch: usize, h:
     CompressedRle { size: [h as u32, w as u32], counts: hotcoco::mask::rle_to_string(&rle) }
 }
 
+/// Writes the {0, 1} row-major bitmap of a column-major COCO RLE into `out`
+/// (`h`×`w`, zeroed), mirrored left–right when `flip`. Touches only the
+/// foreground pixels.
+pub fn rle_into_bitmap(rle: &hotcoco::Rle, out: &mut [u8], flip: bool) {
+    let (h, w) = (rle.h as usize, rle.w as usize);
+    let mut pos = 0usize;
+    for (k, &run) in rle.counts.iter().enumerate() {
+        let end = (pos + run as usize).min(h * w);
+        if k % 2 == 1 {
+            for idx in pos..end {
+                let (x, y) = (idx / h, idx % h);
+                let x = if flip { w - 1 - x } else { x };
+                out[y * w + x] = 1;
+            }
+        }
+        pos = end;
+    }
+}
+
+/// A row-major `h`×`w` byte mask in COCO's column-major order (what
+/// `hotcoco::mask::encode` takes).
+pub fn row_to_column(rm: &[u8], h: usize, w: usize) -> Vec<u8> {
+    let mut out = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            out[x * h + y] = rm[y * w + x];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
