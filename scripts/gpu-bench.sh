@@ -25,6 +25,13 @@ if [[ $what == train || $what == all ]]; then
   done
   echo "== peer_torchvision.py train"
   python3 .peer/peer_torchvision.py train
+  # The peer's default list leaves batch 16 bf16 out; its own function, same settings.
+  (cd .peer && python3 -c '
+import json, torch, peer_torchvision as p
+torch.backends.cudnn.benchmark = True
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+print(json.dumps(p.train_bench(16, "bf16", True)))')
 fi
 if [[ $what == infer || $what == all ]]; then
   echo "== bench infer (ours)"
