@@ -325,7 +325,10 @@ fn bad_annotations_are_reported() {
     assert_eq!(inst.len(), 2);
     assert_eq!((inst[0].label, inst[1].label, inst[1].crowd), (1, 2, true));
     assert_eq!(inst[1].bbox, [8.0, 8.0, 10.0, 10.0]);
-    assert_eq!((ds.category_id(1), ds.category_id(2), ds.category_id(3)), (Some(3), Some(7), None));
+    assert_eq!(
+        (ds.categories.category_id(1), ds.categories.category_id(2), ds.categories.category_id(3)),
+        (Some(3), Some(7), None)
+    );
     let skipped: Vec<String> = ds.skipped.iter().map(|s| s.to_string()).collect();
     let expect = [
         "image 2 skipped: needs \"file_name\", \"width\" and \"height\"",

@@ -3,17 +3,21 @@
 //! resumable to the same result), and the errors that must come before any
 //! training starts.
 
+mod common;
+
 use maskrcnn::config::{AmpMode, Config, SolverConfig, WarmupMethod};
 use maskrcnn::engine::amp::GradScaler;
 use maskrcnn::engine::checkpoint::{self, TrainState};
 use maskrcnn::engine::lr_schedule::LrSchedule;
 use maskrcnn::engine::optimizer::Sgd;
+use maskrcnn::engine::predictor::{predict_files, PredictOptions};
 use maskrcnn::engine::trainer::{apply_update, forward_backward, train, MicroBatch, TrainOptions, LOSS_NAMES};
+use maskrcnn::evaluation::dataset_inference::infer_dataset;
 use maskrcnn::ops::sampler::Sampled;
 use maskrcnn::ops::{FgBgSampler, SampleStage};
-use maskrcnn::structures::{InstanceMasks, Target};
+use maskrcnn::structures::{Categories, Category, InstanceMasks, Target};
 use maskrcnn::MaskRcnn;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -344,7 +348,7 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     std::fs::create_dir_all(&tmpdir).unwrap();
     std::os::unix::fs::symlink("/dev/full", tmpdir.join("model.safetensors")).unwrap();
     let model = weights(&fresh_model(&full));
-    let err = checkpoint::save(&a, &state, &model, &[], "x", 1).unwrap_err().to_string();
+    let err = checkpoint::save(&a, &state, &model, None, &[], "x", 1).unwrap_err().to_string();
     assert!(err.contains("iter_0000009"), "{err}");
     assert_eq!(checkpoint::list(&a).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6]);
     assert!(!tmpdir.exists(), "the partial checkpoint is removed");
@@ -492,4 +496,95 @@ fn tensorboard_events_are_valid_tfrecords() {
         assert_eq!(tail[tag.len()], 0x15, "simple_value is field 2, fixed32");
         assert_eq!(f32::from_le_bytes(tail[tag.len() + 1..].try_into().unwrap()), value);
     }
+}
+
+#[test]
+fn trained_weights_carry_the_dataset_categories() {
+    let _rng = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut cfg = train_config(&data, &[]);
+    cfg.solver.max_iter = 2;
+    cfg.solver.checkpoint_period = 2;
+    let out = tmp.path().join("out");
+    train(&cfg, &options(&out, false)).unwrap();
+
+    // The safetensors package reads the table from the header; the dataset's
+    // categories (ids 1, 2, 3, 5, 8, 13, not contiguous), sorted by id.
+    let gt: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&data.train_ann).unwrap()).unwrap();
+    let mut expected: Vec<(u64, String)> = gt["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_u64().unwrap(), c["name"].as_str().unwrap().to_string()))
+        .collect();
+    expected.sort();
+    let final_w = out.join("model_final.safetensors");
+    let ckpt_w = checkpoint::list(&out)[0].1.join("model.safetensors");
+    let mut stripped = PathBuf::new();
+    for (i, w) in [&final_w, &ckpt_w].into_iter().enumerate() {
+        let plain = tmp.path().join(format!("plain{i}.safetensors"));
+        let report = tmp.path().join(format!("report{i}.json"));
+        common::run_reference(
+            "safetensors_header.py",
+            &[w.to_str().unwrap(), plain.to_str().unwrap(), report.to_str().unwrap()],
+            &report,
+        );
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let table: serde_json::Value =
+            serde_json::from_str(r["metadata"]["maskrcnn.categories"].as_str().expect("categories in the header"))
+                .unwrap();
+        let got: Vec<(u64, String)> = table
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["id"].as_u64().unwrap(), c["name"].as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(got, expected, "{}", w.display());
+        assert_eq!(r["names"].as_array().unwrap().len(), fresh_model(&cfg).vs.variables().len());
+        stripped = plain;
+    }
+
+    // predict: the table turns labels into the dataset's ids; without it (the
+    // same tensors, as torchvision saves them) labels are written as they are.
+    let with = MaskRcnn::from_weights(&cfg, &final_w, Device::Cpu).unwrap();
+    let without = MaskRcnn::from_weights(&cfg, &stripped, Device::Cpu).unwrap();
+    assert!(with.categories.is_some() && without.categories.is_none());
+    let images: Vec<PathBuf> = std::fs::read_dir(&data.val_images).unwrap().flatten().map(|e| e.path()).collect();
+    let run = |model: &MaskRcnn, name: &str| {
+        let json = tmp.path().join(name);
+        let opts = PredictOptions { json: Some(json.clone()), draw: None, draw_thresh: 0.5 };
+        predict_files(model, &images, &opts).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        v.as_array().unwrap().clone()
+    };
+    let (a, b) = (run(&with, "with.json"), run(&without, "without.json"));
+    assert!(!a.is_empty() && a.len() == b.len());
+    let mut labels_seen = std::collections::BTreeSet::new();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x["file_name"], &x["score"], &x["bbox"]), (&y["file_name"], &y["score"], &y["bbox"]));
+        let label = y["category_id"].as_i64().unwrap();
+        labels_seen.insert(label);
+        assert_eq!(x["category_id"].as_u64().unwrap(), expected[label as usize - 1].0);
+    }
+    // Labels 4..6 stand for ids 5, 8, 13: a model writing labels as ids fails here.
+    assert!(labels_seen.iter().any(|&l| l >= 4), "labels {labels_seen:?}");
+    assert_eq!(with.class_name(4), expected[3].1);
+    assert_eq!(without.class_name(4), "class 4");
+
+    // eval --weights: the table's ids agree with the ground truth's order.
+    let ea = infer_dataset(&with, &data.val_ann, &data.val_images).unwrap();
+    let eb = infer_dataset(&without, &data.val_ann, &data.val_images).unwrap();
+    let key = |r: &maskrcnn::evaluation::results::CocoResult| (r.image_id, r.category_id, r.score.to_bits());
+    assert_eq!(ea.iter().map(key).collect::<Vec<_>>(), eb.iter().map(key).collect::<Vec<_>>());
+
+    // A table that disagrees with the model's classes is refused on load.
+    let mut other = cfg.clone();
+    other.model.num_classes = 7;
+    let mut model = MaskRcnn::new(&other, Device::Cpu).unwrap();
+    model.categories = Some(Categories(vec![Category { id: 1, name: "one".into() }]));
+    let bad = tmp.path().join("bad.safetensors");
+    model.save(&bad).unwrap();
+    let e = MaskRcnn::from_weights(&other, &bad, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("bad.safetensors") && e.contains("1 categories") && e.contains("7 classes"), "{e}");
 }

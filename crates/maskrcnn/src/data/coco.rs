@@ -4,6 +4,7 @@
 //! annotation or image record is skipped, counted and reported once with its
 //! id (or, with `strict`, stops the load).
 
+use crate::structures::{Categories, Category};
 use hotcoco::types::{Dataset, Segmentation};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -75,13 +76,6 @@ impl ImageRecord {
     }
 }
 
-/// A category of the dataset.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CategoryInfo {
-    pub id: u64,
-    pub name: String,
-}
-
 /// What to keep when reading.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
@@ -98,8 +92,8 @@ pub struct CocoDataset {
     pub annotation_file: PathBuf,
     pub images_dir: PathBuf,
     pub images: Vec<ImageRecord>,
-    /// Sorted by id; label `i + 1` is `categories[i]`.
-    pub categories: Vec<CategoryInfo>,
+    /// Sorted by id; label `i + 1` is `categories.0[i]`.
+    pub categories: Categories,
     /// Annotations and images left out, in file order.
     pub skipped: Vec<Skip>,
     /// Images dropped for having no usable annotation.
@@ -132,8 +126,8 @@ impl CocoDataset {
         if dataset.categories.is_empty() {
             return Err(structure("no categories: a COCO instances file needs a non-empty \"categories\" list".into()));
         }
-        let mut categories: Vec<CategoryInfo> =
-            dataset.categories.iter().map(|c| CategoryInfo { id: c.id, name: c.name.clone() }).collect();
+        let mut categories: Vec<Category> =
+            dataset.categories.iter().map(|c| Category { id: c.id, name: c.name.clone() }).collect();
         categories.sort_by_key(|c| c.id);
         if let Some(w) = categories.windows(2).find(|w| w[0].id == w[1].id) {
             return Err(structure(format!("category id {} appears twice in \"categories\"", w[0].id)));
@@ -208,7 +202,7 @@ impl CocoDataset {
             annotation_file: ann.to_path_buf(),
             images_dir: images_dir.to_path_buf(),
             images,
-            categories,
+            categories: Categories(categories),
             skipped,
             dropped_empty,
         })
@@ -216,12 +210,7 @@ impl CocoDataset {
 
     /// Number of object classes including background (`K + 1`).
     pub fn num_classes(&self) -> usize {
-        self.categories.len() + 1
-    }
-
-    /// The dataset category id of contiguous `label` (1..=K).
-    pub fn category_id(&self, label: i64) -> Option<u64> {
-        usize::try_from(label - 1).ok().and_then(|i| self.categories.get(i)).map(|c| c.id)
+        self.categories.num_classes()
     }
 
     /// Path of image `record` on disk.

@@ -6,6 +6,8 @@
 //! the previous checkpoints intact; only the newest `keep` are kept.
 
 use crate::engine::amp::ScalerState;
+use crate::modeling::weights::write_tensors;
+use crate::structures::Categories;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,11 +43,13 @@ fn final_name(iteration: u64) -> String {
 }
 
 /// Writes one checkpoint atomically and prunes old ones. `model` and
-/// `optimizer` are named tensors (any device).
+/// `optimizer` are named tensors (any device); the model file carries
+/// `categories` as `predict` reads them.
 pub fn save(
     output: &Path,
     state: &TrainState,
     model: &[(String, Tensor)],
+    categories: Option<&Categories>,
     optimizer: &[(String, Tensor)],
     config_toml: &str,
     keep: usize,
@@ -55,16 +59,14 @@ pub fn save(
     let tmp = dir.join(format!(".tmp-{name}"));
     let dst = dir.join(&name);
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    let write = |file: &str, tensors: &[(String, Tensor)]| -> Result<(), CheckpointError> {
+    let write = |file: &str, tensors: &[(String, Tensor)], categories| -> Result<(), CheckpointError> {
         let path = tmp.join(file);
-        let cpu: Vec<(String, Tensor)> =
-            tensors.iter().map(|(k, t)| (k.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-        Tensor::write_safetensors(&cpu, &path).map_err(|e| io(&path, e))?;
+        write_tensors(tensors, categories, &path).map_err(|e| io(&path, e))?;
         sync_file(&path)
     };
     let result = (|| {
-        write("model.safetensors", model)?;
-        write("optimizer.safetensors", optimizer)?;
+        write("model.safetensors", model, categories)?;
+        write("optimizer.safetensors", optimizer, None)?;
         write_text(&tmp.join("config.toml"), config_toml)?;
         let json = serde_json::to_string_pretty(state).map_err(|e| io(&tmp, e))?;
         write_text(&tmp.join("state.json"), &json)?;

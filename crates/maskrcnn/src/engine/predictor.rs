@@ -4,7 +4,7 @@ use crate::data::image::{open_many, RgbImage};
 use crate::evaluation::results::{to_results, DetectionResult};
 use crate::modeling::MaskRcnn;
 use crate::shim::AutocastGuard;
-use crate::visualization::{class_name, draw_detections, Drawable};
+use crate::visualization::{draw_detections, Drawable};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -49,7 +49,6 @@ pub fn predict_files(
         std::fs::create_dir_all(dir).map_err(|source| PredictError::CreateDir { path: dir.clone(), source })?;
     }
     let device = model.device();
-    let num_classes = model.config.model.num_classes;
     let batch = model.config.test.ims_per_batch.max(1);
     let mut summary = PredictSummary::default();
     let mut results: Vec<DetectionResult> = Vec::new();
@@ -74,10 +73,10 @@ pub fn predict_files(
         };
         for ((path, img), det) in loaded.iter().zip(&dets) {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let res = to_results(&name, det, |l| l);
+            let res = to_results(&name, det, |l| model.category_id(l));
             summary.detections += res.len();
             if let Some(dir) = &opts.draw {
-                draw_one(dir, &name, img, det, &res, num_classes, opts.draw_thresh)?;
+                draw_one(dir, &name, img, det, &res, model, opts.draw_thresh)?;
             }
             results.extend(res);
             summary.images += 1;
@@ -95,13 +94,14 @@ fn draw_one(
     img: &RgbImage,
     det: &crate::modeling::Detections,
     res: &[DetectionResult],
-    num_classes: usize,
+    model: &MaskRcnn,
     thresh: f64,
 ) -> Result<(), PredictError> {
     let masks = det.masks.as_ref().map(|m| m.squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8).to_device(Device::Cpu));
     let (h, w) = (img.height as usize, img.width as usize);
     let mut mask_bytes: Vec<Vec<u8>> = Vec::new();
     let keep: Vec<usize> = (0..res.len()).filter(|&i| res[i].score >= thresh).collect();
+    let labels = crate::ops::boxes::to_vec_i64(&det.labels);
     for &i in &keep {
         let mut v = vec![0u8; h * w];
         if let Some(m) = &masks {
@@ -118,7 +118,7 @@ fn draw_one(
             Drawable {
                 bbox: [x as f32, y as f32, (x + bw) as f32, (y + bh) as f32],
                 mask: Some(m.as_slice()),
-                caption: format!("{} {:.2}", class_name(r.category_id, num_classes), r.score),
+                caption: format!("{} {:.2}", model.class_name(labels[i]), r.score),
             }
         })
         .collect();

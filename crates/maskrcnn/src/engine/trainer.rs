@@ -150,6 +150,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
 
     // Model, optionally from ImageNet backbone weights, or resumed.
     let mut model = MaskRcnn::new(config, opts.device)?;
+    model.categories = Some(dataset.categories.clone());
     match &resumed {
         Some(r) => crate::modeling::weights::load_weights(
             &model.vs,
@@ -550,7 +551,7 @@ fn save_checkpoint(
     let state = TrainState { iteration, scaler: scaler.map(|s| s.state()), images_seen };
     let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(checkpoint::save(output, &state, &named, &sgd.state(), config_toml, keep)?)
+    Ok(checkpoint::save(output, &state, &named, model.categories.as_ref(), &sgd.state(), config_toml, keep)?)
 }
 
 /// bbox/segm AP of `model` on the validation set; detections kept under

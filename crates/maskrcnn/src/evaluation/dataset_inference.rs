@@ -51,7 +51,22 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
         message: crate::text::one_line(&e.to_string()),
     })?;
     let ids: BTreeSet<u64> = coco.dataset.categories.iter().map(|c| c.id).collect();
-    let map = label_to_category(&ids, model.config.model.num_classes, gt)?;
+    // The model's own category table when it has one (trained here), else
+    // the ground truth's categories in torchvision's or our label order.
+    let map: Vec<i64> = match &model.categories {
+        Some(table) => {
+            let unknown: Vec<String> = table.ids().filter(|i| !ids.contains(i)).map(|i| i.to_string()).collect();
+            if !unknown.is_empty() {
+                eprintln!(
+                    "warning: the model's categories {} are not in {}: their detections are left out",
+                    unknown.join(", "),
+                    gt.display()
+                );
+            }
+            std::iter::once(0).chain(table.ids().map(|i| i as i64)).collect()
+        }
+        None => label_to_category(&ids, model.config.model.num_classes, gt)?,
+    };
     let device = model.device();
     let images = &coco.dataset.images;
     let batch = model.config.test.ims_per_batch.max(1);
@@ -73,7 +88,11 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
         };
         for (im, det) in chunk.iter().zip(&dets) {
             let res = to_results(&im.file_name, det, |l| map.get(l as usize).copied().unwrap_or(l));
-            out.extend(res.into_iter().map(|r| CocoResult::from_result(im.id, r)));
+            out.extend(
+                res.into_iter()
+                    .filter(|r| ids.contains(&(r.category_id as u64)))
+                    .map(|r| CocoResult::from_result(im.id, r)),
+            );
         }
         let n = ((done + 1) * batch).min(images.len());
         bar.set_position(n as u64);

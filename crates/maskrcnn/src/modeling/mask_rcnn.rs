@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
 use crate::structures::masks::paste_masks_in_image;
-use crate::structures::Target;
+use crate::structures::{Categories, Target};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -24,6 +24,9 @@ pub struct MaskRcnn {
     pub rpn: Rpn,
     pub roi_heads: RoiHeads,
     pub config: Config,
+    /// The dataset categories of labels 1..=K, when known (set by training,
+    /// stored in and read from the weights file).
+    pub categories: Option<Categories>,
 }
 
 /// The five training losses, named as torchvision names them.
@@ -93,19 +96,57 @@ impl MaskRcnn {
             config.model.num_classes as i64,
             &config.roi_heads,
         );
-        Ok(MaskRcnn { vs, transform: Transform::new(&config.input), backbone, rpn, roi_heads, config: config.clone() })
+        Ok(MaskRcnn {
+            vs,
+            transform: Transform::new(&config.input),
+            backbone,
+            rpn,
+            roi_heads,
+            config: config.clone(),
+            categories: None,
+        })
     }
 
     /// A model whose weights come from the safetensors file `path`.
+    /// A model whose weights (and category table, when the file has one)
+    /// come from the safetensors file `path`.
     pub fn from_weights(config: &Config, path: &Path, device: Device) -> Result<MaskRcnn, ModelError> {
-        let model = MaskRcnn::new(config, device)?;
+        let mut model = MaskRcnn::new(config, device)?;
         weights::load_weights(&model.vs, path, config.model.num_classes)?;
+        model.categories = weights::read_categories(path)?;
+        if let Some(c) = model.categories.as_ref().filter(|c| c.num_classes() != config.model.num_classes) {
+            return Err(ModelError::ReadWeights {
+                path: path.to_path_buf(),
+                message: format!(
+                    "its category table lists {} categories but the model has {} classes",
+                    c.len(),
+                    config.model.num_classes
+                ),
+            });
+        }
         Ok(model)
     }
 
-    /// Saves the weights (torchvision names) to `path`, atomically.
+    /// Saves the weights (torchvision names) and the category table to
+    /// `path`, atomically.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        weights::save_weights(&self.vs, path)
+        weights::save_weights(&self.vs, self.categories.as_ref(), path)
+    }
+
+    /// The dataset category id of `label`: from the category table when the
+    /// model has one, else the label itself (torchvision's COCO models
+    /// predict category ids).
+    pub fn category_id(&self, label: i64) -> i64 {
+        self.categories.as_ref().and_then(|c| c.category_id(label)).map_or(label, |id| id as i64)
+    }
+
+    /// A name for `label`: the category's name, COCO's names for 91-class
+    /// models without a table, else `class N`.
+    pub fn class_name(&self, label: i64) -> String {
+        match self.categories.as_ref().and_then(|c| c.get(label)) {
+            Some(c) => c.name.clone(),
+            None => crate::visualization::class_name(label, self.config.model.num_classes),
+        }
     }
 
     /// Stores every 4-D weight in NHWC (channels-last) layout; with

@@ -3,13 +3,21 @@
 //! A torchvision checkpoint converts with
 //! `safetensors.torch.save_file(model.state_dict(), "w.safetensors")`; the
 //! bookkeeping buffers `*.num_batches_tracked` of ordinary BatchNorm are
-//! ignored when present.
+//! ignored when present. Weights we write carry the model's category table
+//! in the header's `__metadata__` (key [`CATEGORIES_KEY`]); torchvision and
+//! `safetensors.torch.load_file` ignore it.
 
 use super::ModelError;
-use std::collections::BTreeMap;
+use crate::structures::Categories;
+use safetensors::tensor::{Dtype, View};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+/// Header metadata key of the category table (JSON of [`Categories`]).
+pub const CATEGORIES_KEY: &str = "maskrcnn.categories";
 
 const CLS_SCORE: &str = "roi_heads.box_predictor.cls_score.weight";
 
@@ -81,16 +89,97 @@ fn copy_matching(
     Ok(())
 }
 
-/// Writes every tensor of `vs` to `path` as safetensors (float32, CPU),
-/// atomically: a temporary file in the same folder is renamed over `path`.
-pub fn save_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+/// Writes every tensor of `vs` to `path` as safetensors (float32, CPU) with
+/// `categories` in the header, atomically: a temporary file in the same
+/// folder is renamed over `path`.
+pub fn save_weights(vs: &VarStore, categories: Option<&Categories>, path: &Path) -> Result<(), ModelError> {
     let write_err = |message: String| ModelError::WriteWeights { path: path.to_path_buf(), message };
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let named: Vec<(String, Tensor)> =
-        vars.into_iter().map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     let tmp = path.with_extension("safetensors.tmp");
-    Tensor::write_safetensors(&named, &tmp).map_err(|e| write_err(e.to_string()))?;
+    write_tensors(&named, categories, &tmp).map_err(|e| write_err(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
+}
+
+/// A tensor copied to the CPU and made contiguous, as safetensors data.
+struct CpuTensor {
+    tensor: Tensor,
+    shape: Vec<usize>,
+    dtype: Dtype,
+}
+
+impl View for CpuTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut bytes = vec![0u8; self.data_len()];
+        self.tensor.copy_data_u8(&mut bytes, self.tensor.numel());
+        bytes.into()
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
+    }
+}
+
+/// Writes `named` tensors (any device; float32 stays float32) to `path` as
+/// safetensors, sorted by name, with `categories` as header metadata.
+pub fn write_tensors(named: &[(String, Tensor)], categories: Option<&Categories>, path: &Path) -> std::io::Result<()> {
+    let views = named
+        .iter()
+        .map(|(name, t)| {
+            let tensor = t.detach().to_device(tch::Device::Cpu).contiguous();
+            let dtype = match tensor.kind() {
+                Kind::Float => Dtype::F32,
+                Kind::Half => Dtype::F16,
+                Kind::BFloat16 => Dtype::BF16,
+                Kind::Double => Dtype::F64,
+                Kind::Int64 => Dtype::I64,
+                Kind::Int => Dtype::I32,
+                Kind::Uint8 => Dtype::U8,
+                Kind::Bool => Dtype::BOOL,
+                other => return Err(std::io::Error::other(format!("{name}: cannot store {other:?} tensors"))),
+            };
+            let shape = tensor.size().iter().map(|&d| d as usize).collect();
+            Ok((name.as_str(), CpuTensor { tensor, shape, dtype }))
+        })
+        .collect::<std::io::Result<BTreeMap<&str, CpuTensor>>>()?;
+    let metadata = categories
+        .map(|c| serde_json::to_string(c).map(|json| HashMap::from([(CATEGORIES_KEY.to_string(), json)])))
+        .transpose()?;
+    safetensors::tensor::serialize_to_file(views, &metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => io,
+        other => std::io::Error::other(format!("{other:?}")),
+    })
+}
+
+/// The category table in the header of the weights file `path`: `None` for
+/// files without one (torchvision checkpoints).
+pub fn read_categories(path: &Path) -> Result<Option<Categories>, ModelError> {
+    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| read_err("not a safetensors file (no header length)".into()))?;
+    let len = u64::from_le_bytes(len);
+    // The format caps headers at 100 MB.
+    if len > 100_000_000 {
+        return Err(read_err(format!("not a safetensors file (header length {len})")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|_| read_err("truncated safetensors header".into()))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| read_err(format!("safetensors header: {e}")))?;
+    let Some(json) = header.get("__metadata__").and_then(|m| m.get(CATEGORIES_KEY)) else {
+        return Ok(None);
+    };
+    let parsed = json.as_str().map(serde_json::from_str::<Categories>);
+    match parsed {
+        Some(Ok(categories)) => Ok(Some(categories)),
+        Some(Err(e)) => Err(read_err(format!("metadata {CATEGORIES_KEY}: {e}"))),
+        None => Err(read_err(format!("metadata {CATEGORIES_KEY} is not a string"))),
+    }
 }
 
 /// Copies an ImageNet ResNet state dict (torchvision's `resnet50` names:

@@ -1,8 +1,10 @@
 //! Data structures of detection: ground-truth instances, masks (pasting,
-//! targets) and their COCO RLE encoding.
+//! targets), their COCO RLE encoding, and the categories behind labels.
 
+pub mod categories;
 pub mod instances;
 pub mod masks;
 pub mod rle;
 
+pub use categories::{Categories, Category};
 pub use instances::{InstanceMasks, Target};
