@@ -9,50 +9,79 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use tch::{Device, Kind, Tensor};
 
 pub(crate) const SOURCE: &str = r#"
-__device__ float bilinear(const float* input, int height, int width, float y, float x) {
-  if (y < -1.0f || y > height || x < -1.0f || x > width) return 0.0f;
+// torchvision's bilinear_interpolate(_gradient): the four neighbours of
+// (y, x) in a height × width map and their weights; false outside the map.
+__device__ bool bilinear_weights(int height, int width, float y, float x, int idx[4], float w[4]) {
+  if (y < -1.0f || y > height || x < -1.0f || x > width) return false;
   if (y <= 0) y = 0;
   if (x <= 0) x = 0;
   int y_low = (int)y, x_low = (int)x, y_high, x_high;
   if (y_low >= height - 1) { y_high = y_low = height - 1; y = (float)y_low; } else { y_high = y_low + 1; }
   if (x_low >= width - 1) { x_high = x_low = width - 1; x = (float)x_low; } else { x_high = x_low + 1; }
   float ly = y - y_low, lx = x - x_low, hy = 1.0f - ly, hx = 1.0f - lx;
-  float v1 = input[y_low * width + x_low], v2 = input[y_low * width + x_high];
-  float v3 = input[y_high * width + x_low], v4 = input[y_high * width + x_high];
-  float w1 = hy * hx, w2 = hy * lx, w3 = ly * hx, w4 = ly * lx;
-  return (w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4);
+  idx[0] = y_low * width + x_low; idx[1] = y_low * width + x_high;
+  idx[2] = y_high * width + x_low; idx[3] = y_high * width + x_high;
+  w[0] = hy * hx; w[1] = hy * lx; w[2] = ly * hx; w[3] = ly * lx;
+  return true;
 }
+
+// The output cell `index` of [K, C, ph, pw]: its feature plane (image and
+// channel) and torchvision's sampling grid over the bin.
+struct Cell {
+  long long plane;
+  int grid_h, grid_w;
+  float y0, x0, step_h, step_w, count;
+};
+
+__device__ Cell cell_of(long long index, const float* rois, float spatial_scale, int channels, int height,
+    int width, int pooled_height, int pooled_width, int sampling_ratio, int aligned) {
+  int pw = index % pooled_width;
+  int ph = (index / pooled_width) % pooled_height;
+  int c = (index / pooled_width / pooled_height) % channels;
+  long long n = index / pooled_width / pooled_height / channels;
+  const float* r = rois + n * 5;
+  int batch = (int)r[0];
+  float offset = aligned ? 0.5f : 0.0f;
+  float start_w = r[1] * spatial_scale - offset, start_h = r[2] * spatial_scale - offset;
+  float end_w = r[3] * spatial_scale - offset, end_h = r[4] * spatial_scale - offset;
+  float roi_w = end_w - start_w, roi_h = end_h - start_h;
+  if (!aligned) { roi_w = fmaxf(roi_w, 1.0f); roi_h = fmaxf(roi_h, 1.0f); }
+  float bin_h = roi_h / pooled_height, bin_w = roi_w / pooled_width;
+  Cell cell;
+  cell.plane = ((long long)batch * channels + c) * height * width;
+  cell.grid_h = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_h / pooled_height);
+  cell.grid_w = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_w / pooled_width);
+  cell.count = fmaxf((float)(cell.grid_h * cell.grid_w), 1.0f);
+  cell.y0 = start_h + ph * bin_h;
+  cell.x0 = start_w + pw * bin_w;
+  cell.step_h = bin_h;
+  cell.step_w = bin_w;
+  return cell;
+}
+
+// Sample (iy, ix) of the cell's grid, as torchvision computes it.
+__device__ float sample_y(const Cell& c, int iy) { return c.y0 + ((float)iy + 0.5f) * c.step_h / (float)c.grid_h; }
+__device__ float sample_x(const Cell& c, int ix) { return c.x0 + ((float)ix + 0.5f) * c.step_w / (float)c.grid_w; }
 
 extern "C" __global__ void roi_align_forward(long long nthreads, const float* input, float spatial_scale,
     int channels, int height, int width, int pooled_height, int pooled_width, int sampling_ratio,
     int aligned, const float* rois, float* output) {
   for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;
        index += (long long)blockDim.x * gridDim.x) {
-    int pw = index % pooled_width;
-    int ph = (index / pooled_width) % pooled_height;
-    int c = (index / pooled_width / pooled_height) % channels;
-    long long n = index / pooled_width / pooled_height / channels;
-    const float* r = rois + n * 5;
-    int batch = (int)r[0];
-    float offset = aligned ? 0.5f : 0.0f;
-    float start_w = r[1] * spatial_scale - offset, start_h = r[2] * spatial_scale - offset;
-    float end_w = r[3] * spatial_scale - offset, end_h = r[4] * spatial_scale - offset;
-    float roi_w = end_w - start_w, roi_h = end_h - start_h;
-    if (!aligned) { roi_w = fmaxf(roi_w, 1.0f); roi_h = fmaxf(roi_h, 1.0f); }
-    float bin_h = roi_h / pooled_height, bin_w = roi_w / pooled_width;
-    const float* in = input + ((long long)batch * channels + c) * height * width;
-    int grid_h = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_h / pooled_height);
-    int grid_w = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_w / pooled_width);
-    float count = fmaxf((float)(grid_h * grid_w), 1.0f);
+    Cell cell = cell_of(index, rois, spatial_scale, channels, height, width, pooled_height, pooled_width,
+                        sampling_ratio, aligned);
+    const float* in = input + cell.plane;
     float acc = 0.0f;
-    for (int iy = 0; iy < grid_h; iy++) {
-      float y = start_h + ph * bin_h + ((float)iy + 0.5f) * bin_h / (float)grid_h;
-      for (int ix = 0; ix < grid_w; ix++) {
-        float x = start_w + pw * bin_w + ((float)ix + 0.5f) * bin_w / (float)grid_w;
-        acc += bilinear(in, height, width, y, x);
+    for (int iy = 0; iy < cell.grid_h; iy++) {
+      float y = sample_y(cell, iy);
+      for (int ix = 0; ix < cell.grid_w; ix++) {
+        int idx[4];
+        float w[4];
+        if (bilinear_weights(height, width, y, sample_x(cell, ix), idx, w))
+          acc += (w[0] * in[idx[0]] + w[1] * in[idx[1]] + w[2] * in[idx[2]] + w[3] * in[idx[3]]);
       }
     }
-    output[index] = acc / count;
+    output[index] = acc / cell.count;
   }
 }
 
@@ -61,37 +90,17 @@ extern "C" __global__ void roi_align_backward(long long nthreads, const float* g
     int aligned, const float* rois, float* grad_input) {
   for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;
        index += (long long)blockDim.x * gridDim.x) {
-    int pw = index % pooled_width;
-    int ph = (index / pooled_width) % pooled_height;
-    int c = (index / pooled_width / pooled_height) % channels;
-    long long n = index / pooled_width / pooled_height / channels;
-    const float* r = rois + n * 5;
-    int batch = (int)r[0];
-    float offset = aligned ? 0.5f : 0.0f;
-    float start_w = r[1] * spatial_scale - offset, start_h = r[2] * spatial_scale - offset;
-    float end_w = r[3] * spatial_scale - offset, end_h = r[4] * spatial_scale - offset;
-    float roi_w = end_w - start_w, roi_h = end_h - start_h;
-    if (!aligned) { roi_w = fmaxf(roi_w, 1.0f); roi_h = fmaxf(roi_h, 1.0f); }
-    float bin_h = roi_h / pooled_height, bin_w = roi_w / pooled_width;
-    float* gin = grad_input + ((long long)batch * channels + c) * height * width;
+    Cell cell = cell_of(index, rois, spatial_scale, channels, height, width, pooled_height, pooled_width,
+                        sampling_ratio, aligned);
+    float* gin = grad_input + cell.plane;
     float g = grad_output[index];
-    int grid_h = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_h / pooled_height);
-    int grid_w = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_w / pooled_width);
-    float count = fmaxf((float)(grid_h * grid_w), 1.0f);
-    for (int iy = 0; iy < grid_h; iy++) {
-      float y = start_h + ph * bin_h + ((float)iy + 0.5f) * bin_h / (float)grid_h;
-      for (int ix = 0; ix < grid_w; ix++) {
-        float x = start_w + pw * bin_w + ((float)ix + 0.5f) * bin_w / (float)grid_w;
-        if (y < -1.0f || y > height || x < -1.0f || x > width) continue;
-        float yy = y <= 0 ? 0 : y, xx = x <= 0 ? 0 : x;
-        int y_low = (int)yy, x_low = (int)xx, y_high, x_high;
-        if (y_low >= height - 1) { y_high = y_low = height - 1; yy = (float)y_low; } else { y_high = y_low + 1; }
-        if (x_low >= width - 1) { x_high = x_low = width - 1; xx = (float)x_low; } else { x_high = x_low + 1; }
-        float ly = yy - y_low, lx = xx - x_low, hy = 1.0f - ly, hx = 1.0f - lx;
-        atomicAdd(gin + y_low * width + x_low, g * hy * hx / count);
-        atomicAdd(gin + y_low * width + x_high, g * hy * lx / count);
-        atomicAdd(gin + y_high * width + x_low, g * ly * hx / count);
-        atomicAdd(gin + y_high * width + x_high, g * ly * lx / count);
+    for (int iy = 0; iy < cell.grid_h; iy++) {
+      float y = sample_y(cell, iy);
+      for (int ix = 0; ix < cell.grid_w; ix++) {
+        int idx[4];
+        float w[4];
+        if (!bilinear_weights(height, width, y, sample_x(cell, ix), idx, w)) continue;
+        for (int k = 0; k < 4; k++) atomicAdd(gin + idx[k], g * w[k] / cell.count);
       }
     }
   }
