@@ -452,6 +452,9 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
     let text = String::from_utf8_lossy(&resumed.stdout);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(text.contains(&format!("{at} -> {}", at + 2)), "{text}");
+    // Logs into a pipe or file carry no terminal colour codes.
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(log.contains("training") && !log.contains('\u{1b}'), "{log}");
 }
 
 /// Records of a TFRecord file: (payload) after checking both masked CRCs.
