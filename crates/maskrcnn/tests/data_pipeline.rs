@@ -425,3 +425,24 @@ fn cli_synth_and_bench_data() {
         "{err}"
     );
 }
+
+#[test]
+fn image_variants_decode_as_pil_does() {
+    let dir = common::fixture_dir().join("image_variants");
+    common::run_reference("image_variants.py", &[dir.to_str().unwrap()], &dir.join("stamp"));
+    let names = std::fs::read_to_string(dir.join("stamp")).unwrap();
+    for name in names.lines() {
+        let path = dir.join(name);
+        let ours = maskrcnn::data::image::RgbImage::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let pil = Tensor::read_npy(dir.join(format!("{name}.npy"))).unwrap();
+        let (h, w) = (pil.size()[0], pil.size()[1]);
+        assert_eq!((ours.height as i64, ours.width as i64), (h, w), "{name}");
+        let ours = Tensor::from_slice(&ours.pixels).reshape([h, w, 3]).to_kind(Kind::Int);
+        let diff = (ours - pil.to_kind(Kind::Int)).abs();
+        let (max, mean) = (diff.max().int64_value(&[]), diff.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]));
+        eprintln!("{name}: max |ours - PIL| {max}, mean {mean:.3}");
+        // PNGs are lossless; JPEG decoders differ by IDCT and chroma upsampling rounding.
+        let (max_bound, mean_bound) = if name.ends_with(".png") { (0, 0.0) } else { (4, 0.5) };
+        assert!(max <= max_bound && mean <= mean_bound, "{name}: max {max}, mean {mean:.3}");
+    }
+}
