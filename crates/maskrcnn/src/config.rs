@@ -71,8 +71,9 @@ pub struct ModelConfig {
     pub backbone_depth: usize,
     /// How many ResNet stages train, counted from the top (layer4 first):
     /// 3 freezes conv1 and layer1 (the seed's "first two blocks frozen").
-    /// Applies with `backbone_weights`; from scratch every stage trains (as
-    /// torchvision without pretrained weights).
+    /// Applies with pretrained weights (`backbone_weights` or `weights`);
+    /// from scratch every stage trains (as torchvision without pretrained
+    /// weights).
     pub trainable_layers: usize,
     /// Normalization inside the backbone.
     pub norm: NormKind,
@@ -80,6 +81,11 @@ pub struct ModelConfig {
     /// `conv1.weight`, `layer1.0.bn1.running_mean`, ...) to start training
     /// from; empty: train from scratch.
     pub backbone_weights: String,
+    /// A whole Mask R-CNN (safetensors, torchvision's names: a converted
+    /// torchvision checkpoint or our `model_final.safetensors`) to fine-tune
+    /// from. The class-dependent predictor layers start fresh when the file
+    /// has another number of classes; every other tensor must match.
+    pub weights: String,
     /// Channels of every FPN output level.
     pub fpn_channels: usize,
 }
@@ -88,7 +94,8 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
-    /// `frozen_bn` with `model.backbone_weights`, `bn` from scratch.
+    /// `frozen_bn` with `model.backbone_weights` or `model.weights`, `bn`
+    /// from scratch.
     Auto,
     /// BatchNorm with fixed statistics and affine parameters (torchvision's
     /// `FrozenBatchNorm2d`, eps 1e-5), as every detection recipe fine-tuning
@@ -347,6 +354,7 @@ impl Default for Config {
                 trainable_layers: 3,
                 norm: NormKind::Auto,
                 backbone_weights: String::new(),
+                weights: String::new(),
                 fpn_channels: 256,
             },
             input: InputConfig {
@@ -481,6 +489,11 @@ impl Config {
         )?;
         rule(m.trainable_layers <= 5, "model.trainable_layers", "must be in 0..=5")?;
         rule(m.fpn_channels > 0, "model.fpn_channels", "must be > 0")?;
+        rule(
+            m.weights.is_empty() || m.backbone_weights.is_empty(),
+            "model.weights",
+            "set model.weights (a whole model) or model.backbone_weights (an ImageNet ResNet), not both",
+        )?;
 
         let i = &self.input;
         rule(!i.min_size.is_empty(), "input.min_size", "must list at least one size")?;
@@ -591,17 +604,23 @@ impl Config {
     /// The backbone normalization actually built: `auto` resolves to frozen
     /// BatchNorm with ImageNet weights, trainable BatchNorm from scratch.
     pub fn norm_kind(&self) -> NormKind {
-        match (self.model.norm, self.model.backbone_weights.is_empty()) {
-            (NormKind::Auto, true) => NormKind::Bn,
-            (NormKind::Auto, false) => NormKind::FrozenBn,
+        match (self.model.norm, self.pretrained()) {
+            (NormKind::Auto, false) => NormKind::Bn,
+            (NormKind::Auto, true) => NormKind::FrozenBn,
             (n, _) => n,
         }
+    }
+
+    /// Whether training starts from pretrained weights (backbone or whole
+    /// model) rather than from scratch.
+    pub fn pretrained(&self) -> bool {
+        !self.model.backbone_weights.is_empty() || !self.model.weights.is_empty()
     }
 
     /// ResNet stages that train: all five when `auto` normalization trains
     /// from scratch (torchvision's rule), else `model.trainable_layers`.
     pub fn trainable_layers(&self) -> usize {
-        if self.model.norm == NormKind::Auto && self.model.backbone_weights.is_empty() {
+        if self.model.norm == NormKind::Auto && !self.pretrained() {
             5
         } else {
             self.model.trainable_layers

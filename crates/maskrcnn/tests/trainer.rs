@@ -591,3 +591,71 @@ fn trained_weights_carry_the_dataset_categories() {
     let e = MaskRcnn::from_weights(&other, &bad, Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("bad.safetensors") && e.contains("1 categories") && e.contains("7 classes"), "{e}");
 }
+
+#[test]
+fn fine_tunes_from_a_torchvision_detection_checkpoint() {
+    let _rng = rng_lock();
+    // torchvision's R18-FPN Mask R-CNN with COCO's 91 classes, as converted
+    // with save_file(model.state_dict()); we fine-tune it on 6 categories.
+    let coco = common::fixture_dir().join("maskrcnn_r18_fpn_91.safetensors");
+    common::run_reference("detection_weights.py", &["18", "91", coco.to_str().unwrap()], &coco);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let weights_set = format!("model.weights='{}'", coco.display());
+    let mut cfg = train_config(
+        &data,
+        &[
+            "model.norm=\"auto\"",
+            "model.fpn_channels=256",
+            "roi_heads.representation_size=1024",
+            "roi_heads.mask_head_channels=256",
+            &weights_set,
+        ],
+    );
+    cfg.solver.max_iter = 2;
+    // A pretrained whole model: frozen BN, conv1 and layer1 frozen.
+    assert_eq!((cfg.norm_kind(), cfg.trainable_layers()), (maskrcnn::config::NormKind::FrozenBn, 3));
+
+    // Every tensor but the class-dependent predictors comes from the file.
+    let model = fresh_model(&cfg);
+    let classes = maskrcnn::modeling::weights::load_pretrained_model(&model.vs, &coco).unwrap();
+    assert_eq!(classes, 91);
+    let file: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&coco).unwrap().into_iter().collect();
+    let vars = model.vs.variables();
+    let mut copied = 0;
+    for (name, t) in &vars {
+        if name.contains("box_predictor") || name.contains("mask_fcn_logits") {
+            assert_eq!(t.size()[0], if name.contains("bbox_pred") { 28 } else { 7 }, "{name}");
+        } else {
+            assert!(t.equal(&file[name]), "{name} not copied");
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, vars.len() - 6);
+
+    // Training from it: frozen tensors stay the file's, the new heads learn.
+    let out = tmp.path().join("ft");
+    train(&cfg, &options(&out, false)).unwrap();
+    let trained: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("model_final.safetensors")).unwrap().into_iter().collect();
+    for frozen in
+        ["backbone.body.conv1.weight", "backbone.body.layer1.0.conv1.weight", "backbone.body.bn1.running_mean"]
+    {
+        assert!(trained[frozen].equal(&file[frozen]), "{frozen} changed");
+    }
+    assert!(!trained["backbone.body.layer4.0.conv1.weight"].equal(&file["backbone.body.layer4.0.conv1.weight"]));
+    assert_eq!(trained["roi_heads.box_predictor.cls_score.weight"].size(), vec![7, 1024]);
+
+    // Another backbone depth is refused naming what does not fit; both kinds
+    // of pretrained weights at once are refused by the config.
+    let mut deeper = cfg.clone();
+    deeper.model.backbone_depth = 34;
+    let e =
+        maskrcnn::modeling::weights::load_pretrained_model(&fresh_model(&deeper).vs, &coco).unwrap_err().to_string();
+    assert!(e.contains("maskrcnn_r18_fpn_91.safetensors") && e.contains("missing backbone.body.layer"), "{e}");
+    let mut both = cfg.clone();
+    both.model.backbone_weights = "resnet.safetensors".into();
+    let e = both.validate().unwrap_err().to_string();
+    assert!(e.contains("model.weights") && e.contains("not both"), "{e}");
+}

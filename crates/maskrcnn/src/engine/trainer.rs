@@ -148,7 +148,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     }
     let images_in_set = dataset.images.len();
 
-    // Model, optionally from ImageNet backbone weights, or resumed.
+    // Model: resumed, or from ImageNet backbone weights, or fine-tuned from a
+    // whole model, or from scratch.
     let mut model = MaskRcnn::new(config, opts.device)?;
     model.categories = Some(dataset.categories.clone());
     match &resumed {
@@ -159,6 +160,16 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         )?,
         None if !config.model.backbone_weights.is_empty() => {
             crate::modeling::weights::load_backbone_weights(&model.vs, Path::new(&config.model.backbone_weights))?
+        }
+        None if !config.model.weights.is_empty() => {
+            let classes = crate::modeling::weights::load_pretrained_model(&model.vs, Path::new(&config.model.weights))?;
+            if classes != config.model.num_classes as i64 {
+                tracing::info!(
+                    "{}: {classes} classes, the model has {}: box and mask predictors start fresh",
+                    config.model.weights,
+                    config.model.num_classes
+                );
+            }
         }
         None => {}
     }

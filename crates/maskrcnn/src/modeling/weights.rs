@@ -47,6 +47,46 @@ pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<()
     copy_matching(&model, &file, "", path)
 }
 
+/// The predictor tensors whose first dimension counts classes (K or 4K):
+/// the layers fine-tuning on another dataset replaces (torchvision's
+/// tutorial swaps `box_predictor` and `mask_predictor`).
+const CLASS_TENSORS: [&str; 6] = [
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.box_predictor.cls_score.bias",
+    "roi_heads.box_predictor.bbox_pred.weight",
+    "roi_heads.box_predictor.bbox_pred.bias",
+    "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    "roi_heads.mask_predictor.mask_fcn_logits.bias",
+];
+
+/// Copies a whole Mask R-CNN (the safetensors file at `path`) into `vs` to
+/// fine-tune from. When the file's class count differs from the model's,
+/// the class-dependent predictor tensors keep their fresh initialization;
+/// every other tensor must be present with its shape (nothing changes
+/// otherwise). Returns the classes the file has.
+pub fn load_pretrained_model(vs: &VarStore, path: &Path) -> Result<i64, ModelError> {
+    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    if !path.is_file() {
+        return Err(read_err("no such file (model.weights)".into()));
+    }
+    let mut file: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .into_iter()
+        .filter(|(name, _)| !name.ends_with(".num_batches_tracked"))
+        .collect();
+    let mut model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let file_classes = file.get(CLS_SCORE).and_then(|t| t.size().first().copied()).unwrap_or(0);
+    let model_classes = model.get(CLS_SCORE).and_then(|t| t.size().first().copied()).unwrap_or(0);
+    if file_classes != model_classes {
+        for name in CLASS_TENSORS {
+            model.remove(name);
+            file.remove(name);
+        }
+    }
+    copy_matching(&model, &file, "", path)?;
+    Ok(file_classes)
+}
+
 /// Copies `file` tensors into the `model` variables of the same name, where
 /// model names are `prefix` + file names. Fails, changing nothing, when any
 /// model tensor is missing, any file tensor unexpected or any shape differs;
