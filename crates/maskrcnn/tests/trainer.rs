@@ -659,3 +659,155 @@ fn fine_tunes_from_a_torchvision_detection_checkpoint() {
     let e = both.validate().unwrap_err().to_string();
     assert!(e.contains("model.weights") && e.contains("not both"), "{e}");
 }
+
+/// `--set` flags of a small fp32 run whose single update is plain SGD
+/// (no momentum, weight decay, warmup or bias factor): w1 = w0 - lr * g.
+fn plain_sgd_sets(data: &maskrcnn::data::synth::SynthOutput) -> Vec<String> {
+    vec![
+        format!("data.train_ann='{}'", data.train_ann.display()),
+        format!("data.train_images='{}'", data.train_images.display()),
+        "model.num_classes=7".into(),
+        "model.backbone_depth=18".into(),
+        "model.fpn_channels=32".into(),
+        "model.norm=\"frozen_bn\"".into(),
+        "roi_heads.representation_size=64".into(),
+        "roi_heads.mask_head_channels=16".into(),
+        "input.min_size=[96]".into(),
+        "input.max_size=128".into(),
+        "solver.ims_per_batch=4".into(),
+        "solver.max_iter=1".into(),
+        "solver.base_lr=0.02".into(),
+        "solver.momentum=0.0".into(),
+        "solver.weight_decay=0.0".into(),
+        "solver.bias_lr_factor=1.0".into(),
+        "solver.bias_weight_decay=0.0".into(),
+        "solver.warmup_iters=0".into(),
+        "solver.steps=[]".into(),
+        "precision.amp=\"off\"".into(),
+        "dataloader.workers=1".into(),
+    ]
+}
+
+#[test]
+fn multi_gpu_training_without_cuda_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut args: Vec<String> = vec!["train".into(), "--device".into(), "cpu".into(), "--output".into()];
+    args.push(tmp.path().join("out").display().to_string());
+    for s in plain_sgd_sets(&data) {
+        args.extend(["--set".into(), s]);
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn"))
+        .args(&args)
+        .envs([("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "29999")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 1: multi-GPU training (WORLD_SIZE=2) needs CUDA"), "{err}");
+    // launch checks the GPU count before starting anything.
+    if tch::Cuda::device_count() < 2 {
+        let mut launch = vec!["launch".to_string(), "--nproc-per-node".into(), "2".into()];
+        launch.extend(args);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&launch).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("--nproc-per-node 2 needs 2 CUDA devices"), "{err}");
+    }
+}
+
+#[test]
+fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
+    if tch::Cuda::device_count() < 2 {
+        eprintln!("skipped gpu_launch_two_ranks_take_the_mean_gradient_step: needs 2 CUDA devices (nvidia-h100-x2)");
+        return;
+    }
+    let _rng = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let out = tmp.path().join("ddp");
+    let sets = plain_sgd_sets(&data);
+    let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "2".into(), "train".into()];
+    args.extend(["--output".into(), out.display().to_string()]);
+    for s in &sets {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let trained: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("model_final.safetensors")).unwrap().into_iter().collect();
+
+    // The reference: rank r's batch (the loader's shard r of 2) through one
+    // forward/backward on cuda:0 with rank r's sampling seed; the update must
+    // be the mean of the two gradients (DistributedDataParallel's rule).
+    let cfg = Config::load(None, &sets).unwrap();
+    let device = Device::Cuda(0);
+    let mut model = MaskRcnn::new(&cfg, device).unwrap();
+    model.to_channels_last();
+    let w0: Vec<(String, Tensor)> = weights(&model);
+    let ds = Arc::new(
+        maskrcnn::data::CocoDataset::load(
+            &data.train_ann,
+            &data.train_images,
+            maskrcnn::data::LoadOptions { drop_empty: true, strict: false },
+        )
+        .unwrap(),
+    );
+    let mut grads: Vec<std::collections::HashMap<String, Tensor>> = Vec::new();
+    for rank in 0..2 {
+        let mut loader = maskrcnn::data::Loader::new(
+            ds.clone(),
+            maskrcnn::data::LoaderOptions {
+                batch_size: 2,
+                workers: 1,
+                prefetch: cfg.dataloader.prefetch,
+                flip_prob: cfg.input.flip_prob,
+                seed: cfg.seed,
+                rank,
+                world_size: 2,
+                group_by_aspect: cfg.dataloader.aspect_ratio_grouping,
+                strict: false,
+                device,
+                start_iteration: 0,
+            },
+        )
+        .unwrap();
+        let batch = loader.next_batch().unwrap();
+        model.vs.trainable_variables().iter().for_each(|p| {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        });
+        tch::manual_seed(maskrcnn::engine::trainer::micro_batch_seed(cfg.seed, 0, rank));
+        let step = MicroBatch { images: &batch.images, targets: &batch.targets };
+        let _losses =
+            forward_backward(&model, step, 1, None, AmpMode::Off, &mut maskrcnn::ops::BalancedSampler).unwrap();
+        grads.push(
+            model
+                .vs
+                .variables()
+                .into_iter()
+                .filter(|(_, p)| p.requires_grad())
+                .map(|(k, p)| (k, p.grad().copy()))
+                .collect(),
+        );
+    }
+    let (mut worst, mut scale, mut compared) = (0.0f64, 0.0f64, 0);
+    for (name, w) in &w0 {
+        let got = trained[name].to_device(device) - w;
+        match (grads[0].get(name), grads[1].get(name)) {
+            (Some(g0), Some(g1)) => {
+                let expected = (g0 + g1) * (-0.02 / 2.0);
+                worst = worst.max((&got - &expected).abs().max().double_value(&[]));
+                scale = scale.max(expected.abs().max().double_value(&[]));
+                compared += 1;
+            }
+            _ => assert_eq!(got.abs().max().double_value(&[]), 0.0, "{name}: frozen, yet it changed"),
+        }
+    }
+    eprintln!("2 ranks vs mean gradient: worst update difference {worst:.3e} of {scale:.3e} over {compared} tensors");
+    assert!(compared > 50 && scale > 0.0);
+    assert!(worst <= 1e-3 * scale, "update differs from the mean gradient step: {worst:.3e} vs {scale:.3e}");
+}

@@ -38,6 +38,21 @@ enum Command {
     Synth(SynthArgs),
     /// Train on data.train_ann/data.train_images; checkpoints, logs and metrics in --output.
     Train(TrainArgs),
+    /// Train on several GPUs: one `train` process per GPU, gradients all-reduced over NCCL.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Processes (GPUs) to start, cuda:0..N-1.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: usize,
+    /// Rendezvous port on 127.0.0.1 (default: a free one).
+    #[arg(long, value_name = "PORT")]
+    master_port: Option<u16>,
+    /// `train` and its arguments, as for `maskrcnn train`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "train ARGS")]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args)]
@@ -254,7 +269,48 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval(args)?,
         Command::Synth(args) => synth(args)?,
         Command::Train(args) => train(args)?,
+        Command::Launch(args) => launch(args)?,
     }
+    Ok(())
+}
+
+fn launch(args: LaunchArgs) -> Result<()> {
+    use maskrcnn::engine::launcher::{free_port, rank_env, run_ranks};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let n = args.nproc_per_node;
+    if args.command.first().map(|c| c != "train").unwrap_or(true) {
+        bail!("launch runs `train`: maskrcnn launch --nproc-per-node N train [ARGS]...");
+    }
+    if n == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    let gpus = tch::Cuda::device_count() as usize;
+    if n > gpus {
+        bail!("--nproc-per-node {n} needs {n} CUDA devices; this machine has {gpus}");
+    }
+    let port = match args.master_port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let exe = std::env::current_exe().context("cannot find the maskrcnn executable")?;
+    let interrupt = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if !flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping every rank after this iteration");
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    eprintln!("launch: {n} ranks, rendezvous 127.0.0.1:{port}");
+    run_ranks(
+        n,
+        |rank| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(&args.command).envs(rank_env(rank, n, port));
+            cmd
+        },
+        interrupt,
+    )?;
     Ok(())
 }
 
@@ -304,9 +360,12 @@ fn train(args: TrainArgs) -> Result<()> {
         eprintln!("\nstopping after this iteration (Ctrl-C again to abort without a checkpoint)");
     })
     .context("cannot install the Ctrl-C handler")?;
-    std::fs::create_dir_all(&args.output).with_context(|| format!("output directory {}", args.output.display()))?;
-    std::fs::write(args.output.join("config.toml"), config.to_toml())
-        .with_context(|| format!("output directory {}: cannot write config.toml", args.output.display()))?;
+    // Under `launch` only rank 0 writes the output directory.
+    if std::env::var("RANK").map_or(true, |r| r.trim() == "0") {
+        std::fs::create_dir_all(&args.output).with_context(|| format!("output directory {}", args.output.display()))?;
+        std::fs::write(args.output.join("config.toml"), config.to_toml())
+            .with_context(|| format!("output directory {}: cannot write config.toml", args.output.display()))?;
+    }
     let opts = maskrcnn::engine::trainer::TrainOptions {
         output: args.output.clone(),
         resume: args.resume,
@@ -316,6 +375,10 @@ fn train(args: TrainArgs) -> Result<()> {
         strict: args.strict,
     };
     let s = maskrcnn::engine::trainer::train(&config, &opts)?;
+    if s.rank != 0 {
+        // Under `launch`, rank 0 reports for the group.
+        return Ok(());
+    }
     maskrcnn::engine::predictor::write_json_atomic(&args.output.join("summary.json"), &s)?;
     println!("{:<22} {} -> {}", "iterations", s.start_iteration, s.iterations);
     println!("{:<22} {:.1} s ({:.1} img/s)", "time", s.seconds, s.images_per_s);

@@ -5,6 +5,8 @@ pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod data_bench;
+pub mod distributed;
+pub mod launcher;
 pub mod lr_schedule;
 pub mod optimizer;
 pub mod predictor;

@@ -8,12 +8,19 @@
 //! batch)` before every forward pass and the loader's order and flips derive
 //! from the seed and iteration, so a resumed run takes the same steps as an
 //! uninterrupted one.
+//!
+//! Several GPUs (`maskrcnn launch`, torchrun's environment): one process per
+//! GPU, each on its shard of every batch; gradients, logged losses and the
+//! stop decisions are averaged over the group each step (one NCCL
+//! all-reduce), so every rank takes the same update. Rank 0 alone writes
+//! logs, checkpoints, evaluations and the final weights.
 
 use crate::config::{AmpMode, Config};
 use crate::data::coco::{CocoDataset, LoadOptions};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::engine::amp::GradScaler;
 use crate::engine::checkpoint::{self, TrainState};
+use crate::engine::distributed::{DistEnv, DistError, ProcessGroup};
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
 use crate::evaluation::coco_eval::CocoMetrics;
@@ -64,6 +71,8 @@ pub enum TrainError {
     NonFinite { iteration: u64, loss: String, value: f64 },
     #[error("evaluation: {0}")]
     Eval(String),
+    #[error("{0}")]
+    Distributed(#[from] DistError),
 }
 
 /// One evaluation during training.
@@ -91,12 +100,30 @@ pub struct TrainSummary {
     pub interrupted: bool,
     pub weights: PathBuf,
     pub skipped_images: usize,
+    /// This process's rank (0 without `maskrcnn launch`); only rank 0 writes.
+    pub rank: usize,
 }
 
 /// Trains per `config` into `opts.output`.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let setup = |m: String| TrainError::Setup(m);
-    let world_size = 1usize;
+    // One process per GPU when a launcher set torchrun's variables.
+    let group = match DistEnv::from_process()? {
+        Some(env) => {
+            if !opts.device.is_cuda() {
+                return Err(setup(format!(
+                    "rank {}: multi-GPU training (WORLD_SIZE={}) needs CUDA; --device is {:?}",
+                    env.rank, env.world_size, opts.device
+                )));
+            }
+            Some(ProcessGroup::join(env)?)
+        }
+        None => None,
+    };
+    let (rank, world_size) = group.as_ref().map_or((0, 1), |g| (g.env.rank, g.env.world_size));
+    let main = rank == 0;
+    let device = group.as_ref().map_or(opts.device, |g| Device::Cuda(g.env.local_rank));
+    let opts = &TrainOptions { device, progress: opts.progress && main, ..opts.clone() };
     let solver = &config.solver;
     if config.data.train_ann.is_empty() || config.data.train_images.is_empty() {
         return Err(setup("no training data: set data.train_ann and data.train_images (see `maskrcnn synth`)".into()));
@@ -109,7 +136,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         )));
     }
     let micro_batch = per_step / solver.accumulate_steps;
-    prepare_output(&opts.output)?;
+    if main {
+        prepare_output(&opts.output)?;
+    }
 
     // Resume: the checkpoint must come from a compatible model.
     let resume_from = if opts.resume { checkpoint::list(&opts.output).pop() } else { None };
@@ -181,6 +210,12 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             model.to_channels_last();
         }
     }
+    if let Some(g) = &group {
+        // Every rank starts from rank-identical weights and statistics (the
+        // mean of equal values is exact; this also covers any init drift).
+        let state: Vec<Tensor> = model.vs.variables().into_values().collect();
+        g.all_reduce_mean(&state)?;
+    }
     let amp = if cuda { config.precision.amp } else { AmpMode::Off };
     if config.precision.amp != AmpMode::Off && !cuda {
         tracing::warn!("precision.amp = {} needs CUDA; training in fp32 on the CPU", config.precision.amp);
@@ -211,7 +246,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             prefetch: config.dataloader.prefetch,
             flip_prob: config.input.flip_prob,
             seed: config.seed,
-            rank: 0,
+            rank,
             world_size,
             group_by_aspect: config.dataloader.aspect_ratio_grouping,
             strict: opts.strict,
@@ -222,18 +257,28 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
 
     let schedule = LrSchedule::new(solver);
     let max_iter = solver.max_iter as u64;
-    let mut metrics_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(opts.output.join("metrics.jsonl"))
-        .map_err(|e| setup(format!("{}: {e}", opts.output.join("metrics.jsonl").display())))?;
-    let mut board = match crate::engine::tensorboard::EventWriter::create(&opts.output.join("tensorboard")) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!("no TensorBoard events ({}): {e}", opts.output.join("tensorboard").display());
-            None
-        }
+    // Logs: rank 0's (a sink elsewhere).
+    let metrics_path = opts.output.join("metrics.jsonl");
+    let mut metrics_log: Box<dyn Write> = if main {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| setup(format!("{}: {e}", metrics_path.display())))?,
+        )
+    } else {
+        Box::new(std::io::sink())
     };
+    let mut board =
+        match main.then(|| crate::engine::tensorboard::EventWriter::create(&opts.output.join("tensorboard"))) {
+            None => None,
+            Some(Ok(w)) => Some(w),
+            Some(Err(e)) => {
+                tracing::warn!("no TensorBoard events ({}): {e}", opts.output.join("tensorboard").display());
+                None
+            }
+        };
     let bar = progress_bar(opts.progress, start, max_iter);
     let started = Instant::now();
     let mut window = (Instant::now(), 0u64);
@@ -247,7 +292,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let config_toml = config.to_toml();
     let mut iteration = start;
     tracing::info!(
-        "training {} images ({} categories), {micro_batch} images × {} accumulation step(s) per iteration, iterations {start}..{max_iter}, amp {amp}, device {:?}",
+        "rank {rank}/{world_size}: training {} images ({} categories), {micro_batch} images × {} accumulation step(s) per iteration, iterations {start}..{max_iter}, amp {amp}, device {:?}",
         images_in_set,
         dataset.categories.len(),
         solver.accumulate_steps,
@@ -260,8 +305,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         for micro in 0..solver.accumulate_steps as u64 {
             let batch = loader.next_batch()?;
             images_seen += batch.images.len() as u64;
-            let seed = config.seed ^ (iteration * solver.accumulate_steps as u64 + micro).wrapping_mul(0x9E37_79B9);
-            tch::manual_seed(seed as i64);
+            tch::manual_seed(micro_batch_seed(config.seed, iteration * solver.accumulate_steps as u64 + micro, rank));
             let step = MicroBatch { images: &batch.images, targets: &batch.targets };
             sums.push(forward_backward(
                 &model,
@@ -272,15 +316,28 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
                 &mut BalancedSampler,
             )?);
         }
+        let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
+        let mut stop = opts.stop.load(Ordering::SeqCst);
+        let mut time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
+        if let Some(g) = &group {
+            // One all-reduce: gradients, the logged losses, and the stop flags
+            // (any rank's Ctrl-C or time budget stops every rank).
+            let flags =
+                Tensor::from_slice(&[f32::from(u8::from(stop)), f32::from(u8::from(time_up))]).to_device(device);
+            let mut tensors = gradients(&model);
+            tensors.push(losses.shallow_clone());
+            tensors.push(flags.shallow_clone());
+            g.all_reduce_mean(&tensors)?;
+            let any: Vec<f32> = Vec::try_from(flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
+            (stop, time_up) = (any.first() == Some(&1.0), any.get(1) == Some(&1.0));
+        }
         apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
         iteration += 1;
 
         // Loss values stay on the device until a log line or checkpoint needs
         // them: one copy per `log_period`, not a sync per step.
-        pending.push((iteration - 1, Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float)));
+        pending.push((iteration - 1, losses));
         bar.set_position(iteration);
-        let stop = opts.stop.load(Ordering::SeqCst);
-        let time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
         let last = iteration == max_iter || time_up;
         let log_now = iteration.is_multiple_of(solver.log_period as u64) || last;
         if log_now || stop || iteration.is_multiple_of(solver.checkpoint_period as u64) {
@@ -293,7 +350,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
 
         if log_now {
             let elapsed = window.0.elapsed().as_secs_f64();
-            let ips = (iteration - window.1) as f64 * per_step as f64 / elapsed.max(1e-9);
+            let ips = (iteration - window.1) as f64 * solver.ims_per_batch as f64 / elapsed.max(1e-9);
             window = (Instant::now(), iteration);
             let scale = scaler.as_ref().map(|s| s.state());
             let mut record = serde_json::Map::new();
@@ -324,7 +381,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             let scale_text =
                 scale.map(|s| format!(" scale {:.0} skipped {:.0}", s.scale, s.skipped)).unwrap_or_default();
             let msg = format!("loss {total_loss:.4} lr {lr:.5} {ips:.1} img/s{scale_text}");
-            if bar.is_hidden() {
+            if main && bar.is_hidden() {
                 tracing::info!("iter {iteration}/{max_iter} {msg}");
             } else {
                 bar.set_message(msg);
@@ -335,7 +392,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             && has_val
             && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
         let mut target_reached = false;
-        if eval_now {
+        if eval_now && main {
             let t_eval = Instant::now();
             let metrics = bar.suspend(|| evaluate(&model, config, &opts.output, iteration))?;
             eval_time += t_eval.elapsed().as_secs_f64();
@@ -364,7 +421,14 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
                 && point.segm_ap >= t.min_mask_map;
             evals.push(point);
         }
-        if iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last || target_reached {
+        if let (true, Some(g)) = (eval_now, &group) {
+            // Rank 0's early-stop decision, for every rank.
+            let flag = Tensor::from_slice(&[f32::from(u8::from(target_reached))]).to_device(device);
+            g.all_reduce_mean(std::slice::from_ref(&flag))?;
+            target_reached = flag.double_value(&[0]) > 0.0;
+        }
+        let save = iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last || target_reached;
+        if save && main {
             save_checkpoint(
                 &model,
                 &sgd,
@@ -379,7 +443,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         if stop {
             interrupted = true;
             bar.suspend(|| {
-                tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume")
+                if main {
+                    tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume")
+                }
             });
             break;
         }
@@ -399,7 +465,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     }
     bar.finish_and_clear();
     let weights = opts.output.join("model_final.safetensors");
-    model.save(&weights)?;
+    if main {
+        model.save(&weights)?;
+    }
     let seconds = started.elapsed().as_secs_f64();
     let done = iteration - start;
     let scale = scaler.as_ref().map(|s| s.state());
@@ -407,7 +475,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         start_iteration: start,
         iterations: iteration,
         seconds,
-        images_per_s: done as f64 * per_step as f64 / seconds.max(1e-9),
+        images_per_s: done as f64 * solver.ims_per_batch as f64 / seconds.max(1e-9),
         final_losses: last_losses,
         skipped_steps: scale.map_or(0.0, |s| s.skipped),
         loss_scale: scale.map(|s| s.scale),
@@ -416,7 +484,32 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         interrupted,
         weights,
         skipped_images: loader.skipped.count(),
+        rank,
     })
+}
+
+/// The seed of libtorch's generator for global micro-batch `micro` (iteration
+/// × accumulate_steps + step) on `rank`: RoI sampling draws from it.
+pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
+    (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
+}
+
+/// The gradient of every trainable parameter, in a rank-independent order; a
+/// parameter this step did not reach gets a zero gradient first, so every
+/// rank all-reduces the same tensors.
+fn gradients(model: &MaskRcnn) -> Vec<Tensor> {
+    let mut params: Vec<(String, Tensor)> =
+        model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+        .into_iter()
+        .map(|(_, p)| {
+            if !p.grad().defined() {
+                (&p * 0.0).sum(Kind::Float).backward();
+            }
+            p.grad()
+        })
+        .collect()
 }
 
 /// The names of the five losses, in [`crate::modeling::Losses::named`] order.

@@ -1,0 +1,154 @@
+//! `maskrcnn launch`: starts one training process per GPU with torchrun's
+//! environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+//! `MASTER_PORT`) and supervises them: Ctrl-C reaches every rank once (each
+//! checkpoints and stops at the same iteration), and when one rank fails the
+//! others are stopped instead of waiting forever in a collective.
+
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the group of ranks failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start rank {rank}: {source}")]
+    Spawn { rank: usize, source: std::io::Error },
+    #[error("rank {rank} failed ({status}); the other ranks were stopped")]
+    RankFailed { rank: usize, status: ExitStatus },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The torchrun variables of `rank` among `world_size` local processes.
+pub fn rank_env(rank: usize, world_size: usize, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("WORLD_SIZE", world_size.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", port.to_string()),
+    ]
+}
+
+/// A free TCP port on this machine for the rendezvous.
+pub fn free_port() -> Result<u16, LaunchError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| LaunchError::Setup(format!("no free port for the rendezvous: {e}")))
+}
+
+/// Runs `command(rank)` for every rank in `0..n`, each in its own process
+/// group (the terminal's Ctrl-C reaches the launcher only), until all exit.
+/// `interrupt` set (by the launcher's Ctrl-C handler) is forwarded once to
+/// every rank as SIGINT. The first rank to fail stops the others (SIGTERM).
+pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<AtomicBool>) -> Result<(), LaunchError> {
+    use std::os::unix::process::CommandExt;
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
+    for rank in 0..n {
+        let mut cmd = command(rank);
+        cmd.process_group(0);
+        match cmd.spawn() {
+            Ok(child) => children.push(Some(child)),
+            Err(source) => {
+                signal_all(&mut children, libc::SIGTERM);
+                wait_all(&mut children);
+                return Err(LaunchError::Spawn { rank, source });
+            }
+        }
+    }
+    let mut forwarded = false;
+    loop {
+        if interrupt.load(Ordering::SeqCst) && !forwarded {
+            signal_all(&mut children, libc::SIGINT);
+            forwarded = true;
+        }
+        let mut running = 0;
+        for rank in 0..n {
+            let Some(child) = children[rank].as_mut() else { continue };
+            match child.try_wait() {
+                Ok(None) => running += 1,
+                Ok(Some(status)) if status.success() => children[rank] = None,
+                Ok(Some(status)) => {
+                    children[rank] = None;
+                    signal_all(&mut children, libc::SIGTERM);
+                    wait_all(&mut children);
+                    return Err(LaunchError::RankFailed { rank, status });
+                }
+                Err(e) => return Err(LaunchError::Setup(format!("rank {rank}: {e}"))),
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal_all(children: &mut [Option<Child>], signal: libc::c_int) {
+    for child in children.iter().flatten() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    }
+}
+
+fn wait_all(children: &mut [Option<Child>]) {
+    for child in children.iter_mut().flatten() {
+        let _ = child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn all_ranks_succeeding_is_success() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let command = |r| {
+            let mut c = sh(&format!("test \"$RANK/$WORLD_SIZE\" = {r}/3"));
+            c.envs(rank_env(r, 3, 29500));
+            c
+        };
+        run_ranks(3, command, stop).unwrap();
+    }
+
+    #[test]
+    fn a_failing_rank_stops_the_others() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = std::time::Instant::now();
+        let e = run_ranks(2, |r| if r == 1 { sh("exit 3") } else { sh("sleep 30") }, stop).unwrap_err();
+        assert!(matches!(e, LaunchError::RankFailed { rank: 1, .. }), "{e}");
+        assert!(e.to_string().contains("rank 1 failed") && e.to_string().contains('3'), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10), "rank 0 was not stopped");
+    }
+
+    #[test]
+    fn interrupt_reaches_every_rank_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, Ordering::SeqCst);
+        });
+        // Each rank counts SIGINTs into a file and exits 0 on the first.
+        let d = dir.path().to_path_buf();
+        run_ranks(
+            2,
+            |r| sh(&format!("trap 'echo int >> {}/r{r}; exit 0' INT; while true; do sleep 0.05; done", d.display())),
+            stop,
+        )
+        .unwrap();
+        for r in 0..2 {
+            assert_eq!(std::fs::read_to_string(dir.path().join(format!("r{r}"))).unwrap(), "int\n");
+        }
+    }
+}
