@@ -732,7 +732,9 @@ fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
     for s in &sets {
         args.extend(["--set".into(), s.clone()]);
     }
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&args).output().unwrap();
+    // The GPU machine runs the binary scripts/gpu-check.sh names.
+    let bin = std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string());
+    let run = std::process::Command::new(bin).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     let trained: std::collections::HashMap<String, Tensor> =

@@ -206,6 +206,9 @@ pub struct ProcessGroup {
     pub env: DistEnv,
     api: NcclApi,
     comm: NcclComm,
+    /// This GPU's primary context, held for the communicator's lifetime and
+    /// made current before each collective.
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
 }
 
 // SAFETY: the communicator is used from the training thread only; moving it
@@ -241,7 +244,24 @@ impl ProcessGroup {
         api.check("ncclCommInitRank", unsafe {
             (api.comm_init_rank)(&mut comm, env.world_size as c_int, id, env.rank as c_int)
         })?;
-        Ok(ProcessGroup { env, api, comm })
+        let group = ProcessGroup { env, api, comm, ctx };
+        group.self_test()?;
+        Ok(group)
+    }
+
+    /// Sums `rank + 1` over the group: a broken transport fails here, named,
+    /// instead of corrupting training.
+    fn self_test(&self) -> Result<(), DistError> {
+        let device = tch::Device::Cuda(self.env.local_rank);
+        let mut t = Tensor::from_slice(&[self.env.rank as f32 + 1.0]).to_device(device);
+        self.all_reduce_sum(&mut t)?;
+        let got = t.double_value(&[0]);
+        let n = self.env.world_size as f64;
+        let expected = n * (n + 1.0) / 2.0;
+        if got != expected {
+            return Err(DistError::Nccl(format!("all-reduce self-test: sum of rank+1 is {got}, expected {expected}")));
+        }
+        Ok(())
     }
 
     /// Sums the contiguous float32 CUDA tensor `t` over all ranks, in place,
@@ -251,15 +271,21 @@ impl ProcessGroup {
             return Err(DistError::Nccl("all-reduce needs a contiguous float32 CUDA tensor".into()));
         }
         let ptr = t.data_ptr();
+        let ctx_err = |e: cudarc::driver::DriverError| DistError::Nccl(format!("cuda:{}: {e}", self.env.local_rank));
+        self.ctx.bind_to_thread().map_err(ctx_err)?;
         // SAFETY: `ptr` addresses numel() float32 values on this rank's GPU,
         // alive until the call returns and ordered on the null stream.
         self.api.check("ncclAllReduce", unsafe {
             (self.api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, NCCL_SUM, self.comm, std::ptr::null_mut())
-        })
+        })?;
+        // The sums are complete before libtorch reads them, whatever stream
+        // its next kernels use.
+        self.ctx.synchronize().map_err(ctx_err)
     }
 
-    /// Averages `tensors` (same shapes on every rank) over all ranks in one
-    /// all-reduce of their concatenation, writing the means back.
+    /// Averages `tensors` (same shapes, in the same order on every rank) over
+    /// all ranks in one all-reduce of their concatenation, writing the means
+    /// back.
     pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<(), DistError> {
         if tensors.is_empty() {
             return Ok(());

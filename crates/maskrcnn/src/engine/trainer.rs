@@ -213,8 +213,10 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     if let Some(g) = &group {
         // Every rank starts from rank-identical weights and statistics (the
         // mean of equal values is exact; this also covers any init drift).
-        let state: Vec<Tensor> = model.vs.variables().into_values().collect();
-        g.all_reduce_mean(&state)?;
+        // Sorted by name: every rank must concatenate in the same order.
+        let mut state: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        state.sort_by(|a, b| a.0.cmp(&b.0));
+        g.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
     }
     let amp = if cuda { config.precision.amp } else { AmpMode::Off };
     if config.precision.amp != AmpMode::Off && !cuda {
