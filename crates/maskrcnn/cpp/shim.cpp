@@ -71,8 +71,11 @@ int mrcnn_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, 
   try {
     std::optional<at::Tensor> scale = grad_scale ? std::optional<at::Tensor>(*grad_scale) : std::nullopt;
     std::optional<at::Tensor> inf = found_inf ? std::optional<at::Tensor>(*found_inf) : std::nullopt;
-    at::_fused_sgd_(tensor_list(params, n), tensor_list(grads, n), tensor_list(bufs, n), weight_decay, momentum, lr,
-                    0.0, false, false, is_first_step != 0, scale, inf);
+    // Without momentum no buffers go in (as torch.optim.SGD calls it): the
+    // CUDA kernel with buffers requires momentum > 0.
+    std::vector<at::Tensor> momentum_bufs = momentum == 0.0 ? std::vector<at::Tensor>{} : tensor_list(bufs, n);
+    at::_fused_sgd_(tensor_list(params, n), tensor_list(grads, n), momentum_bufs, weight_decay, momentum, lr, 0.0,
+                    false, false, is_first_step != 0, scale, inf);
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();

@@ -178,17 +178,17 @@ fn accumulation_equals_one_larger_batch() {
     }
 }
 
-#[test]
-fn fused_sgd_follows_torch_sgd_rule() {
-    // Two steps of torch.optim.SGD (momentum 0.9, dampening 0) written out:
-    // buf1 = g1 + wd·p0; p1 = p0 − lr·buf1; buf2 = 0.9·buf1 + g2 + wd·p1; p2 = p1 − lr·buf2.
-    let vs = tch::nn::VarStore::new(Device::Cpu);
+/// Two steps of torch.optim.SGD (dampening 0) written out: buf1 = g1 + wd·p0;
+/// p1 = p0 − lr·buf1; buf2 = m·buf1 + g2 + wd·p1; p2 = p1 − lr·buf2 (without
+/// momentum buf = g + wd·p), against the fused update on `device`.
+fn check_fused_sgd(momentum: f64, device: Device) {
+    let vs = tch::nn::VarStore::new(device);
     let root = vs.root();
     let w = (&root / "layer").var("weight", &[3], tch::nn::Init::Const(1.0));
     let b = (&root / "layer").var("bias", &[3], tch::nn::Init::Const(0.5));
-    let mut sgd = Sgd::new(&vs, 0.9, 0.1, 2.0, 0.0);
+    let mut sgd = Sgd::new(&vs, momentum, 0.1, 2.0, 0.0);
     let (lr, wd) = (0.5, 0.1);
-    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(device);
     let mut p = [1.0f64; 3];
     let mut pb = [0.5f64; 3];
     let (mut buf, mut bufb) = ([0.0f64; 3], [0.0f64; 3]);
@@ -202,23 +202,33 @@ fn fused_sgd_follows_torch_sgd_rule() {
             let g = 2.0 * inner * (i + 1) as f64;
             let gb = 2.0 * inner * 2.0;
             let d = g + wd * p[i];
-            buf[i] = if step == 0 { d } else { 0.9 * buf[i] + d };
+            buf[i] = if step == 0 { d } else { momentum * buf[i] + d };
             p[i] -= lr * buf[i];
-            bufb[i] = if step == 0 { gb } else { 0.9 * bufb[i] + gb }; // biases: no decay here
+            bufb[i] = if step == 0 { gb } else { momentum * bufb[i] + gb }; // biases: no decay here
             pb[i] -= lr * 2.0 * bufb[i]; // bias_lr_factor 2
         }
     }
-    let got: Vec<f32> = Vec::try_from(&w).unwrap();
-    let gotb: Vec<f32> = Vec::try_from(&b).unwrap();
+    let got: Vec<f32> = Vec::try_from(&w.to_device(Device::Cpu)).unwrap();
+    let gotb: Vec<f32> = Vec::try_from(&b.to_device(Device::Cpu)).unwrap();
     for i in 0..3 {
-        assert!((f64::from(got[i]) - p[i]).abs() <= 1e-4 * p[i].abs().max(1.0), "weight {i}: {} vs {}", got[i], p[i]);
-        assert!(
-            (f64::from(gotb[i]) - pb[i]).abs() <= 1e-4 * pb[i].abs().max(1.0),
-            "bias {i}: {} vs {}",
-            gotb[i],
-            pb[i]
-        );
+        let close = |a: f32, e: f64| (f64::from(a) - e).abs() <= 1e-4 * e.abs().max(1.0);
+        assert!(close(got[i], p[i]), "momentum {momentum}, weight {i}: {} vs {}", got[i], p[i]);
+        assert!(close(gotb[i], pb[i]), "momentum {momentum}, bias {i}: {} vs {}", gotb[i], pb[i]);
     }
+}
+
+#[test]
+fn fused_sgd_follows_torch_sgd_rule() {
+    check_fused_sgd(0.9, Device::Cpu);
+    check_fused_sgd(0.0, Device::Cpu);
+}
+
+#[test]
+fn gpu_fused_sgd_follows_torch_sgd_rule() {
+    // libtorch's CUDA kernel takes no momentum buffers when momentum is 0.
+    let Some(device) = common::cuda_or_skip("gpu_fused_sgd_follows_torch_sgd_rule") else { return };
+    check_fused_sgd(0.9, device);
+    check_fused_sgd(0.0, device);
 }
 
 #[test]

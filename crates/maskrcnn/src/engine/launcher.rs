@@ -20,15 +20,22 @@ pub enum LaunchError {
     Setup(String),
 }
 
-/// The torchrun variables of `rank` among `world_size` local processes.
+/// The torchrun variables of `rank` among `world_size` local processes, and
+/// (unless already set) `OMP_NUM_THREADS` sharing the cores between them, as
+/// torchrun does, so the ranks' libtorch thread pools do not oversubscribe.
 pub fn rank_env(rank: usize, world_size: usize, port: u16) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("RANK", rank.to_string()),
         ("LOCAL_RANK", rank.to_string()),
         ("WORLD_SIZE", world_size.to_string()),
         ("MASTER_ADDR", "127.0.0.1".into()),
         ("MASTER_PORT", port.to_string()),
-    ]
+    ];
+    if std::env::var_os("OMP_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        env.push(("OMP_NUM_THREADS", (cores / world_size.max(1)).max(1).to_string()));
+    }
+    env
 }
 
 /// A free TCP port on this machine for the rendezvous.
