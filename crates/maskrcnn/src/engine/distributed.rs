@@ -89,8 +89,15 @@ pub fn exchange_id(env: &DistEnv, id: Option<&[u8]>, len: usize) -> Result<Vec<u
     let started = Instant::now();
     if env.rank == 0 {
         let id = id.ok_or_else(|| err("rank 0 has no id to share".into()))?;
-        let listener =
-            TcpListener::bind(("0.0.0.0", env.master_port)).map_err(|e| err(format!("cannot listen: {e}")))?;
+        // A peer's connect attempt can briefly hold the port (see below):
+        // retry the bind until the timeout.
+        let listener = loop {
+            match TcpListener::bind(("0.0.0.0", env.master_port)) {
+                Ok(l) => break l,
+                Err(e) if started.elapsed() > RENDEZVOUS_TIMEOUT => return Err(err(format!("cannot listen: {e}"))),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
         listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
         let mut served = 0;
         while served < env.world_size - 1 {
@@ -117,6 +124,13 @@ pub fn exchange_id(env: &DistEnv, id: Option<&[u8]>, len: usize) -> Result<Vec<u
     } else {
         loop {
             match TcpStream::connect(&addr) {
+                // Connecting on localhost to a port nobody listens on yet can
+                // connect the socket to itself (TCP simultaneous open, when
+                // the kernel picks that same port as the local one): drop it.
+                Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => {
+                    drop(stream);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 Ok(mut stream) => {
                     stream.set_read_timeout(Some(RENDEZVOUS_TIMEOUT)).map_err(|e| err(e.to_string()))?;
                     let mut buf = vec![0u8; len];
@@ -340,7 +354,7 @@ mod tests {
 
     #[test]
     fn rendezvous_hands_rank_zeros_id_to_every_rank() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = crate::engine::launcher::free_port().unwrap();
         let env = move |rank| DistEnv {
             rank,
             world_size: 3,

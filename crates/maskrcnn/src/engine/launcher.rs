@@ -38,12 +38,15 @@ pub fn rank_env(rank: usize, world_size: usize, port: u16) -> Vec<(&'static str,
     env
 }
 
-/// A free TCP port on this machine for the rendezvous.
+/// A free TCP port on this machine for the rendezvous, below Linux's
+/// ephemeral range (32768–60999) where the kernel picks client ports (torchrun
+/// uses 29500): a client retrying a port of that range can end up holding it.
 pub fn free_port() -> Result<u16, LaunchError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| LaunchError::Setup(format!("no free port for the rendezvous: {e}")))
+    let offset = (std::process::id() % 12_000) as u16;
+    (0..2_000u16)
+        .map(|i| 20_000 + (offset + i * 7) % 12_000)
+        .find(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+        .ok_or_else(|| LaunchError::Setup("no free port in 20000..32000 for the rendezvous".into()))
 }
 
 /// Runs `command(rank)` for every rank in `0..n`, each in its own process
