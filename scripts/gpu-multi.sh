@@ -33,5 +33,8 @@ for n in 1 2; do
 import json
 rows = [json.loads(l) for l in open('$W/gpus$n/metrics.jsonl') if 'images_per_s' in l]
 tail = [r['images_per_s'] for r in rows[2:]] or [r['images_per_s'] for r in rows]
-print('$n GPU(s): steady images/s', round(sum(tail) / len(tail), 1), 'loss', round(rows[-1]['loss'], 3), 'peak GiB', round(rows[-1].get('max_memory_gib', 0), 1))"
+mean = lambda k: round(sum(r.get(k, 0) for r in rows[2:] or rows) / len(rows[2:] or rows), 1)
+print('$n GPU(s): steady images/s', round(sum(tail) / len(tail), 1), 'loss', round(rows[-1]['loss'], 3),
+      'peak GiB', round(rows[-1].get('max_memory_gib', 0), 1), 'data wait ms/step', mean('data_wait_ms'),
+      'all-reduce ms/step', mean('allreduce_ms'))"
 done

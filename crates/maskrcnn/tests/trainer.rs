@@ -344,6 +344,15 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     let (d, name) = max_rel_diff(&wb, &wa);
     assert!(d == 0.0, "resumed weights differ from the uninterrupted run: {name} by {d:.2e}");
     assert_eq!(losses_by_iteration(&a), losses_by_iteration(&b), "loss curves differ");
+    // Each logged row says how long steps waited for data; no all-reduce on one process.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    assert!(rows.len() >= 6 && rows.iter().all(|r| r["data_wait_ms"].as_f64().is_some_and(|ms| ms >= 0.0)));
+    assert!(rows.iter().all(|r| r.get("allreduce_ms").is_none()));
     let la = checkpoint::load(&checkpoint::list(&a)[1].1).unwrap();
     assert_eq!(la.state.iteration, 6);
     let events: Vec<_> = std::fs::read_dir(a.join("tensorboard")).unwrap().flatten().collect();

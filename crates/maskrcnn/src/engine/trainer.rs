@@ -284,6 +284,10 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let bar = progress_bar(opts.progress, start, max_iter);
     let started = Instant::now();
     let mut window = (Instant::now(), 0u64);
+    // Seconds of the current log window spent waiting for the loader and, on
+    // several GPUs, in the all-reduce (which includes this GPU's queued work
+    // and waiting for the slowest rank): where a step's time goes.
+    let (mut data_wait, mut reduce_wait) = (0.0f64, 0.0f64);
     // Training time without evaluation (the time budget and the AP-over-time log).
     let mut eval_time = 0.0f64;
     let train_seconds = |eval_time: f64| started.elapsed().as_secs_f64() - eval_time;
@@ -305,7 +309,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         let lr = schedule.lr_at(iteration as usize);
         let mut sums: Vec<Tensor> = Vec::new();
         for micro in 0..solver.accumulate_steps as u64 {
+            let waited = Instant::now();
             let batch = loader.next_batch()?;
+            data_wait += waited.elapsed().as_secs_f64();
             images_seen += batch.images.len() as u64;
             tch::manual_seed(micro_batch_seed(config.seed, iteration * solver.accumulate_steps as u64 + micro, rank));
             let step = MicroBatch { images: &batch.images, targets: &batch.targets };
@@ -329,7 +335,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             let mut tensors = gradients(&model);
             tensors.push(losses.shallow_clone());
             tensors.push(flags.shallow_clone());
+            let reduced = Instant::now();
             g.all_reduce_mean(&tensors)?;
+            reduce_wait += reduced.elapsed().as_secs_f64();
             let any: Vec<f32> = Vec::try_from(flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
             (stop, time_up) = (any.first() == Some(&1.0), any.get(1) == Some(&1.0));
         }
@@ -353,6 +361,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         if log_now {
             let elapsed = window.0.elapsed().as_secs_f64();
             let ips = (iteration - window.1) as f64 * solver.ims_per_batch as f64 / elapsed.max(1e-9);
+            let steps = (iteration - window.1).max(1) as f64;
             window = (Instant::now(), iteration);
             let scale = scaler.as_ref().map(|s| s.state());
             let mut record = serde_json::Map::new();
@@ -363,6 +372,11 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
                 record.insert(n.clone(), (*v).into());
             }
             record.insert("images_per_s".into(), ips.into());
+            record.insert("data_wait_ms".into(), (1e3 * data_wait / steps).into());
+            if group.is_some() {
+                record.insert("allreduce_ms".into(), (1e3 * reduce_wait / steps).into());
+            }
+            (data_wait, reduce_wait) = (0.0, 0.0);
             record.insert("seconds".into(), started.elapsed().as_secs_f64().into());
             if let Some(s) = scale {
                 record.insert("loss_scale".into(), s.scale.into());
