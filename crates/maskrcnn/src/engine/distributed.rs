@@ -11,7 +11,7 @@
 //! NCCL is opened at run time from `libnccl.so.2` (the library torch's
 //! wheels ship and libtorch already loads). cudarc's `nccl` module looks only
 //! for other file names (`libnccl.so`, `libnccl.so.13`, ...), which this
-//! wheel does not have, so the six entry points used here are bound directly.
+//! wheel does not have, so the five entry points used here are bound directly.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::io::{Read, Write};
