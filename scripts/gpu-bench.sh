@@ -5,11 +5,7 @@
 # copy of ../shared/bench/peer_torchvision.py) carried along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# libtorch: the machine's torch (the path differs between machine kinds).
-TORCH_LIB=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-[[ -d $TORCH_LIB ]] || TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-B=${MASKRCNN_BIN:-$PWD/target/gpu/maskrcnn}
+source scripts/gpu-env.sh
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ $what == data || $what == all ]]; then

@@ -5,10 +5,7 @@
 #   scripts/gpu-multi.sh [ITERS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-TORCH_LIB=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-[[ -d $TORCH_LIB ]] || TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-B=${MASKRCNN_BIN:-$PWD/target/gpu/maskrcnn}
+source scripts/gpu-env.sh
 ITERS=${1:-200}
 W=${WORK:-/tmp/multi}
 nvidia-smi --query-gpu=index,name --format=csv,noheader

@@ -279,7 +279,9 @@ impl ProcessGroup {
     }
 
     /// Sums the contiguous float32 CUDA tensor `t` over all ranks, in place,
-    /// on the legacy default stream (ordered with libtorch's work on it).
+    /// on the legacy default stream: ordered with libtorch's work, which runs
+    /// on that stream too (as this crate's NVRTC kernels rely on), so no host
+    /// synchronization is needed before or after.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
         if t.kind() != Kind::Float || !t.is_contiguous() || !t.device().is_cuda() {
             return Err(DistError::Nccl("all-reduce needs a contiguous float32 CUDA tensor".into()));
@@ -291,10 +293,7 @@ impl ProcessGroup {
         // alive until the call returns and ordered on the null stream.
         self.api.check("ncclAllReduce", unsafe {
             (self.api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, NCCL_SUM, self.comm, std::ptr::null_mut())
-        })?;
-        // The sums are complete before libtorch reads them, whatever stream
-        // its next kernels use.
-        self.ctx.synchronize().map_err(ctx_err)
+        })
     }
 
     /// Averages `tensors` (same shapes, in the same order on every rank) over
@@ -307,7 +306,7 @@ impl ProcessGroup {
         let flat: Vec<Tensor> = tensors.iter().map(|t| t.detach().to_kind(Kind::Float).reshape([-1])).collect();
         let mut buffer = Tensor::cat(&flat, 0);
         self.all_reduce_sum(&mut buffer)?;
-        let buffer = buffer / self.env.world_size as f64;
+        let _ = buffer.g_mul_scalar_(1.0 / self.env.world_size as f64);
         let mut offset = 0;
         tch::no_grad(|| {
             for t in tensors {

@@ -218,6 +218,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         state.sort_by(|a, b| a.0.cmp(&b.0));
         g.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
     }
+    let trainable = if group.is_some() { trainable_with_gradients(&model) } else { Vec::new() };
+    let stop_flags = group.as_ref().map(|_| Tensor::zeros([2], (Kind::Float, device)));
     let amp = if cuda { config.precision.amp } else { AmpMode::Off };
     if config.precision.amp != AmpMode::Off && !cuda {
         tracing::warn!("precision.amp = {} needs CUDA; training in fp32 on the CPU", config.precision.amp);
@@ -327,19 +329,26 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
         let mut stop = opts.stop.load(Ordering::SeqCst);
         let mut time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
-        if let Some(g) = &group {
+        if let (Some(g), Some(flags)) = (&group, &stop_flags) {
             // One all-reduce: gradients, the logged losses, and the stop flags
-            // (any rank's Ctrl-C or time budget stops every rank).
-            let flags =
-                Tensor::from_slice(&[f32::from(u8::from(stop)), f32::from(u8::from(time_up))]).to_device(device);
-            let mut tensors = gradients(&model);
+            // (any rank's Ctrl-C or time budget stops every rank). The flags
+            // are filled on the device and read back only once per log period
+            // (the same iterations on every rank): no host sync per step.
+            let _ = flags.get(0).fill_(f64::from(u8::from(stop)));
+            let _ = flags.get(1).fill_(f64::from(u8::from(time_up)));
+            let mut tensors: Vec<Tensor> = trainable.iter().map(Tensor::grad).collect();
             tensors.push(losses.shallow_clone());
             tensors.push(flags.shallow_clone());
             let reduced = Instant::now();
             g.all_reduce_mean(&tensors)?;
             reduce_wait += reduced.elapsed().as_secs_f64();
-            let any: Vec<f32> = Vec::try_from(flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
-            (stop, time_up) = (any.first() == Some(&1.0), any.get(1) == Some(&1.0));
+            let next = iteration + 1;
+            (stop, time_up) = if next.is_multiple_of(solver.log_period as u64) || next == max_iter {
+                let any: Vec<f32> = Vec::try_from(flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
+                (any.first() == Some(&1.0), any.get(1) == Some(&1.0))
+            } else {
+                (false, false)
+            };
         }
         apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
         iteration += 1;
@@ -510,22 +519,21 @@ pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
     (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
 }
 
-/// The gradient of every trainable parameter, in a rank-independent order; a
-/// parameter this step did not reach gets a zero gradient first, so every
-/// rank all-reduces the same tensors.
-fn gradients(model: &MaskRcnn) -> Vec<Tensor> {
+/// Every trainable parameter in a rank-independent order (by name), each with
+/// a gradient tensor from the start (zeros, accumulated into by backward), so
+/// every rank all-reduces the same tensors even when a step leaves one
+/// unreached.
+fn trainable_with_gradients(model: &MaskRcnn) -> Vec<Tensor> {
     let mut params: Vec<(String, Tensor)> =
         model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
+    let params: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
+    let untouched: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
+    if !untouched.is_empty() {
+        let zero: Tensor = untouched.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+        zero.backward();
+    }
     params
-        .into_iter()
-        .map(|(_, p)| {
-            if !p.grad().defined() {
-                (&p * 0.0).sum(Kind::Float).backward();
-            }
-            p.grad()
-        })
-        .collect()
 }
 
 /// The names of the five losses, in [`crate::modeling::Losses::named`] order.

@@ -51,9 +51,9 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
         message: crate::text::one_line(&e.to_string()),
     })?;
     let ids: BTreeSet<u64> = coco.dataset.categories.iter().map(|c| c.id).collect();
-    // The model's own category table when it has one (trained here), else
-    // the ground truth's categories in torchvision's or our label order.
-    let map: Vec<i64> = match &model.categories {
+    // Labels → ids: the model's own category table when it has one (trained
+    // here), else the ground truth's categories in torchvision's or our order.
+    let gt_map: Option<Vec<i64>> = match &model.categories {
         Some(table) => {
             let unknown: Vec<String> = table.ids().filter(|i| !ids.contains(i)).map(|i| i.to_string()).collect();
             if !unknown.is_empty() {
@@ -63,9 +63,13 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
                     gt.display()
                 );
             }
-            std::iter::once(0).chain(table.ids().map(|i| i as i64)).collect()
+            None
         }
-        None => label_to_category(&ids, model.config.model.num_classes, gt)?,
+        None => Some(label_to_category(&ids, model.config.model.num_classes, gt)?),
+    };
+    let category_id = |l: i64| match &gt_map {
+        Some(map) => map.get(l as usize).copied().unwrap_or(l),
+        None => model.category_id(l),
     };
     let device = model.device();
     let images = &coco.dataset.images;
@@ -87,7 +91,7 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
             model.predict(&tensors)
         };
         for (im, det) in chunk.iter().zip(&dets) {
-            let res = to_results(&im.file_name, det, |l| map.get(l as usize).copied().unwrap_or(l));
+            let res = to_results(&im.file_name, det, category_id);
             out.extend(
                 res.into_iter()
                     .filter(|r| ids.contains(&(r.category_id as u64)))

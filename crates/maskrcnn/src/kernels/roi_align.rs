@@ -151,6 +151,30 @@ unsafe fn borrowed(p: *mut torch_sys::C_tensor) -> std::mem::ManuallyDrop<Tensor
     std::mem::ManuallyDrop::new(Tensor::from_ptr(p))
 }
 
+/// One callback of the shim's autograd RoIAlign: launches `kernel` with
+/// `a` (input or output gradient), `rois`, `b` (output or input gradient);
+/// the feature map is `a` in the forward, `b` in the backward. 0 on success.
+#[allow(clippy::too_many_arguments)]
+fn callback(
+    kernel: &str,
+    a: *mut torch_sys::C_tensor,
+    rois: *mut torch_sys::C_tensor,
+    b: *mut torch_sys::C_tensor,
+    feature_is_b: bool,
+    scale: f64,
+    output_size: (i64, i64),
+    sr: i64,
+    aligned: i32,
+) -> i32 {
+    std::panic::catch_unwind(|| {
+        // SAFETY: the shim passes live tensors for the duration of the call.
+        let (a, r, b) = unsafe { (borrowed(a), borrowed(rois), borrowed(b)) };
+        let shape = if feature_is_b { b.size() } else { a.size() };
+        launch(kernel, &a, &r, &b, &shape, scale, output_size, sr, aligned != 0).map_or(-1, |()| 0)
+    })
+    .unwrap_or(-1)
+}
+
 /// Forward of the shim's autograd RoIAlign: `input` `[N, C, H, W]`,
 /// `rois` `[K, 5]`, `output` `[K, C, ph, pw]` (all float32, contiguous).
 pub(crate) extern "C" fn forward_callback(
@@ -163,12 +187,7 @@ pub(crate) extern "C" fn forward_callback(
     sr: i64,
     aligned: i32,
 ) -> i32 {
-    std::panic::catch_unwind(|| {
-        // SAFETY: the shim passes live tensors for the duration of the call.
-        let (i, r, o) = unsafe { (borrowed(input), borrowed(rois), borrowed(output)) };
-        launch("roi_align_forward", &i, &r, &o, &i.size(), scale, (ph, pw), sr, aligned != 0).map_or(-1, |()| 0)
-    })
-    .unwrap_or(-1)
+    callback("roi_align_forward", input, rois, output, false, scale, (ph, pw), sr, aligned)
 }
 
 /// Backward of the shim's autograd RoIAlign: accumulates `grad_output`
@@ -183,12 +202,7 @@ pub(crate) extern "C" fn backward_callback(
     sr: i64,
     aligned: i32,
 ) -> i32 {
-    std::panic::catch_unwind(|| {
-        // SAFETY: as in `forward_callback`.
-        let (g, r, gi) = unsafe { (borrowed(grad_output), borrowed(rois), borrowed(grad_input)) };
-        launch("roi_align_backward", &g, &r, &gi, &gi.size(), scale, (ph, pw), sr, aligned != 0).map_or(-1, |()| 0)
-    })
-    .unwrap_or(-1)
+    callback("roi_align_backward", grad_output, rois, grad_input, true, scale, (ph, pw), sr, aligned)
 }
 
 /// RoIAlign of `input` `[N, C, H, W]` (CUDA; computed in float32) over

@@ -25,13 +25,7 @@ const CLS_SCORE: &str = "roi_heads.box_predictor.cls_score.weight";
 /// changing nothing, when any model tensor is missing, any file tensor is
 /// unexpected, or any shape differs; the error lists each problem.
 pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<(), ModelError> {
-    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
-    if !path.is_file() {
-        return Err(read_err("no such file".into()));
-    }
-    let tensors = Tensor::read_safetensors(path).map_err(|e| read_err(e.to_string()))?;
-    let file: BTreeMap<String, Tensor> =
-        tensors.into_iter().filter(|(name, _)| !name.ends_with(".num_batches_tracked")).collect();
+    let file = read_state_dict(path, "")?;
     if let Some(w) = file.get(CLS_SCORE) {
         let shape = w.size();
         if shape.first().copied() != Some(num_classes as i64) {
@@ -45,6 +39,18 @@ pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<()
     }
     let model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     copy_matching(&model, &file, "", path)
+}
+
+/// Every tensor of the safetensors file at `path` by name, without BatchNorm's
+/// bookkeeping `*.num_batches_tracked`; `what` names the setting in the
+/// missing-file message.
+fn read_state_dict(path: &Path, what: &str) -> Result<BTreeMap<String, Tensor>, ModelError> {
+    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    if !path.is_file() {
+        return Err(read_err(format!("no such file{what}")));
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|e| read_err(e.to_string()))?;
+    Ok(tensors.into_iter().filter(|(name, _)| !name.ends_with(".num_batches_tracked")).collect())
 }
 
 /// The predictor tensors whose first dimension counts classes (K or 4K):
@@ -65,15 +71,7 @@ const CLASS_TENSORS: [&str; 6] = [
 /// every other tensor must be present with its shape (nothing changes
 /// otherwise). Returns the classes the file has.
 pub fn load_pretrained_model(vs: &VarStore, path: &Path) -> Result<i64, ModelError> {
-    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
-    if !path.is_file() {
-        return Err(read_err("no such file (model.weights)".into()));
-    }
-    let mut file: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| read_err(e.to_string()))?
-        .into_iter()
-        .filter(|(name, _)| !name.ends_with(".num_batches_tracked"))
-        .collect();
+    let mut file = read_state_dict(path, " (model.weights)")?;
     let mut model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let file_classes = file.get(CLS_SCORE).and_then(|t| t.size().first().copied()).unwrap_or(0);
     let model_classes = model.get(CLS_SCORE).and_then(|t| t.size().first().copied()).unwrap_or(0);
@@ -227,15 +225,8 @@ pub fn read_categories(path: &Path) -> Result<Option<Categories>, ModelError> {
 /// classifier `fc.*` is ignored) into the model's `backbone.body`. Every
 /// body tensor must be present with its shape; nothing changes otherwise.
 pub fn load_backbone_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
-    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
-    if !path.is_file() {
-        return Err(read_err("no such file (model.backbone_weights)".into()));
-    }
-    let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| read_err(e.to_string()))?
-        .into_iter()
-        .filter(|(n, _)| !n.starts_with("fc.") && !n.ends_with(".num_batches_tracked"))
-        .collect();
+    let mut file = read_state_dict(path, " (model.backbone_weights)")?;
+    file.retain(|name, _| !name.starts_with("fc."));
     const BODY: &str = "backbone.body.";
     let model: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(n, _)| n.starts_with(BODY)).collect();
     copy_matching(&model, &file, BODY, path)
