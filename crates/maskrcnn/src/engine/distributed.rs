@@ -89,8 +89,8 @@ pub fn exchange_id(env: &DistEnv, id: Option<&[u8]>, len: usize) -> Result<Vec<u
     let started = Instant::now();
     if env.rank == 0 {
         let id = id.ok_or_else(|| err("rank 0 has no id to share".into()))?;
-        // A peer's connect attempt can briefly hold the port (see below):
-        // retry the bind until the timeout.
+        // A peer's connect attempt can briefly hold the port (see
+        // `fetch_id`): retry the bind until the timeout.
         let listener = loop {
             match TcpListener::bind(("0.0.0.0", env.master_port)) {
                 Ok(l) => break l,
@@ -98,51 +98,66 @@ pub fn exchange_id(env: &DistEnv, id: Option<&[u8]>, len: usize) -> Result<Vec<u
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
-        let mut served = 0;
-        while served < env.world_size - 1 {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    stream.set_nonblocking(false).map_err(|e| err(e.to_string()))?;
-                    stream.write_all(id).map_err(|e| err(format!("sending the NCCL id: {e}")))?;
-                    served += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if started.elapsed() > RENDEZVOUS_TIMEOUT {
-                        return Err(err(format!(
-                            "only {served} of {} other ranks connected within {} s",
-                            env.world_size - 1,
-                            RENDEZVOUS_TIMEOUT.as_secs()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
+        serve_id(&listener, id, env.world_size - 1, started).map_err(err)?;
         Ok(id.to_vec())
     } else {
-        loop {
-            match TcpStream::connect(&addr) {
-                // Connecting on localhost to a port nobody listens on yet can
-                // connect the socket to itself (TCP simultaneous open, when
-                // the kernel picks that same port as the local one): drop it.
-                Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => {
-                    drop(stream);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(mut stream) => {
-                    stream.set_read_timeout(Some(RENDEZVOUS_TIMEOUT)).map_err(|e| err(e.to_string()))?;
-                    let mut buf = vec![0u8; len];
-                    stream.read_exact(&mut buf).map_err(|e| err(format!("reading the NCCL id: {e}")))?;
-                    return Ok(buf);
-                }
-                Err(e) if started.elapsed() > RENDEZVOUS_TIMEOUT => {
-                    return Err(err(format!("rank 0 not reachable within {} s: {e}", RENDEZVOUS_TIMEOUT.as_secs())))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        fetch_id(&addr, len, started).map_err(err)
+    }
+}
+
+/// Rank 0's side: writes `id` to each of the first `others` connections
+/// accepted on `listener`, giving up `RENDEZVOUS_TIMEOUT` after `started`.
+fn serve_id(listener: &TcpListener, id: &[u8], others: usize, started: Instant) -> Result<(), String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut served = 0;
+    while served < others {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                stream.write_all(id).map_err(|e| format!("sending the NCCL id: {e}"))?;
+                served += 1;
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if started.elapsed() > RENDEZVOUS_TIMEOUT {
+                    return Err(format!(
+                        "only {served} of {others} other ranks connected within {} s",
+                        RENDEZVOUS_TIMEOUT.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
         }
+    }
+    Ok(())
+}
+
+/// The other ranks' side: connects to rank 0 at `addr` and reads `len`
+/// bytes, retrying until `RENDEZVOUS_TIMEOUT` after `started` while nobody
+/// listens yet or a connection closes before the whole id arrived (a
+/// listener that was not rank 0's: another job's, gone since, on a machine
+/// whose ports several jobs share).
+fn fetch_id(addr: &str, len: usize, started: Instant) -> Result<Vec<u8>, String> {
+    loop {
+        let failure = match TcpStream::connect(addr) {
+            // Connecting on localhost to a port nobody listens on yet can
+            // connect the socket to itself (TCP simultaneous open, when the
+            // kernel picks that same port as the local one): drop it.
+            Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => "connected to itself".to_string(),
+            Ok(mut stream) => {
+                stream.set_read_timeout(Some(RENDEZVOUS_TIMEOUT)).map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; len];
+                match stream.read_exact(&mut buf) {
+                    Ok(()) => return Ok(buf),
+                    Err(e) => format!("reading the NCCL id: {e}"),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() > RENDEZVOUS_TIMEOUT {
+            return Err(format!("rank 0 not reachable within {} s: {failure}", RENDEZVOUS_TIMEOUT.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -353,20 +368,45 @@ mod tests {
 
     #[test]
     fn rendezvous_hands_rank_zeros_id_to_every_rank() {
-        let port = crate::engine::launcher::free_port().unwrap();
-        let env = move |rank| DistEnv {
-            rank,
-            world_size: 3,
-            local_rank: rank,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-        };
+        // Rank 0's listener on a port the kernel picks, bound before any
+        // client starts: a fixed port could be another job's on a machine
+        // whose network several CI jobs share.
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
         let id: Vec<u8> = (0..128u8).collect();
-        let others: Vec<_> =
-            (1..3).map(|r| std::thread::spawn(move || exchange_id(&env(r), None, 128).unwrap())).collect();
-        assert_eq!(exchange_id(&env(0), Some(&id), 128).unwrap(), id);
+        let started = Instant::now();
+        let others: Vec<_> = (1..3)
+            .map(|_| {
+                let addr = addr.clone();
+                std::thread::spawn(move || fetch_id(&addr, 128, started))
+            })
+            .collect();
+        serve_id(&listener, &id, 2, started).unwrap();
         for h in others {
-            assert_eq!(h.join().unwrap(), id);
+            assert_eq!(h.join().unwrap().unwrap(), id);
         }
+    }
+
+    #[test]
+    fn a_connection_closed_before_the_id_is_retried() {
+        // A listener that closes without writing (another job's) must not
+        // end the rendezvous: the client retries until rank 0 answers.
+        let foreign = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = foreign.local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let started = Instant::now();
+        let client = std::thread::spawn(move || fetch_id(&addr, 4, started));
+        let (stream, _) = foreign.accept().unwrap();
+        drop(stream);
+        drop(foreign);
+        let listener = loop {
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                break l;
+            }
+            assert!(started.elapsed() < RENDEZVOUS_TIMEOUT, "port {port} not free again");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        serve_id(&listener, &[7, 8, 9, 10], 1, started).unwrap();
+        assert_eq!(client.join().unwrap().unwrap(), vec![7, 8, 9, 10]);
     }
 }

@@ -41,8 +41,11 @@ pub fn rank_env(rank: usize, world_size: usize, port: u16) -> Vec<(&'static str,
 /// A free TCP port on this machine for the rendezvous, below Linux's
 /// ephemeral range (32768–60999) where the kernel picks client ports (torchrun
 /// uses 29500): a client retrying a port of that range can end up holding it.
+/// The search starts at a point drawn from the clock, so concurrent launches
+/// (even in containers with equal process ids) rarely probe the same ports.
 pub fn free_port() -> Result<u16, LaunchError> {
-    let offset = (std::process::id() % 12_000) as u16;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let offset = ((nanos ^ std::process::id()) % 12_000) as u16;
     (0..2_000u16)
         .map(|i| 20_000 + (offset + i * 7) % 12_000)
         .find(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
@@ -145,15 +148,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        // Interrupt once both ranks have set their trap (a SIGINT before that
+        // would kill the shell instead: a loaded machine can be that slow).
+        let ready = dir.path().to_path_buf();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
+            let started = std::time::Instant::now();
+            while !(0..2).all(|r| ready.join(format!("ready{r}")).exists())
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             flag.store(true, Ordering::SeqCst);
         });
         // Each rank counts SIGINTs into a file and exits 0 on the first.
         let d = dir.path().to_path_buf();
         run_ranks(
             2,
-            |r| sh(&format!("trap 'echo int >> {}/r{r}; exit 0' INT; while true; do sleep 0.05; done", d.display())),
+            |r| {
+                let d = d.display();
+                sh(&format!(
+                    "trap 'echo int >> {d}/r{r}; exit 0' INT; touch {d}/ready{r}; while true; do sleep 0.05; done"
+                ))
+            },
             stop,
         )
         .unwrap();
