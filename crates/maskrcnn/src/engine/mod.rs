@@ -12,4 +12,5 @@ pub mod optimizer;
 pub mod predictor;
 pub mod tensorboard;
 pub mod train_bench;
+pub mod train_log;
 pub mod trainer;

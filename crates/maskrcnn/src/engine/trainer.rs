@@ -2,7 +2,8 @@
 //! forward/backward under autocast (fp16 with dynamic loss scaling, bf16, or
 //! fp32 with TF32), gradient accumulation and clipping, fused SGD with the
 //! warmup/multi-step schedule, periodic atomic checkpoints, evaluation with
-//! the seed's early stop, logs (progress bar, `metrics.jsonl`, summary).
+//! the seed's early stop, logs (progress bar; `metrics.jsonl` and
+//! TensorBoard through [`crate::engine::train_log`]; summary).
 //!
 //! Reproducibility: libtorch's generator is reseeded from `(seed, micro
 //! batch)` before every forward pass and the loader's order and flips derive
@@ -23,12 +24,12 @@ use crate::engine::checkpoint::{self, TrainState};
 use crate::engine::distributed::{DistEnv, DistError, ProcessGroup};
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
+use crate::engine::train_log::{StepValues, TrainLog};
 use crate::evaluation::coco_eval::CocoMetrics;
 use crate::modeling::MaskRcnn;
 use crate::ops::BalancedSampler;
 use crate::shim::AutocastGuard;
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -85,6 +86,16 @@ pub struct EvalPoint {
     pub segm_ap: f64,
 }
 
+impl EvalPoint {
+    /// The seed's early stop: both `min_bbox_map` and `min_mask_map`
+    /// reached (never when both are 0, i.e. unset).
+    pub fn reaches(&self, test: &crate::config::TestConfig) -> bool {
+        (test.min_bbox_map > 0.0 || test.min_mask_map > 0.0)
+            && self.bbox_ap >= test.min_bbox_map
+            && self.segm_ap >= test.min_mask_map
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
@@ -107,119 +118,27 @@ pub struct TrainSummary {
 /// Trains per `config` into `opts.output`.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let setup = |m: String| TrainError::Setup(m);
-    // One process per GPU when a launcher set torchrun's variables.
-    let group = match DistEnv::from_process()? {
-        Some(env) => {
-            if !opts.device.is_cuda() {
-                return Err(setup(format!(
-                    "rank {}: multi-GPU training (WORLD_SIZE={}) needs CUDA; --device is {:?}",
-                    env.rank, env.world_size, opts.device
-                )));
-            }
-            Some(ProcessGroup::join(env)?)
-        }
-        None => None,
-    };
+    let (group, opts) = join_group(opts)?;
+    let opts = &opts;
     let (rank, world_size) = group.as_ref().map_or((0, 1), |g| (g.env.rank, g.env.world_size));
     let main = rank == 0;
-    let device = group.as_ref().map_or(opts.device, |g| Device::Cuda(g.env.local_rank));
-    let opts = &TrainOptions { device, progress: opts.progress && main, ..opts.clone() };
+    let device = opts.device;
     let solver = &config.solver;
-    if config.data.train_ann.is_empty() || config.data.train_images.is_empty() {
-        return Err(setup("no training data: set data.train_ann and data.train_images (see `maskrcnn synth`)".into()));
-    }
-    let per_step = solver.ims_per_batch / world_size;
-    if per_step == 0 || !per_step.is_multiple_of(solver.accumulate_steps) {
-        return Err(setup(format!(
-            "solver.ims_per_batch = {} does not split into {world_size} GPU(s) × solver.accumulate_steps = {}",
-            solver.ims_per_batch, solver.accumulate_steps
-        )));
-    }
-    let micro_batch = per_step / solver.accumulate_steps;
+    let micro_batch = micro_batch_size(config, world_size)?;
     if main {
         prepare_output(&opts.output)?;
     }
-
-    // Resume: the checkpoint must come from a compatible model.
-    let resume_from = if opts.resume { checkpoint::list(&opts.output).pop() } else { None };
-    let resumed = match &resume_from {
-        Some((_, dir)) => {
-            let loaded = checkpoint::load(dir)?;
-            check_compatible(config, &loaded.config_toml, dir)?;
-            Some(loaded)
-        }
-        None => None,
-    };
-    if opts.resume && resumed.is_none() {
-        tracing::warn!("--resume: no checkpoint in {}, starting from iteration 0", opts.output.display());
-    }
-
-    let dataset = CocoDataset::load(
-        Path::new(&config.data.train_ann),
-        Path::new(&config.data.train_images),
-        LoadOptions { drop_empty: true, strict: opts.strict },
-    )?;
-    for line in dataset.skip_summary() {
-        tracing::warn!("{}: {line}", config.data.train_ann);
-    }
-    if dataset.num_classes() != config.model.num_classes {
-        return Err(setup(format!(
-            "{}: {} categories need model.num_classes = {} (background + categories), config has {}",
-            config.data.train_ann,
-            dataset.categories.len(),
-            dataset.num_classes(),
-            config.model.num_classes
-        )));
-    }
+    let resumed = if opts.resume { load_resume_checkpoint(config, &opts.output)? } else { None };
+    let dataset = load_training_set(config, opts.strict)?;
     let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
-    if has_val && !Path::new(&config.data.val_ann).is_file() {
-        return Err(setup(format!("data.val_ann: {} does not exist", config.data.val_ann)));
-    }
     let images_in_set = dataset.images.len();
 
-    // Model: resumed, or from ImageNet backbone weights, or fine-tuned from a
-    // whole model, or from scratch.
-    let mut model = MaskRcnn::new(config, opts.device)?;
-    model.categories = Some(dataset.categories.clone());
-    match &resumed {
-        Some(r) => crate::modeling::weights::load_weights(
-            &model.vs,
-            &r.dir.join("model.safetensors"),
-            config.model.num_classes,
-        )?,
-        None if !config.model.backbone_weights.is_empty() => {
-            crate::modeling::weights::load_backbone_weights(&model.vs, Path::new(&config.model.backbone_weights))?
-        }
-        None if !config.model.weights.is_empty() => {
-            let classes = crate::modeling::weights::load_pretrained_model(&model.vs, Path::new(&config.model.weights))?;
-            if classes != config.model.num_classes as i64 {
-                tracing::info!(
-                    "{}: {classes} classes, the model has {}: box and mask predictors start fresh",
-                    config.model.weights,
-                    config.model.num_classes
-                );
-            }
-        }
-        None => {}
-    }
-    let cuda = opts.device.is_cuda();
-    crate::shim::set_tf32(config.precision.tf32);
-    if cuda {
-        tch::Cuda::cudnn_set_benchmark(config.precision.cudnn_benchmark);
-        if config.precision.channels_last {
-            model.to_channels_last();
-        }
-    }
-    if let Some(g) = &group {
-        // Every rank starts from rank-identical weights and statistics (the
-        // mean of equal values is exact; this also covers any init drift).
-        // Sorted by name: every rank must concatenate in the same order.
-        let mut state: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
-        state.sort_by(|a, b| a.0.cmp(&b.0));
-        g.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
-    }
-    let trainable = if group.is_some() { trainable_with_gradients(&model) } else { Vec::new() };
-    let stop_flags = group.as_ref().map(|_| Tensor::zeros([2], (Kind::Float, device)));
+    let model = build_model(config, device, resumed.as_ref(), &dataset)?;
+    let cuda = device.is_cuda();
+    let step_sync = match &group {
+        Some(g) => Some(GroupStep::new(g, &model)?),
+        None => None,
+    };
     let amp = if cuda { config.precision.amp } else { AmpMode::Off };
     if config.precision.amp != AmpMode::Off && !cuda {
         tracing::warn!("precision.amp = {} needs CUDA; training in fp32 on the CPU", config.precision.amp);
@@ -228,7 +147,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let mut sgd =
         Sgd::new(&model.vs, solver.momentum, solver.weight_decay, solver.bias_lr_factor, solver.bias_weight_decay);
     let mut scaler = (amp == AmpMode::Fp16).then(|| {
-        GradScaler::new(config.precision.loss_scale_init, config.precision.loss_scale_growth_interval, opts.device)
+        GradScaler::new(config.precision.loss_scale_init, config.precision.loss_scale_growth_interval, device)
     });
     let mut start = 0u64;
     let mut images_seen = 0u64;
@@ -254,42 +173,16 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             world_size,
             group_by_aspect: config.dataloader.aspect_ratio_grouping,
             strict: opts.strict,
-            device: opts.device,
+            device,
             start_iteration: start * solver.accumulate_steps as u64,
         },
     )?;
 
     let schedule = LrSchedule::new(solver);
     let max_iter = solver.max_iter as u64;
-    // Logs: rank 0's (a sink elsewhere).
-    let metrics_path = opts.output.join("metrics.jsonl");
-    let mut metrics_log: Box<dyn Write> = if main {
-        Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(|e| setup(format!("{}: {e}", metrics_path.display())))?,
-        )
-    } else {
-        Box::new(std::io::sink())
-    };
-    let mut board =
-        match main.then(|| crate::engine::tensorboard::EventWriter::create(&opts.output.join("tensorboard"))) {
-            None => None,
-            Some(Ok(w)) => Some(w),
-            Some(Err(e)) => {
-                tracing::warn!("no TensorBoard events ({}): {e}", opts.output.join("tensorboard").display());
-                None
-            }
-        };
+    let mut log = TrainLog::open(&opts.output, main, group.is_some(), start)?;
     let bar = progress_bar(opts.progress, start, max_iter);
     let started = Instant::now();
-    let mut window = (Instant::now(), 0u64);
-    // Seconds of the current log window spent waiting for the loader and, on
-    // several GPUs, in the all-reduce (which includes this GPU's queued work
-    // and waiting for the slowest rank): where a step's time goes.
-    let (mut data_wait, mut reduce_wait) = (0.0f64, 0.0f64);
     // Training time without evaluation (the time budget and the AP-over-time log).
     let mut eval_time = 0.0f64;
     let train_seconds = |eval_time: f64| started.elapsed().as_secs_f64() - eval_time;
@@ -304,7 +197,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         images_in_set,
         dataset.categories.len(),
         solver.accumulate_steps,
-        opts.device
+        device
     );
 
     while iteration < max_iter {
@@ -313,7 +206,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         for micro in 0..solver.accumulate_steps as u64 {
             let waited = Instant::now();
             let batch = loader.next_batch()?;
-            data_wait += waited.elapsed().as_secs_f64();
+            log.add_data_wait(waited.elapsed().as_secs_f64());
             images_seen += batch.images.len() as u64;
             tch::manual_seed(micro_batch_seed(config.seed, iteration * solver.accumulate_steps as u64 + micro, rank));
             let step = MicroBatch { images: &batch.images, targets: &batch.targets };
@@ -329,26 +222,12 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
         let mut stop = opts.stop.load(Ordering::SeqCst);
         let mut time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
-        if let (Some(g), Some(flags)) = (&group, &stop_flags) {
-            // One all-reduce: gradients, the logged losses, and the stop flags
-            // (any rank's Ctrl-C or time budget stops every rank). The flags
-            // are filled on the device and read back only once per log period
-            // (the same iterations on every rank): no host sync per step.
-            let _ = flags.get(0).fill_(f64::from(u8::from(stop)));
-            let _ = flags.get(1).fill_(f64::from(u8::from(time_up)));
-            let mut tensors: Vec<Tensor> = trainable.iter().map(Tensor::grad).collect();
-            tensors.push(losses.shallow_clone());
-            tensors.push(flags.shallow_clone());
-            let reduced = Instant::now();
-            g.all_reduce_mean(&tensors)?;
-            reduce_wait += reduced.elapsed().as_secs_f64();
+        if let (Some(g), Some(sync)) = (&group, &step_sync) {
             let next = iteration + 1;
-            (stop, time_up) = if next.is_multiple_of(solver.log_period as u64) || next == max_iter {
-                let any: Vec<f32> = Vec::try_from(flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
-                (any.first() == Some(&1.0), any.get(1) == Some(&1.0))
-            } else {
-                (false, false)
-            };
+            let read_flags = next.is_multiple_of(solver.log_period as u64) || next == max_iter;
+            let reduced = Instant::now();
+            (stop, time_up) = sync.all_reduce(g, &losses, (stop, time_up), read_flags)?;
+            log.add_reduce_wait(reduced.elapsed().as_secs_f64());
         }
         apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
         iteration += 1;
@@ -365,47 +244,17 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
                 last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values).collect();
             }
         }
-        let total_loss: f64 = last_losses.iter().map(|(_, v)| v).sum();
 
         if log_now {
-            let elapsed = window.0.elapsed().as_secs_f64();
-            let ips = (iteration - window.1) as f64 * solver.ims_per_batch as f64 / elapsed.max(1e-9);
-            let steps = (iteration - window.1).max(1) as f64;
-            window = (Instant::now(), iteration);
-            let scale = scaler.as_ref().map(|s| s.state());
-            let mut record = serde_json::Map::new();
-            record.insert("iteration".into(), iteration.into());
-            record.insert("lr".into(), lr.into());
-            record.insert("loss".into(), total_loss.into());
-            for (n, v) in &last_losses {
-                record.insert(n.clone(), (*v).into());
-            }
-            record.insert("images_per_s".into(), ips.into());
-            record.insert("data_wait_ms".into(), (1e3 * data_wait / steps).into());
-            if group.is_some() {
-                record.insert("allreduce_ms".into(), (1e3 * reduce_wait / steps).into());
-            }
-            (data_wait, reduce_wait) = (0.0, 0.0);
-            record.insert("seconds".into(), started.elapsed().as_secs_f64().into());
-            if let Some(s) = scale {
-                record.insert("loss_scale".into(), s.scale.into());
-                record.insert("skipped_steps".into(), s.skipped.into());
-            }
-            if cuda {
-                record.insert("max_memory_gib".into(), crate::environment::cuda_peak_memory_gib(opts.device).into());
-            }
-            if let Some(w) = board.as_mut() {
-                for (tag, v) in &record {
-                    if let (Some(x), false) = (v.as_f64(), tag == "iteration") {
-                        let _ = w.scalar(tag, iteration as i64, x as f32);
-                    }
-                }
-                let _ = w.flush();
-            }
-            let _ = writeln!(metrics_log, "{}", serde_json::Value::Object(record));
-            let scale_text =
-                scale.map(|s| format!(" scale {:.0} skipped {:.0}", s.scale, s.skipped)).unwrap_or_default();
-            let msg = format!("loss {total_loss:.4} lr {lr:.5} {ips:.1} img/s{scale_text}");
+            let msg = log.step(StepValues {
+                iteration,
+                lr,
+                losses: &last_losses,
+                images_per_iteration: solver.ims_per_batch,
+                seconds: started.elapsed().as_secs_f64(),
+                scale: scaler.as_ref().map(|s| s.state()),
+                max_memory_gib: cuda.then(|| crate::environment::cuda_peak_memory_gib(device)),
+            });
             if main && bar.is_hidden() {
                 tracing::info!("iter {iteration}/{max_iter} {msg}");
             } else {
@@ -427,23 +276,11 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
                 bbox_ap: metrics.bbox.stats[0],
                 segm_ap: metrics.segm.as_ref().map_or(0.0, |m| m.stats[0]),
             };
-            let _ = writeln!(
-                metrics_log,
-                "{}",
-                serde_json::json!({"iteration": iteration, "bbox_ap": point.bbox_ap, "segm_ap": point.segm_ap, "seconds": point.seconds})
-            );
+            log.eval(&point);
             bar.suspend(|| {
                 tracing::info!("iter {iteration}: bbox AP {:.4}, segm AP {:.4}", point.bbox_ap, point.segm_ap)
             });
-            if let Some(w) = board.as_mut() {
-                let _ = w.scalar("eval/bbox_ap", iteration as i64, point.bbox_ap as f32);
-                let _ = w.scalar("eval/segm_ap", iteration as i64, point.segm_ap as f32);
-                let _ = w.flush();
-            }
-            let t = &config.test;
-            target_reached = (t.min_bbox_map > 0.0 || t.min_mask_map > 0.0)
-                && point.bbox_ap >= t.min_bbox_map
-                && point.segm_ap >= t.min_mask_map;
+            target_reached = point.reaches(&config.test);
             evals.push(point);
         }
         if let (true, Some(g)) = (eval_now, &group) {
@@ -513,27 +350,193 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     })
 }
 
+/// Joins the NCCL group when a launcher set torchrun's variables (one
+/// process per GPU). Returns the group and the options this process runs
+/// with: its GPU `cuda:LOCAL_RANK`, a progress bar on rank 0 only.
+fn join_group(opts: &TrainOptions) -> Result<(Option<ProcessGroup>, TrainOptions), TrainError> {
+    let Some(env) = DistEnv::from_process()? else {
+        return Ok((None, opts.clone()));
+    };
+    if !opts.device.is_cuda() {
+        return Err(TrainError::Setup(format!(
+            "rank {}: multi-GPU training (WORLD_SIZE={}) needs CUDA; --device is {:?}",
+            env.rank, env.world_size, opts.device
+        )));
+    }
+    let group = ProcessGroup::join(env)?;
+    let opts = TrainOptions {
+        device: Device::Cuda(group.env.local_rank),
+        progress: opts.progress && group.env.rank == 0,
+        ..opts.clone()
+    };
+    Ok((Some(group), opts))
+}
+
+/// Images per micro-batch on each GPU: `solver.ims_per_batch` split over
+/// `world_size` GPUs and `solver.accumulate_steps` micro-batches; an error
+/// when it does not split, or when no training data is configured.
+fn micro_batch_size(config: &Config, world_size: usize) -> Result<usize, TrainError> {
+    let solver = &config.solver;
+    if config.data.train_ann.is_empty() || config.data.train_images.is_empty() {
+        return Err(TrainError::Setup(
+            "no training data: set data.train_ann and data.train_images (see `maskrcnn synth`)".into(),
+        ));
+    }
+    let per_step = solver.ims_per_batch / world_size;
+    if per_step == 0 || !per_step.is_multiple_of(solver.accumulate_steps) {
+        return Err(TrainError::Setup(format!(
+            "solver.ims_per_batch = {} does not split into {world_size} GPU(s) × solver.accumulate_steps = {}",
+            solver.ims_per_batch, solver.accumulate_steps
+        )));
+    }
+    Ok(per_step / solver.accumulate_steps)
+}
+
+/// The newest checkpoint in `output` for `--resume` (None, with a warning,
+/// when there is none); an error when it comes from another model.
+fn load_resume_checkpoint(config: &Config, output: &Path) -> Result<Option<checkpoint::Loaded>, TrainError> {
+    let Some((_, dir)) = checkpoint::list(output).pop() else {
+        tracing::warn!("--resume: no checkpoint in {}, starting from iteration 0", output.display());
+        return Ok(None);
+    };
+    let loaded = checkpoint::load(&dir)?;
+    check_compatible(config, &loaded.config_toml, &dir)?;
+    Ok(Some(loaded))
+}
+
+/// The training set (images without annotations dropped; skipped records
+/// reported), checked against `model.num_classes`; the validation
+/// annotations, when configured, must exist.
+fn load_training_set(config: &Config, strict: bool) -> Result<CocoDataset, TrainError> {
+    let dataset = CocoDataset::load(
+        Path::new(&config.data.train_ann),
+        Path::new(&config.data.train_images),
+        LoadOptions { drop_empty: true, strict },
+    )?;
+    for line in dataset.skip_summary() {
+        tracing::warn!("{}: {line}", config.data.train_ann);
+    }
+    if dataset.num_classes() != config.model.num_classes {
+        return Err(TrainError::Setup(format!(
+            "{}: {} categories need model.num_classes = {} (background + categories), config has {}",
+            config.data.train_ann,
+            dataset.categories.len(),
+            dataset.num_classes(),
+            config.model.num_classes
+        )));
+    }
+    let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
+    if has_val && !Path::new(&config.data.val_ann).is_file() {
+        return Err(TrainError::Setup(format!("data.val_ann: {} does not exist", config.data.val_ann)));
+    }
+    Ok(dataset)
+}
+
+/// The model on `device`, its weights from (in this order) the `resumed`
+/// checkpoint, ImageNet backbone weights, a whole model to fine-tune, or
+/// none (from scratch); it carries the dataset's category table. On CUDA:
+/// cuDNN benchmark per config and channels-last when configured. TF32 per
+/// config on every device.
+fn build_model(
+    config: &Config,
+    device: Device,
+    resumed: Option<&checkpoint::Loaded>,
+    dataset: &CocoDataset,
+) -> Result<MaskRcnn, TrainError> {
+    use crate::modeling::weights;
+    let mut model = MaskRcnn::new(config, device)?;
+    model.categories = Some(dataset.categories.clone());
+    match resumed {
+        Some(r) => weights::load_weights(&model.vs, &r.dir.join("model.safetensors"), config.model.num_classes)?,
+        None if !config.model.backbone_weights.is_empty() => {
+            weights::load_backbone_weights(&model.vs, Path::new(&config.model.backbone_weights))?
+        }
+        None if !config.model.weights.is_empty() => {
+            let classes = weights::load_pretrained_model(&model.vs, Path::new(&config.model.weights))?;
+            if classes != config.model.num_classes as i64 {
+                tracing::info!(
+                    "{}: {classes} classes, the model has {}: box and mask predictors start fresh",
+                    config.model.weights,
+                    config.model.num_classes
+                );
+            }
+        }
+        None => {}
+    }
+    crate::shim::set_tf32(config.precision.tf32);
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(config.precision.cudnn_benchmark);
+        if config.precision.channels_last {
+            model.to_channels_last();
+        }
+    }
+    Ok(model)
+}
+
+/// What one training step exchanges over several GPUs, prepared once: every
+/// trainable parameter in a rank-independent order (by name), each with a
+/// gradient tensor from the start (zeros, accumulated into by backward) so
+/// every rank all-reduces the same tensors even when a step leaves one
+/// unreached, and the two stop flags on the device.
+struct GroupStep {
+    trainable: Vec<Tensor>,
+    /// `[2]`: Ctrl-C, time budget (1.0 = set) on this rank.
+    flags: Tensor,
+}
+
+impl GroupStep {
+    /// Makes the ranks' weights and statistics identical (the mean of equal
+    /// values is exact; this also covers any init drift) and prepares the
+    /// step's tensors.
+    fn new(group: &ProcessGroup, model: &MaskRcnn) -> Result<GroupStep, TrainError> {
+        // Sorted by name: every rank must concatenate in the same order.
+        let mut state: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        state.sort_by(|a, b| a.0.cmp(&b.0));
+        group.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
+        let mut params: Vec<(String, Tensor)> =
+            model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
+        let untouched: Vec<&Tensor> = trainable.iter().filter(|p| !p.grad().defined()).collect();
+        if !untouched.is_empty() {
+            let zero: Tensor = untouched.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+            zero.backward();
+        }
+        let device = model.vs.device();
+        Ok(GroupStep { trainable, flags: Tensor::zeros([2], (Kind::Float, device)) })
+    }
+
+    /// One all-reduce (mean over ranks) of the gradients, the step's `losses`
+    /// `[5]` (averaged in place) and this rank's `(stop, time_up)` flags: any
+    /// rank's Ctrl-C or time budget stops every rank. The flags are filled on
+    /// the device and read back only when `read_flags` (once per log period,
+    /// the same iterations on every rank; `(false, false)` otherwise): no
+    /// host sync per step.
+    fn all_reduce(
+        &self,
+        group: &ProcessGroup,
+        losses: &Tensor,
+        (stop, time_up): (bool, bool),
+        read_flags: bool,
+    ) -> Result<(bool, bool), TrainError> {
+        let _ = self.flags.get(0).fill_(f64::from(u8::from(stop)));
+        let _ = self.flags.get(1).fill_(f64::from(u8::from(time_up)));
+        let mut tensors: Vec<Tensor> = self.trainable.iter().map(Tensor::grad).collect();
+        tensors.push(losses.shallow_clone());
+        tensors.push(self.flags.shallow_clone());
+        group.all_reduce_mean(&tensors)?;
+        if !read_flags {
+            return Ok((false, false));
+        }
+        let any: Vec<f32> = Vec::try_from(self.flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
+        Ok((any.first() == Some(&1.0), any.get(1) == Some(&1.0)))
+    }
+}
+
 /// The seed of libtorch's generator for global micro-batch `micro` (iteration
 /// × accumulate_steps + step) on `rank`: RoI sampling draws from it.
 pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
     (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
-}
-
-/// Every trainable parameter in a rank-independent order (by name), each with
-/// a gradient tensor from the start (zeros, accumulated into by backward), so
-/// every rank all-reduces the same tensors even when a step leaves one
-/// unreached.
-fn trainable_with_gradients(model: &MaskRcnn) -> Vec<Tensor> {
-    let mut params: Vec<(String, Tensor)> =
-        model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    let params: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
-    let untouched: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
-    if !untouched.is_empty() {
-        let zero: Tensor = untouched.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
-        zero.backward();
-    }
-    params
 }
 
 /// The names of the five losses, in [`crate::modeling::Losses::named`] order.

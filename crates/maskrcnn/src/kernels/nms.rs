@@ -2,7 +2,7 @@
 //! of torchvision's `nms_kernel`): for each group of score-sorted boxes,
 //! bit `j` of row `i` is set when IoU(i, j) > threshold, computed with
 //! torchvision's float32 arithmetic (rounded intrinsics: no fused
-//! multiply-adds) and compared in double, as [`crate::ops::nms`]'s tensor
+//! multiply-adds) and compared in double, as [`crate::ops::nms()`]'s tensor
 //! path. Rows are 64-bit words; the greedy walk stays on the host.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};

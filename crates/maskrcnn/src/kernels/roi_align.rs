@@ -3,7 +3,7 @@
 //! arithmetic, so the same results). Without gradients the forward runs
 //! directly (mask targets, inference); with gradients both run inside an
 //! autograd function of the C++ shim, which calls back into
-//! [`forward_callback`] / [`backward_callback`].
+//! `forward_callback` / `backward_callback`.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use tch::{Device, Kind, Tensor};
@@ -206,7 +206,7 @@ pub(crate) extern "C" fn backward_callback(
 }
 
 /// RoIAlign of `input` `[N, C, H, W]` (CUDA; computed in float32) over
-/// `rois` `[K, 5]`, as [`crate::ops::roi_align`] with the same arguments,
+/// `rois` `[K, 5]`, as [`crate::ops::roi_align()`] with the same arguments,
 /// without autograd. `None` when the kernel is unavailable.
 pub fn roi_align_forward(
     input: &Tensor,

@@ -14,7 +14,7 @@ use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
 /// Detections of one image, in the coordinates of the image the network saw
-/// (or of the original image after [`Detections::rescale`]).
+/// (or of the original image after [`crate::modeling::MaskRcnn::postprocess`]).
 #[derive(Debug)]
 pub struct Detections {
     /// `[D, 4]` xyxy boxes.

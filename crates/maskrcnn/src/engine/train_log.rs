@@ -1,0 +1,148 @@
+//! What `maskrcnn train` records while it runs: one JSON line per logged
+//! iteration and per evaluation in `metrics.jsonl`, the same scalars as
+//! TensorBoard events under `tensorboard/`, and where a log window's time
+//! went (waiting for the loader, in the all-reduce). Rank 0 writes; other
+//! ranks keep the same bookkeeping into a sink.
+
+use crate::engine::amp::ScalerState;
+use crate::engine::tensorboard::EventWriter;
+use crate::engine::trainer::{EvalPoint, TrainError};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// One logged iteration: the values a log line and `metrics.jsonl` show.
+#[derive(Debug, Clone, Copy)]
+pub struct StepValues<'a> {
+    pub iteration: u64,
+    pub lr: f64,
+    /// The five named losses of the newest iteration.
+    pub losses: &'a [(String, f64)],
+    /// Images per iteration over all GPUs (images/s counts these).
+    pub images_per_iteration: usize,
+    /// Seconds since training started.
+    pub seconds: f64,
+    pub scale: Option<ScalerState>,
+    /// Peak GPU memory (GiB) on CUDA.
+    pub max_memory_gib: Option<f64>,
+}
+
+/// The training logs of one process.
+pub struct TrainLog {
+    metrics: Box<dyn Write>,
+    board: Option<EventWriter>,
+    /// Start time and iteration of the current log window.
+    window: (Instant, u64),
+    /// Seconds of the window blocked on the loader and, on several GPUs, in
+    /// the all-reduce (this GPU's queued work plus waiting for the slowest
+    /// rank): where a step's time goes.
+    data_wait: f64,
+    reduce_wait: Option<f64>,
+}
+
+impl TrainLog {
+    /// Opens `output/metrics.jsonl` (appending: a resumed run continues it)
+    /// and the TensorBoard writer when `main`; a sink otherwise. `distributed`
+    /// adds the all-reduce time to each record. The first window starts at
+    /// `start_iteration`.
+    pub fn open(output: &Path, main: bool, distributed: bool, start_iteration: u64) -> Result<TrainLog, TrainError> {
+        let metrics: Box<dyn Write> = if main {
+            let path = output.join("metrics.jsonl");
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| TrainError::Setup(format!("{}: {e}", path.display())))?,
+            )
+        } else {
+            Box::new(std::io::sink())
+        };
+        let board = match main.then(|| EventWriter::create(&output.join("tensorboard"))) {
+            None => None,
+            Some(Ok(w)) => Some(w),
+            Some(Err(e)) => {
+                tracing::warn!("no TensorBoard events ({}): {e}", output.join("tensorboard").display());
+                None
+            }
+        };
+        Ok(TrainLog {
+            metrics,
+            board,
+            window: (Instant::now(), start_iteration),
+            data_wait: 0.0,
+            reduce_wait: distributed.then_some(0.0),
+        })
+    }
+
+    /// Counts `seconds` spent waiting for the loader.
+    pub fn add_data_wait(&mut self, seconds: f64) {
+        self.data_wait += seconds;
+    }
+
+    /// Counts `seconds` spent in the gradient all-reduce.
+    pub fn add_reduce_wait(&mut self, seconds: f64) {
+        if let Some(w) = self.reduce_wait.as_mut() {
+            *w += seconds;
+        }
+    }
+
+    /// Records iteration `v.iteration` (closing the log window: images/s and
+    /// the wait times are per window) and returns the progress message
+    /// `loss … lr … img/s [scale … skipped …]`.
+    pub fn step(&mut self, v: StepValues<'_>) -> String {
+        let elapsed = self.window.0.elapsed().as_secs_f64();
+        let iterations = v.iteration.saturating_sub(self.window.1);
+        let ips = iterations as f64 * v.images_per_iteration as f64 / elapsed.max(1e-9);
+        let steps = iterations.max(1) as f64;
+        self.window = (Instant::now(), v.iteration);
+        let total_loss: f64 = v.losses.iter().map(|(_, x)| x).sum();
+        let mut record = serde_json::Map::new();
+        record.insert("iteration".into(), v.iteration.into());
+        record.insert("lr".into(), v.lr.into());
+        record.insert("loss".into(), total_loss.into());
+        for (n, x) in v.losses {
+            record.insert(n.clone(), (*x).into());
+        }
+        record.insert("images_per_s".into(), ips.into());
+        record.insert("data_wait_ms".into(), (1e3 * self.data_wait / steps).into());
+        self.data_wait = 0.0;
+        if let Some(w) = self.reduce_wait.as_mut() {
+            record.insert("allreduce_ms".into(), (1e3 * *w / steps).into());
+            *w = 0.0;
+        }
+        record.insert("seconds".into(), v.seconds.into());
+        if let Some(s) = v.scale {
+            record.insert("loss_scale".into(), s.scale.into());
+            record.insert("skipped_steps".into(), s.skipped.into());
+        }
+        if let Some(m) = v.max_memory_gib {
+            record.insert("max_memory_gib".into(), m.into());
+        }
+        if let Some(w) = self.board.as_mut() {
+            for (tag, x) in &record {
+                if let (Some(x), false) = (x.as_f64(), tag == "iteration") {
+                    let _ = w.scalar(tag, v.iteration as i64, x as f32);
+                }
+            }
+            let _ = w.flush();
+        }
+        let _ = writeln!(self.metrics, "{}", serde_json::Value::Object(record));
+        let scale_text = v.scale.map(|s| format!(" scale {:.0} skipped {:.0}", s.scale, s.skipped)).unwrap_or_default();
+        format!("loss {total_loss:.4} lr {:.5} {ips:.1} img/s{scale_text}", v.lr)
+    }
+
+    /// Records an evaluation.
+    pub fn eval(&mut self, point: &EvalPoint) {
+        let _ = writeln!(
+            self.metrics,
+            "{}",
+            serde_json::json!({"iteration": point.iteration, "bbox_ap": point.bbox_ap, "segm_ap": point.segm_ap, "seconds": point.seconds})
+        );
+        if let Some(w) = self.board.as_mut() {
+            let _ = w.scalar("eval/bbox_ap", point.iteration as i64, point.bbox_ap as f32);
+            let _ = w.scalar("eval/segm_ap", point.iteration as i64, point.segm_ap as f32);
+            let _ = w.flush();
+        }
+    }
+}
