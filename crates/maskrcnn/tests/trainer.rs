@@ -394,6 +394,22 @@ fn setup_errors_come_before_training() {
     let e = train(&c, &options(&tmp.path().join("o1"), false)).unwrap_err().to_string();
     assert!(e.contains("missing.json"), "{e}");
     let mut c = train_config(&data, &[]);
+    c.data.train_images = tmp.path().join("no-such-folder").display().to_string();
+    let e = train(&c, &options(&tmp.path().join("o1"), false)).unwrap_err().to_string();
+    assert!(e.contains("data.train_images") && e.contains("no-such-folder"), "{e}");
+    let mut c = train_config(&data, &[]);
+    c.data.val_ann = data.val_ann.display().to_string();
+    let e = train(&c, &options(&tmp.path().join("o1"), false)).unwrap_err().to_string();
+    assert!(e.contains("both data.val_ann and data.val_images"), "{e}");
+    // A folder where no image of the set loads stops after an epoch of
+    // empty batches, naming a failure (it looped forever before).
+    let empty = tmp.path().join("empty-folder");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut c = train_config(&data, &[]);
+    (c.data.train_images, c.solver.max_iter) = (empty.display().to_string(), 3);
+    let e = train(&c, &options(&tmp.path().join("o1"), false)).unwrap_err().to_string();
+    assert!(e.contains("no image loaded in 6 batches") && e.contains("empty-folder"), "{e}");
+    let mut c = train_config(&data, &[]);
     c.model.num_classes = 91;
     let e = train(&c, &options(&tmp.path().join("o2"), false)).unwrap_err().to_string();
     assert!(e.contains("model.num_classes = 7"), "{e}");

@@ -71,12 +71,14 @@ pub struct Batch {
 /// Why loading stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
-    #[error("{0}")]
+    #[error(transparent)]
     Sampler(#[from] super::sampler::SamplerError),
     #[error("image {id} ({path}): {message}")]
     BadImage { id: u64, path: String, message: String },
     #[error("data loader workers stopped")]
     WorkersGone,
+    #[error("no image loaded in {batches} batches in a row (an epoch's worth); the last failure: {last}")]
+    NothingLoads { batches: u64, last: String },
 }
 
 struct HostBatch {
@@ -95,6 +97,7 @@ type Done = Result<HostBatch, LoaderError>;
 #[derive(Debug, Default)]
 pub struct SkipLog {
     seen: Mutex<HashSet<u64>>,
+    last: Mutex<String>,
 }
 
 impl SkipLog {
@@ -104,6 +107,12 @@ impl SkipLog {
         if seen.insert(id) {
             tracing::warn!("skipping image {id}: {reason}");
         }
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = format!("image {id}: {reason}");
+    }
+
+    /// The newest skip, `image ID: reason` (empty before any).
+    pub fn last(&self) -> String {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Distinct images skipped so far.
@@ -122,6 +131,10 @@ pub struct Loader {
     in_flight: usize,
     max_in_flight: usize,
     device: Device,
+    /// Batches in a row whose every image failed, and how many make an
+    /// epoch on this rank: a whole epoch of them means nothing can load.
+    empty_streak: u64,
+    epoch_batches: u64,
     pub skipped: Arc<SkipLog>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -140,6 +153,8 @@ impl Loader {
         )?;
         let start = options.start_iteration;
         let plan = sampler.plan_from(start);
+        let per_epoch = (options.batch_size * options.world_size).max(1);
+        let epoch_batches = dataset.images.len().div_ceil(per_epoch).max(1) as u64;
         let (job_tx, job_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -160,6 +175,8 @@ impl Loader {
             in_flight: 0,
             max_in_flight: options.workers.max(1) + options.prefetch,
             device: options.device,
+            empty_streak: 0,
+            epoch_batches,
             skipped,
             workers,
         })
@@ -167,13 +184,19 @@ impl Loader {
 
     /// The batch of the next iteration, its images already on the device
     /// (copy issued, not awaited). Batches whose images all failed to load
-    /// are passed over.
+    /// are passed over; an epoch's worth of those in a row is an error
+    /// (a wrong image folder, say), not a silent endless loop.
     pub fn next_batch(&mut self) -> Result<Batch, LoaderError> {
         loop {
             let host = self.next_host()?;
             if host.image_ids.is_empty() {
+                self.empty_streak += 1;
+                if self.empty_streak >= self.epoch_batches {
+                    return Err(LoaderError::NothingLoads { batches: self.empty_streak, last: self.skipped.last() });
+                }
                 continue;
             }
+            self.empty_streak = 0;
             return Ok(self.upload(host));
         }
     }

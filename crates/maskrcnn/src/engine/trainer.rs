@@ -56,23 +56,23 @@ pub struct TrainOptions {
 pub enum TrainError {
     #[error("{0}")]
     Setup(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Dataset(#[from] crate::data::DatasetError),
-    #[error("{0}")]
+    #[error(transparent)]
     Loader(#[from] crate::data::LoaderError),
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] crate::modeling::ModelError),
-    #[error("{0}")]
+    #[error(transparent)]
     Targets(#[from] crate::modeling::TargetError),
-    #[error("{0}")]
+    #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
-    #[error("{0}")]
+    #[error(transparent)]
     Shim(#[from] crate::shim::ShimError),
     #[error("iteration {iteration}: {loss} is {value} (fp32 training diverged; lower solver.base_lr or enable solver.clip_grad_norm)")]
     NonFinite { iteration: u64, loss: String, value: f64 },
     #[error("evaluation: {0}")]
     Eval(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Distributed(#[from] DistError),
 }
 
@@ -405,9 +405,28 @@ fn load_resume_checkpoint(config: &Config, output: &Path) -> Result<Option<check
 }
 
 /// The training set (images without annotations dropped; skipped records
-/// reported), checked against `model.num_classes`; the validation
-/// annotations, when configured, must exist.
+/// reported), checked against `model.num_classes`; the image folders and
+/// the validation annotations, when configured, must exist.
 fn load_training_set(config: &Config, strict: bool) -> Result<CocoDataset, TrainError> {
+    let d = &config.data;
+    if !Path::new(&d.train_images).is_dir() {
+        return Err(TrainError::Setup(format!("data.train_images: {} is not a folder", d.train_images)));
+    }
+    match (d.val_ann.is_empty(), d.val_images.is_empty()) {
+        (true, true) => {}
+        (false, false) if !Path::new(&d.val_ann).is_file() => {
+            return Err(TrainError::Setup(format!("data.val_ann: {} does not exist", d.val_ann)));
+        }
+        (false, false) if !Path::new(&d.val_images).is_dir() => {
+            return Err(TrainError::Setup(format!("data.val_images: {} is not a folder", d.val_images)));
+        }
+        (false, false) => {}
+        _ => {
+            return Err(TrainError::Setup(
+                "evaluation needs both data.val_ann and data.val_images (or neither: no evaluation)".into(),
+            ))
+        }
+    }
     let dataset = CocoDataset::load(
         Path::new(&config.data.train_ann),
         Path::new(&config.data.train_images),
@@ -424,10 +443,6 @@ fn load_training_set(config: &Config, strict: bool) -> Result<CocoDataset, Train
             dataset.num_classes(),
             config.model.num_classes
         )));
-    }
-    let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
-    if has_val && !Path::new(&config.data.val_ann).is_file() {
-        return Err(TrainError::Setup(format!("data.val_ann: {} does not exist", config.data.val_ann)));
     }
     Ok(dataset)
 }

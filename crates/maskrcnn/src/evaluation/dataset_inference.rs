@@ -16,7 +16,7 @@ pub enum DatasetInferenceError {
     GroundTruth { path: PathBuf, message: String },
     #[error("{path}: {categories} categories (ids {ids}) do not fit model.num_classes = {num_classes}; use num_classes = {needed}, or 91 for torchvision's COCO label space")]
     Categories { path: PathBuf, categories: usize, ids: String, num_classes: usize, needed: usize },
-    #[error("{0}")]
+    #[error(transparent)]
     Image(#[from] crate::data::image::ImageError),
 }
 
