@@ -724,31 +724,28 @@ fn plain_sgd_sets(data: &maskrcnn::data::synth::SynthOutput) -> Vec<String> {
 }
 
 #[test]
-fn multi_gpu_training_without_cuda_is_refused() {
+fn launch_needs_a_gpu_per_rank_unless_on_the_cpu() {
+    if tch::Cuda::device_count() >= 2 {
+        eprintln!("skipped launch_needs_a_gpu_per_rank_unless_on_the_cpu: this machine has 2 GPUs");
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
-    let mut args: Vec<String> = vec!["train".into(), "--device".into(), "cpu".into(), "--output".into()];
-    args.push(tmp.path().join("out").display().to_string());
+    let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "2".into(), "train".into()];
+    args.extend(["--output".into(), tmp.path().join("out").display().to_string()]);
     for s in plain_sgd_sets(&data) {
         args.extend(["--set".into(), s]);
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn"))
-        .args(&args)
-        .envs([("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "29999")])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("rank 1: multi-GPU training (WORLD_SIZE=2) needs CUDA"), "{err}");
-    // launch checks the GPU count before starting anything.
-    if tch::Cuda::device_count() < 2 {
-        let mut launch = vec!["launch".to_string(), "--nproc-per-node".into(), "2".into()];
-        launch.extend(args);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&launch).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("--nproc-per-node 2 needs 2 CUDA devices"), "{err}");
-    }
+    assert!(err.contains("--nproc-per-node 2 needs 2 CUDA devices") && err.contains("--device cpu"), "{err}");
+    assert!(!tmp.path().join("out").exists(), "nothing starts");
+}
+
+#[test]
+fn launch_two_cpu_ranks_take_the_mean_gradient_step() {
+    check_two_ranks_take_the_mean_gradient_step(Device::Cpu);
 }
 
 #[test]
@@ -757,6 +754,14 @@ fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
         eprintln!("skipped gpu_launch_two_ranks_take_the_mean_gradient_step: needs 2 CUDA devices (nvidia-h100-x2)");
         return;
     }
+    check_two_ranks_take_the_mean_gradient_step(Device::Cuda(0));
+}
+
+/// `maskrcnn launch --nproc-per-node 2 train` for one plain-SGD iteration on
+/// `device` (the CPU: TCP; CUDA: NCCL on two GPUs) must change the weights by
+/// −lr × the mean of the two ranks' gradients, each computed here on its
+/// rank's shard with its rank's sampling seed.
+fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
     let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
@@ -764,6 +769,9 @@ fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
     let sets = plain_sgd_sets(&data);
     let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "2".into(), "train".into()];
     args.extend(["--output".into(), out.display().to_string()]);
+    if device == Device::Cpu {
+        args.extend(["--device".into(), "cpu".into()]);
+    }
     for s in &sets {
         args.extend(["--set".into(), s.clone()]);
     }
@@ -772,6 +780,7 @@ fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
     let run = std::process::Command::new(bin).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1/2") && stderr.contains("rank 0/2"), "{stderr}");
     let trained: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(out.join("model_final.safetensors")).unwrap().into_iter().collect();
 
@@ -779,9 +788,10 @@ fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
     // forward/backward on cuda:0 with rank r's sampling seed; the update must
     // be the mean of the two gradients (DistributedDataParallel's rule).
     let cfg = Config::load(None, &sets).unwrap();
-    let device = Device::Cuda(0);
     let mut model = MaskRcnn::new(&cfg, device).unwrap();
-    model.to_channels_last();
+    if device.is_cuda() {
+        model.to_channels_last();
+    }
     let w0: Vec<(String, Tensor)> = weights(&model);
     let ds = Arc::new(
         maskrcnn::data::CocoDataset::load(

@@ -44,7 +44,8 @@ enum Command {
 
 #[derive(Args)]
 struct LaunchArgs {
-    /// Processes (GPUs) to start, cuda:0..N-1.
+    /// Processes to start: one per GPU, cuda:0..N-1 (with `train --device
+    /// cpu`: CPU processes, summing over TCP).
     #[arg(long, value_name = "N")]
     nproc_per_node: usize,
     /// Rendezvous port on 127.0.0.1 (default: a free one).
@@ -284,9 +285,12 @@ fn launch(args: LaunchArgs) -> Result<()> {
     if n == 0 {
         bail!("--nproc-per-node must be at least 1");
     }
+    // `train --device cpu` ranks sum over TCP; otherwise each needs a GPU.
+    let on_cpu = args.command.windows(2).any(|w| w[0] == "--device" && w[1] == "cpu")
+        || args.command.iter().any(|a| a == "--device=cpu");
     let gpus = tch::Cuda::device_count() as usize;
-    if n > gpus {
-        bail!("--nproc-per-node {n} needs {n} CUDA devices; this machine has {gpus}");
+    if n > gpus && !on_cpu {
+        bail!("--nproc-per-node {n} needs {n} CUDA devices; this machine has {gpus} (or train with --device cpu)");
     }
     let port = match args.master_port {
         Some(p) => p,
@@ -301,7 +305,8 @@ fn launch(args: LaunchArgs) -> Result<()> {
         }
     })
     .context("cannot install the Ctrl-C handler")?;
-    eprintln!("launch: {n} ranks, rendezvous 127.0.0.1:{port}");
+    let place = if on_cpu { "CPU processes" } else { "GPUs" };
+    eprintln!("launch: {n} ranks ({place}), rendezvous 127.0.0.1:{port}");
     run_ranks(
         n,
         |rank| {

@@ -1,12 +1,15 @@
 //! Data-parallel training over several GPUs of one machine: one process per
 //! GPU (started by `maskrcnn launch`, or by any torchrun-style launcher),
 //! gradients summed by an NCCL all-reduce and divided by the world size, as
-//! PyTorch's DistributedDataParallel does.
+//! PyTorch's DistributedDataParallel does. Processes on the CPU sum over TCP
+//! instead (through rank 0, like torch's gloo backend serves CPU tensors):
+//! the same training logic then runs, and is tested, without GPUs.
 //!
 //! The process group comes from torchrun's environment: `RANK`,
-//! `WORLD_SIZE`, `LOCAL_RANK` (the GPU), `MASTER_ADDR`, `MASTER_PORT`. Rank 0
-//! creates NCCL's unique id and hands it to the others over one TCP
-//! connection each at `MASTER_ADDR:MASTER_PORT`.
+//! `WORLD_SIZE`, `LOCAL_RANK` (the GPU), `MASTER_ADDR`, `MASTER_PORT`. Every
+//! rank connects to rank 0 at `MASTER_ADDR:MASTER_PORT` and names its rank;
+//! rank 0 answers with NCCL's unique id (GPUs) or keeps the connections for
+//! the CPU all-reduce.
 //!
 //! NCCL is opened at run time from `libnccl.so.2` (the library torch's
 //! wheels ship and libtorch already loads). cudarc's `nccl` module looks only
@@ -80,17 +83,27 @@ fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, DistError> 
 /// How long ranks wait for each other at the rendezvous.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Hands rank 0's `id` to every other rank: rank 0 listens at the master
-/// address and writes `id` to each of the `world_size - 1` connections; the
-/// others connect (retrying until the timeout) and read it.
-pub fn exchange_id(env: &DistEnv, id: Option<&[u8]>, len: usize) -> Result<Vec<u8>, DistError> {
+/// The connections a rendezvous leaves: rank 0 holds one per other rank,
+/// ordered by rank (1, 2, ...); every other rank holds one to rank 0 and rank
+/// 0's answer.
+#[derive(Debug)]
+pub enum Rendezvous {
+    Root(Vec<TcpStream>),
+    Peer { stream: TcpStream, answer: Vec<u8> },
+}
+
+/// Connects every rank of `env` to rank 0: rank 0 listens at the master
+/// address until the `world_size - 1` others have connected and named their
+/// rank, and sends each of them `answer` (`Some` on rank 0 only); the others
+/// connect (retrying until the timeout) and read `answer_len` bytes.
+pub fn rendezvous(env: &DistEnv, answer: Option<&[u8]>, answer_len: usize) -> Result<Rendezvous, DistError> {
     let addr = env.addr();
     let err = |message: String| DistError::Rendezvous { addr: addr.clone(), message };
     let started = Instant::now();
     if env.rank == 0 {
-        let id = id.ok_or_else(|| err("rank 0 has no id to share".into()))?;
+        let answer = answer.ok_or_else(|| err("rank 0 has nothing to hand over".into()))?;
         // A peer's connect attempt can briefly hold the port (see
-        // `fetch_id`): retry the bind until the timeout.
+        // `connect_to_root`): retry the bind until the timeout.
         let listener = loop {
             match TcpListener::bind(("0.0.0.0", env.master_port)) {
                 Ok(l) => break l,
@@ -98,29 +111,50 @@ pub fn exchange_id(env: &DistEnv, id: Option<&[u8]>, len: usize) -> Result<Vec<u
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        serve_id(&listener, id, env.world_size - 1, started).map_err(err)?;
-        Ok(id.to_vec())
+        accept_ranks(&listener, answer, env.world_size, started).map(Rendezvous::Root).map_err(err)
     } else {
-        fetch_id(&addr, len, started).map_err(err)
+        let (stream, answer) = connect_to_root(&addr, env.rank, answer_len, started).map_err(err)?;
+        Ok(Rendezvous::Peer { stream, answer })
     }
 }
 
-/// Rank 0's side: writes `id` to each of the first `others` connections
-/// accepted on `listener`, giving up `RENDEZVOUS_TIMEOUT` after `started`.
-fn serve_id(listener: &TcpListener, id: &[u8], others: usize, started: Instant) -> Result<(), String> {
+/// Rank 0's side: accepts connections on `listener` until ranks
+/// `1..world_size` have each named themselves (a `u32` little-endian) and
+/// been sent `answer`, giving up `RENDEZVOUS_TIMEOUT` after `started`. A
+/// connection that does not name a missing rank is dropped. Returns the
+/// streams ordered by rank.
+fn accept_ranks(
+    listener: &TcpListener,
+    answer: &[u8],
+    world_size: usize,
+    started: Instant,
+) -> Result<Vec<TcpStream>, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut served = 0;
-    while served < others {
+    let mut joined: Vec<Option<TcpStream>> = (1..world_size).map(|_| None).collect();
+    while joined.iter().any(Option::is_none) {
         match listener.accept() {
             Ok((mut stream, _)) => {
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                stream.write_all(id).map_err(|e| format!("sending the NCCL id: {e}"))?;
-                served += 1;
+                stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+                let mut rank = [0u8; 4];
+                if stream.read_exact(&mut rank).is_err() {
+                    continue;
+                }
+                let rank = u32::from_le_bytes(rank) as usize;
+                let Some(slot @ None) = rank.checked_sub(1).and_then(|i| joined.get_mut(i)) else {
+                    continue;
+                };
+                stream.write_all(answer).map_err(|e| format!("answering rank {rank}: {e}"))?;
+                stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+                let _ = stream.set_nodelay(true);
+                *slot = Some(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if started.elapsed() > RENDEZVOUS_TIMEOUT {
+                    let joined = joined.iter().filter(|s| s.is_some()).count();
                     return Err(format!(
-                        "only {served} of {others} other ranks connected within {} s",
+                        "only {joined} of {} other ranks connected within {} s",
+                        world_size - 1,
                         RENDEZVOUS_TIMEOUT.as_secs()
                     ));
                 }
@@ -129,15 +163,20 @@ fn serve_id(listener: &TcpListener, id: &[u8], others: usize, started: Instant) 
             Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(())
+    Ok(joined.into_iter().flatten().collect())
 }
 
-/// The other ranks' side: connects to rank 0 at `addr` and reads `len`
-/// bytes, retrying until `RENDEZVOUS_TIMEOUT` after `started` while nobody
-/// listens yet or a connection closes before the whole id arrived (a
-/// listener that was not rank 0's: another job's, gone since, on a machine
-/// whose ports several jobs share).
-fn fetch_id(addr: &str, len: usize, started: Instant) -> Result<Vec<u8>, String> {
+/// The other ranks' side: connects to rank 0 at `addr`, names `rank` and
+/// reads `answer_len` bytes, retrying until `RENDEZVOUS_TIMEOUT` after
+/// `started` while nobody listens yet or a connection closes before the
+/// whole answer arrived (a listener that was not rank 0's: another job's,
+/// gone since, on a machine whose ports several jobs share).
+fn connect_to_root(
+    addr: &str,
+    rank: usize,
+    answer_len: usize,
+    started: Instant,
+) -> Result<(TcpStream, Vec<u8>), String> {
     loop {
         let failure = match TcpStream::connect(addr) {
             // Connecting on localhost to a port nobody listens on yet can
@@ -146,10 +185,14 @@ fn fetch_id(addr: &str, len: usize, started: Instant) -> Result<Vec<u8>, String>
             Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => "connected to itself".to_string(),
             Ok(mut stream) => {
                 stream.set_read_timeout(Some(RENDEZVOUS_TIMEOUT)).map_err(|e| e.to_string())?;
-                let mut buf = vec![0u8; len];
-                match stream.read_exact(&mut buf) {
-                    Ok(()) => return Ok(buf),
-                    Err(e) => format!("reading the NCCL id: {e}"),
+                let mut answer = vec![0u8; answer_len];
+                match stream.write_all(&(rank as u32).to_le_bytes()).and_then(|()| stream.read_exact(&mut answer)) {
+                    Ok(()) => {
+                        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+                        let _ = stream.set_nodelay(true);
+                        return Ok((stream, answer));
+                    }
+                    Err(e) => format!("waiting for rank 0's answer: {e}"),
                 }
             }
             Err(e) => e.to_string(),
@@ -230,14 +273,21 @@ fn sym(e: libloading::Error) -> DistError {
     DistError::Nccl(format!("libnccl lacks a symbol: {e}"))
 }
 
-/// An NCCL communicator of the whole group, on this process's GPU.
+/// The whole group, as this process takes part in it.
 pub struct ProcessGroup {
     pub env: DistEnv,
-    api: NcclApi,
-    comm: NcclComm,
-    /// This GPU's primary context, held for the communicator's lifetime and
-    /// made current before each collective.
-    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    transport: Transport,
+}
+
+/// How the group sums tensors.
+enum Transport {
+    /// An NCCL communicator on this process's GPU, with the GPU's primary
+    /// context (held for the communicator's lifetime, made current before
+    /// each collective).
+    Nccl { api: NcclApi, comm: NcclComm, ctx: std::sync::Arc<cudarc::driver::CudaContext> },
+    /// CPU tensors: every rank sends its values to rank 0, which adds them in
+    /// rank order and sends the sum back (the same bits on every rank).
+    Tcp(Rendezvous),
 }
 
 // SAFETY: the communicator is used from the training thread only; moving it
@@ -246,14 +296,27 @@ unsafe impl Send for ProcessGroup {}
 
 impl std::fmt::Debug for ProcessGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProcessGroup").field("env", &self.env).finish()
+        let backend = match self.transport {
+            Transport::Nccl { .. } => "nccl",
+            Transport::Tcp(_) => "tcp",
+        };
+        f.debug_struct("ProcessGroup").field("env", &self.env).field("backend", &backend).finish()
     }
 }
 
 impl ProcessGroup {
-    /// Joins the group of `env` on `cuda:LOCAL_RANK` (made this thread's
-    /// current device first: NCCL binds the communicator to it).
-    pub fn join(env: DistEnv) -> Result<ProcessGroup, DistError> {
+    /// Joins the group of `env`: over NCCL on `cuda:LOCAL_RANK` when `cuda`
+    /// (made this thread's current device first: NCCL binds the communicator
+    /// to it), else over TCP for CPU tensors. Ends with an all-reduce
+    /// self-test.
+    pub fn join(env: DistEnv, cuda: bool) -> Result<ProcessGroup, DistError> {
+        let transport = if cuda { Self::join_nccl(&env)? } else { Transport::Tcp(rendezvous(&env, Some(&[1]), 1)?) };
+        let group = ProcessGroup { env, transport };
+        group.self_test()?;
+        Ok(group)
+    }
+
+    fn join_nccl(env: &DistEnv) -> Result<Transport, DistError> {
         let api = NcclApi::open()?;
         let ctx = cudarc::driver::CudaContext::new(env.local_rank)
             .map_err(|e| DistError::Nccl(format!("cuda:{}: {e}", env.local_rank)))?;
@@ -264,25 +327,34 @@ impl ProcessGroup {
             api.check("ncclGetUniqueId", unsafe { (api.get_unique_id)(&mut id) })?;
         }
         let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
-        let shared = exchange_id(&env, (env.rank == 0).then_some(bytes.as_slice()), NCCL_UNIQUE_ID_BYTES)?;
-        for (dst, src) in id.internal.iter_mut().zip(&shared) {
-            *dst = *src as c_char;
+        // The connections end here: NCCL makes its own.
+        if let Rendezvous::Peer { answer, .. } =
+            rendezvous(env, (env.rank == 0).then_some(bytes.as_slice()), NCCL_UNIQUE_ID_BYTES)?
+        {
+            for (dst, src) in id.internal.iter_mut().zip(&answer) {
+                *dst = *src as c_char;
+            }
         }
         let mut comm: NcclComm = std::ptr::null_mut();
         // SAFETY: valid out-pointer; every rank passes the same id.
         api.check("ncclCommInitRank", unsafe {
             (api.comm_init_rank)(&mut comm, env.world_size as c_int, id, env.rank as c_int)
         })?;
-        let group = ProcessGroup { env, api, comm, ctx };
-        group.self_test()?;
-        Ok(group)
+        Ok(Transport::Nccl { api, comm, ctx })
+    }
+
+    /// The device whose tensors this group sums.
+    pub fn device(&self) -> tch::Device {
+        match self.transport {
+            Transport::Nccl { .. } => tch::Device::Cuda(self.env.local_rank),
+            Transport::Tcp(_) => tch::Device::Cpu,
+        }
     }
 
     /// Sums `rank + 1` over the group: a broken transport fails here, named,
     /// instead of corrupting training.
     fn self_test(&self) -> Result<(), DistError> {
-        let device = tch::Device::Cuda(self.env.local_rank);
-        let mut t = Tensor::from_slice(&[self.env.rank as f32 + 1.0]).to_device(device);
+        let mut t = Tensor::from_slice(&[self.env.rank as f32 + 1.0]).to_device(self.device());
         self.all_reduce_sum(&mut t)?;
         let got = t.double_value(&[0]);
         let n = self.env.world_size as f64;
@@ -293,22 +365,38 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Sums the contiguous float32 CUDA tensor `t` over all ranks, in place,
-    /// on the legacy default stream: ordered with libtorch's work, which runs
-    /// on that stream too (as this crate's NVRTC kernels rely on), so no host
-    /// synchronization is needed before or after.
+    /// Sums the contiguous float32 tensor `t` (on [`ProcessGroup::device`])
+    /// over all ranks, in place. NCCL runs on the legacy default stream:
+    /// ordered with libtorch's work, which runs on that stream too (as this
+    /// crate's NVRTC kernels rely on), so no host synchronization is needed
+    /// before or after.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
-        if t.kind() != Kind::Float || !t.is_contiguous() || !t.device().is_cuda() {
-            return Err(DistError::Nccl("all-reduce needs a contiguous float32 CUDA tensor".into()));
+        if t.kind() != Kind::Float || !t.is_contiguous() || t.device() != self.device() {
+            return Err(DistError::Nccl(format!(
+                "all-reduce needs a contiguous float32 tensor on {:?}",
+                self.device()
+            )));
         }
-        let ptr = t.data_ptr();
-        let ctx_err = |e: cudarc::driver::DriverError| DistError::Nccl(format!("cuda:{}: {e}", self.env.local_rank));
-        self.ctx.bind_to_thread().map_err(ctx_err)?;
-        // SAFETY: `ptr` addresses numel() float32 values on this rank's GPU,
-        // alive until the call returns and ordered on the null stream.
-        self.api.check("ncclAllReduce", unsafe {
-            (self.api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, NCCL_SUM, self.comm, std::ptr::null_mut())
-        })
+        match &self.transport {
+            Transport::Nccl { api, comm, ctx } => {
+                let ptr = t.data_ptr();
+                let ctx_err =
+                    |e: cudarc::driver::DriverError| DistError::Nccl(format!("cuda:{}: {e}", self.env.local_rank));
+                ctx.bind_to_thread().map_err(ctx_err)?;
+                // SAFETY: `ptr` addresses numel() float32 values on this
+                // rank's GPU, alive until the call returns and ordered on the
+                // null stream.
+                api.check("ncclAllReduce", unsafe {
+                    (api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, NCCL_SUM, *comm, std::ptr::null_mut())
+                })
+            }
+            Transport::Tcp(links) => {
+                let mut values = Vec::<f32>::try_from(&*t).map_err(|e| DistError::Nccl(e.to_string()))?;
+                tcp_sum(links, &mut values).map_err(|e| DistError::Nccl(format!("TCP all-reduce: {e}")))?;
+                tch::no_grad(|| t.copy_(&Tensor::from_slice(&values).view_as(t)));
+                Ok(())
+            }
+        }
     }
 
     /// Averages `tensors` (same shapes, in the same order on every rank) over
@@ -335,10 +423,46 @@ impl ProcessGroup {
     }
 }
 
+/// The TCP all-reduce: `values` becomes the sum over ranks, added on rank 0
+/// in rank order.
+fn tcp_sum(links: &Rendezvous, values: &mut [f32]) -> std::io::Result<()> {
+    let mut bytes = vec![0u8; values.len() * 4];
+    match links {
+        Rendezvous::Root(peers) => {
+            for mut peer in peers {
+                peer.read_exact(&mut bytes)?;
+                for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *v += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            for (b, v) in bytes.chunks_exact_mut(4).zip(values.iter()) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            for mut peer in peers {
+                peer.write_all(&bytes)?;
+            }
+        }
+        Rendezvous::Peer { stream, .. } => {
+            for (b, v) in bytes.chunks_exact_mut(4).zip(values.iter()) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            let mut stream = stream;
+            stream.write_all(&bytes)?;
+            stream.read_exact(&mut bytes)?;
+            for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: `comm` came from ncclCommInitRank and is destroyed once.
-        unsafe { (self.api.comm_destroy)(self.comm) };
+        if let Transport::Nccl { api, comm, .. } = &self.transport {
+            // SAFETY: `comm` came from ncclCommInitRank and is destroyed once.
+            unsafe { (api.comm_destroy)(*comm) };
+        }
     }
 }
 
@@ -367,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn rendezvous_hands_rank_zeros_id_to_every_rank() {
+    fn rendezvous_hands_rank_zeros_answer_to_every_rank() {
         // Rank 0's listener on a port the kernel picks, bound before any
         // client starts: a fixed port could be another job's on a machine
         // whose network several CI jobs share.
@@ -375,27 +499,29 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let id: Vec<u8> = (0..128u8).collect();
         let started = Instant::now();
-        let others: Vec<_> = (1..3)
-            .map(|_| {
+        let others: Vec<_> = [2, 1]
+            .into_iter()
+            .map(|rank| {
                 let addr = addr.clone();
-                std::thread::spawn(move || fetch_id(&addr, 128, started))
+                std::thread::spawn(move || connect_to_root(&addr, rank, 128, started))
             })
             .collect();
-        serve_id(&listener, &id, 2, started).unwrap();
+        let streams = accept_ranks(&listener, &id, 3, started).unwrap();
+        assert_eq!(streams.len(), 2);
         for h in others {
-            assert_eq!(h.join().unwrap().unwrap(), id);
+            assert_eq!(h.join().unwrap().unwrap().1, id);
         }
     }
 
     #[test]
-    fn a_connection_closed_before_the_id_is_retried() {
-        // A listener that closes without writing (another job's) must not
+    fn a_connection_closed_before_the_answer_is_retried() {
+        // A listener that closes without answering (another job's) must not
         // end the rendezvous: the client retries until rank 0 answers.
         let foreign = TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = foreign.local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let started = Instant::now();
-        let client = std::thread::spawn(move || fetch_id(&addr, 4, started));
+        let client = std::thread::spawn(move || connect_to_root(&addr, 1, 4, started));
         let (stream, _) = foreign.accept().unwrap();
         drop(stream);
         drop(foreign);
@@ -406,7 +532,46 @@ mod tests {
             assert!(started.elapsed() < RENDEZVOUS_TIMEOUT, "port {port} not free again");
             std::thread::sleep(Duration::from_millis(20));
         };
-        serve_id(&listener, &[7, 8, 9, 10], 1, started).unwrap();
-        assert_eq!(client.join().unwrap().unwrap(), vec![7, 8, 9, 10]);
+        accept_ranks(&listener, &[7, 8, 9, 10], 2, started).unwrap();
+        assert_eq!(client.join().unwrap().unwrap().1, vec![7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn cpu_groups_sum_and_average_over_tcp() {
+        // Three ranks in threads, each joining through the environment path.
+        let port = TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+        let ranks: Vec<_> = (0..3)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let env = DistEnv {
+                        rank,
+                        world_size: 3,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let g = ProcessGroup::join(env, false).unwrap();
+                    // 1.1 + 2.2 + 3.3 in rank order, and a mean of two tensors.
+                    let mut t = Tensor::from_slice(&[1.1f32 * (rank + 1) as f32, -1.0]);
+                    g.all_reduce_sum(&mut t).unwrap();
+                    let a = Tensor::from_slice(&[rank as f32; 4]).view([2, 2]);
+                    let b = Tensor::from_slice(&[10.0 * rank as f32]);
+                    g.all_reduce_mean(&[a.shallow_clone(), b.shallow_clone()]).unwrap();
+                    (
+                        Vec::<f32>::try_from(&t).unwrap(),
+                        Vec::<f32>::try_from(a.reshape([-1])).unwrap(),
+                        b.double_value(&[0]),
+                    )
+                })
+            })
+            .collect();
+        // Rank 0 adds in rank order: every rank gets exactly these bits.
+        let expected = (1.1f32 * 1.0 + 1.1f32 * 2.0) + 1.1f32 * 3.0;
+        for h in ranks {
+            let (sum, a, b) = h.join().unwrap();
+            assert_eq!(sum, vec![expected, -3.0]);
+            assert_eq!(a, vec![1.0; 4]);
+            assert!((b - 10.0).abs() < 1e-6, "{b}");
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! uninterrupted one.
 //!
 //! Several GPUs (`maskrcnn launch`, torchrun's environment): one process per
-//! GPU, each on its shard of every batch; gradients, logged losses and the
+//! GPU (or several CPU processes), each on its shard of every batch; gradients, logged losses and the
 //! stop decisions are averaged over the group each step (one NCCL
 //! all-reduce), so every rank takes the same update. Rank 0 alone writes
 //! logs, checkpoints, evaluations and the final weights.
@@ -350,25 +350,16 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     })
 }
 
-/// Joins the NCCL group when a launcher set torchrun's variables (one
-/// process per GPU). Returns the group and the options this process runs
-/// with: its GPU `cuda:LOCAL_RANK`, a progress bar on rank 0 only.
+/// Joins the group when a launcher set torchrun's variables (one process
+/// per GPU over NCCL; CPU processes over TCP). Returns the group and the
+/// options this process runs with: its GPU `cuda:LOCAL_RANK` (or the CPU),
+/// a progress bar on rank 0 only.
 fn join_group(opts: &TrainOptions) -> Result<(Option<ProcessGroup>, TrainOptions), TrainError> {
     let Some(env) = DistEnv::from_process()? else {
         return Ok((None, opts.clone()));
     };
-    if !opts.device.is_cuda() {
-        return Err(TrainError::Setup(format!(
-            "rank {}: multi-GPU training (WORLD_SIZE={}) needs CUDA; --device is {:?}",
-            env.rank, env.world_size, opts.device
-        )));
-    }
-    let group = ProcessGroup::join(env)?;
-    let opts = TrainOptions {
-        device: Device::Cuda(group.env.local_rank),
-        progress: opts.progress && group.env.rank == 0,
-        ..opts.clone()
-    };
+    let group = ProcessGroup::join(env, opts.device.is_cuda())?;
+    let opts = TrainOptions { device: group.device(), progress: opts.progress && group.env.rank == 0, ..opts.clone() };
     Ok((Some(group), opts))
 }
 
