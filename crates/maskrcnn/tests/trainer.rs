@@ -858,3 +858,86 @@ fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
     assert!(compared > 50 && scale > 0.0);
     assert!(worst <= 1e-3 * scale, "update differs from the mean gradient step: {worst:.3e} vs {scale:.3e}");
 }
+
+/// Runs `maskrcnn launch --nproc-per-node 2 train --device cpu` with `sets`
+/// into `out`; with `interrupt = Some(r)`, sends rank `r`'s process alone
+/// SIGINT once two iterations are logged. Gives up (killing the launcher's group)
+/// after 240 s: ranks that disagree on stopping would wait for each other.
+fn launch_cpu_pair(sets: &[String], out: &Path, interrupt: Option<usize>) -> (bool, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "2".into(), "train".into()];
+    args.extend(["--device".into(), "cpu".into(), "--output".into(), out.display().to_string()]);
+    for s in sets {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn"))
+        .args(&args)
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let metrics = out.join("metrics.jsonl");
+    let mut sent = false;
+    while child.try_wait().unwrap().is_none() {
+        let logged = std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+        if let (Some(rank), false, true) = (interrupt, sent, logged >= 2) {
+            // The launcher's children, in the order it started them (rank order).
+            let id = child.id();
+            let ranks = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap();
+            let pid = ranks.split_whitespace().nth(rank).unwrap().to_string();
+            assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+            sent = true;
+        }
+        if started.elapsed().as_secs() > 240 {
+            let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{}", child.id())]).status();
+            panic!("the two ranks did not finish within 240 s (stuck waiting for each other?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// The iteration in every `… at iteration N` line of `log`.
+fn stop_iterations(log: &str, phrase: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split(phrase).nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn launched_ranks_stop_together_on_a_time_budget_or_one_ranks_ctrl_c() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut sets = plain_sgd_sets(&data);
+    sets.retain(|s| !s.starts_with("solver.max_iter"));
+    sets.extend(["solver.max_iter=100000".into(), "solver.log_period=2".into()]);
+
+    // Time budget: each rank's clock differs, the group stops at one log
+    // boundary (every rank says the same iteration, a multiple of 2).
+    let mut timed = sets.clone();
+    timed.push("solver.max_seconds=3".into());
+    let out = tmp.path().join("timed");
+    let (ok, _, stderr) = launch_cpu_pair(&timed, &out, None);
+    assert!(ok, "{stderr}");
+    let at = stop_iterations(&stderr, "reached at iteration ");
+    assert_eq!(at.len(), 2, "both ranks report the stop: {stderr}");
+    assert!(at[0] == at[1] && at[0].is_multiple_of(2) && at[0] > 0, "{at:?}");
+    assert!(out.join("model_final.safetensors").is_file());
+
+    // Ctrl-C reaching rank 1 alone stops both ranks at one log boundary
+    // (rank 0 would otherwise wait for rank 1 in the next all-reduce and
+    // fail); rank 0 writes the one checkpoint there.
+    let out = tmp.path().join("interrupted");
+    let (ok, _, stderr) = launch_cpu_pair(&sets, &out, Some(1));
+    assert!(ok, "{stderr}");
+    let at = stop_iterations(&stderr, "checkpoint written at iteration ");
+    assert_eq!(at.len(), 1, "rank 0 alone writes: {stderr}");
+    let saved = checkpoint::list(&out);
+    assert_eq!(saved.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![at[0]], "{stderr}");
+    assert!(at[0].is_multiple_of(2));
+}
