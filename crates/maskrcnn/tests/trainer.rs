@@ -941,3 +941,32 @@ fn launched_ranks_stop_together_on_a_time_budget_or_one_ranks_ctrl_c() {
     assert_eq!(saved.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![at[0]], "{stderr}");
     assert!(at[0].is_multiple_of(2));
 }
+
+#[test]
+fn launched_ranks_evaluate_on_rank_zero_and_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut sets = plain_sgd_sets(&data);
+    sets.retain(|s| !s.starts_with("solver.max_iter"));
+    sets.extend([
+        "solver.max_iter=4".into(),
+        "test.eval_period=2".into(),
+        format!("data.val_ann='{}'", data.val_ann.display()),
+        format!("data.val_images='{}'", data.val_images.display()),
+    ]);
+    let out = tmp.path().join("run");
+    let (ok, stdout, stderr) = launch_cpu_pair(&sets, &out, None);
+    assert!(ok, "{stderr}");
+    // Rank 0 evaluates at 2 and 4 while rank 1 waits, then both go on.
+    let evals: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("bbox_ap"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["iteration"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![2, 4], "{stderr}");
+    for it in [2, 4] {
+        assert!(out.join(format!("eval/metrics_iter_{it:07}.json")).is_file());
+    }
+    assert!(stdout.contains("iterations") && stdout.contains("0 -> 4"), "{stdout}");
+}
