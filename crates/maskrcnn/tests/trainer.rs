@@ -913,8 +913,8 @@ fn stop_iterations(log: &str, phrase: &str) -> Vec<u64> {
 fn launched_ranks_stop_together_on_a_time_budget_or_one_ranks_ctrl_c() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
+    // Later --set values win over plain_sgd_sets' max_iter = 1.
     let mut sets = plain_sgd_sets(&data);
-    sets.retain(|s| !s.starts_with("solver.max_iter"));
     sets.extend(["solver.max_iter=100000".into(), "solver.log_period=2".into()]);
 
     // Time budget: each rank's clock differs, the group stops at one log
@@ -947,7 +947,6 @@ fn launched_ranks_evaluate_on_rank_zero_and_go_on() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
     let mut sets = plain_sgd_sets(&data);
-    sets.retain(|s| !s.starts_with("solver.max_iter"));
     sets.extend([
         "solver.max_iter=4".into(),
         "test.eval_period=2".into(),
