@@ -744,6 +744,29 @@ fn launch_needs_a_gpu_per_rank_unless_on_the_cpu() {
 }
 
 #[test]
+fn launch_checks_the_train_arguments_once_before_starting_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["launch", "--nproc-per-node", "2", "train", "--device", "cpu"];
+        args.extend(["--output", out.to_str().unwrap()]);
+        args.extend(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&args).output().unwrap()
+    };
+    for (extra, expected) in [
+        (&["--set", "solver.base_lrr=1"][..], "unknown config key `solver.base_lrr`"),
+        (&["--bogus"][..], "launch: unexpected argument '--bogus'"),
+    ] {
+        let o = run(extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "one error line, not one per rank: {err}");
+        assert!(err.contains(expected), "{err}");
+    }
+    assert!(!out.exists(), "no rank started");
+}
+
+#[test]
 fn launch_two_cpu_ranks_take_the_mean_gradient_step() {
     check_two_ranks_take_the_mean_gradient_step(Device::Cpu);
 }

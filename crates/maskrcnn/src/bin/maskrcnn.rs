@@ -285,9 +285,25 @@ fn launch(args: LaunchArgs) -> Result<()> {
     if n == 0 {
         bail!("--nproc-per-node must be at least 1");
     }
+    // The ranks' arguments, parsed and their config resolved here once: a
+    // mistake is one error before anything starts, not one per rank.
+    let argv = std::iter::once(std::ffi::OsString::from("maskrcnn")).chain(args.command.iter().cloned());
+    let train_args = match Cli::try_parse_from(argv) {
+        Ok(Cli { command: Command::Train(t) }) => t,
+        Ok(_) => bail!("launch runs `train`: maskrcnn launch --nproc-per-node N train [ARGS]..."),
+        Err(e) if !e.use_stderr() => {
+            // train --help
+            e.print()?;
+            return Ok(());
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            bail!("launch: {}", text.lines().next().unwrap_or("invalid train arguments").trim_start_matches("error: "))
+        }
+    };
+    train_args.config.resolve()?;
     // `train --device cpu` ranks sum over TCP; otherwise each needs a GPU.
-    let on_cpu = args.command.windows(2).any(|w| w[0] == "--device" && w[1] == "cpu")
-        || args.command.iter().any(|a| a == "--device=cpu");
+    let on_cpu = train_args.device.device.as_deref() == Some("cpu");
     let gpus = tch::Cuda::device_count() as usize;
     if n > gpus && !on_cpu {
         bail!("--nproc-per-node {n} needs {n} CUDA devices; this machine has {gpus} (or train with --device cpu)");
@@ -365,12 +381,6 @@ fn train(args: TrainArgs) -> Result<()> {
         eprintln!("\nstopping after this iteration (Ctrl-C again to abort without a checkpoint)");
     })
     .context("cannot install the Ctrl-C handler")?;
-    // Under `launch` only rank 0 writes the output directory.
-    if std::env::var("RANK").map_or(true, |r| r.trim() == "0") {
-        std::fs::create_dir_all(&args.output).with_context(|| format!("output directory {}", args.output.display()))?;
-        std::fs::write(args.output.join("config.toml"), config.to_toml())
-            .with_context(|| format!("output directory {}: cannot write config.toml", args.output.display()))?;
-    }
     let opts = maskrcnn::engine::trainer::TrainOptions {
         output: args.output.clone(),
         resume: args.resume,

@@ -125,8 +125,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let device = opts.device;
     let solver = &config.solver;
     let micro_batch = micro_batch_size(config, world_size)?;
+    let config_toml = config.to_toml();
     if main {
-        prepare_output(&opts.output)?;
+        prepare_output(&opts.output, &config_toml)?;
     }
     let resumed = if opts.resume { load_resume_checkpoint(config, &opts.output)? } else { None };
     let dataset = load_training_set(config, opts.strict)?;
@@ -190,7 +191,6 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let mut pending: Vec<(u64, Tensor)> = Vec::new();
     let mut evals = Vec::new();
     let (mut stopped_early, mut interrupted) = (false, false);
-    let config_toml = config.to_toml();
     let mut iteration = start;
     tracing::info!(
         "rank {rank}/{world_size}: training {} images ({} categories), {micro_batch} images × {} accumulation step(s) per iteration, iterations {start}..{max_iter}, amp {amp}, device {:?}",
@@ -628,13 +628,12 @@ fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<
     Ok(values.chunks(n).last().map(|r| r.to_vec()))
 }
 
-/// Creates the output folder and proves it writable before any work.
-fn prepare_output(output: &Path) -> Result<(), TrainError> {
+/// Creates the output folder (which proves it writable before any work)
+/// with the resolved config in `config.toml`; clears unfinished checkpoints.
+fn prepare_output(output: &Path, config_toml: &str) -> Result<(), TrainError> {
     let err = |e: std::io::Error| TrainError::Setup(format!("output directory {}: {e}", output.display()));
     std::fs::create_dir_all(output).map_err(err)?;
-    let probe = output.join(".write-test");
-    std::fs::write(&probe, b"ok").map_err(err)?;
-    let _ = std::fs::remove_file(probe);
+    std::fs::write(output.join("config.toml"), config_toml).map_err(err)?;
     checkpoint::remove_partial(output);
     Ok(())
 }

@@ -57,8 +57,8 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
         Some(table) => {
             let unknown: Vec<String> = table.ids().filter(|i| !ids.contains(i)).map(|i| i.to_string()).collect();
             if !unknown.is_empty() {
-                eprintln!(
-                    "warning: the model's categories {} are not in {}: their detections are left out",
+                tracing::warn!(
+                    "the model's categories {} are not in {}: their detections are left out",
                     unknown.join(", "),
                     gt.display()
                 );

@@ -107,7 +107,6 @@ impl MaskRcnn {
         })
     }
 
-    /// A model whose weights come from the safetensors file `path`.
     /// A model whose weights (and category table, when the file has one)
     /// come from the safetensors file `path`.
     pub fn from_weights(config: &Config, path: &Path, device: Device) -> Result<MaskRcnn, ModelError> {

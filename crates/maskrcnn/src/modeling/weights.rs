@@ -138,7 +138,8 @@ pub fn save_weights(vs: &VarStore, categories: Option<&Categories>, path: &Path)
     std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
 }
 
-/// A tensor copied to the CPU and made contiguous, as safetensors data.
+/// A contiguous CPU tensor (a copy only when the source was elsewhere or
+/// strided), as safetensors data: its bytes are borrowed, not copied again.
 struct CpuTensor {
     tensor: Tensor,
     shape: Vec<usize>,
@@ -153,9 +154,15 @@ impl View for CpuTensor {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let mut bytes = vec![0u8; self.data_len()];
-        self.tensor.copy_data_u8(&mut bytes, self.tensor.numel());
-        bytes.into()
+        if self.data_len() == 0 {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        // SAFETY: `tensor` is a contiguous CPU tensor owned by `self`, so its
+        // storage holds `data_len()` initialized bytes at `data_ptr()` for as
+        // long as `self` is borrowed.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.data_len())
+        })
     }
     fn data_len(&self) -> usize {
         self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
