@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the project-local Python environment `.venv` that holds libtorch
-# (torch 2.11.0 from PyPI, which tch 0.24 links against) and the oracles the
+# (torch 2.11.0 from PyPI, which tch 0.24 links against; nvidia-cuda-crt adds
+# the CUDA headers the shim needs beside torch's) and the oracles the
 # tests compare with (torchvision 0.26.0, pycocotools). Idempotent: a venv
 # whose packages already match is left alone, so a warm run costs < 1 s.
 set -euo pipefail
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv
 STAMP="$VENV/.maskrcnn-bootstrap"
-REQS="torch==2.11.0 torchvision==0.26.0 pycocotools==2.0.11 safetensors numpy pillow"
+REQS="torch==2.11.0 torchvision==0.26.0 pycocotools==2.0.11 safetensors numpy pillow nvidia-cuda-crt==13.0.88"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$REQS" ]; then
   exit 0

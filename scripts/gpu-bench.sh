@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks on the GPU machine, ours beside the peer in the same call:
-#   scripts/gpu-bench.sh [train|infer|data|all]
+#   scripts/gpu-bench.sh [train|step|infer|data|all]
+# `step` is the training step's headline settings only (bs16 bf16, bs16
+# fp16, bs8 fp16, NHWC), ours then the peer's.
 # Needs target/gpu (scripts/gpu-build.sh) and .peer/peer_torchvision.py (a
 # copy of ../shared/bench/peer_torchvision.py) carried along.
 set -uo pipefail
@@ -28,6 +30,22 @@ torch.backends.cudnn.benchmark = True
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 print(json.dumps(p.train_bench(16, "bf16", True)))')
+fi
+if [[ $what == step ]]; then
+  echo "== bench train (ours)"
+  for cfg in "16 bf16" "16 fp16" "8 fp16"; do
+    set -- $cfg
+    "$B" bench train --batch "$1" --amp "$2" --iters 20 --json
+  done
+  echo "== peer_torchvision.py train (same settings)"
+  (cd .peer && python3 -c '
+import json, torch, peer_torchvision as p
+torch.backends.cudnn.benchmark = True
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+for bs, amp in [(16, "bf16"), (16, "fp16"), (8, "fp16")]:
+    print(json.dumps(p.train_bench(bs, amp, True)), flush=True)
+    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()')
 fi
 if [[ $what == infer || $what == all ]]; then
   echo "== bench infer (ours)"

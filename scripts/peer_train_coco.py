@@ -13,6 +13,9 @@ lr 0.02 momentum 0.9 weight decay 1e-4, linear warmup from 0.001 over 200
 iterations, steps at 2200/2700, batch 8, fp16 autocast + GradScaler,
 channels-last, short side drawn from 480..608 (max 800), test 544/800,
 horizontal flip 0.5, crowd annotations left out (torchvision's reference).
+Environment overrides for other recipes: PEER_BATCH (8), PEER_AMP (fp16 |
+bf16), PEER_MIN_SIZES ("480,512,544,576,608"), PEER_MAX_SIZE (800),
+PEER_WORKERS (8).
 """
 import json, os, random, sys, time
 import numpy as np
@@ -146,7 +149,14 @@ def evaluate(model, val, out_path, dev):
                                     segmentation=dict(size=list(m.shape), counts=rle_encode(m))))
     json.dump(results, open(out_path, "w"))
     model.train()
-    model.transform.min_size = (480, 512, 544, 576, 608)
+    model.transform.min_size = MIN_SIZES
+
+
+BATCH = int(os.environ.get("PEER_BATCH", "8"))
+AMP = torch.bfloat16 if os.environ.get("PEER_AMP", "fp16") == "bf16" else torch.float16
+MIN_SIZES = tuple(int(s) for s in os.environ.get("PEER_MIN_SIZES", "480,512,544,576,608").split(","))
+MAX_SIZE = int(os.environ.get("PEER_MAX_SIZE", "800"))
+WORKERS = int(os.environ.get("PEER_WORKERS", "8"))
 
 
 def main():
@@ -162,7 +172,7 @@ def main():
     val = Coco(f"{data}/annotations/instances_val2017.json", f"{data}/val2017", False)
     # From scratch: trainable BatchNorm, every stage trains (torchvision's rule).
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(train.label) + 1,
-                                  min_size=(480, 512, 544, 576, 608), max_size=800)
+                                  min_size=MIN_SIZES, max_size=MAX_SIZE)
     model.to(dev).to(memory_format=torch.channels_last).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
@@ -175,8 +185,8 @@ def main():
             f = 0.001 * (1 - a) + a
         return 0.02 * f * (0.1 ** sum(1 for s in steps if s <= i))
 
-    scaler = torch.amp.GradScaler("cuda", init_scale=8192.0)
-    loader = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, num_workers=8, collate_fn=collate,
+    scaler = torch.amp.GradScaler("cuda", init_scale=8192.0, enabled=AMP == torch.float16)
+    loader = torch.utils.data.DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=WORKERS, collate_fn=collate,
                                          drop_last=True, persistent_workers=True)
     log = open(f"{out}/log.jsonl", "w")
     it, trained = 0, 0.0
@@ -189,7 +199,7 @@ def main():
                 g["lr"] = lr_at(it)
             imgs = [i.to(dev, non_blocking=True) for i in imgs]
             tgts = [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in tgts]
-            with torch.autocast("cuda", dtype=torch.float16):
+            with torch.autocast("cuda", dtype=AMP):
                 losses = model(imgs, tgts)
                 loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
@@ -215,7 +225,7 @@ def main():
             if last:
                 done = True
                 break
-    print(json.dumps(dict(iterations=it, train_seconds=trained, img_per_s=it * 8 / trained)))
+    print(json.dumps(dict(iterations=it, train_seconds=trained, img_per_s=it * BATCH / trained)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,22 @@ fn main() {
     println!("cargo:rustc-env=MASKRCNN_BUILD_LIBTORCH={}", lib.display());
 
     let torch_root = lib.parent().map(PathBuf::from).unwrap_or_default();
-    cc::Build::new()
+    // The CUDA runtime headers and NVRTC of torch's wheel (the nvidia-*-cu13
+    // packages beside torch): with them the shim reaches libtorch's CUDA
+    // streams and graphs, and NVRTC is found at run time without
+    // LD_LIBRARY_PATH (tests compile the kernels even on a machine without
+    // a GPU).
+    let nvidia = torch_root.parent().map(|p| p.join("nvidia").join("cu13")).unwrap_or_default();
+    let cuda_include = nvidia.join("include");
+    let with_cuda = cuda_include.join("cuda_runtime_api.h").exists() && lib.join("libtorch_cuda.so").exists();
+    if nvidia.join("lib").exists() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nvidia.join("lib").display());
+    }
+    let mut build = cc::Build::new();
+    if with_cuda {
+        build.define("MRCNN_WITH_CUDA", None).include(&cuda_include);
+    }
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -36,7 +51,7 @@ fn main() {
     // Nothing in Rust calls into libtorch_cuda directly, so the default
     // `--as-needed` would drop it and libtorch would not see CUDA at all.
     if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
     }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

@@ -6,8 +6,15 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <atomic>
+#include <dlfcn.h>
 #include <string>
 #include <vector>
+#ifdef MRCNN_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 // tch's tensor handles are `at::Tensor*` (torch-sys's `tensor` type).
 static thread_local std::string last_error;
@@ -61,28 +68,6 @@ int mrcnn_autocast_cuda(int enabled, int dtype) {
 // The message of the last failed call on this thread.
 const char* mrcnn_last_error() { return last_error.c_str(); }
 
-// torch.optim.SGD's fused update (momentum, weight decay, dampening 0) of
-// `n` parameters in place: one multi-tensor kernel launch per dtype/device
-// group. `grad_scale` (nullable) divides the gradients first; `found_inf`
-// (nullable, float scalar) skips the whole update on the device when
-// nonzero, without a host sync. Returns 0, or -1 (see mrcnn_last_error).
-int mrcnn_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n, double weight_decay,
-                    double momentum, double lr, int is_first_step, at::Tensor* grad_scale, at::Tensor* found_inf) {
-  try {
-    std::optional<at::Tensor> scale = grad_scale ? std::optional<at::Tensor>(*grad_scale) : std::nullopt;
-    std::optional<at::Tensor> inf = found_inf ? std::optional<at::Tensor>(*found_inf) : std::nullopt;
-    // Without momentum no buffers go in (as torch.optim.SGD calls it): the
-    // CUDA kernel with buffers requires momentum > 0.
-    std::vector<at::Tensor> momentum_bufs = momentum == 0.0 ? std::vector<at::Tensor>{} : tensor_list(bufs, n);
-    at::_fused_sgd_(tensor_list(params, n), tensor_list(grads, n), momentum_bufs, weight_decay, momentum, lr, 0.0,
-                    false, false, is_first_step != 0, scale, inf);
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
-}
-
 // GradScaler's check: multiplies every gradient by `inv_scale` and sets
 // `found_inf` to 1 if any value is inf or NaN (all on the device).
 int mrcnn_non_finite_check_and_unscale(at::Tensor** grads, int n, at::Tensor* found_inf, at::Tensor* inv_scale) {
@@ -107,31 +92,48 @@ int mrcnn_empty_pinned(int64_t n, at::Tensor** out) {
   }
 }
 
-// RoIAlign as an autograd function whose forward and backward launch the
-// NVRTC kernels of the Rust side (src/kernels/roi_align.rs) through these
-// callbacks: (input or grad_output, rois, output or grad_input, scale,
-// pooled h, pooled w, sampling ratio, aligned) -> 0 on success.
-typedef int (*mrcnn_roi_cb)(at::Tensor*, at::Tensor*, at::Tensor*, double, int64_t, int64_t, int64_t, int);
-static mrcnn_roi_cb roi_forward_cb = nullptr;
-static mrcnn_roi_cb roi_backward_cb = nullptr;
+// RoIAlign over several pyramid levels at once, each RoI pooled from the
+// level `levels[k]` names, as an autograd function whose forward and backward
+// launch the NVRTC kernels of src/kernels/roi_align.rs through these
+// callbacks. Features stay in their dtype and memory format (channels-last
+// fp16/bf16 are read in place); the output has the features' dtype and
+// memory format; the backward accumulates in float32 per level.
+//   forward(features, n, rois, levels, scales, output, ph, pw, sr, aligned)
+//   backward(grad_output, rois, levels, scales, grad_features (float32), n, ph, pw, sr, aligned)
+typedef int (*mrcnn_ml_forward_cb)(at::Tensor**, int, at::Tensor*, at::Tensor*, const double*, at::Tensor*, int64_t,
+                                   int64_t, int64_t, int);
+typedef int (*mrcnn_ml_backward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, const double*, at::Tensor**, int, int64_t,
+                                    int64_t, int64_t, int);
+static mrcnn_ml_forward_cb ml_forward_cb = nullptr;
+static mrcnn_ml_backward_cb ml_backward_cb = nullptr;
 
-void mrcnn_set_roi_align_callbacks(mrcnn_roi_cb forward, mrcnn_roi_cb backward) {
-  roi_forward_cb = forward;
-  roi_backward_cb = backward;
+void mrcnn_set_multilevel_roi_align_callbacks(mrcnn_ml_forward_cb forward, mrcnn_ml_backward_cb backward) {
+  ml_forward_cb = forward;
+  ml_backward_cb = backward;
 }
 
-struct RoiAlignFunction : public torch::autograd::Function<RoiAlignFunction> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& rois,
-                            double scale, int64_t ph, int64_t pw, int64_t sr, bool aligned) {
-    at::Tensor in = input.to(at::kFloat).contiguous();
+struct MultiLevelRoiAlignFunction : public torch::autograd::Function<MultiLevelRoiAlignFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList features, const at::Tensor& rois,
+                            const at::Tensor& levels, std::vector<double> scales, int64_t ph, int64_t pw, int64_t sr,
+                            bool aligned) {
+    std::vector<at::Tensor> feats(features.begin(), features.end());
+    std::vector<at::Tensor*> ptrs;
+    for (auto& f : feats) ptrs.push_back(&f);
     at::Tensor r = rois.to(at::kFloat).contiguous();
-    at::Tensor out = at::empty({r.size(0), in.size(1), ph, pw}, in.options());
-    if (roi_forward_cb(&in, &r, &out, scale, ph, pw, sr, aligned ? 1 : 0) != 0)
-      throw std::runtime_error("RoIAlign forward kernel launch failed");
-    ctx->save_for_backward({r});
-    ctx->saved_data["shape"] = input.sizes().vec();
-    ctx->saved_data["dtype"] = static_cast<int64_t>(input.scalar_type());
-    ctx->saved_data["scale"] = scale;
+    at::Tensor lv = levels.to(at::kLong).contiguous();
+    auto format = feats[0].suggest_memory_format();
+    at::Tensor out = at::empty({r.size(0), feats[0].size(1), ph, pw}, feats[0].options().memory_format(format));
+    if (ml_forward_cb(ptrs.data(), (int)ptrs.size(), &r, &lv, scales.data(), &out, ph, pw, sr, aligned ? 1 : 0) != 0)
+      throw std::runtime_error("multi-level RoIAlign forward kernel launch failed");
+    ctx->save_for_backward({r, lv});
+    std::vector<int64_t> dims;
+    for (auto& f : feats) {
+      for (auto d : f.sizes()) dims.push_back(d);
+      dims.push_back(static_cast<int64_t>(f.suggest_memory_format() == at::MemoryFormat::ChannelsLast));
+      dims.push_back(static_cast<int64_t>(f.scalar_type()));
+    }
+    ctx->saved_data["dims"] = dims;
+    ctx->saved_data["scales"] = scales;
     ctx->saved_data["ph"] = ph;
     ctx->saved_data["pw"] = pw;
     ctx->saved_data["sr"] = sr;
@@ -141,29 +143,247 @@ struct RoiAlignFunction : public torch::autograd::Function<RoiAlignFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    at::Tensor r = ctx->get_saved_variables()[0];
-    auto shape = ctx->saved_data["shape"].toIntVector();
-    at::Tensor g = grads[0].to(at::kFloat).contiguous();
-    at::Tensor grad_in = at::zeros(shape, g.options());
-    if (roi_backward_cb(&g, &r, &grad_in, ctx->saved_data["scale"].toDouble(), ctx->saved_data["ph"].toInt(),
-                        ctx->saved_data["pw"].toInt(), ctx->saved_data["sr"].toInt(),
-                        ctx->saved_data["aligned"].toBool() ? 1 : 0) != 0)
-      throw std::runtime_error("RoIAlign backward kernel launch failed");
-    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    return {grad_in.to(dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto saved = ctx->get_saved_variables();
+    at::Tensor r = saved[0], lv = saved[1];
+    auto dims = ctx->saved_data["dims"].toIntVector();
+    auto scales = ctx->saved_data["scales"].toDoubleVector();
+    at::Tensor g = grads[0];
+    std::vector<at::Tensor> grad_in;
+    std::vector<at::ScalarType> dtypes;
+    for (size_t i = 0; i + 5 < dims.size() + 1; i += 6) {
+      auto format = dims[i + 4] ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      grad_in.push_back(at::zeros({dims[i], dims[i + 1], dims[i + 2], dims[i + 3]},
+                                  g.options().dtype(at::kFloat).memory_format(format)));
+      dtypes.push_back(static_cast<at::ScalarType>(dims[i + 5]));
+    }
+    std::vector<at::Tensor*> ptrs;
+    for (auto& t : grad_in) ptrs.push_back(&t);
+    if (ml_backward_cb(&g, &r, &lv, scales.data(), ptrs.data(), (int)ptrs.size(), ctx->saved_data["ph"].toInt(),
+                       ctx->saved_data["pw"].toInt(), ctx->saved_data["sr"].toInt(),
+                       ctx->saved_data["aligned"].toBool() ? 1 : 0) != 0)
+      throw std::runtime_error("multi-level RoIAlign backward kernel launch failed");
+    torch::autograd::variable_list out;
+    for (size_t i = 0; i < grad_in.size(); ++i) out.push_back(grad_in[i].to(dtypes[i]));
+    for (int i = 0; i < 7; ++i) out.push_back(at::Tensor());
+    return out;
   }
 };
 
-// Differentiable RoIAlign through the callbacks; `*out` receives
-// [K, C, ph, pw] float32. Returns 0, or -1 (see mrcnn_last_error).
-int mrcnn_roi_align_autograd(at::Tensor* input, at::Tensor* rois, double scale, int64_t ph, int64_t pw, int64_t sr,
-                             int aligned, at::Tensor** out) {
+// Differentiable multi-level RoIAlign through the callbacks; `*out` receives
+// [K, C, ph, pw]. Returns 0, or -1 (see mrcnn_last_error).
+int mrcnn_multilevel_roi_align(at::Tensor** features, int n, at::Tensor* rois, at::Tensor* levels,
+                               const double* scales, int64_t ph, int64_t pw, int64_t sr, int aligned,
+                               at::Tensor** out) {
   try {
-    if (!roi_forward_cb || !roi_backward_cb) throw std::runtime_error("RoIAlign callbacks not set");
-    *out = new at::Tensor(RoiAlignFunction::apply(*input, *rois, scale, ph, pw, sr, aligned != 0));
+    if (!ml_forward_cb || !ml_backward_cb) throw std::runtime_error("multi-level RoIAlign callbacks not set");
+    std::vector<at::Tensor> feats = tensor_list(features, n);
+    std::vector<double> s(scales, scales + n);
+    *out = new at::Tensor(MultiLevelRoiAlignFunction::apply(at::TensorList(feats), *rois, *levels, s, ph, pw, sr,
+                                                            aligned != 0));
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();
+    return -1;
+  }
+}
+
+// Sets every tensor of the list to zero with one multi-tensor kernel.
+int mrcnn_foreach_zero(at::Tensor** ts, int n) {
+  try {
+    at::_foreach_zero_(tensor_list(ts, n));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// The global L2 norm of the tensors (float32 scalar in *out, on their
+// device): torch.nn.utils.clip_grad_norm_'s foreach path.
+int mrcnn_foreach_total_norm(at::Tensor** ts, int n, at::Tensor** out) {
+  try {
+    auto norms = at::_foreach_norm(tensor_list(ts, n), 2, at::kFloat);
+    *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Multiplies every tensor of the list in place by the 1-element tensor `factor`.
+int mrcnn_foreach_mul(at::Tensor** ts, int n, at::Tensor* factor) {
+  try {
+    at::_foreach_mul_(tensor_list(ts, n), *factor);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// torch.optim.SGD's fused update (momentum, weight decay, dampening 0) of
+// `n` parameters in place: one multi-tensor kernel launch per dtype/device
+// group. The learning rate is a 1-element tensor on the parameters' device
+// (a captured CUDA graph reads it at replay). `grad_scale` (nullable)
+// divides the gradients first; `found_inf` (nullable, float scalar) skips
+// the whole update on the device when nonzero, without a host sync.
+// Returns 0, or -1 (see mrcnn_last_error).
+int mrcnn_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, int n, double weight_decay,
+                              double momentum, at::Tensor* lr, int is_first_step, at::Tensor* grad_scale,
+                              at::Tensor* found_inf) {
+  try {
+    std::optional<at::Tensor> scale = grad_scale ? std::optional<at::Tensor>(*grad_scale) : std::nullopt;
+    std::optional<at::Tensor> inf = found_inf ? std::optional<at::Tensor>(*found_inf) : std::nullopt;
+    // Without momentum no buffers go in (as torch.optim.SGD calls it): the
+    // CUDA kernel with buffers requires momentum > 0.
+    std::vector<at::Tensor> momentum_bufs = momentum == 0.0 ? std::vector<at::Tensor>{} : tensor_list(bufs, n);
+    at::_fused_sgd_(tensor_list(params, n), tensor_list(grads, n), momentum_bufs, weight_decay, momentum, *lr, 0.0,
+                    false, false, is_first_step != 0, scale, inf);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Counting device->host synchronizations: libtorch's own sync check
+// (torch.cuda.set_sync_debug_mode("warn")) reports every synchronizing CUDA
+// call it makes (copies to the host, .item(), nonzero, stream and device
+// synchronizations) as a warning; this handler counts those and passes
+// every other warning on. The mode lives in a function-local static of
+// libc10_cuda (c10::cuda::warning_state()), found by its symbol so no CUDA
+// header is needed.
+static std::atomic<int64_t> sync_count{0};
+
+struct SyncCountingHandler : public c10::WarningHandler {
+  c10::WarningHandler* previous = nullptr;
+  void process(const c10::Warning& warning) override {
+    if (warning.msg().find("called a synchronizing CUDA operation") != std::string::npos) {
+      sync_count.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    if (previous) previous->process(warning);
+  }
+};
+static SyncCountingHandler* sync_handler = nullptr;
+
+// Turns counting on (1) or off (0). Returns 0, or -1 when libtorch has no
+// CUDA sync check (CPU-only build).
+int mrcnn_sync_counter_enable(int enabled) {
+  void* state = dlsym(RTLD_DEFAULT, "_ZZN3c104cuda13warning_stateEvE14warning_state_");
+  if (!state) return -1;
+  if (enabled && !sync_handler) {
+    sync_handler = new SyncCountingHandler();
+    sync_handler->previous = c10::WarningUtils::get_warning_handler();
+    c10::WarningUtils::set_warning_handler(sync_handler);
+  }
+  *static_cast<int*>(state) = enabled ? 1 : 0;  // c10::cuda::SyncDebugMode::L_WARN / L_DISABLED
+  return 0;
+}
+
+// Synchronizations counted so far.
+int64_t mrcnn_sync_count() { return sync_count.load(std::memory_order_relaxed); }
+
+#ifdef MRCNN_WITH_CUDA
+// libtorch's current CUDA stream on `device` (the NVRTC kernels launch on
+// it, so they run in order with libtorch's work, also inside a CUDA graph
+// capture); null without CUDA.
+void* mrcnn_current_cuda_stream(int device) {
+  try {
+    return static_cast<void*>(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// A CUDA graph being captured or ready to replay, and the stream that was
+// current before its capture (capture runs on a side stream: the legacy
+// default stream cannot be captured). Only exported c10/ATen functions are
+// used, so the shim needs no link to the CUDA runtime itself.
+struct GraphHandle {
+  at::cuda::CUDAGraph graph;
+  std::optional<c10::cuda::CUDAStream> outer;
+};
+
+// A new, empty graph.
+void* mrcnn_graph_new() {
+  try {
+    return new GraphHandle();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+void mrcnn_graph_free(void* g) { delete static_cast<GraphHandle*>(g); }
+
+// Starts capturing everything launched on `device`'s current stream (by this
+// thread, and by libtorch's autograd threads, which follow the stream) on a
+// side stream made current until capture ends; memory comes from the
+// private pool of `share_pool_with` (another graph, replayed in capture
+// order) or a new one. Waits for the device first (once per capture).
+int mrcnn_graph_capture_begin(void* g, int device, void* share_pool_with) {
+  auto* h = static_cast<GraphHandle*>(g);
+  try {
+    auto dev = static_cast<c10::DeviceIndex>(device);
+    c10::cuda::device_synchronize();
+    h->outer = c10::cuda::getCurrentCUDAStream(dev);
+    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, dev));
+    at::cuda::MempoolId_t pool = {0, 0};
+    if (share_pool_with) pool = static_cast<GraphHandle*>(share_pool_with)->graph.pool();
+    h->graph.capture_begin(pool);
+    return 0;
+  } catch (const std::exception& e) {
+    if (h->outer) c10::cuda::setCurrentCUDAStream(*h->outer);
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Ends the capture and instantiates the graph; the stream current before the
+// capture is current again.
+int mrcnn_graph_capture_end(void* g) {
+  auto* h = static_cast<GraphHandle*>(g);
+  try {
+    h->graph.capture_end();
+    c10::cuda::device_synchronize();
+    if (h->outer) c10::cuda::setCurrentCUDAStream(*h->outer);
+    return 0;
+  } catch (const std::exception& e) {
+    if (h->outer) c10::cuda::setCurrentCUDAStream(*h->outer);
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// Replays the graph on the current stream's timeline.
+int mrcnn_graph_replay(void* g) {
+  try {
+    static_cast<GraphHandle*>(g)->graph.replay();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+#else
+void* mrcnn_current_cuda_stream(int) { return nullptr; }
+void* mrcnn_graph_new() {
+  last_error = "this build has no CUDA support";
+  return nullptr;
+}
+void mrcnn_graph_free(void*) {}
+int mrcnn_graph_capture_begin(void*, int, void*) { return -1; }
+int mrcnn_graph_capture_end(void*) { return -1; }
+int mrcnn_graph_replay(void*) { return -1; }
+#endif
+
+// The tensor's version counter (bumped by every in-place change), or -1.
+int64_t mrcnn_tensor_version(at::Tensor* t) {
+  try {
+    return static_cast<int64_t>(t->_version());
+  } catch (...) {
     return -1;
   }
 }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod engine;
 pub mod environment;
 pub mod evaluation;
+pub mod host_sync;
 pub mod kernels;
 pub mod modeling;
 pub mod ops;

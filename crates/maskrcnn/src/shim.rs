@@ -11,18 +11,6 @@ extern "C" {
     fn mrcnn_tf32_enabled() -> c_int;
     fn mrcnn_autocast_cuda(enabled: c_int, dtype: c_int) -> c_int;
     fn mrcnn_last_error() -> *const c_char;
-    fn mrcnn_fused_sgd(
-        params: *const Handle,
-        grads: *const Handle,
-        bufs: *const Handle,
-        n: c_int,
-        weight_decay: c_double,
-        momentum: c_double,
-        lr: c_double,
-        is_first_step: c_int,
-        grad_scale: Handle,
-        found_inf: Handle,
-    ) -> c_int;
     fn mrcnn_non_finite_check_and_unscale(
         grads: *const Handle,
         n: c_int,
@@ -30,52 +18,93 @@ extern "C" {
         inv_scale: Handle,
     ) -> c_int;
     fn mrcnn_empty_pinned(n: i64, out: *mut Handle) -> c_int;
-    fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
-    fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
-    fn mrcnn_set_roi_align_callbacks(forward: RoiCallback, backward: RoiCallback);
-    fn mrcnn_roi_align_autograd(
-        input: Handle,
+    fn mrcnn_set_multilevel_roi_align_callbacks(forward: MultiLevelForward, backward: MultiLevelBackward);
+    fn mrcnn_multilevel_roi_align(
+        features: *const Handle,
+        n: c_int,
         rois: Handle,
-        scale: c_double,
+        levels: Handle,
+        scales: *const c_double,
         ph: i64,
         pw: i64,
         sr: i64,
         aligned: c_int,
         out: *mut Handle,
     ) -> c_int;
+    fn mrcnn_foreach_zero(ts: *const Handle, n: c_int) -> c_int;
+    fn mrcnn_foreach_total_norm(ts: *const Handle, n: c_int, out: *mut Handle) -> c_int;
+    fn mrcnn_foreach_mul(ts: *const Handle, n: c_int, factor: Handle) -> c_int;
+    fn mrcnn_fused_sgd(
+        params: *const Handle,
+        grads: *const Handle,
+        bufs: *const Handle,
+        n: c_int,
+        weight_decay: c_double,
+        momentum: c_double,
+        lr: Handle,
+        is_first_step: c_int,
+        grad_scale: Handle,
+        found_inf: Handle,
+    ) -> c_int;
+    fn mrcnn_sync_counter_enable(enabled: c_int) -> c_int;
+    fn mrcnn_sync_count() -> i64;
+    fn mrcnn_current_cuda_stream(device: c_int) -> *mut std::ffi::c_void;
+    fn mrcnn_graph_new() -> *mut std::ffi::c_void;
+    fn mrcnn_graph_free(g: *mut std::ffi::c_void);
+    fn mrcnn_graph_capture_begin(
+        g: *mut std::ffi::c_void,
+        device: c_int,
+        share_pool_with: *mut std::ffi::c_void,
+    ) -> c_int;
+    fn mrcnn_graph_capture_end(g: *mut std::ffi::c_void) -> c_int;
+    fn mrcnn_graph_replay(g: *mut std::ffi::c_void) -> c_int;
+    fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
+    fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
+    fn mrcnn_tensor_version(t: Handle) -> i64;
 }
 
-type RoiCallback = extern "C" fn(Handle, Handle, Handle, f64, i64, i64, i64, i32) -> i32;
+/// `(features, n, rois, levels, scales, output, ph, pw, sr, aligned)`.
+pub type MultiLevelForward =
+    extern "C" fn(*const Handle, c_int, Handle, Handle, *const c_double, Handle, i64, i64, i64, c_int) -> c_int;
+/// `(grad_output, rois, levels, scales, grad_features, n, ph, pw, sr, aligned)`.
+pub type MultiLevelBackward =
+    extern "C" fn(Handle, Handle, Handle, *const c_double, *const Handle, c_int, i64, i64, i64, c_int) -> c_int;
 
-/// RoIAlign through the shim's autograd function, whose forward and backward
-/// launch this crate's CUDA kernels (`kernels::roi_align`). Output `[K, C,
-/// ph, pw]` float32; the gradient flows back to `input` in its dtype.
-pub fn roi_align_autograd(
-    input: &Tensor,
+/// Registers the kernels that the shim's multi-level RoIAlign autograd
+/// function launches (`kernels::roi_align` does, before its first use).
+pub fn set_multilevel_roi_align_callbacks(forward: MultiLevelForward, backward: MultiLevelBackward) {
+    // SAFETY: stores two function pointers that live for the whole program.
+    unsafe { mrcnn_set_multilevel_roi_align_callbacks(forward, backward) }
+}
+
+/// Multi-level RoIAlign through the shim's autograd function, whose forward
+/// and backward launch the callbacks registered with
+/// [`set_multilevel_roi_align_callbacks`]:
+/// RoI `k` (`rois` `[K, 5]`) is pooled from `features[levels[k]]` at
+/// `scales[levels[k]]`. Output `[K, C, ph, pw]` in the features' dtype and
+/// memory format; the gradient flows back to every level.
+#[allow(clippy::too_many_arguments)]
+pub fn multilevel_roi_align_autograd(
+    features: &[&Tensor],
     rois: &Tensor,
+    levels: &Tensor,
+    scales: &[f64],
     output_size: (i64, i64),
-    spatial_scale: f64,
     sampling_ratio: i64,
     aligned: bool,
 ) -> Result<Tensor, ShimError> {
-    static REGISTER: std::sync::Once = std::sync::Once::new();
-    REGISTER.call_once(|| {
-        // SAFETY: stores two function pointers that live for the whole program.
-        unsafe {
-            mrcnn_set_roi_align_callbacks(
-                crate::kernels::roi_align::forward_callback,
-                crate::kernels::roi_align::backward_callback,
-            )
-        }
-    });
+    assert_eq!(features.len(), scales.len(), "multilevel_roi_align: one scale per level");
+    let f = handles(features);
     let mut out: Handle = std::ptr::null_mut();
     // SAFETY: live tensors borrowed for the call; on success the shim hands
     // over a new heap-allocated at::Tensor.
     check(unsafe {
-        mrcnn_roi_align_autograd(
-            input.as_ptr() as Handle,
+        mrcnn_multilevel_roi_align(
+            f.as_ptr(),
+            f.len() as c_int,
             rois.as_ptr() as Handle,
-            spatial_scale,
+            levels.as_ptr() as Handle,
+            scales.as_ptr(),
             output_size.0,
             output_size.1,
             sampling_ratio,
@@ -84,6 +113,107 @@ pub fn roi_align_autograd(
         )
     })?;
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Sets every tensor of `ts` to zero (one multi-tensor kernel per device
+/// and dtype group).
+pub fn foreach_zero(ts: &[&Tensor]) -> Result<(), ShimError> {
+    let h = handles(ts);
+    // SAFETY: live tensors borrowed for the call.
+    check(unsafe { mrcnn_foreach_zero(h.as_ptr(), h.len() as c_int) })
+}
+
+/// The L2 norm of all of `ts` together, a float32 scalar on their device
+/// (no host sync).
+pub fn foreach_total_norm(ts: &[&Tensor]) -> Result<Tensor, ShimError> {
+    let h = handles(ts);
+    let mut out: Handle = std::ptr::null_mut();
+    // SAFETY: as in `foreach_zero`; on success the shim hands over a new tensor.
+    check(unsafe { mrcnn_foreach_total_norm(h.as_ptr(), h.len() as c_int, &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Multiplies every tensor of `ts` in place by the 1-element tensor `factor`.
+pub fn foreach_mul(ts: &[&Tensor], factor: &Tensor) -> Result<(), ShimError> {
+    let h = handles(ts);
+    // SAFETY: as in `foreach_zero`.
+    check(unsafe { mrcnn_foreach_mul(h.as_ptr(), h.len() as c_int, factor.as_ptr() as Handle) })
+}
+
+/// Counts libtorch's device→host synchronizations from now on (CUDA sync
+/// debug mode "warn", warnings counted instead of printed). `false` when
+/// libtorch has no CUDA.
+pub fn enable_sync_counter(enabled: bool) -> bool {
+    // SAFETY: flips a flag of libc10_cuda and installs a handler that lives
+    // for the whole program.
+    unsafe { mrcnn_sync_counter_enable(c_int::from(enabled)) == 0 }
+}
+
+/// Synchronizations libtorch reported since counting was enabled.
+pub fn sync_count() -> i64 {
+    // SAFETY: reads an atomic counter.
+    unsafe { mrcnn_sync_count() }
+}
+
+/// libtorch's current CUDA stream on device `index` (raw `CUstream`), or
+/// null without CUDA.
+pub fn current_cuda_stream(index: usize) -> *mut std::ffi::c_void {
+    // SAFETY: reads libtorch's thread-local stream; exceptions are caught.
+    unsafe { mrcnn_current_cuda_stream(index as c_int) }
+}
+
+/// A captured CUDA graph (libtorch's `at::cuda::CUDAGraph`).
+#[derive(Debug)]
+pub struct CudaGraph {
+    raw: *mut std::ffi::c_void,
+}
+
+impl CudaGraph {
+    /// An empty graph; an error without CUDA support.
+    pub fn new() -> Result<CudaGraph, ShimError> {
+        // SAFETY: allocates a graph object owned by the returned value.
+        let raw = unsafe { mrcnn_graph_new() };
+        if raw.is_null() {
+            return Err(ShimError("CUDA graphs are not available in this build".into()));
+        }
+        Ok(CudaGraph { raw })
+    }
+
+    /// Starts capturing CUDA work on `device` (on a side stream that is
+    /// current until [`CudaGraph::capture_end`]); memory comes from the
+    /// private pool of `share_pool_with`, or a new pool.
+    pub fn capture_begin(&mut self, device: usize, share_pool_with: Option<&CudaGraph>) -> Result<(), ShimError> {
+        let other = share_pool_with.map_or(std::ptr::null_mut(), |g| g.raw);
+        // SAFETY: `raw` is a live graph; the C side catches exceptions.
+        check(unsafe { mrcnn_graph_capture_begin(self.raw, device as c_int, other) })
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn capture_end(&mut self) -> Result<(), ShimError> {
+        // SAFETY: as in `capture_begin`.
+        check(unsafe { mrcnn_graph_capture_end(self.raw) })
+    }
+
+    /// Replays the captured work.
+    pub fn replay(&self) -> Result<(), ShimError> {
+        // SAFETY: as in `capture_begin`.
+        check(unsafe { mrcnn_graph_replay(self.raw) })
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from mrcnn_graph_new and is freed once.
+        unsafe { mrcnn_graph_free(self.raw) }
+    }
+}
+
+/// `t`'s version counter: it changes whenever `t` is modified in place
+/// (weights loaded, running statistics updated), so values derived from
+/// `t` can be cached until then.
+pub fn tensor_version(t: &Tensor) -> i64 {
+    // SAFETY: reads a counter of a live tensor; exceptions are caught.
+    unsafe { mrcnn_tensor_version(t.as_ptr() as Handle) }
 }
 
 /// A page-locked copy of CPU tensor `t` (host→GPU copies from it run
@@ -125,8 +255,10 @@ fn handles(ts: &[&Tensor]) -> Vec<Handle> {
 
 /// `torch.optim.SGD`'s fused step over `params` (in place): with weight
 /// decay `wd`, `buf = momentum * buf + (grad + wd * param)` (`buf = that`
-/// on the first step) and `param -= lr * buf`. `grad_scale` divides the
-/// gradients first; a nonzero `found_inf` skips the step on the device.
+/// on the first step) and `param -= lr * buf`, the learning rate read from
+/// the 1-element float tensor `lr` on the parameters' device (so a captured
+/// step follows the schedule). `grad_scale` divides the gradients first; a
+/// nonzero `found_inf` skips the step on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_sgd(
     params: &[&Tensor],
@@ -134,7 +266,7 @@ pub fn fused_sgd(
     bufs: &[&Tensor],
     wd: f64,
     momentum: f64,
-    lr: f64,
+    lr: &Tensor,
     first_step: bool,
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
@@ -152,7 +284,7 @@ pub fn fused_sgd(
             p.len() as c_int,
             wd,
             momentum,
-            lr,
+            lr.as_ptr() as Handle,
             c_int::from(first_step),
             opt(grad_scale),
             opt(found_inf),

@@ -1,13 +1,12 @@
 //! The command line: exit codes, one-line errors, `config` round trip, `env`.
 
+mod common;
+
+use common::maskrcnn_bin;
 use std::process::{Command, Output};
 
-fn bin() -> String {
-    std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string())
-}
-
 fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("maskrcnn runs")
+    Command::new(maskrcnn_bin()).args(args).output().expect("maskrcnn runs")
 }
 
 fn stderr(o: &Output) -> String {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::maskrcnn_bin;
+
 use maskrcnn::data::coco::{CocoDataset, InstanceMask, LoadOptions};
 use maskrcnn::data::loader::{Loader, LoaderError, LoaderOptions};
 use maskrcnn::data::synth::{generate, SynthOptions, SynthOutput, CATEGORIES};
@@ -392,8 +394,8 @@ fn bad_images_are_skipped_once_or_stop_in_strict_mode() {
 #[test]
 fn cli_synth_and_bench_data() {
     let tmp = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_maskrcnn");
-    let out = std::process::Command::new(bin)
+    let bin = maskrcnn_bin();
+    let out = std::process::Command::new(&bin)
         .args(["synth", "--out", tmp.path().to_str().unwrap(), "--train", "12", "--val", "2", "--size", "64,96"])
         .output()
         .unwrap();
@@ -403,7 +405,7 @@ fn cli_synth_and_bench_data() {
     let ann = tmp.path().join("annotations/instances_train2017.json");
     let images = tmp.path().join("train2017");
     let bench = |ann: &Path| {
-        std::process::Command::new(bin)
+        std::process::Command::new(&bin)
             .args(["bench", "data", "--batch", "2", "--iters", "3", "--workers", "2", "--device", "cpu", "--json"])
             .args(["--set", &format!("data.train_ann='{}'", ann.display())])
             .args(["--set", &format!("data.train_images='{}'", images.display())])

@@ -10,10 +10,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn bin() -> String {
-    std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string())
-}
-
 fn fixture() -> PathBuf {
     let dir = fixture_dir().join("eval");
     run_reference("eval_fixture.py", &[dir.to_str().unwrap()], &dir.join("expected.json"));
@@ -21,7 +17,7 @@ fn fixture() -> PathBuf {
 }
 
 fn eval(gt: &Path, dets: &Path, metrics: Option<&Path>) -> Output {
-    let mut cmd = Command::new(bin());
+    let mut cmd = Command::new(maskrcnn_bin());
     cmd.args(["eval", "--ann", gt.to_str().unwrap(), "--results", dets.to_str().unwrap()]);
     if let Some(m) = metrics {
         cmd.args(["--metrics", m.to_str().unwrap()]);

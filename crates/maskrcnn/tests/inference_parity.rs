@@ -173,9 +173,10 @@ fn check(case: &Case, device: Device) {
     assert!(compared >= 4, "{}: too few feature levels compared", case.name);
 
     // Proposals: same count (±1%), and >= 99% of torchvision's found in ours.
+    let (proposals, _) = trace.rpn.proposals.per_image();
     for i in 0..n {
         let theirs = &out[&format!("proposals.{i}")];
-        let ours = &trace.rpn.proposals[i];
+        let ours = &proposals[i];
         let (a, b) = (ours.size()[0] as f64, theirs.size()[0] as f64);
         assert!((a - b).abs() <= (0.01 * b).max(1.0), "{}: image {i}: {a} proposals vs {b}", case.name);
         let f = matched_fraction(ours, theirs, 0.999);

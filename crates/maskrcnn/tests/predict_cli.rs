@@ -25,10 +25,6 @@ struct Det {
     segmentation: Rle,
 }
 
-fn bin() -> String {
-    std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string())
-}
-
 /// The R101 / 7-class / 320 px oracle fixture (shared with inference_parity).
 fn fixture() -> PathBuf {
     let dir = fixture_dir().join("infer_r101_c7_cpu");
@@ -91,7 +87,7 @@ fn predict_json_matches_torchvision_and_pycocotools() {
     let json = out.path().join("dets.json");
     let draw = out.path().join("draw");
     let images: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("img{i}.png"))).collect();
-    let o = Command::new(bin())
+    let o = Command::new(maskrcnn_bin())
         .arg("predict")
         .args(["--weights", dir.join("weights.safetensors").to_str().unwrap()])
         .args(SETS)
@@ -156,7 +152,7 @@ fn predict_skips_bad_images_and_fails_at_the_end() {
     std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
     let missing = tmp.path().join("missing.png");
     let json = tmp.path().join("d.json");
-    let o = Command::new(bin())
+    let o = Command::new(maskrcnn_bin())
         .args(predict_args(&dir))
         .args(["--json", json.to_str().unwrap()])
         .arg(&corrupt)
@@ -182,7 +178,7 @@ fn predict_rejects_bad_weights_with_one_line() {
         let mut args = vec!["predict".to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(dir.join("img0.png").display().to_string());
-        Command::new(bin()).args(&args).output().unwrap()
+        Command::new(maskrcnn_bin()).args(&args).output().unwrap()
     };
     let w = dir.join("weights.safetensors");
     let w = w.to_str().unwrap();
@@ -212,7 +208,7 @@ fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
     let dir = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let (dets, metrics) = (tmp.path().join("dets.json"), tmp.path().join("m.json"));
-    let o = Command::new(bin())
+    let o = Command::new(maskrcnn_bin())
         .args(["eval", "--ann", dir.join("gt.json").to_str().unwrap()])
         .args(["--weights", dir.join("weights.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap()])
         .args(SETS)

@@ -1,7 +1,7 @@
 //! Training behaviour beyond parity: bad targets, crowds, frozen stages, and a
 //! short SGD run that must drive the loss down.
 
-use maskrcnn::ops::sampler::Sampled;
+use maskrcnn::ops::sampler::Samples;
 use maskrcnn::ops::{BalancedSampler, FgBgSampler, ReplaySampler, SampleStage};
 use maskrcnn::structures::{InstanceMasks, Target};
 use maskrcnn::{Config, MaskRcnn};
@@ -181,9 +181,9 @@ struct Recorder {
 }
 
 impl FgBgSampler for Recorder {
-    fn sample(&mut self, stage: SampleStage, labels: &[Tensor], batch: usize, fraction: f64) -> Vec<Sampled> {
-        let drawn = BalancedSampler.sample(stage, labels, batch, fraction);
-        self.calls.push((stage, drawn.iter().map(|s| (s.positive.copy(), s.negative.copy())).collect()));
+    fn sample(&mut self, stage: SampleStage, labels: &Tensor, exists: &Tensor, batch: usize, fraction: f64) -> Samples {
+        let drawn = BalancedSampler.sample(stage, labels, exists, batch, fraction);
+        self.calls.push((stage, drawn.masks(labels, exists)));
         drawn
     }
 }

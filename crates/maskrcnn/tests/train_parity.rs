@@ -89,7 +89,7 @@ fn check(device: Device) {
         let features = tch::no_grad(|| model.backbone.forward(&list.tensors, true));
         let size = list.tensors.size();
         let rpn = tch::no_grad(|| model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true));
-        for (i, ours) in rpn.proposals.iter().enumerate() {
+        for (i, ours) in rpn.proposals.per_image().0.iter().enumerate() {
             let theirs = &t[&format!("proposals.{i}")];
             assert_eq!(ours.size(), theirs.size(), "image {i}: proposal count");
             let d = max_abs_diff(ours, theirs);

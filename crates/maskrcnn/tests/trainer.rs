@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::maskrcnn_bin;
+
 use maskrcnn::config::{AmpMode, Config, SolverConfig, WarmupMethod};
 use maskrcnn::engine::amp::GradScaler;
 use maskrcnn::engine::checkpoint::{self, TrainState};
@@ -13,7 +15,7 @@ use maskrcnn::engine::optimizer::Sgd;
 use maskrcnn::engine::predictor::{predict_files, PredictOptions};
 use maskrcnn::engine::trainer::{apply_update, forward_backward, train, MicroBatch, TrainOptions, LOSS_NAMES};
 use maskrcnn::evaluation::dataset_inference::infer_dataset;
-use maskrcnn::ops::sampler::Sampled;
+use maskrcnn::ops::sampler::Samples;
 use maskrcnn::ops::{FgBgSampler, SampleStage};
 use maskrcnn::structures::{Categories, Category, InstanceMasks, Target};
 use maskrcnn::MaskRcnn;
@@ -61,20 +63,14 @@ fn lr_schedule_at_chosen_iterations() {
 struct FirstSampler;
 
 impl FgBgSampler for FirstSampler {
-    fn sample(&mut self, _: SampleStage, labels: &[Tensor], batch: usize, fraction: f64) -> Vec<Sampled> {
-        labels
-            .iter()
-            .map(|l| {
-                let pick = |m: Tensor, n: i64| {
-                    let idx = m.nonzero().squeeze_dim(1);
-                    let idx = idx.narrow(0, 0, n.min(idx.size()[0]));
-                    (Tensor::zeros_like(l).to_kind(Kind::Bool).index_fill(0, &idx, 1), idx.size()[0])
-                };
-                let (positive, p) = pick(l.ge(1), (batch as f64 * fraction) as i64);
-                let (negative, _) = pick(l.eq(0), batch as i64 - p);
-                Sampled { positive, negative }
-            })
-            .collect()
+    fn sample(&mut self, _: SampleStage, labels: &Tensor, _: &Tensor, batch: usize, fraction: f64) -> Samples {
+        // The first `n` of each image's positions in `m`, by index.
+        let first = |m: Tensor, n: &Tensor| m.logical_and(&m.cumsum(1, Kind::Int64).le_tensor(n));
+        let quota = Tensor::from((batch as f64 * fraction) as i64).to_device(labels.device());
+        let positive = first(labels.ge(1), &quota);
+        let taken = positive.sum_dim_intlist(1, true, Kind::Int64);
+        let negative = first(labels.eq(0), &(-taken + batch as i64));
+        Samples::from_masks(&positive, &negative, batch)
     }
 }
 
@@ -196,8 +192,9 @@ fn check_fused_sgd(momentum: f64, device: Device) {
         let loss = ((&w * &x).sum(Kind::Float) + b.sum(Kind::Float) * 2.0).square();
         let inner: f64 = (0..3).map(|i| p[i] * (i + 1) as f64).sum::<f64>() + 2.0 * pb.iter().sum::<f64>();
         loss.backward();
-        sgd.step(lr, None).unwrap();
-        sgd.zero_grad();
+        sgd.set_lr(lr);
+        sgd.step(None).unwrap();
+        sgd.zero_grad().unwrap();
         for i in 0..3 {
             let g = 2.0 * inner * (i + 1) as f64;
             let gb = 2.0 * inner * 2.0;
@@ -431,7 +428,7 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
     let out = tmp.path().join("run");
-    let bin = env!("CARGO_BIN_EXE_maskrcnn");
+    let bin = maskrcnn_bin();
     let sets = [
         format!("data.train_ann='{}'", data.train_ann.display()),
         format!("data.train_images='{}'", data.train_images.display()),
@@ -458,7 +455,7 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let child = std::process::Command::new(bin)
+    let child = std::process::Command::new(&bin)
         .args(args(&[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -483,7 +480,7 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
     assert!(at >= 2);
     // --resume continues from there to max_iter.
     let target = format!("solver.max_iter={}", at + 2);
-    let resumed = std::process::Command::new(bin).args(args(&["--resume", "--set", &target])).output().unwrap();
+    let resumed = std::process::Command::new(&bin).args(args(&["--resume", "--set", &target])).output().unwrap();
     let text = String::from_utf8_lossy(&resumed.stdout);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(text.contains(&format!("{at} -> {}", at + 2)), "{text}");
@@ -736,7 +733,7 @@ fn launch_needs_a_gpu_per_rank_unless_on_the_cpu() {
     for s in plain_sgd_sets(&data) {
         args.extend(["--set".into(), s]);
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&args).output().unwrap();
+    let out = std::process::Command::new(maskrcnn_bin()).args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--nproc-per-node 2 needs 2 CUDA devices") && err.contains("--device cpu"), "{err}");
@@ -751,7 +748,7 @@ fn launch_checks_the_train_arguments_once_before_starting_ranks() {
         let mut args = vec!["launch", "--nproc-per-node", "2", "train", "--device", "cpu"];
         args.extend(["--output", out.to_str().unwrap()]);
         args.extend(extra);
-        std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn")).args(&args).output().unwrap()
+        std::process::Command::new(maskrcnn_bin()).args(&args).output().unwrap()
     };
     for (extra, expected) in [
         (&["--set", "solver.base_lrr=1"][..], "unknown config key `solver.base_lrr`"),
@@ -799,8 +796,8 @@ fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
         args.extend(["--set".into(), s.clone()]);
     }
     // The GPU machine runs the binary scripts/gpu-check.sh names.
-    let bin = std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string());
-    let run = std::process::Command::new(bin).args(&args).output().unwrap();
+    let bin = maskrcnn_bin();
+    let run = std::process::Command::new(&bin).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("rank 1/2") && stderr.contains("rank 0/2"), "{stderr}");
@@ -893,7 +890,7 @@ fn launch_cpu_pair(sets: &[String], out: &Path, interrupt: Option<usize>) -> (bo
     for s in sets {
         args.extend(["--set".into(), s.clone()]);
     }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_maskrcnn"))
+    let mut child = std::process::Command::new(maskrcnn_bin())
         .args(&args)
         .process_group(0)
         .stdout(std::process::Stdio::piped())

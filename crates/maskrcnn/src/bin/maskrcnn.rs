@@ -583,6 +583,8 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "  forward {:.1} ms, backward {:.1} ms, update {:.1} ms (synchronized between phases)",
                     r.split_ms[0], r.split_ms[1], r.split_ms[2]
                 );
+                let gpu = r.gpu_ms.map_or("n/a".to_string(), |g| format!("{g:.1} ms"));
+                println!("  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}", r.syncs_per_step);
             }
         }
         BenchWhat::Data => {

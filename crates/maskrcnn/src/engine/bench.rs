@@ -120,7 +120,8 @@ fn stage_breakdown(model: &MaskRcnn, images: &[Tensor], device: Device, reps: us
             let size = list.tensors.size();
             let rpn = model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
             lap(&mut samples[2]);
-            let detections = model.roi_heads.detect(&features[..4], &rpn.proposals, &list.image_sizes);
+            let (proposals, _) = rpn.proposals.per_image();
+            let detections = model.roi_heads.detect(&features[..4], &proposals, &list.image_sizes);
             lap(&mut samples[3]);
             let trace = crate::modeling::mask_rcnn::InferenceTrace { images: list, features, rpn, detections };
             let _ = model.postprocess(trace, &sizes);

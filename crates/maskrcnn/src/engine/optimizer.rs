@@ -1,9 +1,12 @@
 //! SGD with momentum and weight decay, in two parameter groups (weights;
 //! biases with their own LR factor and decay, as the seed's recipe), updated
 //! by libtorch's fused multi-tensor SGD kernel (`torch._fused_sgd_`, what
-//! `torch.optim.SGD(fused=True)` runs).
+//! `torch.optim.SGD(fused=True)` runs). Nothing here waits for the GPU or
+//! loops over parameters with a kernel each: the learning rate lives in a
+//! device tensor, gradients are cleared and clipped with multi-tensor
+//! kernels, so a step can be captured in a CUDA graph.
 
-use crate::shim::{fused_sgd, ShimError};
+use crate::shim::{foreach_mul, foreach_total_norm, foreach_zero, fused_sgd, ShimError};
 use std::collections::BTreeMap;
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -13,10 +16,13 @@ use tch::Tensor;
 struct Group {
     names: Vec<String>,
     params: Vec<Tensor>,
-    /// Momentum buffers, allocated at the first step.
+    /// Momentum buffers (zeros before the first step: `momentum · 0 + g`
+    /// is exactly the first step's `buf = g`).
     bufs: Vec<Tensor>,
     lr_factor: f64,
     weight_decay: f64,
+    /// `[1]` float32 learning rate of this group, on the parameters' device.
+    lr: Tensor,
 }
 
 /// The optimizer over the trainable variables of a model.
@@ -33,17 +39,21 @@ impl Sgd {
     /// ending in `.bias`), in name order.
     pub fn new(vs: &VarStore, momentum: f64, weight_decay: f64, bias_lr_factor: f64, bias_weight_decay: f64) -> Sgd {
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        let mut weights = Group { names: vec![], params: vec![], bufs: vec![], lr_factor: 1.0, weight_decay };
-        let mut biases = Group {
+        let lr = || Tensor::zeros([1], (tch::Kind::Float, vs.device()));
+        let group = |lr_factor, weight_decay| Group {
             names: vec![],
             params: vec![],
             bufs: vec![],
-            lr_factor: bias_lr_factor,
-            weight_decay: bias_weight_decay,
+            lr_factor,
+            weight_decay,
+            lr: lr(),
         };
+        let mut weights = group(1.0, weight_decay);
+        let mut biases = group(bias_lr_factor, bias_weight_decay);
         for (name, t) in vars {
             let g = if name.ends_with(".bias") { &mut biases } else { &mut weights };
             g.names.push(name);
+            g.bufs.push(t.zeros_like());
             g.params.push(t);
         }
         Sgd { groups: vec![weights, biases], momentum, steps: 0 }
@@ -54,59 +64,59 @@ impl Sgd {
         self.groups.iter().flat_map(|g| g.params.iter().map(|p| p.grad())).filter(|g| g.defined()).collect()
     }
 
-    /// One update at learning rate `lr`; skipped on the device when
-    /// `found_inf` holds a nonzero value. Parameters without a gradient are
-    /// left alone.
-    pub fn step(&mut self, lr: f64, found_inf: Option<&Tensor>) -> Result<(), ShimError> {
-        let first = self.steps == 0;
+    /// Sets the learning rate of the next steps (a fill on the device: no
+    /// sync; outside a captured step, which reads it).
+    pub fn set_lr(&mut self, lr: f64) {
         for g in &mut self.groups {
-            if g.params.is_empty() {
-                continue;
-            }
-            if g.bufs.is_empty() {
-                g.bufs = g.params.iter().map(|p| p.zeros_like()).collect();
-            }
+            let _ = g.lr.fill_(lr * g.lr_factor);
+        }
+    }
+
+    /// One update at the learning rate of [`Sgd::set_lr`]; skipped on the
+    /// device when `found_inf` holds a nonzero value. Parameters without a
+    /// gradient are left alone.
+    pub fn step(&mut self, found_inf: Option<&Tensor>) -> Result<(), ShimError> {
+        for g in &self.groups {
             let grads: Vec<Tensor> = g.params.iter().map(|p| p.grad()).collect();
             let live: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].defined()).collect();
+            if live.is_empty() {
+                continue;
+            }
             let params: Vec<&Tensor> = live.iter().map(|&i| &g.params[i]).collect();
             let gr: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
             let bufs: Vec<&Tensor> = live.iter().map(|&i| &g.bufs[i]).collect();
             tch::no_grad(|| {
-                fused_sgd(&params, &gr, &bufs, g.weight_decay, self.momentum, lr * g.lr_factor, first, None, found_inf)
+                fused_sgd(&params, &gr, &bufs, g.weight_decay, self.momentum, &g.lr, false, None, found_inf)
             })?;
         }
         self.steps += 1;
         Ok(())
     }
 
-    /// Clears every gradient.
-    pub fn zero_grad(&mut self) {
-        for g in &mut self.groups {
-            for p in &mut g.params {
-                p.zero_grad();
-            }
+    /// Sets every gradient to zero (one multi-tensor kernel; the gradient
+    /// tensors stay allocated, as a captured step needs).
+    pub fn zero_grad(&mut self) -> Result<(), ShimError> {
+        let grads = self.grads();
+        if grads.is_empty() {
+            return Ok(());
         }
+        tch::no_grad(|| foreach_zero(&grads.iter().collect::<Vec<_>>()))
     }
 
     /// Scales gradients so their global L2 norm is at most `max_norm`
-    /// (on the device, no sync).
-    pub fn clip_grad_norm(&self, max_norm: f64) {
+    /// (`torch.nn.utils.clip_grad_norm_`, on the device, no sync).
+    pub fn clip_grad_norm(&self, max_norm: f64) -> Result<(), ShimError> {
         let grads = self.grads();
         if grads.is_empty() {
-            return;
+            return Ok(());
         }
-        let sq: Vec<Tensor> =
-            grads.iter().map(|g| g.to_kind(tch::Kind::Float).square().sum(tch::Kind::Float)).collect();
-        let total = Tensor::stack(&sq, 0).sum(tch::Kind::Float).sqrt();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let total = foreach_total_norm(&refs)?;
         let coef = (total + 1e-6).reciprocal().g_mul_scalar(max_norm).clamp_max(1.0);
-        tch::no_grad(|| {
-            for g in &grads {
-                let _ = g.shallow_clone().g_mul_(&coef.to_kind(g.kind()));
-            }
-        });
+        tch::no_grad(|| foreach_mul(&refs, &coef))
     }
 
-    /// Momentum buffers by parameter name (empty before the first step).
+    /// Momentum buffers by parameter name (zeros before the first step).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.groups.iter().flat_map(|g| g.names.iter().cloned().zip(g.bufs.iter().map(|b| b.shallow_clone()))).collect()
     }
@@ -130,9 +140,7 @@ impl Sgd {
                     None => return Err(format!("no momentum buffer for {name}")),
                 }
             }
-            if steps > 0 {
-                g.bufs = bufs;
-            }
+            g.bufs = bufs;
         }
         self.steps = steps;
         Ok(())

@@ -41,6 +41,15 @@ pub struct TrainBenchResult {
     /// Median split of a step measured in extra synchronized iterations:
     /// forward (losses), backward, optimizer update (ms).
     pub split_ms: [f64; 3],
+    /// Device→host synchronizations per step (median; libtorch's sync check
+    /// on CUDA, which sees every one).
+    pub syncs_per_step: f64,
+    /// The GPU's own time for a step (median, ms): CUDA events around a step
+    /// queued while a spin kernel holds the GPU, so the host's pace does not
+    /// show. Equals the GPU-busy time when `syncs_per_step` is 0.
+    pub gpu_ms: Option<f64>,
+    /// `gpu_ms` / the median wall time of a step.
+    pub gpu_busy_fraction: Option<f64>,
 }
 
 /// The peer's synthetic training batch of `n` images on `device`.
@@ -145,6 +154,34 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     });
+    // Synchronizations per step, and the GPU's own time per step.
+    let mut syncs = Vec::new();
+    let mut gpu = Vec::new();
+    let mut counter = crate::host_sync::SyncCounter::start(cuda);
+    for it in 0..opts.iters.clamp(1, 6) {
+        let (images, targets) = &batches[it % batches.len()];
+        let queued = match opts.device {
+            Device::Cuda(i) => crate::kernels::timing::spin(i, 0.5),
+            _ => false,
+        };
+        let mut span = crate::kernels::timing::GpuSpan::start(opts.device);
+        counter.take();
+        let step = MicroBatch { images, targets };
+        let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
+        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        syncs.push(counter.take() as f64);
+        if let Some(span) = span.as_mut().filter(|_| queued) {
+            span.stop();
+            gpu.extend(span.elapsed_ms());
+        }
+        sync();
+    }
+    crate::shim::enable_sync_counter(false);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    };
+    let gpu_ms = median(gpu);
     Ok(TrainBenchResult {
         kind: "train",
         bs: opts.batch,
@@ -155,5 +192,8 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         img_per_s: opts.batch as f64 / med,
         peak_mem_gib: crate::environment::cuda_peak_memory_gib(opts.device),
         split_ms,
+        syncs_per_step: median(syncs).unwrap_or(0.0),
+        gpu_ms,
+        gpu_busy_fraction: gpu_ms.map(|g| g / (med * 1e3)),
     })
 }

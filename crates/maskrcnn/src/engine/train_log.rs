@@ -38,6 +38,10 @@ pub struct TrainLog {
     /// rank): where a step's time goes.
     data_wait: f64,
     reduce_wait: Option<f64>,
+    /// Device→host synchronizations inside the window's steps (log-time
+    /// reads, evaluation and checkpoints excluded).
+    syncs: crate::host_sync::SyncCounter,
+    window_syncs: i64,
 }
 
 impl TrainLog {
@@ -45,7 +49,13 @@ impl TrainLog {
     /// and the TensorBoard writer when `main`; a sink otherwise. `distributed`
     /// adds the all-reduce time to each record. The first window starts at
     /// `start_iteration`.
-    pub fn open(output: &Path, main: bool, distributed: bool, start_iteration: u64) -> Result<TrainLog, TrainError> {
+    pub fn open(
+        output: &Path,
+        main: bool,
+        distributed: bool,
+        start_iteration: u64,
+        cuda: bool,
+    ) -> Result<TrainLog, TrainError> {
         let metrics: Box<dyn Write> = if main {
             let path = output.join("metrics.jsonl");
             Box::new(
@@ -72,7 +82,20 @@ impl TrainLog {
             window: (Instant::now(), start_iteration),
             data_wait: 0.0,
             reduce_wait: distributed.then_some(0.0),
+            syncs: crate::host_sync::SyncCounter::start(cuda),
+            window_syncs: 0,
         })
+    }
+
+    /// Marks the start of a training step (synchronizations before it are
+    /// not the step's).
+    pub fn begin_step(&mut self) {
+        self.syncs.take();
+    }
+
+    /// Marks the end of a training step: its synchronizations count.
+    pub fn end_step(&mut self) {
+        self.window_syncs += self.syncs.take();
     }
 
     /// Counts `seconds` spent waiting for the loader.
@@ -106,7 +129,10 @@ impl TrainLog {
         }
         record.insert("images_per_s".into(), ips.into());
         record.insert("data_wait_ms".into(), (1e3 * self.data_wait / steps).into());
+        record.insert("step_ms".into(), (1e3 * elapsed / steps).into());
+        record.insert("syncs_per_step".into(), (self.window_syncs as f64 / steps).into());
         self.data_wait = 0.0;
+        self.window_syncs = 0;
         if let Some(w) = self.reduce_wait.as_mut() {
             record.insert("allreduce_ms".into(), (1e3 * *w / steps).into());
             *w = 0.0;

@@ -181,7 +181,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
 
     let schedule = LrSchedule::new(solver);
     let max_iter = solver.max_iter as u64;
-    let mut log = TrainLog::open(&opts.output, main, group.is_some(), start)?;
+    let mut log = TrainLog::open(&opts.output, main, group.is_some(), start, cuda)?;
     let bar = progress_bar(opts.progress, start, max_iter);
     let started = Instant::now();
     // Training time without evaluation (the time budget and the AP-over-time log).
@@ -202,6 +202,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
 
     while iteration < max_iter {
         let lr = schedule.lr_at(iteration as usize);
+        log.begin_step();
         let mut sums: Vec<Tensor> = Vec::new();
         for micro in 0..solver.accumulate_steps as u64 {
             let waited = Instant::now();
@@ -230,6 +231,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             log.add_reduce_wait(reduced.elapsed().as_secs_f64());
         }
         apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
+        log.end_step();
         iteration += 1;
 
         // Loss values stay on the device until a log line or checkpoint needs
@@ -287,7 +289,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             // Rank 0's early-stop decision, for every rank.
             let flag = Tensor::from_slice(&[f32::from(u8::from(target_reached))]).to_device(device);
             g.all_reduce_mean(std::slice::from_ref(&flag))?;
-            target_reached = flag.double_value(&[0]) > 0.0;
+            target_reached = crate::host_sync::to_host(&flag).double_value(&[0]) > 0.0;
         }
         let save = iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last || target_reached;
         if save && main {
@@ -534,7 +536,8 @@ impl GroupStep {
         if !read_flags {
             return Ok((false, false));
         }
-        let any: Vec<f32> = Vec::try_from(self.flags.gt(0.0).to_kind(Kind::Float)).unwrap_or_default();
+        let any: Vec<f32> =
+            Vec::try_from(crate::host_sync::to_host(&self.flags.gt(0.0).to_kind(Kind::Float))).unwrap_or_default();
         Ok((any.first() == Some(&1.0), any.get(1) == Some(&1.0)))
     }
 }
@@ -592,13 +595,14 @@ pub fn apply_update(sgd: &mut Sgd, scaler: Option<&mut GradScaler>, lr: f64, cli
         s.unscale(&grads.iter().collect::<Vec<_>>())?;
     }
     if clip > 0.0 {
-        sgd.clip_grad_norm(clip);
+        sgd.clip_grad_norm(clip)?;
     }
-    sgd.step(lr, scaler.as_deref().map(|s| &s.found_inf))?;
+    sgd.set_lr(lr);
+    sgd.step(scaler.as_deref().map(|s| &s.found_inf))?;
     if let Some(s) = scaler {
         s.update();
     }
-    sgd.zero_grad();
+    sgd.zero_grad()?;
     Ok(())
 }
 
@@ -610,7 +614,7 @@ fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<
         return Ok(None);
     }
     let rows: Vec<&Tensor> = pending.iter().map(|(_, t)| t).collect();
-    let host = Tensor::stack(&rows, 0).to_device(Device::Cpu).reshape([-1]);
+    let host = crate::host_sync::to_host(&Tensor::stack(&rows, 0)).reshape([-1]);
     let values: Vec<f64> = Vec::<f32>::try_from(&host).unwrap_or_default().into_iter().map(f64::from).collect();
     let n = LOSS_NAMES.len();
     if check_finite {

@@ -1,10 +1,14 @@
 //! CUDA kernels compiled at run time by NVRTC (through cudarc) and launched
-//! on the legacy default stream, so they run in order with libtorch's work
-//! on the same tensors (DESIGN.md). Each kernel has a tch-based fallback:
-//! when CUDA, the driver or NVRTC is unavailable the callers take it.
+//! on libtorch's current CUDA stream, so they run in order with libtorch's
+//! work on the same tensors and are recorded by a CUDA graph capture
+//! (DESIGN.md). Each kernel has a tch-based fallback: when CUDA, the driver
+//! or NVRTC is unavailable the callers take it.
 
+pub mod matcher;
 pub mod nms;
+pub mod polygon;
 pub mod roi_align;
+pub mod timing;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use std::collections::HashMap;
@@ -12,13 +16,48 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// The compiled kernels of one device.
 pub(crate) struct DeviceKernels {
-    pub stream: Arc<CudaStream>,
-    pub functions: HashMap<&'static str, CudaFunction>,
+    context: Arc<CudaContext>,
+    index: usize,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl DeviceKernels {
+    /// libtorch's current stream on this device, borrowed for a launch
+    /// (the legacy default stream when libtorch has not set another).
+    pub fn stream(&self) -> Arc<CudaStream> {
+        let raw = crate::shim::current_cuda_stream(self.index);
+        if raw.is_null() {
+            return self.context.default_stream();
+        }
+        // SAFETY: libtorch owns the stream and keeps it alive for the
+        // process; launches on it are ordered with libtorch's own work.
+        unsafe { self.context.wrap_borrowed_stream(raw as cudarc::driver::sys::CUstream) }
+    }
+
+    /// The kernel `name` (one of [`SOURCES`]' function names).
+    pub fn function(&self, name: &str) -> Option<&CudaFunction> {
+        self.functions.get(name)
+    }
 }
 
 /// Every kernel source with the functions it defines.
-const SOURCES: &[(&str, &[&str])] =
-    &[(roi_align::SOURCE, &["roi_align_forward", "roi_align_backward"]), (nms::SOURCE, &["nms_suppression_bits"])];
+const SOURCES: &[(&str, &[&str])] = &[
+    (
+        roi_align::SOURCE,
+        &[
+            "roi_align_multilevel_forward_f32",
+            "roi_align_multilevel_forward_f16",
+            "roi_align_multilevel_forward_bf16",
+            "roi_align_multilevel_backward_f32",
+            "roi_align_multilevel_backward_f16",
+            "roi_align_multilevel_backward_bf16",
+        ],
+    ),
+    (nms::SOURCE, &["nms_suppression_bits", "nms_greedy"]),
+    (matcher::SOURCE, &["match_best_per_gt", "match_assign"]),
+    (polygon::SOURCE, &["polygon_mask_targets"]),
+    (timing::SOURCE, &["spin_ns"]),
+];
 
 /// The kernels of CUDA device `index`, compiled on first use (`None` when
 /// they cannot be built; the reason is logged once).
@@ -37,17 +76,65 @@ pub(crate) fn device_kernels(index: usize) -> Option<Arc<DeviceKernels>> {
         .clone()
 }
 
+/// NVRTC opens its builtins library by name at the first compile, which
+/// finds it only on the loader's search path. Opening it first from here
+/// (whose run path includes the wheel's CUDA library folder) lets NVRTC
+/// find it loaded already.
+fn preload_nvrtc_builtins() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for name in ["libnvrtc-builtins.so.13.0", "libnvrtc-builtins.so"] {
+            // SAFETY: loads a library without initialization side effects
+            // that matter here; it stays loaded for the process.
+            if let Ok(lib) = unsafe { libloading::Library::new(name) } {
+                std::mem::forget(lib);
+                return;
+            }
+        }
+    });
+}
+
 fn build(index: usize) -> Result<DeviceKernels, String> {
-    let ctx = CudaContext::new(index).map_err(|e| e.to_string())?;
-    // The null stream is CUDA's legacy default stream, libtorch's stream.
-    let stream = ctx.default_stream();
+    preload_nvrtc_builtins();
+    let context = CudaContext::new(index).map_err(|e| e.to_string())?;
     let mut functions = HashMap::new();
     for (src, names) in SOURCES {
         let ptx = cudarc::nvrtc::compile_ptx(src).map_err(|e| crate::text::one_line(&e.to_string()))?;
-        let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
+        let module = context.load_module(ptx).map_err(|e| e.to_string())?;
         for name in *names {
             functions.insert(*name, module.load_function(name).map_err(|e| e.to_string())?);
         }
     }
-    Ok(DeviceKernels { stream, functions })
+    Ok(DeviceKernels { context, index, functions })
+}
+
+/// Compiles every kernel source with NVRTC (no GPU needed). `None` when the
+/// NVRTC library cannot be loaded; otherwise the first compile error.
+pub fn compile_all() -> Option<Result<(), String>> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return None;
+    }
+    preload_nvrtc_builtins();
+    Some(SOURCES.iter().try_for_each(|(src, names)| {
+        let ptx = cudarc::nvrtc::compile_ptx(src).map_err(|e| e.to_string())?;
+        let text = ptx.to_src();
+        match names.iter().find(|n| !text.contains(&format!(".entry {n}("))) {
+            Some(missing) => Err(format!("kernel {missing} is not in the compiled module")),
+            None => Ok(()),
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel source compiles with NVRTC and defines the functions
+    /// the launchers look up (skips where NVRTC is absent).
+    #[test]
+    fn every_kernel_compiles_with_nvrtc() {
+        match super::compile_all() {
+            None => eprintln!("SKIP every_kernel_compiles_with_nvrtc: NVRTC library not found"),
+            Some(result) => result.unwrap(),
+        }
+    }
 }

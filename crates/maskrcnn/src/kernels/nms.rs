@@ -1,9 +1,12 @@
-//! The "suppresses" bit matrix of greedy NMS as one CUDA kernel (the scheme
-//! of torchvision's `nms_kernel`): for each group of score-sorted boxes,
-//! bit `j` of row `i` is set when IoU(i, j) > threshold, computed with
-//! torchvision's float32 arithmetic (rounded intrinsics: no fused
-//! multiply-adds) and compared in double, as [`crate::ops::nms()`]'s tensor
-//! path. Rows are 64-bit words; the greedy walk stays on the host.
+//! Greedy NMS of many groups of boxes at once, entirely on the GPU (the
+//! scheme of torchvision's `nms_kernel`, with the greedy pass moved onto the
+//! device). For each group of score-sorted boxes, `nms_suppression_bits`
+//! sets bit `j` of row `i` (64-bit words) when IoU(i, j) > threshold,
+//! computed with torchvision's float32 arithmetic (rounded intrinsics: no
+//! fused multiply-adds) and compared in double, as [`crate::ops::nms()`]'s
+//! CPU path; only blocks on or above the diagonal are computed (the walk
+//! never reads the others). `nms_greedy` then walks each group's rows in one
+//! warp: a valid box not yet removed is kept and removes what its row marks.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use tch::{Device, Kind, Tensor};
@@ -12,6 +15,7 @@ pub(crate) const SOURCE: &str = r#"
 extern "C" __global__ void nms_suppression_bits(const float* boxes, int groups, int m, int words,
     double threshold, unsigned long long* out) {
   const int row_block = blockIdx.y, col_block = blockIdx.x, g = blockIdx.z;
+  if (col_block < row_block) return;
   const int row = row_block * 64 + threadIdx.x;
   __shared__ float cols[64 * 4];
   const float* gb = boxes + (long long)g * m * 4;
@@ -36,34 +40,82 @@ extern "C" __global__ void nms_suppression_bits(const float* boxes, int groups, 
   }
   out[((long long)g * m + row) * words + col_block] = bits;
 }
+
+// One warp per group; the removed-bit words live in shared memory (`words`
+// of them per group, dynamic size).
+extern "C" __global__ void nms_greedy(const unsigned long long* bits, const unsigned char* valid, int m,
+    int words, unsigned char* keep) {
+  extern __shared__ unsigned long long removed[];
+  const int g = blockIdx.x, lane = threadIdx.x;
+  const unsigned long long* gb = bits + (long long)g * m * words;
+  const unsigned char* gv = valid + (long long)g * m;
+  unsigned char* gk = keep + (long long)g * m;
+  for (int w = lane; w < words; w += 32) removed[w] = 0ULL;
+  __syncwarp();
+  for (int i = 0; i < m; i++) {
+    bool take = gv[i] && !((removed[i >> 6] >> (i & 63)) & 1ULL);
+    if (lane == 0) gk[i] = take ? 1 : 0;
+    if (take) {
+      const unsigned long long* row = gb + (long long)i * words;
+      for (int w = (i >> 6) + lane; w < words; w += 32) removed[w] |= row[w];
+    }
+    __syncwarp();
+  }
+}
 "#;
 
-/// The bit matrix `[G, M, ceil(M / 64)]` (u64 words, on the host) of
-/// `groups` `[G, M, 4]` float boxes on CUDA; `None` when the kernel is
-/// unavailable.
-pub fn suppression_bits(groups: &Tensor, iou_threshold: f64) -> Option<(Vec<u64>, usize)> {
-    let Device::Cuda(index) = groups.device() else { return None };
+/// Launches the suppression-bit kernel over `boxes` `[G, M, 4]` (contiguous
+/// float32, CUDA) into a fresh `[G, M, ceil(M / 64)]` int64 tensor; `None`
+/// when the kernel is unavailable.
+fn suppression_bits_on_device(boxes: &Tensor, iou_threshold: f64) -> Option<Tensor> {
+    let Device::Cuda(index) = boxes.device() else { return None };
     let kernels = super::device_kernels(index)?;
-    let f = kernels.functions.get("nms_suppression_bits")?;
-    let boxes = groups.to_kind(Kind::Float).contiguous();
+    let f = kernels.function("nms_suppression_bits")?;
     let (g, m) = (boxes.size()[0], boxes.size()[1]);
-    let words = ((m + 63) / 64) as usize;
+    let words = (m + 63) / 64;
+    let out = Tensor::empty([g, m, words], (Kind::Int64, boxes.device()));
     if g == 0 || m == 0 {
-        return Some((Vec::new(), words));
+        return Some(out);
     }
-    let out = Tensor::empty([g * m * words as i64], (Kind::Int64, boxes.device()));
     let (bp, op) = (boxes.data_ptr() as u64, out.data_ptr() as u64);
     let (gi, mi, wi) = (g as i32, m as i32, words as i32);
     let cfg =
         LaunchConfig { grid_dim: (words as u32, words as u32, g as u32), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = kernels.stream.launch_builder(f);
+    let stream = kernels.stream();
+    let mut launch = stream.launch_builder(f);
     launch.arg(&bp).arg(&gi).arg(&mi).arg(&wi).arg(&iou_threshold).arg(&op);
     // SAFETY: contiguous float32 boxes [G, M, 4] and an int64 output of
-    // G·M·words elements, alive until the copy below (same stream).
+    // G·M·words elements, both alive until later work on this stream.
     unsafe { launch.launch(cfg) }.ok()?;
-    let host = out.to_device(Device::Cpu);
-    let n = host.numel();
-    let mut words_out = vec![0i64; n];
-    host.copy_data(&mut words_out, n);
-    Some((words_out.into_iter().map(|w| w as u64).collect(), words))
+    Some(out)
+}
+
+/// Greedy NMS of each group of `boxes` `[G, M, 4]` (sorted by decreasing
+/// score within the group) over its `valid` `[G, M]` boxes, on CUDA without
+/// leaving the device: `[G, M]` bool, true for the kept boxes. `None` when
+/// the kernels are unavailable.
+pub fn keep_mask(boxes: &Tensor, valid: &Tensor, iou_threshold: f64) -> Option<Tensor> {
+    let Device::Cuda(index) = boxes.device() else { return None };
+    let kernels = super::device_kernels(index)?;
+    let f = kernels.function("nms_greedy")?;
+    let boxes = boxes.to_kind(Kind::Float).contiguous();
+    let valid = valid.to_kind(Kind::Bool).contiguous();
+    let (g, m) = (boxes.size()[0], boxes.size()[1]);
+    let keep = Tensor::zeros([g, m], (Kind::Bool, boxes.device()));
+    if g == 0 || m == 0 {
+        return Some(keep);
+    }
+    let bits = suppression_bits_on_device(&boxes, iou_threshold)?;
+    let words = (m + 63) / 64;
+    let (bp, vp, kp) = (bits.data_ptr() as u64, valid.data_ptr() as u64, keep.data_ptr() as u64);
+    let (mi, wi) = (m as i32, words as i32);
+    let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: (words * 8) as u32 };
+    let stream = kernels.stream();
+    let mut launch = stream.launch_builder(f);
+    launch.arg(&bp).arg(&vp).arg(&mi).arg(&wi).arg(&kp);
+    // SAFETY: the bit matrix [G, M, words] int64, valid and keep [G, M]
+    // bool (one byte each), all contiguous on this device and alive until
+    // later work on this stream.
+    unsafe { launch.launch(cfg) }.ok()?;
+    Some(keep)
 }

@@ -1,17 +1,23 @@
 //! RoIAlign forward and backward as CUDA kernels: torchvision's
 //! `roi_align_forward_kernel_impl` / `roi_align_backward_kernel_impl` (same
-//! arithmetic, so the same results). Without gradients the forward runs
-//! directly (mask targets, inference); with gradients both run inside an
-//! autograd function of the C++ shim, which calls back into
-//! `forward_callback` / `backward_callback`.
+//! per-sample arithmetic, so the same results), generalized to several
+//! pyramid levels at once (each RoI reads the level the pooler assigned it,
+//! on the device) and to feature maps of any strides and dtype: channels-last
+//! fp16/bf16 FPN outputs are read in place, accumulated in float32, and the
+//! output is written in the features' dtype and memory format (what
+//! torchvision's autocast wrapper returns). Without gradients the forward
+//! launches directly (mask targets, inference); with gradients both run
+//! inside an autograd function of the C++ shim, which calls back into
+//! [`multilevel_forward_callback`] / [`multilevel_backward_callback`].
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use tch::{Device, Kind, Tensor};
 
 pub(crate) const SOURCE: &str = r#"
-// torchvision's bilinear_interpolate(_gradient): the four neighbours of
-// (y, x) in a height × width map and their weights; false outside the map.
-__device__ bool bilinear_weights(int height, int width, float y, float x, int idx[4], float w[4]) {
+// torchvision's bilinear_interpolate(_gradient): the rows (ys) and columns
+// (xs) of the four neighbours of (y, x) in a height × width map and their
+// weights (low-low, low-high, high-low, high-high); false outside the map.
+__device__ bool bilinear_corners(int height, int width, float y, float x, int ys[2], int xs[2], float w[4]) {
   if (y < -1.0f || y > height || x < -1.0f || x > width) return false;
   if (y <= 0) y = 0;
   if (x <= 0) x = 0;
@@ -19,28 +25,21 @@ __device__ bool bilinear_weights(int height, int width, float y, float x, int id
   if (y_low >= height - 1) { y_high = y_low = height - 1; y = (float)y_low; } else { y_high = y_low + 1; }
   if (x_low >= width - 1) { x_high = x_low = width - 1; x = (float)x_low; } else { x_high = x_low + 1; }
   float ly = y - y_low, lx = x - x_low, hy = 1.0f - ly, hx = 1.0f - lx;
-  idx[0] = y_low * width + x_low; idx[1] = y_low * width + x_high;
-  idx[2] = y_high * width + x_low; idx[3] = y_high * width + x_high;
+  ys[0] = y_low; ys[1] = y_high; xs[0] = x_low; xs[1] = x_high;
   w[0] = hy * hx; w[1] = hy * lx; w[2] = ly * hx; w[3] = ly * lx;
   return true;
 }
 
-// The output cell `index` of [K, C, ph, pw]: its feature plane (image and
-// channel) and torchvision's sampling grid over the bin.
+// torchvision's sampling grid over one output bin.
 struct Cell {
-  long long plane;
   int grid_h, grid_w;
   float y0, x0, step_h, step_w, count;
 };
 
-__device__ Cell cell_of(long long index, const float* rois, float spatial_scale, int channels, int height,
-    int width, int pooled_height, int pooled_width, int sampling_ratio, int aligned) {
-  int pw = index % pooled_width;
-  int ph = (index / pooled_width) % pooled_height;
-  int c = (index / pooled_width / pooled_height) % channels;
-  long long n = index / pooled_width / pooled_height / channels;
-  const float* r = rois + n * 5;
-  int batch = (int)r[0];
+// Sampling grid of bin (ph, pw) of RoI `r` (batch, x1, y1, x2, y2) on a map
+// at `spatial_scale`, as torchvision computes it (plane left to the caller).
+__device__ Cell bin_grid(const float* r, float spatial_scale, int ph, int pw, int pooled_height, int pooled_width,
+    int sampling_ratio, int aligned) {
   float offset = aligned ? 0.5f : 0.0f;
   float start_w = r[1] * spatial_scale - offset, start_h = r[2] * spatial_scale - offset;
   float end_w = r[3] * spatial_scale - offset, end_h = r[4] * spatial_scale - offset;
@@ -48,7 +47,6 @@ __device__ Cell cell_of(long long index, const float* rois, float spatial_scale,
   if (!aligned) { roi_w = fmaxf(roi_w, 1.0f); roi_h = fmaxf(roi_h, 1.0f); }
   float bin_h = roi_h / pooled_height, bin_w = roi_w / pooled_width;
   Cell cell;
-  cell.plane = ((long long)batch * channels + c) * height * width;
   cell.grid_h = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_h / pooled_height);
   cell.grid_w = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_w / pooled_width);
   cell.count = fmaxf((float)(cell.grid_h * cell.grid_w), 1.0f);
@@ -63,83 +61,230 @@ __device__ Cell cell_of(long long index, const float* rois, float spatial_scale,
 __device__ float sample_y(const Cell& c, int iy) { return c.y0 + ((float)iy + 0.5f) * c.step_h / (float)c.grid_h; }
 __device__ float sample_x(const Cell& c, int ix) { return c.x0 + ((float)ix + 0.5f) * c.step_w / (float)c.grid_w; }
 
-extern "C" __global__ void roi_align_forward(long long nthreads, const float* input, float spatial_scale,
-    int channels, int height, int width, int pooled_height, int pooled_width, int sampling_ratio,
-    int aligned, const float* rois, float* output) {
-  for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;
-       index += (long long)blockDim.x * gridDim.x) {
-    Cell cell = cell_of(index, rois, spatial_scale, channels, height, width, pooled_height, pooled_width,
-                        sampling_ratio, aligned);
-    const float* in = input + cell.plane;
-    float acc = 0.0f;
-    for (int iy = 0; iy < cell.grid_h; iy++) {
-      float y = sample_y(cell, iy);
-      for (int ix = 0; ix < cell.grid_w; ix++) {
-        int idx[4];
-        float w[4];
-        if (bilinear_weights(height, width, y, sample_x(cell, ix), idx, w))
-          acc += (w[0] * in[idx[0]] + w[1] * in[idx[1]] + w[2] * in[idx[2]] + w[3] * in[idx[3]]);
-      }
-    }
-    output[index] = acc / cell.count;
+// Multi-level RoIAlign over feature maps of any strides (NCHW or NHWC) and
+// dtype. One thread per output value, channels fastest (coalesced on
+// channels-last maps and outputs); RoI k reads level levels[k].
+struct Level {
+  unsigned long long data;
+  long long sn, sc, sh, sw;
+  int height, width;
+  float scale;
+  int pad;
+};
+struct Levels {
+  Level l[5];
+  int count;
+};
+
+__device__ __forceinline__ float load_val(const float* p) { return *p; }
+__device__ __forceinline__ float load_val(const unsigned short* p, int bf16) {
+  if (bf16) return __uint_as_float(((unsigned int)*p) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
+  return f;
+}
+__device__ __forceinline__ unsigned short store_half(float v, int bf16) {
+  if (bf16) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
   }
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
 }
 
-extern "C" __global__ void roi_align_backward(long long nthreads, const float* grad_output, float spatial_scale,
-    int channels, int height, int width, int pooled_height, int pooled_width, int sampling_ratio,
-    int aligned, const float* rois, float* grad_input) {
-  for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;
-       index += (long long)blockDim.x * gridDim.x) {
-    Cell cell = cell_of(index, rois, spatial_scale, channels, height, width, pooled_height, pooled_width,
-                        sampling_ratio, aligned);
-    float* gin = grad_input + cell.plane;
-    float g = grad_output[index];
-    for (int iy = 0; iy < cell.grid_h; iy++) {
-      float y = sample_y(cell, iy);
-      for (int ix = 0; ix < cell.grid_w; ix++) {
-        int idx[4];
-        float w[4];
-        if (!bilinear_weights(height, width, y, sample_x(cell, ix), idx, w)) continue;
-        for (int k = 0; k < 4; k++) atomicAdd(gin + idx[k], g * w[k] / cell.count);
-      }
-    }
-  }
+// Output coordinates of thread `index` (channels fastest).
+__device__ __forceinline__ void ml_coords(long long index, int channels, int pooled_height, int pooled_width,
+    int* c, int* ph, int* pw, long long* k) {
+  *c = index % channels;
+  long long t = index / channels;
+  *pw = t % pooled_width;
+  t /= pooled_width;
+  *ph = t % pooled_height;
+  *k = t / pooled_height;
 }
+
+#define ML_FORWARD(NAME, T, LOAD, STORE)                                                                       \
+  extern "C" __global__ void NAME(long long nthreads, Levels lv, int channels, int pooled_height,            \
+      int pooled_width, int sampling_ratio, int aligned, const float* rois, const long long* levels, T* out,  \
+      long long so_k, long long so_c, long long so_y, long long so_x, int bf16) {                            \
+    for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;               \
+         index += (long long)blockDim.x * gridDim.x) {                                                       \
+      int c, ph, pw;                                                                                         \
+      long long k;                                                                                           \
+      ml_coords(index, channels, pooled_height, pooled_width, &c, &ph, &pw, &k);                             \
+      const float* r = rois + k * 5;                                                                         \
+      const long long lvl = levels[k];                                                                       \
+      /* A RoI of no level (non-finite box) pools zeros, as torchvision's per-level masks give it. */        \
+      if (lvl < 0 || lvl >= lv.count) { out[k * so_k + c * so_c + ph * so_y + pw * so_x] = STORE(0.0f); continue; } \
+      const Level L = lv.l[lvl];                                                                             \
+      Cell cell = bin_grid(r, L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);        \
+      const T* in = (const T*)L.data + (long long)(int)r[0] * L.sn + (long long)c * L.sc;                    \
+      float acc = 0.0f;                                                                                      \
+      for (int iy = 0; iy < cell.grid_h; iy++) {                                                             \
+        float y = sample_y(cell, iy);                                                                        \
+        for (int ix = 0; ix < cell.grid_w; ix++) {                                                           \
+          int ys[2], xs[2];                                                                                  \
+          float w[4];                                                                                        \
+          if (bilinear_corners(L.height, L.width, y, sample_x(cell, ix), ys, xs, w))                         \
+            acc += (w[0] * LOAD(in + ys[0] * L.sh + xs[0] * L.sw) + w[1] * LOAD(in + ys[0] * L.sh + xs[1] * L.sw) \
+                  + w[2] * LOAD(in + ys[1] * L.sh + xs[0] * L.sw) + w[3] * LOAD(in + ys[1] * L.sh + xs[1] * L.sw)); \
+        }                                                                                                    \
+      }                                                                                                      \
+      out[k * so_k + c * so_c + ph * so_y + pw * so_x] = STORE(acc / cell.count);                            \
+    }                                                                                                        \
+  }
+
+// Gradients accumulate in float32 maps described by `lv` (the shim's
+// buffers, strided as the features).
+#define ML_BACKWARD(NAME, T, LOAD)                                                                             \
+  extern "C" __global__ void NAME(long long nthreads, Levels lv, int channels, int pooled_height,            \
+      int pooled_width, int sampling_ratio, int aligned, const float* rois, const long long* levels,          \
+      const T* grad_out, long long so_k, long long so_c, long long so_y, long long so_x, int bf16) {          \
+    for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;               \
+         index += (long long)blockDim.x * gridDim.x) {                                                       \
+      int c, ph, pw;                                                                                         \
+      long long k;                                                                                           \
+      ml_coords(index, channels, pooled_height, pooled_width, &c, &ph, &pw, &k);                             \
+      const float* r = rois + k * 5;                                                                         \
+      const long long lvl = levels[k];                                                                       \
+      if (lvl < 0 || lvl >= lv.count) continue;                                                              \
+      const Level L = lv.l[lvl];                                                                             \
+      Cell cell = bin_grid(r, L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);        \
+      float* gin = (float*)L.data + (long long)(int)r[0] * L.sn + (long long)c * L.sc;                       \
+      float g = LOAD(grad_out + k * so_k + c * so_c + ph * so_y + pw * so_x);                                \
+      for (int iy = 0; iy < cell.grid_h; iy++) {                                                             \
+        float y = sample_y(cell, iy);                                                                        \
+        for (int ix = 0; ix < cell.grid_w; ix++) {                                                           \
+          int ys[2], xs[2];                                                                                  \
+          float w[4];                                                                                        \
+          if (!bilinear_corners(L.height, L.width, y, sample_x(cell, ix), ys, xs, w)) continue;              \
+          atomicAdd(gin + ys[0] * L.sh + xs[0] * L.sw, g * w[0] / cell.count);                               \
+          atomicAdd(gin + ys[0] * L.sh + xs[1] * L.sw, g * w[1] / cell.count);                               \
+          atomicAdd(gin + ys[1] * L.sh + xs[0] * L.sw, g * w[2] / cell.count);                               \
+          atomicAdd(gin + ys[1] * L.sh + xs[1] * L.sw, g * w[3] / cell.count);                               \
+        }                                                                                                    \
+      }                                                                                                      \
+    }                                                                                                        \
+  }
+
+#define LOAD_F32(p) load_val(p)
+#define LOAD_HALF(p) load_val(p, bf16)
+#define STORE_F32(v) (v)
+#define STORE_HALF(v) store_half(v, bf16)
+ML_FORWARD(roi_align_multilevel_forward_f32, float, LOAD_F32, STORE_F32)
+ML_FORWARD(roi_align_multilevel_forward_f16, unsigned short, LOAD_HALF, STORE_HALF)
+ML_FORWARD(roi_align_multilevel_forward_bf16, unsigned short, LOAD_HALF, STORE_HALF)
+ML_BACKWARD(roi_align_multilevel_backward_f32, float, LOAD_F32)
+ML_BACKWARD(roi_align_multilevel_backward_f16, unsigned short, LOAD_HALF)
+ML_BACKWARD(roi_align_multilevel_backward_bf16, unsigned short, LOAD_HALF)
 "#;
 
-/// Launches `name` (forward or backward) over `n` = K·C·ph·pw output cells:
-/// `a` is the input (forward) or output gradient (backward), `b` the output
-/// or input gradient; `shape` is the feature map's `[N, C, H, W]`. All
-/// tensors contiguous float32 on one CUDA device.
+/// One feature map as the kernels see it (`struct Level`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Level {
+    data: u64,
+    sn: i64,
+    sc: i64,
+    sh: i64,
+    sw: i64,
+    height: i32,
+    width: i32,
+    scale: f32,
+    pad: i32,
+}
+
+/// Up to five levels, by value (`struct Levels`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Levels {
+    l: [Level; 5],
+    count: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernels' structs.
+unsafe impl cudarc::driver::DeviceRepr for Levels {}
+
+impl Levels {
+    /// The maps `[N, C, H, W]` (any strides) at `scales`.
+    fn new(maps: &[&Tensor], scales: &[f64]) -> Option<Levels> {
+        if maps.is_empty() || maps.len() > 5 {
+            return None;
+        }
+        let mut lv = Levels { count: maps.len() as i32, ..Levels::default() };
+        for (slot, (m, &s)) in lv.l.iter_mut().zip(maps.iter().zip(scales)) {
+            let (size, st) = (m.size(), m.stride());
+            *slot = Level {
+                data: m.data_ptr() as u64,
+                sn: st[0],
+                sc: st[1],
+                sh: st[2],
+                sw: st[3],
+                height: size[2] as i32,
+                width: size[3] as i32,
+                scale: s as f32,
+                pad: 0,
+            };
+        }
+        Some(lv)
+    }
+}
+
+/// The kernel name suffix for a dtype, and whether it is bfloat16.
+fn dtype_suffix(kind: Kind) -> Option<(&'static str, i32)> {
+    match kind {
+        Kind::Float => Some(("f32", 0)),
+        Kind::Half => Some(("f16", 0)),
+        Kind::BFloat16 => Some(("bf16", 1)),
+        _ => None,
+    }
+}
+
+/// One launch of the forward (`grad` = false: `values` is the output) or
+/// backward (`values` is the output gradient, `maps` the float32 gradient
+/// buffers) kernel over K·C·ph·pw threads.
 #[allow(clippy::too_many_arguments)]
 fn launch(
-    name: &str,
-    a: &Tensor,
+    backward: bool,
+    maps: &[&Tensor],
+    scales: &[f64],
     rois: &Tensor,
-    b: &Tensor,
-    shape: &[i64],
-    spatial_scale: f64,
+    levels: &Tensor,
+    values: &Tensor,
     output_size: (i64, i64),
     sampling_ratio: i64,
     aligned: bool,
 ) -> Option<()> {
-    let Device::Cuda(index) = a.device() else { return None };
+    let Device::Cuda(index) = rois.device() else { return None };
     let kernels = super::device_kernels(index)?;
-    let f = kernels.functions.get(name)?;
-    let n = rois.size()[0] * shape[1] * output_size.0 * output_size.1;
+    let (suffix, bf16) = dtype_suffix(values.kind())?;
+    let name = format!("roi_align_multilevel_{}_{suffix}", if backward { "backward" } else { "forward" });
+    let f = kernels.function(&name)?;
+    let lv = Levels::new(maps, scales)?;
+    let c = maps[0].size()[1];
+    let n = rois.size()[0] * c * output_size.0 * output_size.1;
     if n == 0 {
         return Some(());
     }
-    let (pa, pr, pb) = (a.data_ptr() as u64, rois.data_ptr() as u64, b.data_ptr() as u64);
-    let (scale, ci, hi, wi) = (spatial_scale as f32, shape[1] as i32, shape[2] as i32, shape[3] as i32);
-    let (ph, pw, sr, al) = (output_size.0 as i32, output_size.1 as i32, sampling_ratio as i32, i32::from(aligned));
-    let blocks = ((n + 511) / 512).min(65_535) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-    let mut l = kernels.stream.launch_builder(f);
-    l.arg(&n).arg(&pa).arg(&scale).arg(&ci).arg(&hi).arg(&wi).arg(&ph).arg(&pw).arg(&sr).arg(&al).arg(&pr).arg(&pb);
-    // SAFETY: live contiguous float32 CUDA tensors of the sizes passed (the
-    // caller keeps them alive until the launch is queued; the stream orders
-    // later libtorch work after it); argument types match the kernels.
+    let so = values.stride();
+    let (so_k, so_c, so_y, so_x) = (so[0], so[1], so[2], so[3]);
+    let (pr, pl, pv) = (rois.data_ptr() as u64, levels.data_ptr() as u64, values.data_ptr() as u64);
+    let (ci, ph, pw) = (c as i32, output_size.0 as i32, output_size.1 as i32);
+    let (sr, al) = (sampling_ratio as i32, i32::from(aligned));
+    let blocks = ((n + 255) / 256).min(1 << 20) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let stream = kernels.stream();
+    let mut l = stream.launch_builder(f);
+    l.arg(&n).arg(&lv).arg(&ci).arg(&ph).arg(&pw).arg(&sr).arg(&al).arg(&pr).arg(&pl).arg(&pv);
+    l.arg(&so_k).arg(&so_c).arg(&so_y).arg(&so_x).arg(&bf16);
+    // SAFETY: every map is a live CUDA tensor [N, C, H, W] of `values`'
+    // dtype (float32 gradient buffers in the backward) described by its
+    // strides; rois [K, 5] float32 and levels [K] int64 contiguous, levels
+    // in 0..maps.len(); `values` [K, C, ph, pw] by its strides. All stay
+    // alive until later work on this stream.
     unsafe { l.launch(cfg) }.ok().map(|_| ())
 }
 
@@ -151,90 +296,111 @@ unsafe fn borrowed(p: *mut torch_sys::C_tensor) -> std::mem::ManuallyDrop<Tensor
     std::mem::ManuallyDrop::new(Tensor::from_ptr(p))
 }
 
-/// One callback of the shim's autograd RoIAlign: launches `kernel` with
-/// `a` (input or output gradient), `rois`, `b` (output or input gradient);
-/// the feature map is `a` in the forward, `b` in the backward. 0 on success.
+/// `n` handles the shim lends, as tensors.
+///
+/// # Safety
+/// `ptrs` must point to `n` live `at::Tensor*`.
+unsafe fn borrowed_list(ptrs: *const *mut torch_sys::C_tensor, n: i32) -> Vec<std::mem::ManuallyDrop<Tensor>> {
+    (0..n as usize).map(|i| borrowed(*ptrs.add(i))).collect()
+}
+
+/// Forward of the shim's autograd multi-level RoIAlign. 0 on success.
 #[allow(clippy::too_many_arguments)]
-fn callback(
-    kernel: &str,
-    a: *mut torch_sys::C_tensor,
+pub(crate) extern "C" fn multilevel_forward_callback(
+    features: *const *mut torch_sys::C_tensor,
+    n: i32,
     rois: *mut torch_sys::C_tensor,
-    b: *mut torch_sys::C_tensor,
-    feature_is_b: bool,
-    scale: f64,
-    output_size: (i64, i64),
+    levels: *mut torch_sys::C_tensor,
+    scales: *const f64,
+    output: *mut torch_sys::C_tensor,
+    ph: i64,
+    pw: i64,
     sr: i64,
     aligned: i32,
 ) -> i32 {
     std::panic::catch_unwind(|| {
-        // SAFETY: the shim passes live tensors for the duration of the call.
-        let (a, r, b) = unsafe { (borrowed(a), borrowed(rois), borrowed(b)) };
-        let shape = if feature_is_b { b.size() } else { a.size() };
-        launch(kernel, &a, &r, &b, &shape, scale, output_size, sr, aligned != 0).map_or(-1, |()| 0)
+        // SAFETY: the shim passes live tensors and `n` scales for the call.
+        let (maps, r, lv, out) =
+            unsafe { (borrowed_list(features, n), borrowed(rois), borrowed(levels), borrowed(output)) };
+        let scales = unsafe { std::slice::from_raw_parts(scales, n as usize) };
+        let maps: Vec<&Tensor> = maps.iter().map(|m| &**m).collect();
+        launch(false, &maps, scales, &r, &lv, &out, (ph, pw), sr, aligned != 0).map_or(-1, |()| 0)
     })
     .unwrap_or(-1)
 }
 
-/// Forward of the shim's autograd RoIAlign: `input` `[N, C, H, W]`,
-/// `rois` `[K, 5]`, `output` `[K, C, ph, pw]` (all float32, contiguous).
-pub(crate) extern "C" fn forward_callback(
-    input: *mut torch_sys::C_tensor,
-    rois: *mut torch_sys::C_tensor,
-    output: *mut torch_sys::C_tensor,
-    scale: f64,
-    ph: i64,
-    pw: i64,
-    sr: i64,
-    aligned: i32,
-) -> i32 {
-    callback("roi_align_forward", input, rois, output, false, scale, (ph, pw), sr, aligned)
-}
-
-/// Backward of the shim's autograd RoIAlign: accumulates `grad_output`
-/// `[K, C, ph, pw]` into `grad_input` `[N, C, H, W]` (zeroed, float32).
-pub(crate) extern "C" fn backward_callback(
+/// Backward of the shim's autograd multi-level RoIAlign: accumulates
+/// `grad_output` into the zeroed float32 `grad_features`. 0 on success.
+#[allow(clippy::too_many_arguments)]
+pub(crate) extern "C" fn multilevel_backward_callback(
     grad_output: *mut torch_sys::C_tensor,
     rois: *mut torch_sys::C_tensor,
-    grad_input: *mut torch_sys::C_tensor,
-    scale: f64,
+    levels: *mut torch_sys::C_tensor,
+    scales: *const f64,
+    grad_features: *const *mut torch_sys::C_tensor,
+    n: i32,
     ph: i64,
     pw: i64,
     sr: i64,
     aligned: i32,
 ) -> i32 {
-    callback("roi_align_backward", grad_output, rois, grad_input, true, scale, (ph, pw), sr, aligned)
+    std::panic::catch_unwind(|| {
+        // SAFETY: as in the forward.
+        let (g, r, lv, maps) =
+            unsafe { (borrowed(grad_output), borrowed(rois), borrowed(levels), borrowed_list(grad_features, n)) };
+        let scales = unsafe { std::slice::from_raw_parts(scales, n as usize) };
+        let maps: Vec<&Tensor> = maps.iter().map(|m| &**m).collect();
+        launch(true, &maps, scales, &r, &lv, &g, (ph, pw), sr, aligned != 0).map_or(-1, |()| 0)
+    })
+    .unwrap_or(-1)
 }
 
-/// RoIAlign of `input` `[N, C, H, W]` (CUDA; computed in float32) over
-/// `rois` `[K, 5]`, as [`crate::ops::roi_align()`] with the same arguments,
-/// without autograd. `None` when the kernel is unavailable.
-pub fn roi_align_forward(
-    input: &Tensor,
+/// RoIAlign of `rois` `[K, 5]` from `features` (one map per level, any
+/// strides, float32/fp16/bf16 on CUDA; RoI `k` from `features[levels[k]]`
+/// at `scales[levels[k]]`) → `[K, C, ph, pw]` in the features' dtype and
+/// memory format. With `autograd`, gradients reach the features (through
+/// the shim); without, a plain launch. `None` when the kernels are
+/// unavailable.
+#[allow(clippy::too_many_arguments)]
+pub fn multilevel_roi_align(
+    features: &[&Tensor],
     rois: &Tensor,
+    levels: &Tensor,
+    scales: &[f64],
     output_size: (i64, i64),
-    spatial_scale: f64,
     sampling_ratio: i64,
     aligned: bool,
+    autograd: bool,
 ) -> Option<Tensor> {
-    let input = input.to_kind(Kind::Float).contiguous();
-    let rois = rois.to_kind(Kind::Float).contiguous();
-    let size = input.size();
-    let output = Tensor::empty([rois.size()[0], size[1], output_size.0, output_size.1], (Kind::Float, input.device()));
-    launch("roi_align_forward", &input, &rois, &output, &size, spatial_scale, output_size, sampling_ratio, aligned)?;
-    Some(output)
-}
-
-/// Differentiable RoIAlign on CUDA (forward and backward kernels inside the
-/// shim's autograd function); `None` when the kernels are unavailable.
-pub fn roi_align_autograd(
-    input: &Tensor,
-    rois: &Tensor,
-    output_size: (i64, i64),
-    spatial_scale: f64,
-    sampling_ratio: i64,
-    aligned: bool,
-) -> Option<Tensor> {
-    let Device::Cuda(index) = input.device() else { return None };
+    let Device::Cuda(index) = rois.device() else { return None };
     super::device_kernels(index)?;
-    crate::shim::roi_align_autograd(input, rois, output_size, spatial_scale, sampling_ratio, aligned).ok()
+    dtype_suffix(features.first()?.kind())?;
+    if features.iter().any(|f| f.kind() != features[0].kind() || f.dim() != 4) {
+        return None;
+    }
+    let rois = rois.to_kind(Kind::Float).contiguous();
+    let levels = levels.to_kind(Kind::Int64).contiguous();
+    if autograd {
+        crate::shim::set_multilevel_roi_align_callbacks(multilevel_forward_callback, multilevel_backward_callback);
+        return crate::shim::multilevel_roi_align_autograd(
+            features,
+            &rois,
+            &levels,
+            scales,
+            output_size,
+            sampling_ratio,
+            aligned,
+        )
+        .ok();
+    }
+    let f0 = features[0];
+    let format_nhwc = f0.dim() == 4 && f0.stride()[1] == 1 && f0.size()[1] > 1;
+    let shape = [rois.size()[0], f0.size()[1], output_size.0, output_size.1];
+    let out = if format_nhwc {
+        Tensor::empty([shape[0], shape[2], shape[3], shape[1]], (f0.kind(), f0.device())).permute([0, 3, 1, 2])
+    } else {
+        Tensor::empty(shape, (f0.kind(), f0.device()))
+    };
+    launch(false, features, scales, &rois, &levels, &out, output_size, sampling_ratio, aligned)?;
+    Some(out)
 }

@@ -5,7 +5,7 @@
 //! so each forward is exactly the libtorch call torchvision makes.
 
 use tch::nn::{Init, Path};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Creates a parameter: trainable (in the optimizer) or frozen (a buffer).
 fn param(p: &Path, name: &str, dims: &[i64], init: Init, trainable: bool) -> Tensor {
@@ -126,6 +126,7 @@ pub struct FrozenBatchNorm2d {
     pub running_mean: Tensor,
     pub running_var: Tensor,
     pub eps: f64,
+    folded: FoldedStatistics,
 }
 
 /// A frozen BN over `c` channels at `p`, initialized to the identity.
@@ -136,6 +137,7 @@ pub fn frozen_batch_norm2d(p: &Path, c: i64) -> FrozenBatchNorm2d {
         running_mean: p.zeros_no_train("running_mean", &[c]),
         running_var: p.ones_no_train("running_var", &[c]),
         eps: 1e-5,
+        folded: FoldedStatistics::default(),
     }
 }
 
@@ -143,7 +145,43 @@ impl FrozenBatchNorm2d {
     /// `[N, C, H, W]` → same shape: `x * scale + shift` with torchvision's
     /// arithmetic (`scale = w * rsqrt(var + eps)`, `shift = b - mean * scale`).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        normalize_with_statistics(x, &self.weight, &self.bias, &self.running_mean, &self.running_var, self.eps)
+        let (scale, shift) =
+            self.folded.get(x.kind(), [&self.weight, &self.bias, &self.running_mean, &self.running_var], self.eps);
+        x * scale + shift
+    }
+}
+
+/// `[1, C, 1, 1]` scale and shift of a normalization with fixed statistics
+/// in one dtype, computed once and again only when a tensor behind them
+/// changes (libtorch's version counters): a frozen BN costs two kernels
+/// per call instead of eight.
+#[derive(Debug, Default)]
+struct FoldedStatistics {
+    cached: std::sync::Mutex<Option<Folded>>,
+}
+
+/// Scale and shift in one dtype, for the version counters of weight, bias,
+/// mean and variance they were computed from.
+#[derive(Debug)]
+struct Folded {
+    kind: Kind,
+    versions: [i64; 4],
+    scale: Tensor,
+    shift: Tensor,
+}
+
+impl FoldedStatistics {
+    /// `(scale, shift)` of `[weight, bias, mean, var]` in `kind`.
+    fn get(&self, kind: Kind, t: [&Tensor; 4], eps: f64) -> (Tensor, Tensor) {
+        let versions = t.map(crate::shim::tensor_version);
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cached.as_ref().filter(|f| f.kind == kind && f.versions == versions && !versions.contains(&-1))
+        {
+            return (f.scale.shallow_clone(), f.shift.shallow_clone());
+        }
+        let (scale, shift) = tch::no_grad(|| scale_and_shift(kind, t[0], t[1], t[2], t[3], eps));
+        *cached = Some(Folded { kind, versions, scale: scale.shallow_clone(), shift: shift.shallow_clone() });
+        (scale, shift)
     }
 }
 
@@ -152,11 +190,16 @@ impl FrozenBatchNorm2d {
 /// also what BatchNorm computes in eval mode (so a BN model and its frozen
 /// copy give identical inference).
 fn normalize_with_statistics(x: &Tensor, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor, eps: f64) -> Tensor {
+    let (scale, shift) = scale_and_shift(x.kind(), w, b, mean, var, eps);
+    x * scale + shift
+}
+
+/// `[1, C, 1, 1]` `scale = w * rsqrt(var + eps)` and `shift = b - mean *
+/// scale` in `kind`.
+fn scale_and_shift(kind: Kind, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor, eps: f64) -> (Tensor, Tensor) {
     let scale = w * (var + eps).rsqrt();
     let shift = b - mean * &scale;
-    let scale = scale.reshape([1, -1, 1, 1]).to_kind(x.kind());
-    let shift = shift.reshape([1, -1, 1, 1]).to_kind(x.kind());
-    x * scale + shift
+    (scale.reshape([1, -1, 1, 1]).to_kind(kind), shift.reshape([1, -1, 1, 1]).to_kind(kind))
 }
 
 /// Ordinary BatchNorm (`torch.nn.BatchNorm2d`, eps 1e-5, momentum 0.1):

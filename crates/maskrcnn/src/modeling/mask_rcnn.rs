@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
 use crate::structures::masks::paste_masks_in_image;
-use crate::structures::{Categories, Target};
+use crate::structures::{Categories, Target, TargetBatch};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -184,14 +184,16 @@ impl MaskRcnn {
             let features = self.backbone.forward(&list.tensors, false);
             let size = list.tensors.size();
             let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
-            let detections = self.roi_heads.detect(&features[..4], &rpn.proposals, &list.image_sizes);
+            let (proposals, _) = rpn.proposals.per_image();
+            let detections = self.roi_heads.detect(&features[..4], &proposals, &list.image_sizes);
             InferenceTrace { images: list, features, rpn, detections }
         })
     }
 
     /// Training forward pass: the five losses for `images` (each `[3, H, W]`
     /// float RGB in [0, 1], on the model's device) and their `targets`
-    /// (original-image pixels, on any device). The
+    /// (original-image pixels; from the data loader on the host, where they
+    /// are checked and padded without a GPU sync). The
     /// short side is drawn from `input.min_size` per batch; `sampler` chooses
     /// the anchors and proposals that enter the losses. Images without
     /// instances train as negatives.
@@ -202,11 +204,9 @@ impl MaskRcnn {
         sampler: &mut dyn FgBgSampler,
     ) -> Result<Losses, TargetError> {
         // Checked where they are (on the host for the data loader's targets:
-        // no GPU sync), then copied to the model's device without blocking.
+        // no GPU sync).
         validate_targets(images, targets, self.config.model.num_classes)?;
         let device = self.device();
-        let on_device: Vec<Target> = targets.iter().map(|t| t.to_device(device)).collect();
-        let targets = &on_device[..];
         let input = &self.config.input;
         let choices = &input.min_size;
         let pick = if choices.len() > 1 {
@@ -215,19 +215,20 @@ impl MaskRcnn {
             0
         };
         let list = self.transform.prepare(images, choices[pick] as i64, input.max_size as i64);
+        // Boxes and polygons are resized on the host, bitmaps on the device;
+        // then the padded batch goes to the device without blocking.
         let resized: Vec<Target> = targets
             .iter()
             .zip(images)
             .zip(&list.image_sizes)
-            .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size))
+            .map(|((t, im), &size)| resize_target(&t.with_bitmaps_on(device), (im.size()[1], im.size()[2]), size))
             .collect();
+        let gt = TargetBatch::new(&resized, device);
         let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
         let size = list.tensors.size();
         let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
-        let gt_boxes: Vec<Tensor> = resized.iter().map(non_crowd_boxes).collect();
-        let crowd: Vec<Option<Tensor>> = resized.iter().map(crowd_boxes).collect();
-        let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, &gt_boxes, &crowd, sampler);
-        let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, &resized, sampler);
+        let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, &gt, sampler);
+        let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, &gt, sampler);
         Ok(Losses { objectness, rpn_box_reg, classifier: roi.classifier, box_reg: roi.box_reg, mask: roi.mask })
     }
 
@@ -255,17 +256,6 @@ impl MaskRcnn {
                 .collect()
         })
     }
-}
-
-fn non_crowd_boxes(t: &Target) -> Tensor {
-    match &t.iscrowd {
-        Some(c) => t.boxes.index_select(0, &c.logical_not().nonzero().squeeze_dim(1)),
-        None => t.boxes.shallow_clone(),
-    }
-}
-
-fn crowd_boxes(t: &Target) -> Option<Tensor> {
-    t.iscrowd.as_ref().map(|c| t.boxes.index_select(0, &c.nonzero().squeeze_dim(1)))
 }
 
 /// Checks shapes, labels and boxes of every target (before any GPU work).

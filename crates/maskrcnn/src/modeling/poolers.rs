@@ -26,6 +26,14 @@ impl MultiScaleRoiAlign {
     /// `image_sizes` are the resized (unpadded) image sizes, from which the
     /// levels' scales are inferred as torchvision does.
     pub fn forward(&self, features: &[Tensor], boxes: &[Tensor], image_sizes: &[(i64, i64)]) -> Tensor {
+        self.pool(features, &rois_with_batch_index(boxes), image_sizes)
+    }
+
+    /// Pools `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`) as
+    /// [`MultiScaleRoiAlign::forward`]. On CUDA one kernel reads every level
+    /// in place (the level of each RoI chosen on the device); on the CPU
+    /// each level's RoIs are pooled in turn.
+    pub fn pool(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> Tensor {
         let max_h = image_sizes.iter().map(|s| s.0).max().unwrap_or(1);
         let scales: Vec<f64> = features
             .iter()
@@ -36,17 +44,28 @@ impl MultiScaleRoiAlign {
             .collect();
         let lvl_min = -(scales[0] as f32).log2() as i64;
         let lvl_max = -(scales[scales.len() - 1] as f32).log2() as i64;
-
-        let rois = rois_with_batch_index(boxes);
-        let c = features[0].size()[1];
         let s = self.output_size;
         if features.len() == 1 {
-            return roi_align(&features[0], &rois, (s, s), scales[0], self.sampling_ratio, false);
+            return roi_align(&features[0], rois, (s, s), scales[0], self.sampling_ratio, false);
         }
-        let levels = self.map_levels(boxes, lvl_min, lvl_max);
+        let levels = self.map_levels(&rois.narrow(1, 1, 4), lvl_min, lvl_max);
+        let maps: Vec<&Tensor> = features.iter().collect();
+        let grad = features.iter().any(|f| f.requires_grad());
+        if let Some(out) = crate::kernels::roi_align::multilevel_roi_align(
+            &maps,
+            rois,
+            &levels,
+            &scales,
+            (s, s),
+            self.sampling_ratio,
+            false,
+            grad,
+        ) {
+            return out;
+        }
         let k = rois.size()[0];
-        let device = rois.device();
-        let mut result = Tensor::zeros([k, c, s, s], (features[0].kind(), device));
+        let c = features[0].size()[1];
+        let mut result = Tensor::zeros([k, c, s, s], (features[0].kind(), rois.device()));
         for (l, (feat, &scale)) in features.iter().zip(&scales).enumerate() {
             let idx = levels.eq(l as i64).nonzero().squeeze_dim(1);
             if idx.size()[0] == 0 {
@@ -58,11 +77,12 @@ impl MultiScaleRoiAlign {
         result
     }
 
-    /// The level index (0 = finest) of each box of `boxes`.
-    fn map_levels(&self, boxes: &[Tensor], k_min: i64, k_max: i64) -> Tensor {
-        let s = Tensor::cat(&boxes.iter().map(box_area).collect::<Vec<_>>(), 0).sqrt();
-        let eps = Tensor::from(1e-6f64).to_kind(s.kind()).to_device(s.device());
-        let target = ((s / self.canonical_scale).log2() + self.canonical_level + eps).floor();
+    /// The level index (0 = finest) of each box of `boxes` `[K, 4]`.
+    fn map_levels(&self, boxes: &Tensor, k_min: i64, k_max: i64) -> Tensor {
+        let s = box_area(boxes).sqrt();
+        // torchvision adds the eps as a tensor of the boxes' dtype: the same
+        // float32 addition as a scalar.
+        let target = ((s / self.canonical_scale).log2() + self.canonical_level + 1e-6).floor();
         let target = target.clamp(k_min as f64, k_max as f64);
         target.to_kind(Kind::Int64) - k_min
     }
@@ -79,4 +99,65 @@ pub fn rois_with_batch_index(boxes: &[Tensor]) -> Tensor {
         })
         .collect();
     Tensor::cat(&rows, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Four pyramid levels of a 2-image batch padded to 128×160, RoIs of
+    /// every size (so every level is used), some crossing the border.
+    fn case() -> (Vec<Tensor>, Tensor, Vec<(i64, i64)>) {
+        tch::manual_seed(5);
+        let features: Vec<Tensor> = [32i64, 16, 8, 4]
+            .iter()
+            .map(|&s| Tensor::randn([2, 6, 128 / s * 4, 160 / s * 4], (Kind::Float, Device::Cpu)))
+            .collect();
+        let k = 60;
+        let xy = Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 150.0 - 10.0;
+        let wh = (Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 5.0).exp() + 1.0;
+        let index = Tensor::randint(2, [k, 1], (Kind::Float, Device::Cpu));
+        let rois = Tensor::cat(&[index, xy.shallow_clone(), &xy + wh], 1);
+        (features, rois, vec![(120, 150), (128, 160)])
+    }
+
+    /// The one-kernel multi-level pooling on CUDA (float32 NCHW, fp16 and
+    /// bf16 channels-last read in place) equals the per-level CPU path, and
+    /// so do the gradients reaching every level.
+    #[test]
+    fn gpu_multilevel_kernel_equals_per_level_cpu_path() {
+        if !tch::Cuda::is_available() {
+            eprintln!("SKIP gpu_multilevel_kernel_equals_per_level_cpu_path: no CUDA device");
+            return;
+        }
+        let pooler = MultiScaleRoiAlign::new(7, 2);
+        let (features, rois, sizes) = case();
+        let leaves: Vec<Tensor> = features.iter().map(|f| f.set_requires_grad(true)).collect();
+        let reference = pooler.pool(&leaves, &rois, &sizes);
+        let weights = Tensor::randn(reference.size(), (Kind::Float, Device::Cpu));
+        (&reference * &weights).sum(Kind::Float).backward();
+        let reference_grads: Vec<Tensor> = leaves.iter().map(|f| f.grad()).collect();
+        for (kind, nhwc, tol) in [(Kind::Float, false, 1e-4), (Kind::Half, true, 2e-2), (Kind::BFloat16, true, 8e-2)] {
+            let dev = Device::Cuda(0);
+            let leaves: Vec<Tensor> = features
+                .iter()
+                .map(|f| {
+                    let f = f.to_device(dev).to_kind(kind);
+                    let f = if nhwc { f.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]) } else { f };
+                    f.detach().set_requires_grad(true)
+                })
+                .collect();
+            let out = pooler.pool(&leaves, &rois.to_device(dev), &sizes);
+            assert_eq!(out.kind(), kind, "output dtype");
+            let d = (out.to_kind(Kind::Float).to_device(Device::Cpu) - &reference).abs().max().double_value(&[]);
+            assert!(d <= tol, "{kind:?} nhwc={nhwc}: pooled values differ by {d}");
+            (out.to_kind(Kind::Float) * weights.to_device(dev)).sum(Kind::Float).backward();
+            for (l, (f, r)) in leaves.iter().zip(&reference_grads).enumerate() {
+                let g = f.grad().to_kind(Kind::Float).to_device(Device::Cpu);
+                let d = (&g - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-6);
+                assert!(d <= tol, "{kind:?} nhwc={nhwc}: level {l} gradient differs by {d} relative");
+            }
+        }
+    }
 }

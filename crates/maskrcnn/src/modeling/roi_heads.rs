@@ -4,12 +4,13 @@
 
 use crate::config::RoiHeadsConfig;
 use crate::modeling::layers::{conv2d, conv_transpose2d, linear, Conv2d, ConvOpts, ConvTranspose2d, Linear};
-use crate::modeling::poolers::MultiScaleRoiAlign;
+use crate::modeling::poolers::{rois_with_batch_index, MultiScaleRoiAlign};
+use crate::modeling::rpn::Proposals;
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::ops::sampler::{FgBgSampler, SampleStage};
-use crate::ops::{batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, BoxCoder};
+use crate::ops::{batched_nms, clip_boxes_to_image, remove_small_boxes, BoxCoder};
 use crate::structures::masks::{polygon_mask_targets, project_masks_on_boxes};
-use crate::structures::{InstanceMasks, Target};
+use crate::structures::{InstanceMasks, TargetBatch};
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -64,7 +65,12 @@ impl BoxBranch {
     /// Class logits `[K, num_classes]` and deltas `[K, 4 * num_classes]`
     /// for `proposals` (one `[K_i, 4]` per image).
     pub fn forward(&self, features: &[Tensor], proposals: &[Tensor], image_sizes: &[(i64, i64)]) -> (Tensor, Tensor) {
-        let x = self.pooler.forward(features, proposals, image_sizes);
+        self.forward_rois(features, &rois_with_batch_index(proposals), image_sizes)
+    }
+
+    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`).
+    pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> (Tensor, Tensor) {
+        let x = self.pooler.pool(features, rois, image_sizes);
         let x = x.flatten(1, -1);
         let x = self.fc7.forward(&self.fc6.forward(&x).relu()).relu();
         (self.cls_score.forward(&x), self.bbox_pred.forward(&x))
@@ -107,7 +113,12 @@ impl MaskBranch {
 
     /// Mask logits `[K, num_classes, 2S, 2S]` for `boxes` (one `[K_i, 4]` per image).
     pub fn forward(&self, features: &[Tensor], boxes: &[Tensor], image_sizes: &[(i64, i64)]) -> Tensor {
-        let mut x = self.pooler.forward(features, boxes, image_sizes);
+        self.forward_rois(features, &rois_with_batch_index(boxes), image_sizes)
+    }
+
+    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`).
+    pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> Tensor {
+        let mut x = self.pooler.pool(features, rois, image_sizes);
         for conv in &self.convs {
             x = conv.forward(&x).relu();
         }
@@ -211,18 +222,22 @@ pub struct RoiLosses {
 }
 
 impl RoiHeads {
-    /// Training losses: ground-truth boxes are appended to the `proposals`,
-    /// proposals are matched (IoU >= fg: positive, < bg: background) and
-    /// sampled, then cross-entropy + class-specific smooth-L1 (β = 1/9) on the
-    /// samples and BCE on the positives' 28×28 mask targets, normalized as
-    /// torchvision's `fastrcnn_loss` / `maskrcnn_loss`. `targets` are in
-    /// resized-image pixels.
+    /// Training losses, with static shapes and no host sync: the padded
+    /// ground-truth boxes are appended to each image's `proposals`, every
+    /// candidate is matched (IoU >= fg: its ground truth's class, < bg:
+    /// background; crowd regions never give positives and what overlaps them
+    /// strongly is ignored), `sampler` fills `batch_size_per_image` slots per
+    /// image (positives first), then cross-entropy + class-specific smooth-L1
+    /// (β = 1/9) over the samples and BCE on the positives' `M`×`M` mask
+    /// targets (the first `batch_size_per_image × positive_fraction` slots
+    /// run the mask head), normalized as torchvision's `fastrcnn_loss` /
+    /// `maskrcnn_loss`. `gt` is in resized-image pixels.
     pub fn losses(
         &self,
         features: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &Proposals,
         image_sizes: &[(i64, i64)],
-        targets: &[Target],
+        gt: &TargetBatch,
         sampler: &mut dyn FgBgSampler,
     ) -> RoiLosses {
         let matcher = Matcher {
@@ -230,112 +245,170 @@ impl RoiHeads {
             low_threshold: self.cfg.bg_iou_thresh,
             allow_low_quality_matches: false,
         };
-        let device = proposals[0].device();
-        let mut all_props = Vec::new();
-        let mut matched_idxs = Vec::new();
-        let mut labels = Vec::new();
-        for (p, t) in proposals.iter().zip(targets) {
-            let gt = t.boxes.to_kind(p.kind());
-            let props = Tensor::cat(&[p.shallow_clone(), gt.shallow_clone()], 0);
-            let n = props.size()[0];
-            let (m, l) = if gt.size()[0] == 0 {
-                (Tensor::zeros([n], (Kind::Int64, device)), Tensor::zeros([n], (Kind::Int64, device)))
-            } else {
-                let m = matcher.assign(&box_iou(&gt, &props));
-                let clamped = m.clamp_min(0);
-                let l = t
-                    .labels
-                    .index_select(0, &clamped)
-                    .to_kind(Kind::Int64)
-                    .masked_fill(&m.eq(BELOW_LOW_THRESHOLD), 0)
-                    .masked_fill(&m.eq(BETWEEN_THRESHOLDS), -1);
-                (clamped, l)
-            };
-            let l = if let Some(crowd) = &t.iscrowd {
-                // Crowd instances never produce positives.
-                let is_crowd_match = crowd.index_select(0, &m).logical_and(&l.gt(0));
-                let l = l.masked_fill(&is_crowd_match, -1);
-                let crowd_boxes = t.boxes.index_select(0, &crowd.nonzero().squeeze_dim(1));
-                crate::ops::matcher::ignore_crowd_overlaps(l, &props, Some(&crowd_boxes), self.cfg.fg_iou_thresh)
-            } else {
-                l
-            };
-            all_props.push(props);
-            matched_idxs.push(m);
-            labels.push(l);
-        }
-        let sampled =
-            sampler.sample(SampleStage::RoiHeads, &labels, self.cfg.batch_size_per_image, self.cfg.positive_fraction);
-        let mut s_props = Vec::new();
-        let mut s_labels = Vec::new();
-        let mut s_matched = Vec::new();
-        let mut reg_targets = Vec::new();
-        for (i, s) in sampled.iter().enumerate() {
-            let inds = s.positive.logical_or(&s.negative).nonzero().squeeze_dim(1);
-            let props = all_props[i].index_select(0, &inds);
-            let m = matched_idxs[i].index_select(0, &inds);
-            let gt = if targets[i].is_empty() {
-                Tensor::zeros([1, 4], (props.kind(), device))
-            } else {
-                targets[i].boxes.to_kind(props.kind())
-            };
-            reg_targets.push(self.box_coder.encode(&gt.index_select(0, &m), &props));
-            s_labels.push(labels[i].index_select(0, &inds));
-            s_matched.push(m);
-            s_props.push(props);
-        }
-        let (logits, deltas) = self.box_branch.forward(features, &s_props, image_sizes);
-        let (classifier, box_reg) = fastrcnn_loss(&logits, &deltas, &s_labels, &reg_targets);
+        let device = proposals.boxes.device();
+        let b = gt.len();
+        let candidates = Tensor::cat(&[&proposals.boxes, &gt.boxes.to_kind(proposals.boxes.kind())], 1);
+        let exists = Tensor::cat(&[&proposals.valid, &gt.valid], 1);
+        let crowd_rows = gt.valid.logical_and(&gt.crowd);
+        let m = matcher.assign_batch(&gt.boxes, &gt.valid, &crowd_rows, &candidates);
+        let matched = m.matched.clamp_min(0);
+        let labels = gt
+            .labels
+            .gather(1, &matched, false)
+            .masked_fill(&m.matched.eq(BELOW_LOW_THRESHOLD), 0)
+            .masked_fill(&m.matched.eq(BETWEEN_THRESHOLDS), -1);
+        // Crowd instances never produce positives.
+        let crowd_match = gt.crowd.gather(1, &matched, false).logical_and(&labels.gt(0));
+        let labels = labels
+            .masked_fill(&crowd_match, -1)
+            .masked_fill(&m.crowd_overlap.logical_and(&labels.eq(0)), -1)
+            .masked_fill(&exists.logical_not(), -1);
+        let s = sampler.sample(
+            SampleStage::RoiHeads,
+            &labels,
+            &exists,
+            self.cfg.batch_size_per_image,
+            self.cfg.positive_fraction,
+        );
+        let slots = s.index.size()[1];
+        let gather4 =
+            |t: &Tensor, idx: &Tensor| t.gather(1, &idx.unsqueeze(2).expand([b, idx.size()[1], 4], false), false);
+        let s_boxes = gather4(&candidates, &s.index);
+        let s_labels = labels.gather(1, &s.index, false).clamp_min(0);
+        let s_matched = matched.gather(1, &s.index, false);
+        let weight = s.valid.to_kind(Kind::Float);
+        let positive = s.valid.logical_and(&s_labels.gt(0));
+        let targets = self
+            .box_coder
+            .encode(&gather4(&gt.boxes, &s_matched).reshape([-1, 4]), &s_boxes.reshape([-1, 4]))
+            .reshape([b, slots, 4])
+            .where_scalarother(&positive.unsqueeze(2), 0.0);
+        let rois = rois_of(&s_boxes);
+        let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes);
+        let (classifier, box_reg) = fastrcnn_loss(&logits, &deltas, &s_labels, &targets, &weight, &positive);
 
-        // Mask branch on the positives.
-        let mut mask_props = Vec::new();
-        let mut mask_targets = Vec::new();
-        let mut mask_labels = Vec::new();
-        for i in 0..s_props.len() {
-            let pos = s_labels[i].gt(0).nonzero().squeeze_dim(1);
-            let props = s_props[i].index_select(0, &pos);
-            let m = s_matched[i].index_select(0, &pos);
-            let resolution = self.cfg.mask_resolution as i64;
-            mask_targets.push(match &targets[i].masks {
-                _ if pos.size()[0] == 0 => Tensor::zeros([0, resolution, resolution], (Kind::Float, device)),
-                InstanceMasks::Bitmaps(masks) => project_masks_on_boxes(masks, &props, &m, resolution),
-                InstanceMasks::Polygons(polys) => polygon_mask_targets(polys, &props, &m, resolution, device),
-            });
-            mask_labels.push(targets[i].labels.index_select(0, &m));
-            mask_props.push(props);
-        }
-        let mask_logits = self.mask_branch.forward(features, &mask_props, image_sizes);
-        let mask = maskrcnn_loss(&mask_logits, &Tensor::cat(&mask_labels, 0), &Tensor::cat(&mask_targets, 0));
+        // Mask branch on the positives, which fill the first slots.
+        let quota = ((self.cfg.batch_size_per_image as f64 * self.cfg.positive_fraction) as i64).min(slots);
+        let mask_boxes = s_boxes.narrow(1, 0, quota);
+        let mask_labels = s_labels.narrow(1, 0, quota);
+        let mask_positive = positive.narrow(1, 0, quota);
+        let mask_matched = s_matched.narrow(1, 0, quota);
+        let resolution = self.cfg.mask_resolution as i64;
+        let mask_targets = mask_targets(gt, &mask_boxes, &mask_matched, &mask_positive, resolution, device);
+        let mask_logits = self.mask_branch.forward_rois(features, &rois_of(&mask_boxes), image_sizes);
+        let mask = maskrcnn_loss(&mask_logits, &mask_labels.reshape([-1]), &mask_targets, &mask_positive.reshape([-1]));
         RoiLosses { classifier, box_reg, mask }
     }
 }
 
-/// Cross-entropy over all samples and smooth-L1 (β = 1/9, summed, divided by
-/// the number of samples) on the positives' deltas for their class.
-fn fastrcnn_loss(logits: &Tensor, deltas: &Tensor, labels: &[Tensor], targets: &[Tensor]) -> (Tensor, Tensor) {
-    let labels = Tensor::cat(labels, 0);
-    let targets = Tensor::cat(targets, 0);
+/// `[B, S, 4]` boxes → `[B·S, 5]` RoIs `(batch_index, x1, y1, x2, y2)`.
+fn rois_of(boxes: &Tensor) -> Tensor {
+    let (b, s) = (boxes.size()[0], boxes.size()[1]);
+    let index = Tensor::arange(b, (boxes.kind(), boxes.device())).reshape([b, 1, 1]).expand([b, s, 1], false);
+    Tensor::cat(&[index, boxes.shallow_clone()], 2).reshape([-1, 5])
+}
+
+/// `[B·Q, M, M]` float targets for the mask slots `boxes` `[B, Q, 4]` matched
+/// to instances `matched` `[B, Q]` (only `positive` slots matter): bitmaps
+/// cropped by RoIAlign as torchvision's `project_masks_on_boxes`, polygons
+/// rasterized per RoI (on the GPU, one kernel for the batch).
+fn mask_targets(
+    gt: &TargetBatch,
+    boxes: &Tensor,
+    matched: &Tensor,
+    positive: &Tensor,
+    m: i64,
+    device: tch::Device,
+) -> Tensor {
+    let (b, q) = (boxes.size()[0], boxes.size()[1]);
+    let zeros = || Tensor::zeros([q, m, m], (Kind::Float, device));
+    let from_kernel = gt.polygons.as_ref().and_then(|p| {
+        crate::kernels::polygon::polygon_mask_targets(
+            &p.coords,
+            &p.starts,
+            &p.instances,
+            &boxes.reshape([-1, 4]),
+            &matched.reshape([-1]),
+            &positive.reshape([-1]),
+            q,
+            m,
+        )
+    });
+    let per_image: Vec<Tensor> = gt
+        .masks
+        .iter()
+        .enumerate()
+        .map(|(i, masks)| {
+            let i = i as i64;
+            let count = masks.len();
+            match masks {
+                _ if count == 0 => zeros(),
+                InstanceMasks::Bitmaps(bitmaps) => {
+                    project_masks_on_boxes(bitmaps, &boxes.get(i), &matched.get(i).clamp_max(count - 1), m)
+                }
+                InstanceMasks::Polygons(_) if from_kernel.is_some() => zeros(),
+                InstanceMasks::Polygons(polys) => {
+                    polygon_mask_targets(polys, &boxes.get(i), &matched.get(i).clamp_max(count - 1), m, device)
+                }
+            }
+        })
+        .collect();
+    let targets = Tensor::cat(&per_image, 0);
+    match from_kernel {
+        // The kernel filled the polygon images' slots, zeros elsewhere.
+        Some(k) => targets + k,
+        None => targets,
+    }
+    .reshape([b * q, m, m])
+}
+
+/// Cross-entropy over the sampled slots (`weight` `[B, S]`: 1 for a sample)
+/// and smooth-L1 (β = 1/9, summed, divided by the number of samples) on the
+/// positives' deltas for their class; `labels` `[B, S]`, `targets`
+/// `[B, S, 4]`, `logits` `[B·S, C]`, `deltas` `[B·S, 4C]`.
+fn fastrcnn_loss(
+    logits: &Tensor,
+    deltas: &Tensor,
+    labels: &Tensor,
+    targets: &Tensor,
+    weight: &Tensor,
+    positive: &Tensor,
+) -> (Tensor, Tensor) {
+    let labels = labels.reshape([-1]);
+    let weight = weight.reshape([-1]);
+    let count = weight.sum(Kind::Float).clamp_min(1.0);
     let logits = logits.to_kind(Kind::Float);
-    let classification = logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
-    let pos = labels.gt(0).nonzero().squeeze_dim(1);
-    let labels_pos = labels.index_select(0, &pos);
+    let classification = (logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::None, -100, 0.0)
+        * &weight)
+        .sum(Kind::Float)
+        / &count;
     let n = logits.size()[0];
     let deltas = deltas.to_kind(Kind::Float).reshape([n, -1, 4]);
-    let pred = deltas.index(&[Some(pos.shallow_clone()), Some(labels_pos)]);
-    let box_loss =
-        pred.smooth_l1_loss(&targets.index_select(0, &pos), tch::Reduction::Sum, 1.0 / 9.0) / labels.size()[0] as f64;
+    let pred = deltas.gather(1, &labels.reshape([n, 1, 1]).expand([n, 1, 4], false), false).squeeze_dim(1);
+    let positive = positive.reshape([-1, 1]);
+    let box_loss = pred
+        .smooth_l1_loss(&targets.reshape([-1, 4]), tch::Reduction::None, 1.0 / 9.0)
+        .where_scalarother(&positive, 0.0)
+        .sum(Kind::Float)
+        / count;
     (classification, box_loss)
 }
 
-/// Binary cross-entropy between each positive's mask logits for its class
-/// (`mask_logits` `[K, C, M, M]`, `labels` `[K]`) and its target `[K, M, M]`;
-/// zero (with a graph) when there are no positives.
-fn maskrcnn_loss(mask_logits: &Tensor, labels: &Tensor, targets: &Tensor) -> Tensor {
-    if targets.numel() == 0 {
-        return mask_logits.sum(Kind::Float) * 0.0;
-    }
+/// Binary cross-entropy between each positive slot's mask logits for its
+/// class (`mask_logits` `[K, C, M, M]`, `labels` `[K]`) and its target
+/// `[K, M, M]`, averaged over the positives' pixels (`positive` `[K]`); zero,
+/// with a graph, when there are none.
+fn maskrcnn_loss(mask_logits: &Tensor, labels: &Tensor, targets: &Tensor, positive: &Tensor) -> Tensor {
     let k = labels.size()[0];
-    let idx = Tensor::arange(k, (Kind::Int64, labels.device()));
-    let logits = mask_logits.index(&[Some(idx), Some(labels.shallow_clone())]).to_kind(Kind::Float);
-    logits.binary_cross_entropy_with_logits::<Tensor>(targets, None, None, tch::Reduction::Mean)
+    let (h, w) = (mask_logits.size()[2], mask_logits.size()[3]);
+    let logits = mask_logits
+        .gather(1, &labels.reshape([k, 1, 1, 1]).expand([k, 1, h, w], false), false)
+        .squeeze_dim(1)
+        .to_kind(Kind::Float);
+    let pixels = positive.to_kind(Kind::Float).sum(Kind::Float).clamp_min(1.0) * (h * w) as f64;
+    logits
+        .binary_cross_entropy_with_logits::<Tensor>(targets, None, None, tch::Reduction::None)
+        .where_scalarother(&positive.reshape([k, 1, 1]), 0.0)
+        .sum(Kind::Float)
+        / pixels
 }

@@ -5,6 +5,8 @@
 //! image size.
 
 use crate::config::{InputConfig, PixelFormat};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 /// A padded batch and the size of each image inside it before padding.
@@ -23,7 +25,13 @@ pub struct Transform {
     pub mean: [f64; 3],
     pub std: [f64; 3],
     pub size_divisibility: i64,
+    /// `[3, 1, 1]` mean and std per device and dtype, made once (a copy to
+    /// the GPU per image would wait for it).
+    constants: Arc<Mutex<HashMap<(Device, Kind), MeanStd>>>,
 }
+
+/// `[3, 1, 1]` mean and std on one device in one dtype.
+type MeanStd = (Tensor, Tensor);
 
 impl Transform {
     pub fn new(cfg: &InputConfig) -> Transform {
@@ -33,6 +41,7 @@ impl Transform {
             mean: three(&cfg.pixel_mean),
             std: three(&cfg.pixel_std),
             size_divisibility: cfg.size_divisibility as i64,
+            constants: Arc::default(),
         }
     }
 
@@ -43,8 +52,14 @@ impl Transform {
             PixelFormat::Rgb => image.shallow_clone(),
             PixelFormat::Bgr255 => image.flip([0]) * 255.0,
         };
-        let mean = Tensor::from_slice(&self.mean).to_kind(kind).to_device(device).reshape([3, 1, 1]);
-        let std = Tensor::from_slice(&self.std).to_kind(kind).to_device(device).reshape([3, 1, 1]);
+        let (mean, std) = {
+            let mut constants = self.constants.lock().unwrap_or_else(|e| e.into_inner());
+            let (m, s) = constants.entry((device, kind)).or_insert_with(|| {
+                let make = |v: &[f64; 3]| Tensor::from_slice(v).to_kind(kind).to_device(device).reshape([3, 1, 1]);
+                (make(&self.mean), make(&self.std))
+            });
+            (m.shallow_clone(), s.shallow_clone())
+        };
         (image - mean) / std
     }
 

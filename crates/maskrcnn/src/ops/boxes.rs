@@ -118,7 +118,7 @@ impl BoxCoder {
 
 /// `[N]` float → `Vec<f32>` (copies to the CPU).
 pub(crate) fn to_vec_f32(t: &Tensor) -> Vec<f32> {
-    let t = t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+    let t = crate::host_sync::to_host(&t.to_kind(Kind::Float)).contiguous();
     let n = t.numel();
     let mut out = vec![0f32; n];
     t.copy_data(&mut out, n);
@@ -127,7 +127,7 @@ pub(crate) fn to_vec_f32(t: &Tensor) -> Vec<f32> {
 
 /// `[N]` int → `Vec<i64>` (copies to the CPU).
 pub(crate) fn to_vec_i64(t: &Tensor) -> Vec<i64> {
-    let t = t.to_kind(Kind::Int64).to_device(tch::Device::Cpu).contiguous();
+    let t = crate::host_sync::to_host(&t.to_kind(Kind::Int64)).contiguous();
     let n = t.numel();
     let mut out = vec![0i64; n];
     t.copy_data(&mut out, n);

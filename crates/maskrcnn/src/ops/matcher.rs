@@ -52,3 +52,127 @@ pub fn ignore_crowd_overlaps(labels: Tensor, boxes: &Tensor, crowd: Option<&Tens
     let is_background = labels.eq(0);
     labels.masked_fill(&overlaps.logical_and(&is_background), -1)
 }
+
+/// Matches of a whole batch against padded ground truth.
+#[derive(Debug)]
+pub struct BatchMatches {
+    /// `[B, P]` int64: index into the padded ground truth (`[B, G]` rows),
+    /// or [`BELOW_LOW_THRESHOLD`] / [`BETWEEN_THRESHOLDS`].
+    pub matched: Tensor,
+    /// `[B, P]` bool: the prediction overlaps some crowd row with IoU >=
+    /// the high threshold.
+    pub crowd_overlap: Tensor,
+}
+
+impl Matcher {
+    /// Matches predictions `preds` (`[1, P, 4]` shared by every image, or
+    /// `[B, P, 4]`) to the ground truth `gt` `[B, G, 4]`: only the rows set
+    /// in `match_rows` `[B, G]` can be matched, and `crowd_rows` `[B, G]` are
+    /// tested for crowd overlap. Equal to [`Matcher::assign`] on each image's
+    /// matchable rows. On CUDA two kernels, no host sync; on the CPU per image.
+    pub fn assign_batch(&self, gt: &Tensor, match_rows: &Tensor, crowd_rows: &Tensor, preds: &Tensor) -> BatchMatches {
+        let params = crate::kernels::matcher::MatchParams {
+            low: self.low_threshold,
+            high: self.high_threshold,
+            allow_low_quality: self.allow_low_quality_matches,
+            crowd_thresh: self.high_threshold,
+        };
+        if let Some(a) = crate::kernels::matcher::assign(gt, match_rows, crowd_rows, preds, params) {
+            return BatchMatches { matched: a.matched, crowd_overlap: a.crowd };
+        }
+        let b = gt.size()[0];
+        let p = preds.size()[1];
+        let device = gt.device();
+        let mut matched = Vec::with_capacity(b as usize);
+        let mut crowd = Vec::with_capacity(b as usize);
+        for i in 0..b {
+            let p_i = if preds.size()[0] == 1 { preds.get(0) } else { preds.get(i) };
+            let rows = match_rows.get(i).nonzero().squeeze_dim(1);
+            matched.push(if rows.size()[0] == 0 {
+                Tensor::full([p], BELOW_LOW_THRESHOLD, (Kind::Int64, device))
+            } else {
+                let m = self.assign(&super::box_iou(&gt.get(i).index_select(0, &rows), &p_i));
+                let original = rows.index_select(0, &m.clamp_min(0));
+                original.where_self(&m.ge(0), &m)
+            });
+            let crowd_idx = crowd_rows.get(i).nonzero().squeeze_dim(1);
+            crowd.push(if crowd_idx.size()[0] == 0 {
+                Tensor::zeros([p], (Kind::Bool, device))
+            } else {
+                super::box_iou(&gt.get(i).index_select(0, &crowd_idx), &p_i).max_dim(0, false).0.ge(self.high_threshold)
+            });
+        }
+        BatchMatches { matched: Tensor::stack(&matched, 0), crowd_overlap: Tensor::stack(&crowd, 0) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn boxes(n: i64, scale: f64) -> Tensor {
+        let xy = Tensor::rand([n, 2], (Kind::Float, Device::Cpu)) * scale;
+        let wh = Tensor::rand([n, 2], (Kind::Float, Device::Cpu)) * (scale / 2.0) + 1.0;
+        Tensor::cat(&[&xy, &(&xy + wh)], 1)
+    }
+
+    /// The batched matcher on `device` equals [`Matcher::assign`] per image
+    /// on the CPU, with padded rows, crowd rows, an image without ground
+    /// truth, shared and per-image predictions, and both matcher kinds.
+    fn batched_matches_equal_per_image(device: Device) {
+        tch::manual_seed(3);
+        let (b, g, p) = (3i64, 6i64, 900i64);
+        let gt = Tensor::stack(&(0..b).map(|_| boxes(g, 60.0)).collect::<Vec<_>>(), 0);
+        // Image 0: 4 real rows (row 3 crowd); image 1: none; image 2: all 6.
+        let valid = Tensor::from_slice(&[1u8, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+            .reshape([b, g])
+            .to_kind(Kind::Bool);
+        let crowd = Tensor::zeros([b, g], (Kind::Bool, Device::Cpu)).index_put_(
+            &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[3i64]))],
+            &Tensor::from(true),
+            false,
+        );
+        let match_rows = valid.logical_and(&crowd.logical_not());
+        let shared = boxes(p, 80.0).unsqueeze(0);
+        let per_image = Tensor::stack(&(0..b).map(|_| boxes(p, 80.0)).collect::<Vec<_>>(), 0);
+        for (preds, lq) in [(&shared, true), (&per_image, false), (&per_image, true)] {
+            let m = Matcher { high_threshold: 0.5, low_threshold: 0.3, allow_low_quality_matches: lq };
+            let d = |t: &Tensor| t.to_device(device);
+            let got = m.assign_batch(&d(&gt), &d(&match_rows), &d(&crowd), &d(preds));
+            for i in 0..b {
+                let p_i = if preds.size()[0] == 1 { preds.get(0) } else { preds.get(i) };
+                let rows: Vec<i64> = (0..g).filter(|&r| bool::try_from(match_rows.get(i).get(r)).unwrap()).collect();
+                let expected = if rows.is_empty() {
+                    Tensor::full([p], BELOW_LOW_THRESHOLD, (Kind::Int64, Device::Cpu))
+                } else {
+                    let r = Tensor::from_slice(&rows);
+                    let a = m.assign(&crate::ops::box_iou(&gt.get(i).index_select(0, &r), &p_i));
+                    r.index_select(0, &a.clamp_min(0)).where_self(&a.ge(0), &a)
+                };
+                let got_i = got.matched.get(i).to_device(Device::Cpu);
+                assert!(got_i.equal(&expected), "image {i}, low quality {lq}: matches differ");
+                let crowd_expected = if i == 0 {
+                    crate::ops::box_iou(&gt.get(0).narrow(0, 3, 1), &p_i).max_dim(0, false).0.ge(0.5)
+                } else {
+                    Tensor::zeros([p], (Kind::Bool, Device::Cpu))
+                };
+                assert!(got.crowd_overlap.get(i).to_device(Device::Cpu).equal(&crowd_expected), "image {i}: crowd");
+            }
+        }
+    }
+
+    #[test]
+    fn batched_matches_equal_per_image_cpu() {
+        batched_matches_equal_per_image(Device::Cpu);
+    }
+
+    #[test]
+    fn gpu_batched_matches_equal_per_image() {
+        if !tch::Cuda::is_available() {
+            eprintln!("SKIP gpu_batched_matches_equal_per_image: no CUDA device");
+            return;
+        }
+        batched_matches_equal_per_image(Device::Cuda(0));
+    }
+}

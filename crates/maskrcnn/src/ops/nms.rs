@@ -1,12 +1,12 @@
-//! Non-maximum suppression, as `torchvision.ops.nms` / `batched_nms`.
+//! Non-maximum suppression, as `torchvision.ops.nms` / `batched_nms`, and
+//! greedy NMS of many groups at once ([`grouped_nms_keep`], what the
+//! training step's proposal selection uses).
 //!
 //! Scores are sorted (stably, as torchvision's kernels) on the tensors'
-//! device. On the CPU the greedy pass then runs over the sorted boxes with
-//! torchvision's float32 IoU arithmetic. On CUDA the same IoU arithmetic runs
-//! on the device for every pair, the "suppresses" bits are packed there and
-//! copied once, and only the greedy walk over the bits runs on the host (the
-//! scheme of torchvision's CUDA kernel, in tensor operations); per-category
-//! NMS handles all categories in one such pass.
+//! device. On the CPU the greedy pass runs over the sorted boxes with
+//! torchvision's float32 IoU arithmetic. On CUDA the same arithmetic fills a
+//! "suppresses" bit matrix and the greedy pass walks it, both on the device
+//! (`kernels::nms`); per-category NMS handles all categories in one pass.
 
 use super::boxes::to_vec_f32;
 use tch::{Device, Kind, Tensor};
@@ -22,104 +22,35 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
     }
     // Stable, as torchvision's kernels (checked: equal scores keep index order).
     let (_, order) = scores.sort_stable(true, 0, true);
-    let sorted = boxes.index_select(0, &order).to_kind(Kind::Float);
-    let kept_positions = if device == Device::Cpu {
-        greedy_nms_sorted(&to_vec_f32(&sorted.reshape([-1])), iou_threshold)
-    } else {
-        greedy_on_device_bits(&sorted.unsqueeze(0), &[n], iou_threshold).remove(0)
-    };
-    let pos = Tensor::from_slice(&kept_positions).to_device(device);
-    order.index_select(0, &pos)
+    let sorted = boxes.index_select(0, &order).to_kind(Kind::Float).unsqueeze(0);
+    let valid = Tensor::ones([1, n], (Kind::Bool, device));
+    let keep = grouped_nms_keep(&sorted, &valid, iou_threshold).squeeze_dim(0);
+    order.masked_select(&keep)
 }
 
-/// Greedy NMS of `G` groups of boxes at once: `groups` `[G, M, 4]` holds each
-/// group's boxes sorted by decreasing score (padded past `counts[g]`). The IoU
-/// of every pair within a group is compared with the threshold on the device
-/// (torchvision's float32 arithmetic, compared in double as its CPU kernel),
-/// packed 8 pairs a byte, copied to the host in row blocks, and walked
-/// greedily. Returns the kept positions of each group.
-fn greedy_on_device_bits(groups: &Tensor, counts: &[i64], iou_threshold: f64) -> Vec<Vec<i64>> {
-    // One kernel on CUDA (same bits); tensor operations otherwise.
-    if let Some((words, per_row)) = crate::kernels::nms::suppression_bits(groups, iou_threshold) {
-        let m = groups.size()[1] as usize;
-        return counts
-            .iter()
-            .enumerate()
-            .map(|(gi, &count)| greedy_walk(&words[gi * m * per_row..(gi + 1) * m * per_row], count as usize, per_row))
-            .collect();
+/// Greedy NMS of `G` groups at once: `boxes` `[G, M, 4]` holds each group's
+/// boxes sorted by decreasing score, `valid` `[G, M]` (bool) the boxes that
+/// take part (the others are neither kept nor suppress). Returns `[G, M]`
+/// bool on `boxes`' device, true for the kept boxes. On CUDA it never leaves
+/// the device (no host sync); on the CPU each group is walked on the host.
+pub fn grouped_nms_keep(boxes: &Tensor, valid: &Tensor, iou_threshold: f64) -> Tensor {
+    if let Some(keep) = crate::kernels::nms::keep_mask(boxes, valid, iou_threshold) {
+        return keep;
     }
-    let (g, m) = (groups.size()[0], groups.size()[1]);
-    let m8 = (m + 7) / 8 * 8;
-    let padded = groups.constant_pad_nd([0, 0, 0, m8 - m]); // [G, M8, 4]
-    let coord = |t: &Tensor, i: i64| t.select(2, i);
-    let area = |t: &Tensor| (coord(t, 2) - coord(t, 0)) * (coord(t, 3) - coord(t, 1));
-    let area_all = area(&padded); // [G, M8]
-    let bit_weights = Tensor::from_slice(&[1i64, 2, 4, 8, 16, 32, 64, 128]).to_device(groups.device());
-    // Rows per block: keep a block's double-precision IoU under ~256 MB.
-    let rows = (32_000_000 / (g * m8).max(1)).clamp(8, m8);
-    let bytes_per_row = (m8 / 8) as usize;
-    let mut bits = vec![0u8; (g * m8) as usize * bytes_per_row];
-    let mut r0 = 0;
-    while r0 < m8 {
-        let r = rows.min(m8 - r0);
-        let a = padded.narrow(1, r0, r); // [G, R, 4]
-        let area_a = area_all.narrow(1, r0, r);
-        let pair =
-            |f: fn(&Tensor, &Tensor) -> Tensor, i: i64| f(&coord(&a, i).unsqueeze(2), &coord(&padded, i).unsqueeze(1));
-        let xx1 = pair(|x, y| x.maximum(y), 0);
-        let yy1 = pair(|x, y| x.maximum(y), 1);
-        let xx2 = pair(|x, y| x.minimum(y), 2);
-        let yy2 = pair(|x, y| x.minimum(y), 3);
-        let inter = (xx2 - xx1).clamp_min(0.0) * (yy2 - yy1).clamp_min(0.0);
-        let ovr = &inter / (area_a.unsqueeze(2) + area_all.unsqueeze(1) - &inter);
-        let suppress = ovr.to_kind(Kind::Double).gt(iou_threshold).to_kind(Kind::Int64); // [G, R, M8]
-        let packed = (suppress.reshape([g, r, m8 / 8, 8]) * &bit_weights).sum_dim_intlist(3, false, Kind::Int64);
-        let packed = packed.to_kind(Kind::Uint8).to_device(Device::Cpu).contiguous();
-        let mut block = vec![0u8; (g * r) as usize * bytes_per_row];
-        let len = block.len();
-        packed.copy_data(&mut block, len);
-        for gi in 0..g as usize {
-            let src = &block[gi * r as usize * bytes_per_row..(gi + 1) * r as usize * bytes_per_row];
-            let dst_start = (gi * m8 as usize + r0 as usize) * bytes_per_row;
-            bits[dst_start..dst_start + src.len()].copy_from_slice(src);
-        }
-        r0 += r;
-    }
-    // Bytes (8 boxes each, little-endian bit order) → 64-bit words.
-    let per_row = bytes_per_row.div_ceil(8);
-    let words: Vec<u64> = bits
-        .chunks_exact(bytes_per_row)
-        .flat_map(|row| {
-            (0..per_row).map(move |w| {
-                row[w * 8..(w * 8 + 8).min(row.len())].iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
-            })
-        })
-        .collect();
-    counts
-        .iter()
-        .enumerate()
-        .map(|(gi, &count)| {
-            let rows = m8 as usize * per_row;
-            greedy_walk(&words[gi * rows..(gi + 1) * rows], count as usize, per_row)
-        })
-        .collect()
-}
-
-/// The greedy walk over one group's suppression bits (`per_row` u64 words
-/// per box, boxes in decreasing score order): kept positions.
-fn greedy_walk(words: &[u64], count: usize, per_row: usize) -> Vec<i64> {
-    let mut removed = vec![0u64; per_row];
-    let mut keep = Vec::new();
-    for i in 0..count {
-        if removed[i / 64] & (1 << (i % 64)) != 0 {
-            continue;
-        }
-        keep.push(i as i64);
-        for (r, w) in removed.iter_mut().zip(&words[i * per_row..(i + 1) * per_row]) {
-            *r |= w;
+    let device = boxes.device();
+    let (g, m) = (boxes.size()[0], boxes.size()[1]);
+    let coords = to_vec_f32(&boxes.to_kind(Kind::Float).reshape([-1]));
+    let flags = super::boxes::to_vec_i64(&valid.to_kind(Kind::Int64).reshape([-1]));
+    let mut keep = vec![false; (g * m) as usize];
+    for gi in 0..g as usize {
+        let rows = gi * m as usize..(gi + 1) * m as usize;
+        let members: Vec<usize> = rows.clone().filter(|&r| flags[r] != 0).collect();
+        let member_coords: Vec<f32> = members.iter().flat_map(|&r| coords[4 * r..4 * r + 4].iter().copied()).collect();
+        for p in greedy_nms_sorted(&member_coords, iou_threshold) {
+            keep[members[p as usize]] = true;
         }
     }
-    keep
+    Tensor::from_slice(&keep).reshape([g, m]).to_device(device)
 }
 
 /// Greedy NMS over boxes already sorted by decreasing score (`coords` is
@@ -205,7 +136,7 @@ fn batched_nms_per_category(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_
 /// Per-category NMS of every category in one device pass: boxes are ordered
 /// by category and, within it, by decreasing score with ties in index order
 /// (exactly the order torchvision's per-category calls see), laid out as
-/// `[categories, max count, 4]`, and suppressed by [`greedy_on_device_bits`].
+/// `[categories, max count, 4]`, and suppressed by [`grouped_nms_keep`].
 /// Returns the kept indices (any order).
 fn per_category_on_device(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold: f64) -> Tensor {
     let device = boxes.device();
@@ -231,10 +162,9 @@ fn per_category_on_device(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_th
     let grouped = Tensor::zeros([g * m, 4], (Kind::Float, device))
         .index_copy(0, &flat_pos, &boxes.index_select(0, &order).to_kind(Kind::Float))
         .reshape([g, m, 4]);
-    let kept = greedy_on_device_bits(&grouped, &counts_v, iou_threshold);
-    let kept_sorted_pos: Vec<i64> =
-        kept.iter().zip(&starts).flat_map(|(k, &s)| k.iter().map(move |&p| s + p)).collect();
-    order.index_select(0, &Tensor::from_slice(&kept_sorted_pos).to_device(device))
+    let valid = Tensor::zeros([g * m], (Kind::Bool, device)).index_fill(0, &flat_pos, 1).reshape([g, m]);
+    let keep = grouped_nms_keep(&grouped, &valid, iou_threshold).reshape([-1]).index_select(0, &flat_pos);
+    order.masked_select(&keep)
 }
 
 #[cfg(test)]
@@ -252,18 +182,13 @@ mod tests {
         (boxes, scores, idxs)
     }
 
-    /// The device-side bit-matrix path (used on CUDA) equals the CPU greedy
-    /// pass, checked here on CPU tensors.
-    #[test]
-    fn device_bits_path_equals_cpu_greedy() {
+    /// Per-category NMS through the grouped pass equals one plain NMS per
+    /// category, and the grouped pass with some boxes left out equals the
+    /// greedy pass over the others (on the device tested: any device).
+    fn grouped_pass_equals_per_group_greedy(device: Device) {
         for (n, thr) in [(1, 0.5), (9, 0.5), (300, 0.5), (700, 0.3), (257, 0.7)] {
             let (boxes, scores, idxs) = random_boxes(n, n);
-            let (_, order) = scores.sort_stable(true, 0, true);
-            let sorted = boxes.index_select(0, &order);
-            let cpu = greedy_nms_sorted(&to_vec_f32(&sorted.reshape([-1])), thr);
-            let bits = greedy_on_device_bits(&sorted.unsqueeze(0), &[n], thr).remove(0);
-            assert_eq!(cpu, bits, "n={n}");
-
+            let (boxes, scores, idxs) = (boxes.to_device(device), scores.to_device(device), idxs.to_device(device));
             let mut per_cat = crate::ops::boxes::to_vec_i64(&per_category_on_device(&boxes, &scores, &idxs, thr));
             per_cat.sort();
             let mut reference = Vec::new();
@@ -274,6 +199,32 @@ mod tests {
             }
             reference.sort();
             assert_eq!(per_cat, reference, "n={n}: per-category");
+
+            let (_, order) = scores.sort_stable(true, 0, true);
+            let sorted = boxes.index_select(0, &order);
+            let valid = Tensor::rand([n], (Kind::Float, device)).gt(0.3);
+            let keep = grouped_nms_keep(&sorted.unsqueeze(0), &valid.unsqueeze(0), thr).squeeze_dim(0);
+            let members = valid.nonzero().squeeze_dim(1);
+            let expected = greedy_nms_sorted(&to_vec_f32(&sorted.index_select(0, &members).reshape([-1])), thr);
+            let expected: Vec<i64> = crate::ops::boxes::to_vec_i64(
+                &members.index_select(0, &Tensor::from_slice(&expected).to_device(device)),
+            );
+            let got = crate::ops::boxes::to_vec_i64(&keep.nonzero().squeeze_dim(1));
+            assert_eq!(got, expected, "n={n}: grouped pass with left-out boxes");
         }
+    }
+
+    #[test]
+    fn grouped_pass_equals_per_group_greedy_cpu() {
+        grouped_pass_equals_per_group_greedy(Device::Cpu);
+    }
+
+    #[test]
+    fn gpu_grouped_pass_equals_per_group_greedy() {
+        if !tch::Cuda::is_available() {
+            eprintln!("SKIP gpu_grouped_pass_equals_per_group_greedy: no CUDA device");
+            return;
+        }
+        grouped_pass_equals_per_group_greedy(Device::Cuda(0));
     }
 }

@@ -3,8 +3,8 @@
 //! Each output bin averages `sampling_ratio²` bilinear samples, computed with
 //! torchvision's arithmetic (bit-identical on the CPU) from gathers of the
 //! four neighbouring feature rows, so it is differentiable with respect to
-//! the features and runs on any device. A fused CUDA kernel can replace it
-//! later without changing results.
+//! the features and runs on any device; on CUDA the fused kernels of
+//! `kernels::roi_align` (same arithmetic) run instead.
 
 use tch::{Kind, Tensor};
 
@@ -31,17 +31,21 @@ pub fn roi_align(
     if k == 0 {
         return Tensor::zeros([0, c, ph, pw], (out_kind, device));
     }
-    // On CUDA: fused kernels with torchvision's arithmetic — the forward
-    // alone without gradients (mask targets, inference), forward and
-    // backward through the shim's autograd function otherwise.
+    // On CUDA: the fused kernels with torchvision's arithmetic (one level),
+    // differentiable through the shim when the input needs a gradient.
     if input.device().is_cuda() {
-        let kernel = if input.requires_grad() {
-            crate::kernels::roi_align::roi_align_autograd
-        } else {
-            crate::kernels::roi_align::roi_align_forward
-        };
-        if let Some(out) = kernel(input, rois, output_size, spatial_scale, sampling_ratio, aligned) {
-            return out.to_kind(out_kind);
+        let levels = Tensor::zeros([k], (Kind::Int64, device));
+        if let Some(out) = crate::kernels::roi_align::multilevel_roi_align(
+            &[input],
+            rois,
+            &levels,
+            &[spatial_scale],
+            output_size,
+            sampling_ratio,
+            aligned,
+            input.requires_grad(),
+        ) {
+            return out;
         }
     }
     let geometry = RoiGeometry::new(rois, spatial_scale, aligned, output_size);

@@ -7,4 +7,4 @@ pub mod masks;
 pub mod rle;
 
 pub use categories::{Categories, Category};
-pub use instances::{InstanceMasks, Target};
+pub use instances::{InstanceMasks, PackedPolygons, Target, TargetBatch};

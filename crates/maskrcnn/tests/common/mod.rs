@@ -106,3 +106,10 @@ pub fn to_vec_i64(t: &Tensor) -> Vec<i64> {
     t.copy_data(&mut v, t.numel());
     v
 }
+
+/// The `maskrcnn` binary: `MASKRCNN_BIN` where the tests run away from the
+/// build tree (the GPU machine), else the one cargo built.
+#[allow(dead_code)]
+pub fn maskrcnn_bin() -> String {
+    std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string())
+}
