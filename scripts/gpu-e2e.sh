@@ -6,12 +6,18 @@
 # bf16, channels-last, 8 loader workers, SECONDS of training each, evaluated
 # at the end (test size 544/800). Prints images/s, the GPU's busy share
 # (`nvidia-smi dmon` "sm", mean over the run), our data wait and syncs per
-# step, and both APs (scored by `maskrcnn eval`).
-#   scripts/gpu-e2e.sh [SECONDS]
+# step, and both APs (scored by `maskrcnn eval`). With EVERY and ITERS both
+# train ITERS iterations (time budget SECONDS as a cap) and evaluate every
+# EVERY: the AP-vs-iteration curves side by side.
+#   scripts/gpu-e2e.sh [SECONDS] [EVERY] [ITERS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
-S=${1:-90}
+S=${1:-90}; EVERY=${2:-0}; ITERS=${3:-100000}
+# An iteration cap below the recipe's LR steps: no decay within it (as the peer's 2200/2700).
+STEPS=$([ "$ITERS" -lt 2700 ] && echo "--set solver.steps=[]")
+# PEER=0 runs ours only.
+PEER=${PEER:-1}
 W=${WORK:-/tmp/e2e}
 rm -rf "$W"; mkdir -p "$W"
 "$B" synth --out "$W/data" --train 2000 --val 200 --size 384,512 --seed 0 >/dev/null
@@ -25,16 +31,18 @@ p=$(dmon "$W/ours.dmon")
   --set "data.val_ann='$D/annotations/instances_val2017.json'" --set "data.val_images='$D/val2017'" \
   --set 'input.min_size=[512]' --set input.max_size=683 --set solver.ims_per_batch=16 \
   --set 'precision.amp="bf16"' --set dataloader.workers=8 \
-  --set solver.max_iter=100000 --set "solver.max_seconds=$S" --set test.eval_period=0 \
+  --set "solver.max_iter=$ITERS" --set "solver.max_seconds=$S" --set "test.eval_period=$EVERY" $STEPS \
   --set solver.checkpoint_period=100000 --set solver.log_period=50 \
   --output "$W/ours" > "$W/ours.log" 2>&1
 echo "ours exit $?"
 kill "$p"
+if [[ $PEER == 1 ]]; then
 p=$(dmon "$W/tv.dmon")
-PEER_BATCH=16 PEER_AMP=bf16 PEER_MIN_SIZES=512 PEER_MAX_SIZE=683 PEER_WORKERS=8 \
-  python3 scripts/peer_train_coco.py "$D" "$W/tv" "$S" 100000000 > "$W/tv.log" 2>&1
+PEER_BATCH=16 PEER_AMP=bf16 PEER_MIN_SIZES=512 PEER_MAX_SIZE=683 PEER_WORKERS=8 PEER_MAX_ITER=$ITERS \
+  python3 scripts/peer_train_coco.py "$D" "$W/tv" "$S" "$([ "$EVERY" -gt 0 ] && echo "$EVERY" || echo 100000000)" > "$W/tv.log" 2>&1
 echo "torchvision exit $?"
 kill "$p"
+fi
 
 echo "== ours"
 python3 - "$W/ours" <<'PY'
@@ -48,11 +56,15 @@ evals = [r for r in rows if "bbox_ap" in r]
 print(json.dumps(dict(iterations=s.get("iterations"), images_per_s=round(s.get("images_per_s", 0), 1),
                       data_wait_ms=last.get("data_wait_ms"), step_ms=last.get("step_ms"),
                       syncs_per_step=last.get("syncs_per_step"), final_eval=evals[-1] if evals else None)))
+for e in evals:
+    print(f"ours iter {e['iteration']} train_s {round(e['seconds'], 1)} bbox_ap {round(e['bbox_ap'], 4)} segm_ap {round(e['segm_ap'], 4)}")
 PY
 echo "GPU busy (sm %, mean): $(sm_mean "$W/ours.dmon")"
+[[ $PEER == 1 ]] || { tail -3 "$W/ours.log"; exit 0; }
 echo "== torchvision"
 tail -1 "$W/tv.log"
-f=$(ls "$W"/tv/dets_iter_*.json | sort -V | tail -1)
-"$B" eval --ann "$D/annotations/instances_val2017.json" --results "$f" --metrics "$W/tv/metrics.json" > /dev/null 2>&1
-python3 -c "import json; m=json.load(open('$W/tv/metrics.json')); print('torchvision', '$(basename "$f")', 'bbox_ap', round(m['bbox']['stats'][0],4), 'segm_ap', round(m['segm']['stats'][0],4))"
+for f in $(ls "$W"/tv/dets_iter_*.json | sort -V); do
+  "$B" eval --ann "$D/annotations/instances_val2017.json" --results "$f" --metrics "$W/tv/metrics.json" > /dev/null 2>&1
+  python3 -c "import json; m=json.load(open('$W/tv/metrics.json')); print('torchvision', '$(basename "$f" .json)', 'bbox_ap', round(m['bbox']['stats'][0],4), 'segm_ap', round(m['segm']['stats'][0],4))"
+done
 echo "GPU busy (sm %, mean): $(sm_mean "$W/tv.dmon")"

@@ -15,7 +15,7 @@ channels-last, short side drawn from 480..608 (max 800), test 544/800,
 horizontal flip 0.5, crowd annotations left out (torchvision's reference).
 Environment overrides for other recipes: PEER_BATCH (8), PEER_AMP (fp16 |
 bf16), PEER_MIN_SIZES ("480,512,544,576,608"), PEER_MAX_SIZE (800),
-PEER_WORKERS (8).
+PEER_WORKERS (8), PEER_MAX_ITER (no limit: stop at the time budget).
 """
 import json, os, random, sys, time
 import numpy as np
@@ -157,6 +157,7 @@ AMP = torch.bfloat16 if os.environ.get("PEER_AMP", "fp16") == "bf16" else torch.
 MIN_SIZES = tuple(int(s) for s in os.environ.get("PEER_MIN_SIZES", "480,512,544,576,608").split(","))
 MAX_SIZE = int(os.environ.get("PEER_MAX_SIZE", "800"))
 WORKERS = int(os.environ.get("PEER_WORKERS", "8"))
+MAX_ITER = int(os.environ.get("PEER_MAX_ITER", "0"))
 
 
 def main():
@@ -215,7 +216,7 @@ def main():
             if it % 50 == 0:
                 log.write(json.dumps(dict(iteration=it, seconds=trained, loss=float(loss.detach()))) + "\n")
                 log.flush()
-            last = trained >= budget
+            last = trained >= budget or it == MAX_ITER
             if it % eval_every == 0 or last:
                 torch.cuda.synchronize()
                 evaluate(model, val, f"{out}/dets_iter_{it}.json", dev)

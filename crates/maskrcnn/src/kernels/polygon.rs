@@ -182,3 +182,77 @@ pub fn polygon_mask_targets(
     unsafe { l.launch(cfg) }.ok()?;
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::structures::masks::polygon_mask_targets as on_host;
+
+    /// The kernel's targets equal the host path's (hotcoco's rasterizer,
+    /// itself checked against pycocotools) exactly: star-shaped and
+    /// multi-part instances, RoIs much smaller and larger than their
+    /// instance, partly outside it, and slots left out.
+    #[test]
+    fn gpu_polygon_targets_equal_the_host_rasterizer() {
+        if !tch::Cuda::is_available() {
+            eprintln!("SKIP gpu_polygon_targets_equal_the_host_rasterizer: no CUDA device");
+            return;
+        }
+        let mut rng = crate::random::Rng::new(7);
+        let mut uniform = |lo: f64, hi: f64| rng.range_f64(lo, hi);
+        let instances: Vec<Vec<Vec<f64>>> = (0..6)
+            .map(|i| {
+                (0..1 + i % 3)
+                    .map(|_| {
+                        let (cx, cy, r) = (uniform(20.0, 180.0), uniform(20.0, 140.0), uniform(5.0, 60.0));
+                        let k = 3 + (uniform(0.0, 12.0) as usize);
+                        (0..k)
+                            .flat_map(|j| {
+                                let a = j as f64 / k as f64 * std::f64::consts::TAU;
+                                let rr = r * uniform(0.4, 1.0);
+                                [cx + rr * a.cos(), cy + rr * a.sin()]
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let q = 40i64;
+        let boxes: Vec<f32> = (0..q)
+            .flat_map(|_| {
+                let (x, y) = (uniform(-20.0, 190.0), uniform(-20.0, 150.0));
+                let (w, h) = (uniform(0.5, 120.0), uniform(0.5, 120.0));
+                [x as f32, y as f32, (x + w) as f32, (y + h) as f32]
+            })
+            .collect();
+        let boxes = Tensor::from_slice(&boxes).reshape([q, 4]);
+        let matched = Tensor::from_slice(&(0..q).map(|k| k % 6).collect::<Vec<i64>>());
+        let use_slot = Tensor::from_slice(&(0..q).map(|k| k % 7 != 3).collect::<Vec<bool>>());
+        let expected = on_host(&instances, &boxes, &matched, 28, tch::Device::Cpu)
+            * use_slot.to_kind(Kind::Float).reshape([q, 1, 1]);
+        // Packed as TargetBatch packs one image of 6 instances.
+        let target = crate::structures::Target {
+            boxes: Tensor::zeros([6, 4], (Kind::Float, Device::Cpu)),
+            labels: Tensor::ones([6], (Kind::Int64, Device::Cpu)),
+            masks: crate::structures::InstanceMasks::Polygons(instances),
+            iscrowd: None,
+        };
+        let gpu = Device::Cuda(0);
+        let batch = crate::structures::TargetBatch::new(&[target], gpu);
+        let p = batch.polygons.expect("packed polygons");
+        let got = polygon_mask_targets(
+            &p.coords,
+            &p.starts,
+            &p.instances,
+            &boxes.to_device(gpu),
+            &matched.to_device(gpu),
+            &use_slot.to_device(gpu),
+            q,
+            28,
+        )
+        .expect("kernel available")
+        .to_device(Device::Cpu);
+        let differing = got.ne_tensor(&expected).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differing, 0, "{differing} target pixels differ from the host rasterizer");
+    }
+}

@@ -110,16 +110,35 @@ mod tests {
     /// every size (so every level is used), some crossing the border.
     fn case() -> (Vec<Tensor>, Tensor, Vec<(i64, i64)>) {
         tch::manual_seed(5);
-        let features: Vec<Tensor> = [32i64, 16, 8, 4]
+        let features: Vec<Tensor> = [4i64, 8, 16, 32]
             .iter()
-            .map(|&s| Tensor::randn([2, 6, 128 / s * 4, 160 / s * 4], (Kind::Float, Device::Cpu)))
+            .map(|&stride| Tensor::randn([2, 6, 128 / stride, 160 / stride], (Kind::Float, Device::Cpu)))
             .collect();
         let k = 60;
         let xy = Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 150.0 - 10.0;
-        let wh = (Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 5.0).exp() + 1.0;
+        let wh = (Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 6.5).exp() + 1.0;
         let index = Tensor::randint(2, [k, 1], (Kind::Float, Device::Cpu));
-        let rois = Tensor::cat(&[index, xy.shallow_clone(), &xy + wh], 1);
+        // One square of each level's size range besides the random ones.
+        let squares = Tensor::from_slice(&[
+            0.0f32, 10., 20., 60., 60., 1., 5., 5., 205., 205., 0., -30., -40., 330., 290., 1., -200., -200., 400.,
+            400.,
+        ])
+        .reshape([4, 5]);
+        let rois = Tensor::cat(&[Tensor::cat(&[index, xy.shallow_clone(), &xy + wh], 1), squares], 0);
         (features, rois, vec![(120, 150), (128, 160)])
+    }
+
+    /// The case uses every level, and the per-level CPU path is
+    /// differentiable (the reference the GPU test compares with).
+    #[test]
+    fn every_level_pools_and_gradients_reach_it() {
+        let pooler = MultiScaleRoiAlign::new(7, 2);
+        let (features, rois, sizes) = case();
+        let leaves: Vec<Tensor> = features.iter().map(|f| f.set_requires_grad(true)).collect();
+        pooler.pool(&leaves, &rois, &sizes).sum(Kind::Float).backward();
+        for (l, f) in leaves.iter().enumerate() {
+            assert!(f.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "level {l} received no gradient");
+        }
     }
 
     /// The one-kernel multi-level pooling on CUDA (float32 NCHW, fp16 and
