@@ -194,10 +194,9 @@ mod tests {
     /// instance, partly outside it, and slots left out.
     #[test]
     fn gpu_polygon_targets_equal_the_host_rasterizer() {
-        if !tch::Cuda::is_available() {
-            eprintln!("SKIP gpu_polygon_targets_equal_the_host_rasterizer: no CUDA device");
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_polygon_targets_equal_the_host_rasterizer") else {
             return;
-        }
+        };
         let mut rng = crate::random::Rng::new(7);
         let mut uniform = |lo: f64, hi: f64| rng.range_f64(lo, hi);
         let instances: Vec<Vec<Vec<f64>>> = (0..6)
@@ -237,7 +236,7 @@ mod tests {
             masks: crate::structures::InstanceMasks::Polygons(instances),
             iscrowd: None,
         };
-        let gpu = Device::Cuda(0);
+        let gpu = device;
         let batch = crate::structures::TargetBatch::new(&[target], gpu);
         let p = batch.polygons.expect("packed polygons");
         let got = polygon_mask_targets(

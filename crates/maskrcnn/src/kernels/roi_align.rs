@@ -95,78 +95,86 @@ __device__ __forceinline__ unsigned short store_half(float v, int bf16) {
   return h;
 }
 
-// Output coordinates of thread `index` (channels fastest).
-__device__ __forceinline__ void ml_coords(long long index, int channels, int pooled_height, int pooled_width,
-    int* c, int* ph, int* pw, long long* k) {
-  *c = index % channels;
+// Output value `index` (channels fastest) of a multi-level pooling: where
+// it goes in the output and, when its RoI has a level (a non-finite box has
+// none), the level, the feature plane's offset in it and the sampling grid.
+struct MlBin {
+  long long out;
+  Level L;
+  long long plane;
+  Cell cell;
+};
+
+__device__ bool ml_bin(long long index, const Levels& lv, int channels, int pooled_height, int pooled_width,
+    int sampling_ratio, int aligned, const float* rois, const long long* levels, long long so_k, long long so_c,
+    long long so_y, long long so_x, MlBin* b) {
+  int c = index % channels;
   long long t = index / channels;
-  *pw = t % pooled_width;
+  int pw = t % pooled_width;
   t /= pooled_width;
-  *ph = t % pooled_height;
-  *k = t / pooled_height;
+  int ph = t % pooled_height;
+  long long k = t / pooled_height;
+  b->out = k * so_k + c * so_c + ph * so_y + pw * so_x;
+  const long long lvl = levels[k];
+  if (lvl < 0 || lvl >= lv.count) return false;
+  const float* r = rois + k * 5;
+  b->L = lv.l[lvl];
+  b->cell = bin_grid(r, b->L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);
+  b->plane = (long long)(int)r[0] * b->L.sn + (long long)c * b->L.sc;
+  return true;
 }
 
+// Runs the body for every sample of bin `b` inside its map, with the corner
+// rows `ys`, columns `xs` and weights `w` set (torchvision's loop order).
+#define FOR_EACH_SAMPLE(b, ...)                                                                                \
+  for (int iy = 0; iy < b.cell.grid_h; iy++) {                                                               \
+    float y = sample_y(b.cell, iy);                                                                          \
+    for (int ix = 0; ix < b.cell.grid_w; ix++) {                                                             \
+      int ys[2], xs[2];                                                                                      \
+      float w[4];                                                                                            \
+      if (bilinear_corners(b.L.height, b.L.width, y, sample_x(b.cell, ix), ys, xs, w)) { __VA_ARGS__ }       \
+    }                                                                                                        \
+  }
+
+#define ML_ARGS                                                                                                \
+  long long nthreads, Levels lv, int channels, int pooled_height, int pooled_width, int sampling_ratio,      \
+      int aligned, const float *rois, const long long *levels
+#define ML_BIN(b)                                                                                              \
+  ml_bin(index, lv, channels, pooled_height, pooled_width, sampling_ratio, aligned, rois, levels, so_k, so_c, \
+         so_y, so_x, &b)
+#define ML_THREADS                                                                                             \
+  for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;                 \
+       index += (long long)blockDim.x * gridDim.x)
+
+// A RoI of no level pools zeros, as torchvision's per-level masks leave it.
 #define ML_FORWARD(NAME, T, LOAD, STORE)                                                                       \
-  extern "C" __global__ void NAME(long long nthreads, Levels lv, int channels, int pooled_height,            \
-      int pooled_width, int sampling_ratio, int aligned, const float* rois, const long long* levels, T* out,  \
-      long long so_k, long long so_c, long long so_y, long long so_x, int bf16) {                            \
-    for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;               \
-         index += (long long)blockDim.x * gridDim.x) {                                                       \
-      int c, ph, pw;                                                                                         \
-      long long k;                                                                                           \
-      ml_coords(index, channels, pooled_height, pooled_width, &c, &ph, &pw, &k);                             \
-      const float* r = rois + k * 5;                                                                         \
-      const long long lvl = levels[k];                                                                       \
-      /* A RoI of no level (non-finite box) pools zeros, as torchvision's per-level masks give it. */        \
-      if (lvl < 0 || lvl >= lv.count) { out[k * so_k + c * so_c + ph * so_y + pw * so_x] = STORE(0.0f); continue; } \
-      const Level L = lv.l[lvl];                                                                             \
-      Cell cell = bin_grid(r, L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);        \
-      const T* in = (const T*)L.data + (long long)(int)r[0] * L.sn + (long long)c * L.sc;                    \
+  extern "C" __global__ void NAME(ML_ARGS, T* out, long long so_k, long long so_c, long long so_y,           \
+      long long so_x, int bf16) {                                                                            \
+    ML_THREADS {                                                                                             \
+      MlBin b;                                                                                               \
+      if (!ML_BIN(b)) { out[b.out] = STORE(0.0f); continue; }                                                \
+      const T* in = (const T*)b.L.data + b.plane;                                                            \
       float acc = 0.0f;                                                                                      \
-      for (int iy = 0; iy < cell.grid_h; iy++) {                                                             \
-        float y = sample_y(cell, iy);                                                                        \
-        for (int ix = 0; ix < cell.grid_w; ix++) {                                                           \
-          int ys[2], xs[2];                                                                                  \
-          float w[4];                                                                                        \
-          if (bilinear_corners(L.height, L.width, y, sample_x(cell, ix), ys, xs, w))                         \
-            acc += (w[0] * LOAD(in + ys[0] * L.sh + xs[0] * L.sw) + w[1] * LOAD(in + ys[0] * L.sh + xs[1] * L.sw) \
-                  + w[2] * LOAD(in + ys[1] * L.sh + xs[0] * L.sw) + w[3] * LOAD(in + ys[1] * L.sh + xs[1] * L.sw)); \
-        }                                                                                                    \
-      }                                                                                                      \
-      out[k * so_k + c * so_c + ph * so_y + pw * so_x] = STORE(acc / cell.count);                            \
+      FOR_EACH_SAMPLE(b, acc += (w[0] * LOAD(in + ys[0] * b.L.sh + xs[0] * b.L.sw)                           \
+                                 + w[1] * LOAD(in + ys[0] * b.L.sh + xs[1] * b.L.sw)                         \
+                                 + w[2] * LOAD(in + ys[1] * b.L.sh + xs[0] * b.L.sw)                         \
+                                 + w[3] * LOAD(in + ys[1] * b.L.sh + xs[1] * b.L.sw));)                      \
+      out[b.out] = STORE(acc / b.cell.count);                                                                \
     }                                                                                                        \
   }
 
 // Gradients accumulate in float32 maps described by `lv` (the shim's
 // buffers, strided as the features).
 #define ML_BACKWARD(NAME, T, LOAD)                                                                             \
-  extern "C" __global__ void NAME(long long nthreads, Levels lv, int channels, int pooled_height,            \
-      int pooled_width, int sampling_ratio, int aligned, const float* rois, const long long* levels,          \
-      const T* grad_out, long long so_k, long long so_c, long long so_y, long long so_x, int bf16) {          \
-    for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < nthreads;               \
-         index += (long long)blockDim.x * gridDim.x) {                                                       \
-      int c, ph, pw;                                                                                         \
-      long long k;                                                                                           \
-      ml_coords(index, channels, pooled_height, pooled_width, &c, &ph, &pw, &k);                             \
-      const float* r = rois + k * 5;                                                                         \
-      const long long lvl = levels[k];                                                                       \
-      if (lvl < 0 || lvl >= lv.count) continue;                                                              \
-      const Level L = lv.l[lvl];                                                                             \
-      Cell cell = bin_grid(r, L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);        \
-      float* gin = (float*)L.data + (long long)(int)r[0] * L.sn + (long long)c * L.sc;                       \
-      float g = LOAD(grad_out + k * so_k + c * so_c + ph * so_y + pw * so_x);                                \
-      for (int iy = 0; iy < cell.grid_h; iy++) {                                                             \
-        float y = sample_y(cell, iy);                                                                        \
-        for (int ix = 0; ix < cell.grid_w; ix++) {                                                           \
-          int ys[2], xs[2];                                                                                  \
-          float w[4];                                                                                        \
-          if (!bilinear_corners(L.height, L.width, y, sample_x(cell, ix), ys, xs, w)) continue;              \
-          atomicAdd(gin + ys[0] * L.sh + xs[0] * L.sw, g * w[0] / cell.count);                               \
-          atomicAdd(gin + ys[0] * L.sh + xs[1] * L.sw, g * w[1] / cell.count);                               \
-          atomicAdd(gin + ys[1] * L.sh + xs[0] * L.sw, g * w[2] / cell.count);                               \
-          atomicAdd(gin + ys[1] * L.sh + xs[1] * L.sw, g * w[3] / cell.count);                               \
-        }                                                                                                    \
-      }                                                                                                      \
+  extern "C" __global__ void NAME(ML_ARGS, const T* grad_out, long long so_k, long long so_c, long long so_y, \
+      long long so_x, int bf16) {                                                                            \
+    ML_THREADS {                                                                                             \
+      MlBin b;                                                                                               \
+      if (!ML_BIN(b)) continue;                                                                              \
+      float* gin = (float*)b.L.data + b.plane;                                                               \
+      float g = LOAD(grad_out + b.out);                                                                      \
+      FOR_EACH_SAMPLE(b, for (int q = 0; q < 4; q++)                                                         \
+                             atomicAdd(gin + ys[q / 2] * b.L.sh + xs[q % 2] * b.L.sw, g * w[q] / b.cell.count);) \
     }                                                                                                        \
   }
 

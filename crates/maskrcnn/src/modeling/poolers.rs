@@ -146,10 +146,9 @@ mod tests {
     /// so do the gradients reaching every level.
     #[test]
     fn gpu_multilevel_kernel_equals_per_level_cpu_path() {
-        if !tch::Cuda::is_available() {
-            eprintln!("SKIP gpu_multilevel_kernel_equals_per_level_cpu_path: no CUDA device");
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_multilevel_kernel_equals_per_level_cpu_path") else {
             return;
-        }
+        };
         let pooler = MultiScaleRoiAlign::new(7, 2);
         let (features, rois, sizes) = case();
         let leaves: Vec<Tensor> = features.iter().map(|f| f.set_requires_grad(true)).collect();
@@ -158,7 +157,7 @@ mod tests {
         (&reference * &weights).sum(Kind::Float).backward();
         let reference_grads: Vec<Tensor> = leaves.iter().map(|f| f.grad()).collect();
         for (kind, nhwc, tol) in [(Kind::Float, false, 1e-4), (Kind::Half, true, 2e-2), (Kind::BFloat16, true, 8e-2)] {
-            let dev = Device::Cuda(0);
+            let dev = device;
             let leaves: Vec<Tensor> = features
                 .iter()
                 .map(|f| {

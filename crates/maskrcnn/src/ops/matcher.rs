@@ -169,10 +169,7 @@ mod tests {
 
     #[test]
     fn gpu_batched_matches_equal_per_image() {
-        if !tch::Cuda::is_available() {
-            eprintln!("SKIP gpu_batched_matches_equal_per_image: no CUDA device");
-            return;
-        }
-        batched_matches_equal_per_image(Device::Cuda(0));
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_batched_matches_equal_per_image") else { return };
+        batched_matches_equal_per_image(device);
     }
 }

@@ -221,10 +221,9 @@ mod tests {
 
     #[test]
     fn gpu_grouped_pass_equals_per_group_greedy() {
-        if !tch::Cuda::is_available() {
-            eprintln!("SKIP gpu_grouped_pass_equals_per_group_greedy: no CUDA device");
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_grouped_pass_equals_per_group_greedy") else {
             return;
-        }
-        grouped_pass_equals_per_group_greedy(Device::Cuda(0));
+        };
+        grouped_pass_equals_per_group_greedy(device);
     }
 }

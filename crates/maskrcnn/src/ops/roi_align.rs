@@ -134,9 +134,11 @@ fn roi_align_fixed(input: &Tensor, rois: &Tensor, g: &RoiGeometry, samples: (i64
     };
     // torchvision's bilinear_interpolate along one axis: validity, low/high
     // indices and the (low, high) weights.
+    // Samples outside the map (or not finite: a diverged box) read row 0
+    // with weight 0.
     let axis = |v: &Tensor, size: i64| -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
         let valid = v.ge(-1.0).logical_and(&v.le(size as f64));
-        let v = v.clamp_min(0.0);
+        let v = v.where_scalarother(&valid, 0.0).clamp_min(0.0);
         let low = v.floor().to_kind(Kind::Int64);
         let at_edge = low.ge(size - 1);
         let low = low.clamp_max(size - 1);

@@ -251,11 +251,8 @@ mod tests {
 
     #[test]
     fn gpu_counts_and_inclusion_probabilities() {
-        if !tch::Cuda::is_available() {
-            eprintln!("SKIP gpu_counts_and_inclusion_probabilities: no CUDA device");
-            return;
-        }
-        counts_and_inclusion_probabilities(Device::Cuda(0));
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_counts_and_inclusion_probabilities") else { return };
+        counts_and_inclusion_probabilities(device);
     }
 
     /// Replayed masks come back as the same positions, positives first.
