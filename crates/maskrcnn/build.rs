@@ -24,7 +24,7 @@ fn main() {
     let torch_root = lib.parent().map(PathBuf::from).unwrap_or_default();
     // The CUDA runtime headers and NVRTC of torch's wheel (the nvidia-*-cu13
     // packages beside torch): with them the shim reaches libtorch's CUDA
-    // streams and graphs, and NVRTC is found at run time without
+    // streams, and NVRTC is found at run time without
     // LD_LIBRARY_PATH (tests compile the kernels even on a machine without
     // a GPU).
     let nvidia = torch_root.parent().map(|p| p.join("nvidia").join("cu13")).unwrap_or_default();

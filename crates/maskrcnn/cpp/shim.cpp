@@ -11,8 +11,6 @@
 #include <string>
 #include <vector>
 #ifdef MRCNN_WITH_CUDA
-#include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -297,86 +295,8 @@ void* mrcnn_current_cuda_stream(int device) {
   }
 }
 
-// A CUDA graph being captured or ready to replay, and the stream that was
-// current before its capture (capture runs on a side stream: the legacy
-// default stream cannot be captured). Only exported c10/ATen functions are
-// used, so the shim needs no link to the CUDA runtime itself.
-struct GraphHandle {
-  at::cuda::CUDAGraph graph;
-  std::optional<c10::cuda::CUDAStream> outer;
-};
-
-// A new, empty graph.
-void* mrcnn_graph_new() {
-  try {
-    return new GraphHandle();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return nullptr;
-  }
-}
-
-void mrcnn_graph_free(void* g) { delete static_cast<GraphHandle*>(g); }
-
-// Starts capturing everything launched on `device`'s current stream (by this
-// thread, and by libtorch's autograd threads, which follow the stream) on a
-// side stream made current until capture ends; memory comes from the
-// private pool of `share_pool_with` (another graph, replayed in capture
-// order) or a new one. Waits for the device first (once per capture).
-int mrcnn_graph_capture_begin(void* g, int device, void* share_pool_with) {
-  auto* h = static_cast<GraphHandle*>(g);
-  try {
-    auto dev = static_cast<c10::DeviceIndex>(device);
-    c10::cuda::device_synchronize();
-    h->outer = c10::cuda::getCurrentCUDAStream(dev);
-    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, dev));
-    at::cuda::MempoolId_t pool = {0, 0};
-    if (share_pool_with) pool = static_cast<GraphHandle*>(share_pool_with)->graph.pool();
-    h->graph.capture_begin(pool);
-    return 0;
-  } catch (const std::exception& e) {
-    if (h->outer) c10::cuda::setCurrentCUDAStream(*h->outer);
-    last_error = e.what();
-    return -1;
-  }
-}
-
-// Ends the capture and instantiates the graph; the stream current before the
-// capture is current again.
-int mrcnn_graph_capture_end(void* g) {
-  auto* h = static_cast<GraphHandle*>(g);
-  try {
-    h->graph.capture_end();
-    c10::cuda::device_synchronize();
-    if (h->outer) c10::cuda::setCurrentCUDAStream(*h->outer);
-    return 0;
-  } catch (const std::exception& e) {
-    if (h->outer) c10::cuda::setCurrentCUDAStream(*h->outer);
-    last_error = e.what();
-    return -1;
-  }
-}
-
-// Replays the graph on the current stream's timeline.
-int mrcnn_graph_replay(void* g) {
-  try {
-    static_cast<GraphHandle*>(g)->graph.replay();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
-}
 #else
 void* mrcnn_current_cuda_stream(int) { return nullptr; }
-void* mrcnn_graph_new() {
-  last_error = "this build has no CUDA support";
-  return nullptr;
-}
-void mrcnn_graph_free(void*) {}
-int mrcnn_graph_capture_begin(void*, int, void*) { return -1; }
-int mrcnn_graph_capture_end(void*) { return -1; }
-int mrcnn_graph_replay(void*) { return -1; }
 #endif
 
 // The tensor's version counter (bumped by every in-place change), or -1.

@@ -49,15 +49,6 @@ extern "C" {
     fn mrcnn_sync_counter_enable(enabled: c_int) -> c_int;
     fn mrcnn_sync_count() -> i64;
     fn mrcnn_current_cuda_stream(device: c_int) -> *mut std::ffi::c_void;
-    fn mrcnn_graph_new() -> *mut std::ffi::c_void;
-    fn mrcnn_graph_free(g: *mut std::ffi::c_void);
-    fn mrcnn_graph_capture_begin(
-        g: *mut std::ffi::c_void,
-        device: c_int,
-        share_pool_with: *mut std::ffi::c_void,
-    ) -> c_int;
-    fn mrcnn_graph_capture_end(g: *mut std::ffi::c_void) -> c_int;
-    fn mrcnn_graph_replay(g: *mut std::ffi::c_void) -> c_int;
     fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
     fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
     fn mrcnn_tensor_version(t: Handle) -> i64;
@@ -160,52 +151,6 @@ pub fn sync_count() -> i64 {
 pub fn current_cuda_stream(index: usize) -> *mut std::ffi::c_void {
     // SAFETY: reads libtorch's thread-local stream; exceptions are caught.
     unsafe { mrcnn_current_cuda_stream(index as c_int) }
-}
-
-/// A captured CUDA graph (libtorch's `at::cuda::CUDAGraph`).
-#[derive(Debug)]
-pub struct CudaGraph {
-    raw: *mut std::ffi::c_void,
-}
-
-impl CudaGraph {
-    /// An empty graph; an error without CUDA support.
-    pub fn new() -> Result<CudaGraph, ShimError> {
-        // SAFETY: allocates a graph object owned by the returned value.
-        let raw = unsafe { mrcnn_graph_new() };
-        if raw.is_null() {
-            return Err(ShimError("CUDA graphs are not available in this build".into()));
-        }
-        Ok(CudaGraph { raw })
-    }
-
-    /// Starts capturing CUDA work on `device` (on a side stream that is
-    /// current until [`CudaGraph::capture_end`]); memory comes from the
-    /// private pool of `share_pool_with`, or a new pool.
-    pub fn capture_begin(&mut self, device: usize, share_pool_with: Option<&CudaGraph>) -> Result<(), ShimError> {
-        let other = share_pool_with.map_or(std::ptr::null_mut(), |g| g.raw);
-        // SAFETY: `raw` is a live graph; the C side catches exceptions.
-        check(unsafe { mrcnn_graph_capture_begin(self.raw, device as c_int, other) })
-    }
-
-    /// Ends the capture and instantiates the graph.
-    pub fn capture_end(&mut self) -> Result<(), ShimError> {
-        // SAFETY: as in `capture_begin`.
-        check(unsafe { mrcnn_graph_capture_end(self.raw) })
-    }
-
-    /// Replays the captured work.
-    pub fn replay(&self) -> Result<(), ShimError> {
-        // SAFETY: as in `capture_begin`.
-        check(unsafe { mrcnn_graph_replay(self.raw) })
-    }
-}
-
-impl Drop for CudaGraph {
-    fn drop(&mut self) {
-        // SAFETY: `raw` came from mrcnn_graph_new and is freed once.
-        unsafe { mrcnn_graph_free(self.raw) }
-    }
 }
 
 /// `t`'s version counter: it changes whenever `t` is modified in place
