@@ -134,7 +134,8 @@ fn targets_flip_and_resize_consistently() {
                 // Resize (nearest for masks, ratios for boxes): each
                 // resized mask's extent stays within its resized box.
                 let (rh, rw) = maskrcnn::modeling::transform::resized_size(h as i64, w as i64, 64, 100);
-                let resized = maskrcnn::modeling::transform::resize_target(&plain, (h as i64, w as i64), (rh, rw));
+                let resized =
+                    maskrcnn::modeling::transform::resize_target(&plain, (h as i64, w as i64), (rh, rw), Device::Cpu);
                 let InstanceMasks::Bitmaps(m) = &resized.masks else { unreachable!() };
                 assert_eq!(m.size(), vec![plain.len(), rh, rw]);
                 for g in 0..plain.len() {

@@ -64,6 +64,8 @@ fn degenerate_and_inconsistent_targets_are_errors_naming_the_image() {
     assert!(e.contains("image 1: box 0") && e.contains("no positive width"), "{e}");
     let (_, mut nan) = scene(100, 120, &[(10, 10, 40, 50, 1)], false);
     nan.boxes = Tensor::from_slice(&[f32::NAN, 10.0, 40.0, 50.0]).reshape([1, 4]);
+    let e = model.forward_train(&[], &[], &mut BalancedSampler).unwrap_err().to_string();
+    assert!(e.contains("at least one image"), "{e}");
     let e = model.forward_train(&[img.shallow_clone()], &[nan], &mut BalancedSampler).unwrap_err().to_string();
     assert!(e.contains("image 0: box 0"), "{e}");
     let (_, mut bad_label) = scene(100, 120, &[(10, 10, 40, 50, 1)], false);

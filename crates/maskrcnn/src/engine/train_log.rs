@@ -6,10 +6,38 @@
 
 use crate::engine::amp::ScalerState;
 use crate::engine::tensorboard::EventWriter;
-use crate::engine::trainer::{EvalPoint, TrainError};
+use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
+
+/// One evaluation during training.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    pub iteration: u64,
+    /// Training seconds so far (evaluation time excluded).
+    pub seconds: f64,
+    pub bbox_ap: f64,
+    pub segm_ap: f64,
+}
+
+impl EvalPoint {
+    /// The seed's early stop: both `min_bbox_map` and `min_mask_map`
+    /// reached (never when both are 0, i.e. unset).
+    pub fn reaches(&self, test: &crate::config::TestConfig) -> bool {
+        (test.min_bbox_map > 0.0 || test.min_mask_map > 0.0)
+            && self.bbox_ap >= test.min_bbox_map
+            && self.segm_ap >= test.min_mask_map
+    }
+}
+
+/// The training log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct TrainLogError {
+    path: String,
+    source: std::io::Error,
+}
 
 /// One logged iteration: the values a log line and `metrics.jsonl` show.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +83,7 @@ impl TrainLog {
         distributed: bool,
         start_iteration: u64,
         cuda: bool,
-    ) -> Result<TrainLog, TrainError> {
+    ) -> Result<TrainLog, TrainLogError> {
         let metrics: Box<dyn Write> = if main {
             let path = output.join("metrics.jsonl");
             Box::new(
@@ -63,7 +91,7 @@ impl TrainLog {
                     .create(true)
                     .append(true)
                     .open(&path)
-                    .map_err(|e| TrainError::Setup(format!("{}: {e}", path.display())))?,
+                    .map_err(|source| TrainLogError { path: path.display().to_string(), source })?,
             )
         } else {
             Box::new(std::io::sink())

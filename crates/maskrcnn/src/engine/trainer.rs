@@ -24,7 +24,7 @@ use crate::engine::checkpoint::{self, TrainState};
 use crate::engine::distributed::{DistEnv, DistError, ProcessGroup};
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
-use crate::engine::train_log::{StepValues, TrainLog};
+use crate::engine::train_log::{EvalPoint, StepValues, TrainLog};
 use crate::evaluation::coco_eval::CocoMetrics;
 use crate::modeling::MaskRcnn;
 use crate::ops::BalancedSampler;
@@ -74,26 +74,8 @@ pub enum TrainError {
     Eval(String),
     #[error(transparent)]
     Distributed(#[from] DistError),
-}
-
-/// One evaluation during training.
-#[derive(Debug, Clone, Serialize)]
-pub struct EvalPoint {
-    pub iteration: u64,
-    /// Training seconds so far (evaluation time excluded).
-    pub seconds: f64,
-    pub bbox_ap: f64,
-    pub segm_ap: f64,
-}
-
-impl EvalPoint {
-    /// The seed's early stop: both `min_bbox_map` and `min_mask_map`
-    /// reached (never when both are 0, i.e. unset).
-    pub fn reaches(&self, test: &crate::config::TestConfig) -> bool {
-        (test.min_bbox_map > 0.0 || test.min_mask_map > 0.0)
-            && self.bbox_ap >= test.min_bbox_map
-            && self.segm_ap >= test.min_mask_map
-    }
+    #[error(transparent)]
+    Log(#[from] crate::engine::train_log::TrainLogError),
 }
 
 /// What a run did.

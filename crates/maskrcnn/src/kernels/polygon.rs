@@ -237,7 +237,7 @@ mod tests {
             iscrowd: None,
         };
         let gpu = device;
-        let batch = crate::structures::TargetBatch::new(&[target], gpu);
+        let batch = crate::structures::TargetBatch::new(vec![target], gpu);
         let p = batch.polygons.expect("packed polygons");
         let got = polygon_mask_targets(
             &p.coords,

@@ -69,6 +69,8 @@ pub enum TargetError {
     BadLabel { image: usize, label: i64, num_classes: usize },
     #[error("{images} images but {targets} targets")]
     Count { images: usize, targets: usize },
+    #[error("a training batch needs at least one image")]
+    NoImages,
 }
 
 /// Everything inference computes for a batch, for inspection and tests.
@@ -221,9 +223,9 @@ impl MaskRcnn {
             .iter()
             .zip(images)
             .zip(&list.image_sizes)
-            .map(|((t, im), &size)| resize_target(&t.with_bitmaps_on(device), (im.size()[1], im.size()[2]), size))
+            .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size, device))
             .collect();
-        let gt = TargetBatch::new(&resized, device);
+        let gt = TargetBatch::new(resized, device);
         let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
         let size = list.tensors.size();
         let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
@@ -262,6 +264,9 @@ impl MaskRcnn {
 fn validate_targets(images: &[Tensor], targets: &[Target], num_classes: usize) -> Result<(), TargetError> {
     if images.len() != targets.len() {
         return Err(TargetError::Count { images: images.len(), targets: targets.len() });
+    }
+    if images.is_empty() {
+        return Err(TargetError::NoImages);
     }
     for (image, t) in targets.iter().enumerate() {
         let (boxes, labels, masks) = (t.boxes.size()[0], t.labels.size()[0], t.masks.len());

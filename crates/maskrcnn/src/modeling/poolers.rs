@@ -88,6 +88,14 @@ impl MultiScaleRoiAlign {
     }
 }
 
+/// `[B, S, 4]` boxes (a fixed number of slots per image) → `[B·S, 5]` RoIs
+/// `(batch_index, x1, y1, x2, y2)`.
+pub fn rois_of_slots(boxes: &Tensor) -> Tensor {
+    let (b, s) = (boxes.size()[0], boxes.size()[1]);
+    let index = Tensor::arange(b, (boxes.kind(), boxes.device())).reshape([b, 1, 1]).expand([b, s, 1], false);
+    Tensor::cat(&[index, boxes.shallow_clone()], 2).reshape([-1, 5])
+}
+
 /// Concatenates per-image boxes into `[K, 5]` rows of `(batch_index, x1, y1, x2, y2)`.
 pub fn rois_with_batch_index(boxes: &[Tensor]) -> Tensor {
     let rows: Vec<Tensor> = boxes

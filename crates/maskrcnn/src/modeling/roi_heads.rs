@@ -4,7 +4,7 @@
 
 use crate::config::RoiHeadsConfig;
 use crate::modeling::layers::{conv2d, conv_transpose2d, linear, Conv2d, ConvOpts, ConvTranspose2d, Linear};
-use crate::modeling::poolers::{rois_with_batch_index, MultiScaleRoiAlign};
+use crate::modeling::poolers::{rois_of_slots, rois_with_batch_index, MultiScaleRoiAlign};
 use crate::modeling::rpn::Proposals;
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::ops::sampler::{FgBgSampler, SampleStage};
@@ -283,7 +283,7 @@ impl RoiHeads {
             .encode(&gather4(&gt.boxes, &s_matched).reshape([-1, 4]), &s_boxes.reshape([-1, 4]))
             .reshape([b, slots, 4])
             .where_scalarother(&positive.unsqueeze(2), 0.0);
-        let rois = rois_of(&s_boxes);
+        let rois = rois_of_slots(&s_boxes);
         let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes);
         let (classifier, box_reg) = fastrcnn_loss(&logits, &deltas, &s_labels, &targets, &weight, &positive);
 
@@ -295,17 +295,10 @@ impl RoiHeads {
         let mask_matched = s_matched.narrow(1, 0, quota);
         let resolution = self.cfg.mask_resolution as i64;
         let mask_targets = mask_targets(gt, &mask_boxes, &mask_matched, &mask_positive, resolution, device);
-        let mask_logits = self.mask_branch.forward_rois(features, &rois_of(&mask_boxes), image_sizes);
+        let mask_logits = self.mask_branch.forward_rois(features, &rois_of_slots(&mask_boxes), image_sizes);
         let mask = maskrcnn_loss(&mask_logits, &mask_labels.reshape([-1]), &mask_targets, &mask_positive.reshape([-1]));
         RoiLosses { classifier, box_reg, mask }
     }
-}
-
-/// `[B, S, 4]` boxes → `[B·S, 5]` RoIs `(batch_index, x1, y1, x2, y2)`.
-fn rois_of(boxes: &Tensor) -> Tensor {
-    let (b, s) = (boxes.size()[0], boxes.size()[1]);
-    let index = Tensor::arange(b, (boxes.kind(), boxes.device())).reshape([b, 1, 1]).expand([b, s, 1], false);
-    Tensor::cat(&[index, boxes.shallow_clone()], 2).reshape([-1, 5])
 }
 
 /// `[B·Q, M, M]` float targets for the mask slots `boxes` `[B, Q, 4]` matched
@@ -321,7 +314,8 @@ fn mask_targets(
     device: tch::Device,
 ) -> Tensor {
     let (b, q) = (boxes.size()[0], boxes.size()[1]);
-    let zeros = || Tensor::zeros([q, m, m], (Kind::Float, device));
+    // The kernel fills the polygon images' slots (zeros elsewhere); bitmap
+    // images (and polygons where the kernel is unavailable) are written in.
     let from_kernel = gt.polygons.as_ref().and_then(|p| {
         crate::kernels::polygon::polygon_mask_targets(
             &p.coords,
@@ -334,32 +328,21 @@ fn mask_targets(
             m,
         )
     });
-    let per_image: Vec<Tensor> = gt
-        .masks
-        .iter()
-        .enumerate()
-        .map(|(i, masks)| {
-            let i = i as i64;
-            let count = masks.len();
-            match masks {
-                _ if count == 0 => zeros(),
-                InstanceMasks::Bitmaps(bitmaps) => {
-                    project_masks_on_boxes(bitmaps, &boxes.get(i), &matched.get(i).clamp_max(count - 1), m)
-                }
-                InstanceMasks::Polygons(_) if from_kernel.is_some() => zeros(),
-                InstanceMasks::Polygons(polys) => {
-                    polygon_mask_targets(polys, &boxes.get(i), &matched.get(i).clamp_max(count - 1), m, device)
-                }
-            }
-        })
-        .collect();
-    let targets = Tensor::cat(&per_image, 0);
-    match from_kernel {
-        // The kernel filled the polygon images' slots, zeros elsewhere.
-        Some(k) => targets + k,
-        None => targets,
+    let polygons_done = from_kernel.is_some();
+    let targets = from_kernel.unwrap_or_else(|| Tensor::zeros([b * q, m, m], (Kind::Float, device)));
+    for (i, masks) in gt.masks.iter().enumerate() {
+        let count = masks.len();
+        let i = i as i64;
+        let instance = || matched.get(i).clamp_max(count - 1);
+        let image_targets = match masks {
+            _ if count == 0 => continue,
+            InstanceMasks::Bitmaps(bitmaps) => project_masks_on_boxes(bitmaps, &boxes.get(i), &instance(), m),
+            InstanceMasks::Polygons(_) if polygons_done => continue,
+            InstanceMasks::Polygons(polys) => polygon_mask_targets(polys, &boxes.get(i), &instance(), m, device),
+        };
+        targets.narrow(0, i * q, q).copy_(&image_targets);
     }
-    .reshape([b * q, m, m])
+    targets
 }
 
 /// Cross-entropy over the sampled slots (`weight` `[B, S]`: 1 for a sample)

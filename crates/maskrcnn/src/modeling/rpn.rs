@@ -8,7 +8,7 @@ use crate::modeling::layers::{conv2d, Conv2d, ConvOpts};
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::ops::nms::grouped_nms_keep;
 use crate::ops::sampler::{FgBgSampler, SampleStage};
-use crate::ops::BoxCoder;
+use crate::ops::{boxes_at_least, clip_boxes_to_sizes, BoxCoder};
 use crate::structures::TargetBatch;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -310,14 +310,8 @@ impl Rpn {
 
         let sizes: Vec<f32> = image_sizes.iter().flat_map(|&(h, w)| [h as f32, w as f32]).collect();
         let sizes = crate::host_sync::upload(&Tensor::from_slice(&sizes).reshape([n, 2]), device);
-        let (img_h, img_w) = (sizes.narrow(1, 0, 1), sizes.narrow(1, 1, 1));
-        let coord = |i: i64, limit: &Tensor| boxes.select(2, i).clamp_min(0.0).minimum(limit);
-        let boxes = Tensor::stack(&[coord(0, &img_w), coord(1, &img_h), coord(2, &img_w), coord(3, &img_h)], 2);
-        let (bw, bh) = (boxes.select(2, 2) - boxes.select(2, 0), boxes.select(2, 3) - boxes.select(2, 1));
-        let valid = bw
-            .ge(self.cfg.min_box_size)
-            .logical_and(&bh.ge(self.cfg.min_box_size))
-            .logical_and(&scores.ge(self.cfg.score_thresh));
+        let boxes = clip_boxes_to_sizes(&boxes, &sizes);
+        let valid = boxes_at_least(&boxes, self.cfg.min_box_size).logical_and(&scores.ge(self.cfg.score_thresh));
 
         let layout = self.layout(&per_level, device);
         // torchvision's batched_nms shifts each level's boxes apart (and runs

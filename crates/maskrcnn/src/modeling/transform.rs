@@ -114,20 +114,24 @@ pub fn resize_image(image: &Tensor, min_size: i64, max_size: i64) -> Tensor {
 }
 
 /// Resizes a training target from an `original` `(H, W)` image to the
-/// `resized` one: boxes scaled (torchvision's `resize_boxes`), bitmap masks by
-/// nearest-neighbour interpolation, polygons by the same ratios as the boxes.
+/// `resized` one: boxes scaled (torchvision's `resize_boxes`, where they
+/// are), bitmap masks moved to `masks_on` without blocking and resized there
+/// by nearest-neighbour interpolation, polygons by the same ratios as the
+/// boxes.
 pub fn resize_target(
     target: &crate::structures::Target,
     original: (i64, i64),
     resized: (i64, i64),
+    masks_on: Device,
 ) -> crate::structures::Target {
     use crate::structures::InstanceMasks;
     let masks = match &target.masks {
         InstanceMasks::Bitmaps(m) if m.size()[0] == 0 => {
-            InstanceMasks::Bitmaps(Tensor::zeros([0, resized.0, resized.1], (Kind::Uint8, m.device())))
+            InstanceMasks::Bitmaps(Tensor::zeros([0, resized.0, resized.1], (Kind::Uint8, masks_on)))
         }
         InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(
-            m.unsqueeze(1)
+            crate::host_sync::upload(m, masks_on)
+                .unsqueeze(1)
                 .to_kind(Kind::Float)
                 .upsample_nearest2d([resized.0, resized.1], None, None)
                 .squeeze_dim(1)

@@ -34,13 +34,27 @@ pub fn clip_boxes_to_image(boxes: &Tensor, size: (i64, i64)) -> Tensor {
     Tensor::stack(&[x1, y1, x2, y2], -1)
 }
 
-/// Indices `[K]` (int64) of the boxes whose width and height are both
+/// [`clip_boxes_to_image`] for a batch: `boxes` `[B, K, 4]` each into its
+/// image of `sizes` `[B, 2]` (height, width; float, on the boxes' device),
+/// the same arithmetic, no host values needed.
+pub fn clip_boxes_to_sizes(boxes: &Tensor, sizes: &Tensor) -> Tensor {
+    let (h, w) = (sizes.narrow(1, 0, 1), sizes.narrow(1, 1, 1));
+    let clip = |i: i64, limit: &Tensor| boxes.select(2, i).clamp_min(0.0).minimum(limit);
+    Tensor::stack(&[clip(0, &w), clip(1, &h), clip(2, &w), clip(3, &h)], 2)
+}
+
+/// `[...]` bool: the boxes `[..., 4]` whose width and height are both
 /// `>= min_size`.
-pub fn remove_small_boxes(boxes: &Tensor, min_size: f64) -> Tensor {
+pub fn boxes_at_least(boxes: &Tensor, min_size: f64) -> Tensor {
     let ws = boxes.select(-1, 2) - boxes.select(-1, 0);
     let hs = boxes.select(-1, 3) - boxes.select(-1, 1);
-    let keep = ws.ge(min_size).logical_and(&hs.ge(min_size));
-    keep.nonzero().squeeze_dim(1)
+    ws.ge(min_size).logical_and(&hs.ge(min_size))
+}
+
+/// Indices `[K]` (int64) of the boxes `[N, 4]` whose width and height are
+/// both `>= min_size` (torchvision's `remove_small_boxes`).
+pub fn remove_small_boxes(boxes: &Tensor, min_size: f64) -> Tensor {
+    boxes_at_least(boxes, min_size).nonzero().squeeze_dim(1)
 }
 
 /// Scales boxes from an image of `from` `(h, w)` to one of `to` `(h, w)`,

@@ -42,22 +42,6 @@ impl Target {
     }
 }
 
-impl Target {
-    /// The same target with bitmap masks moved to `device` without blocking
-    /// (boxes, labels, crowd flags and polygons stay where they are).
-    pub fn with_bitmaps_on(&self, device: tch::Device) -> Target {
-        Target {
-            boxes: self.boxes.shallow_clone(),
-            labels: self.labels.shallow_clone(),
-            masks: match &self.masks {
-                InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(crate::host_sync::upload(m, device)),
-                InstanceMasks::Polygons(p) => InstanceMasks::Polygons(p.clone()),
-            },
-            iscrowd: self.iscrowd.as_ref().map(|c| c.shallow_clone()),
-        }
-    }
-}
-
 /// Instance masks in one of COCO's two forms.
 #[derive(Debug)]
 pub enum InstanceMasks {
@@ -121,7 +105,7 @@ impl TargetBatch {
     /// Pads `targets` (already resized, boxes and polygons on the host,
     /// bitmaps anywhere) and moves them to `device` without blocking the
     /// host (from page-locked memory).
-    pub fn new(targets: &[Target], device: tch::Device) -> TargetBatch {
+    pub fn new(targets: Vec<Target>, device: tch::Device) -> TargetBatch {
         use tch::Kind;
         let g = targets.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
         // Padded on the host (a no-op move for the loader's targets).
@@ -152,7 +136,7 @@ impl TargetBatch {
                 .collect::<Vec<_>>(),
             0,
         );
-        let polygons = pack_polygons(targets, g);
+        let polygons = pack_polygons(&targets, g);
         let up = |t: &Tensor| crate::host_sync::upload(t, device);
         TargetBatch {
             boxes: up(&boxes),
@@ -164,7 +148,13 @@ impl TargetBatch {
                 starts: up(&p.starts),
                 instances: up(&p.instances),
             }),
-            masks: targets.iter().map(|t| t.with_bitmaps_on(device).masks).collect(),
+            masks: targets
+                .into_iter()
+                .map(|t| match t.masks {
+                    InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(crate::host_sync::upload(&m, device)),
+                    polygons => polygons,
+                })
+                .collect(),
         }
     }
 
