@@ -63,6 +63,19 @@ int mrcnn_autocast_cuda(int enabled, int dtype) {
   }
 }
 
+// Sets whether CUDA autocast is enabled, keeping its dtype and its cast
+// cache (a region of the forward run outside autocast). Returns the
+// previous state (1 enabled, 0 not), or -1.
+int mrcnn_autocast_cuda_set_enabled(int enabled) {
+  try {
+    int prev = at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0;
+    at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+    return prev;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // The message of the last failed call on this thread.
 const char* mrcnn_last_error() { return last_error.c_str(); }
 
@@ -178,6 +191,104 @@ int mrcnn_multilevel_roi_align(at::Tensor** features, int n, at::Tensor* rois, a
     std::vector<double> s(scales, scales + n);
     *out = new at::Tensor(MultiLevelRoiAlignFunction::apply(at::TensorList(feats), *rois, *levels, s, ph, pw, sr,
                                                             aligned != 0));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// A convolution's epilogue act(y*scale + shift + (residual*rscale + rshift))
+// (scale, residual, rscale/rshift optional; act ReLU or the identity) as an
+// autograd function whose forward and backward launch the NVRTC kernels of
+// src/kernels/epilogue.rs through these callbacks:
+//   forward(y, scale, shift, residual, rscale, rshift, out, relu)
+//   backward(grad, out (null without ReLU), scale, rscale, grad_y, grad_residual)
+// Optional tensors are null. The shift (a convolution's bias) may need a
+// gradient; scale, rscale and rshift (fixed normalizations) may not.
+typedef int (*mrcnn_epilogue_forward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*,
+                                         at::Tensor*, int);
+typedef int (*mrcnn_epilogue_backward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*,
+                                          at::Tensor*);
+static mrcnn_epilogue_forward_cb epilogue_forward_cb = nullptr;
+static mrcnn_epilogue_backward_cb epilogue_backward_cb = nullptr;
+
+void mrcnn_set_epilogue_callbacks(mrcnn_epilogue_forward_cb forward, mrcnn_epilogue_backward_cb backward) {
+  epilogue_forward_cb = forward;
+  epilogue_backward_cb = backward;
+}
+
+static at::Tensor* opt_ptr(at::Tensor& t) { return t.defined() ? &t : nullptr; }
+
+// Which optional epilogue inputs are present (autograd functions take no
+// undefined tensors: absent ones are passed as the shift and ignored).
+enum { EPILOGUE_SCALE = 1, EPILOGUE_RESIDUAL = 2, EPILOGUE_RESIDUAL_AFFINE = 4, EPILOGUE_RELU = 8 };
+
+struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y, const at::Tensor& scale,
+                            const at::Tensor& shift, const at::Tensor& residual, const at::Tensor& rscale,
+                            const at::Tensor& rshift, int64_t flags) {
+    auto pick = [&](const at::Tensor& t, int flag) { return (flags & flag) ? t : at::Tensor(); };
+    bool relu = flags & EPILOGUE_RELU;
+    at::Tensor yy = y, b = shift, s = pick(scale, EPILOGUE_SCALE), r = pick(residual, EPILOGUE_RESIDUAL);
+    at::Tensor rs = pick(rscale, EPILOGUE_RESIDUAL_AFFINE), rb = pick(rshift, EPILOGUE_RESIDUAL_AFFINE);
+    at::Tensor out = at::empty_like(y);
+    if (epilogue_forward_cb(&yy, opt_ptr(s), &b, opt_ptr(r), opt_ptr(rs), opt_ptr(rb), &out, relu ? 1 : 0) != 0)
+      throw std::runtime_error("convolution epilogue kernel does not apply to these tensors");
+    ctx->save_for_backward({relu ? out : shift, scale, rscale});
+    ctx->saved_data["flags"] = flags;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    int64_t flags = ctx->saved_data["flags"].toInt();
+    bool relu = flags & EPILOGUE_RELU;
+    bool has_residual = flags & EPILOGUE_RESIDUAL;
+    at::Tensor out = relu ? saved[0] : at::Tensor();
+    at::Tensor scale = (flags & EPILOGUE_SCALE) ? saved[1] : at::Tensor();
+    at::Tensor rscale = (flags & EPILOGUE_RESIDUAL_AFFINE) ? saved[2] : at::Tensor();
+    at::Tensor g = grads[0];
+    at::Tensor gy, gr, masked;
+    if (!scale.defined() && !rscale.defined()) {
+      // No scales: both gradients are the masked output gradient itself.
+      masked = relu ? at::threshold_backward(g, out, 0) : g;
+      gy = masked;
+      gr = has_residual ? masked : at::Tensor();
+    } else {
+      auto format = out.defined() ? out.suggest_memory_format() : g.suggest_memory_format();
+      g = g.contiguous(format);
+      gy = at::empty_like(g);
+      gr = has_residual ? at::empty_like(g) : at::Tensor();
+      if (epilogue_backward_cb(&g, opt_ptr(out), opt_ptr(scale), opt_ptr(rscale), &gy, opt_ptr(gr)) != 0) {
+        // Tensor ops with the same arithmetic.
+        at::Tensor m = relu ? at::threshold_backward(g, out, 0) : g;
+        auto per_channel = [](const at::Tensor& t) { return t.reshape({1, -1, 1, 1}); };
+        gy = scale.defined() ? (m * per_channel(scale)).to(g.scalar_type()) : m;
+        if (has_residual) gr = rscale.defined() ? (m * per_channel(rscale)).to(g.scalar_type()) : m;
+      }
+    }
+    at::Tensor gshift;
+    if (ctx->needs_input_grad(2)) {
+      if (!masked.defined()) masked = relu ? at::threshold_backward(g, out, 0) : g;
+      gshift = masked.sum({0, 2, 3}, false, at::kFloat);
+    }
+    return {gy, at::Tensor(), gshift, gr, at::Tensor(), at::Tensor(), at::Tensor()};  // 7 inputs
+  }
+};
+
+// Differentiable epilogue through the callbacks (optional tensors null).
+// Returns 0, or -1 (see mrcnn_last_error).
+int mrcnn_epilogue(at::Tensor* y, at::Tensor* scale, at::Tensor* shift, at::Tensor* residual, at::Tensor* rscale,
+                   at::Tensor* rshift, int relu, at::Tensor** out) {
+  try {
+    if (!epilogue_forward_cb || !epilogue_backward_cb) throw std::runtime_error("epilogue callbacks not set");
+    auto opt = [&](at::Tensor* t) { return t ? *t : *shift; };
+    int64_t flags = (scale ? EPILOGUE_SCALE : 0) | (residual ? EPILOGUE_RESIDUAL : 0) |
+                    (rscale && rshift ? EPILOGUE_RESIDUAL_AFFINE : 0) | (relu ? EPILOGUE_RELU : 0);
+    *out = new at::Tensor(
+        EpilogueFunction::apply(*y, opt(scale), *shift, opt(residual), opt(rscale), opt(rshift), flags));
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();

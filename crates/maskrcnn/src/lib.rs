@@ -13,6 +13,7 @@ pub mod engine;
 pub mod environment;
 pub mod evaluation;
 pub mod host_sync;
+pub mod host_timing;
 pub mod kernels;
 pub mod modeling;
 pub mod ops;

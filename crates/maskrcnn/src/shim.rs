@@ -10,6 +10,7 @@ extern "C" {
     fn mrcnn_set_tf32(enabled: c_int) -> c_int;
     fn mrcnn_tf32_enabled() -> c_int;
     fn mrcnn_autocast_cuda(enabled: c_int, dtype: c_int) -> c_int;
+    fn mrcnn_autocast_cuda_set_enabled(enabled: c_int) -> c_int;
     fn mrcnn_last_error() -> *const c_char;
     fn mrcnn_non_finite_check_and_unscale(
         grads: *const Handle,
@@ -29,6 +30,17 @@ extern "C" {
         pw: i64,
         sr: i64,
         aligned: c_int,
+        out: *mut Handle,
+    ) -> c_int;
+    fn mrcnn_set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward);
+    fn mrcnn_epilogue(
+        y: Handle,
+        scale: Handle,
+        shift: Handle,
+        residual: Handle,
+        rscale: Handle,
+        rshift: Handle,
+        relu: c_int,
         out: *mut Handle,
     ) -> c_int;
     fn mrcnn_foreach_zero(ts: *const Handle, n: c_int) -> c_int;
@@ -100,6 +112,51 @@ pub fn multilevel_roi_align_autograd(
             output_size.1,
             sampling_ratio,
             c_int::from(aligned),
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `(y, scale, shift, residual, rscale, rshift, out, relu)`, optional ones null.
+pub type EpilogueForward = extern "C" fn(Handle, Handle, Handle, Handle, Handle, Handle, Handle, c_int) -> c_int;
+/// `(grad, out, scale, rscale, grad_y, grad_residual)`, optional ones null.
+pub type EpilogueBackward = extern "C" fn(Handle, Handle, Handle, Handle, Handle, Handle) -> c_int;
+
+/// Registers the kernels that the shim's convolution-epilogue autograd
+/// function launches (`kernels::epilogue` does, before its first use).
+pub fn set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward) {
+    // SAFETY: stores two function pointers that live for the whole program.
+    unsafe { mrcnn_set_epilogue_callbacks(forward, backward) }
+}
+
+/// `act(y·scale + shift + (residual·rscale + rshift))` through the shim's
+/// autograd function (kernels registered with [`set_epilogue_callbacks`]);
+/// gradients for `y`, `residual` and `shift`. Fails when the kernel
+/// rejects the tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn epilogue_autograd(
+    y: &Tensor,
+    scale: Option<&Tensor>,
+    shift: &Tensor,
+    residual: Option<&Tensor>,
+    rscale: Option<&Tensor>,
+    rshift: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor, ShimError> {
+    let mut out: Handle = std::ptr::null_mut();
+    let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as Handle);
+    // SAFETY: live tensors (optional ones null) borrowed for the call; on
+    // success the shim hands over a new heap-allocated at::Tensor.
+    check(unsafe {
+        mrcnn_epilogue(
+            y.as_ptr() as Handle,
+            opt(scale),
+            shift.as_ptr() as Handle,
+            opt(residual),
+            opt(rscale),
+            opt(rshift),
+            c_int::from(relu),
             &mut out,
         )
     })?;
@@ -296,6 +353,20 @@ impl Drop for AutocastGuard {
             mrcnn_autocast_cuda(self.previous & 1, (self.previous >> 1) & 1);
         }
     }
+}
+
+/// Runs `f` with CUDA autocast off (its cast cache kept), then restores
+/// it: for ops that autocast would run in float32 although they are exact
+/// in the input's dtype (nearest upsampling), so they stay in fp16/bf16.
+pub fn without_autocast<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: flips thread-local autocast state; exceptions are caught in C++.
+    let previous = unsafe { mrcnn_autocast_cuda_set_enabled(0) };
+    let out = f();
+    if previous == 1 {
+        // SAFETY: as above.
+        unsafe { mrcnn_autocast_cuda_set_enabled(1) };
+    }
+    out
 }
 
 /// Allows or forbids TF32 tensor-core math for fp32 matmuls (cuBLAS) and

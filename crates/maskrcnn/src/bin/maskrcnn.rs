@@ -180,6 +180,11 @@ struct BenchArgs {
     /// training set (`data.train_ann`).
     #[arg(long, value_name = "MIN,MAX", default_value = "800,1333", value_parser = parse_size)]
     size: (u32, u32),
+    /// bench train: run one more step between cuProfilerStart and
+    /// cuProfilerStop, for a profiler started with collection off
+    /// (`ncu --profile-from-start off`, `nsys --capture-range=cudaProfilerApi`).
+    #[arg(long)]
+    profile_range: bool,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -570,6 +575,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 amp: args.amp.into(),
                 channels_last: config.precision.channels_last,
                 device,
+                profile_range: args.profile_range,
             };
             let r = maskrcnn::engine::train_bench::run_train_bench(&opts)?;
             if args.json {
@@ -585,6 +591,8 @@ fn bench(args: BenchArgs) -> Result<()> {
                 );
                 let gpu = r.gpu_ms.map_or("n/a".to_string(), |g| format!("{g:.1} ms"));
                 println!("  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}", r.syncs_per_step);
+                let host: Vec<String> = r.host_split_ms.iter().map(|(s, ms)| format!("{s} {ms:.1}")).collect();
+                println!("  host ms per stage: {}", host.join(", "));
             }
         }
         BenchWhat::Data => {

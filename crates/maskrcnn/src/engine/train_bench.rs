@@ -25,6 +25,9 @@ pub struct TrainBench {
     pub amp: AmpMode,
     pub channels_last: bool,
     pub device: Device,
+    /// After the measurements, one more step inside a CUDA profiler range
+    /// (`kernels::timing::profiler_range`) for an external profiler.
+    pub profile_range: bool,
 }
 
 /// Median step time, throughput and peak memory of one configuration.
@@ -50,6 +53,11 @@ pub struct TrainBenchResult {
     pub gpu_ms: Option<f64>,
     /// `gpu_ms` / the median wall time of a step.
     pub gpu_busy_fraction: Option<f64>,
+    /// Host time per stage of the timed steps (median ms, in step order;
+    /// `crate::host_timing` marks). With 0 syncs per step a stage waits for
+    /// the GPU only when the launch queue is full (the GPU-bound case);
+    /// otherwise these are the host's own costs.
+    pub host_split_ms: Vec<(&'static str, f64)>,
 }
 
 /// The peer's synthetic training batch of `n` images on `device`.
@@ -113,15 +121,20 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     };
     sync();
     let mut times = Vec::with_capacity(opts.iters);
+    let mut host_stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
     for it in 0..opts.warmup + opts.iters {
         let (images, targets) = &batches[it % batches.len()];
         let t0 = Instant::now();
         let step = MicroBatch { images, targets };
-        let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
-        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        let (result, stages) = crate::host_timing::record(|| {
+            let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
+            apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)
+        });
+        result?;
         sync();
         if it >= opts.warmup {
             times.push(t0.elapsed().as_secs_f64());
+            host_stages.push(stages);
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -177,11 +190,33 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         sync();
     }
     crate::shim::enable_sync_counter(false);
+    if let (true, Device::Cuda(i)) = (opts.profile_range, opts.device) {
+        let (images, targets) = &batches[0];
+        crate::kernels::timing::profiler_range(i, true);
+        let step = MicroBatch { images, targets };
+        let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
+        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        sync();
+        crate::kernels::timing::profiler_range(i, false);
+    }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied()
     };
     let gpu_ms = median(gpu);
+    let host_split_ms = host_stages
+        .first()
+        .map(|first| {
+            first
+                .iter()
+                .enumerate()
+                .map(|(i, &(name, _))| {
+                    let v = host_stages.iter().filter_map(|s| s.get(i).filter(|s| s.0 == name).map(|s| s.1)).collect();
+                    (name, median(v).unwrap_or(0.0))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(TrainBenchResult {
         kind: "train",
         bs: opts.batch,
@@ -195,5 +230,6 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         syncs_per_step: median(syncs).unwrap_or(0.0),
         gpu_ms,
         gpu_busy_fraction: gpu_ms.map(|g| g / (med * 1e3)),
+        host_split_ms,
     })
 }

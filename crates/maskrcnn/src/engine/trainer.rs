@@ -563,7 +563,9 @@ pub fn forward_backward(
         Some(s) => s.scale_loss(&total),
         None => total,
     };
+    crate::host_timing::mark("loss_sum");
     total.backward();
+    crate::host_timing::mark("backward");
     Ok(Tensor::stack(&losses.named().iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0))
 }
 

@@ -4,6 +4,37 @@
 //! (DESIGN.md). Each kernel has a tch-based fallback: when CUDA, the driver
 //! or NVRTC is unavailable the callers take it.
 
+/// CUDA source of float32 ↔ fp16/bf16 conversions shared by the kernels
+/// (NVRTC compiles without the CUDA headers): `load_val(p)` of a float,
+/// `load_val(p, bf16)` of a 16-bit value (bf16 or fp16 by the flag),
+/// `store_half(v, bf16)` rounding to nearest even (NaN stays NaN).
+macro_rules! half_conversions {
+    () => {
+        r#"
+__device__ __forceinline__ float load_val(const float* p) { return *p; }
+__device__ __forceinline__ float load_val(const unsigned short* p, int bf16) {
+  if (bf16) return __uint_as_float(((unsigned int)*p) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
+  return f;
+}
+__device__ __forceinline__ unsigned short store_half(float v, int bf16) {
+  if (bf16) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+  }
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+"#
+    };
+}
+pub(crate) use half_conversions;
+
+pub mod epilogue;
 pub mod matcher;
 pub mod nms;
 pub mod polygon;
@@ -54,6 +85,17 @@ const SOURCES: &[(&str, &[&str])] = &[
         ],
     ),
     (nms::SOURCE, &["nms_suppression_bits", "nms_greedy"]),
+    (
+        epilogue::SOURCE,
+        &[
+            "epilogue_f32_forward",
+            "epilogue_f16_forward",
+            "epilogue_bf16_forward",
+            "epilogue_f32_backward",
+            "epilogue_f16_backward",
+            "epilogue_bf16_backward",
+        ],
+    ),
     (matcher::SOURCE, &["match_best_per_gt", "match_assign"]),
     (polygon::SOURCE, &["polygon_mask_targets"]),
     (timing::SOURCE, &["spin_ns"]),

@@ -13,7 +13,9 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use tch::{Device, Kind, Tensor};
 
-pub(crate) const SOURCE: &str = r#"
+pub(crate) const SOURCE: &str = concat!(
+    super::half_conversions!(),
+    r#"
 // torchvision's bilinear_interpolate(_gradient): the rows (ys) and columns
 // (xs) of the four neighbours of (y, x) in a height × width map and their
 // weights (low-low, low-high, high-low, high-high); false outside the map.
@@ -76,24 +78,6 @@ struct Levels {
   int count;
 };
 
-__device__ __forceinline__ float load_val(const float* p) { return *p; }
-__device__ __forceinline__ float load_val(const unsigned short* p, int bf16) {
-  if (bf16) return __uint_as_float(((unsigned int)*p) << 16);
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
-  return f;
-}
-__device__ __forceinline__ unsigned short store_half(float v, int bf16) {
-  if (bf16) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-  }
-  unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  return h;
-}
 
 // Output value `index` (channels fastest) of a multi-level pooling: where
 // it goes in the output and, when its RoI has a level (a non-finite box has
@@ -188,7 +172,8 @@ ML_FORWARD(roi_align_multilevel_forward_bf16, unsigned short, LOAD_HALF, STORE_H
 ML_BACKWARD(roi_align_multilevel_backward_f32, float, LOAD_F32)
 ML_BACKWARD(roi_align_multilevel_backward_f16, unsigned short, LOAD_HALF)
 ML_BACKWARD(roi_align_multilevel_backward_bf16, unsigned short, LOAD_HALF)
-"#;
+"#
+);
 
 /// One feature map as the kernels see it (`struct Level`).
 #[repr(C)]

@@ -34,6 +34,25 @@ pub fn spin(index: usize, seconds: f64) -> bool {
     unsafe { l.launch(cfg) }.is_ok()
 }
 
+/// Starts (`on`) or stops the CUDA profiler's collection on device `index`
+/// (`cuProfilerStart`/`cuProfilerStop`): a profiler launched with collection
+/// off records only the work in between. False when CUDA is unavailable.
+pub fn profiler_range(index: usize, on: bool) -> bool {
+    let Some(kernels) = super::device_kernels(index) else { return false };
+    if kernels.context.bind_to_thread().is_err() {
+        return false;
+    }
+    // SAFETY: plain driver calls on the bound context; no arguments.
+    let r = unsafe {
+        if on {
+            cudarc::driver::sys::cuProfilerStart()
+        } else {
+            cudarc::driver::sys::cuProfilerStop()
+        }
+    };
+    r == cudarc::driver::sys::CUresult::CUDA_SUCCESS
+}
+
 /// A pair of CUDA events recorded on libtorch's stream around some work.
 pub struct GpuSpan {
     kernels: Arc<super::DeviceKernels>,

@@ -4,6 +4,7 @@
 //! frozen (its tensors are buffers: no gradient, not in the optimizer) and
 //! so each forward is exactly the libtorch call torchvision makes.
 
+pub use crate::kernels::epilogue::Epilogue;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -60,15 +61,78 @@ pub fn conv2d(p: &Path, cin: i64, cout: i64, k: i64, o: ConvOpts) -> Conv2d {
 impl Conv2d {
     /// `[N, in, H, W]` → `[N, out, H', W']`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(
-            &self.weight,
-            self.bias.as_ref(),
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [self.dilation, self.dilation],
-            1,
-        )
+        self.forward_act(x, None, false)
     }
+
+    /// `act(conv(x) (+ residual))`, `act` ReLU when `relu`, else the
+    /// identity; `residual` shaped as the output. See [`conv_epilogue`].
+    pub fn forward_act(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Tensor {
+        let conv = |bias: Option<&Tensor>| {
+            x.conv2d(
+                &self.weight,
+                bias,
+                [self.stride, self.stride],
+                [self.padding, self.padding],
+                [self.dilation, self.dilation],
+                1,
+            )
+        };
+        conv_epilogue(conv, self.bias.as_ref(), residual, relu, x.device().is_cuda())
+    }
+}
+
+/// `act(conv(bias) (+ residual))` for a convolution `conv` given the bias
+/// it should add itself (or `None`). On CUDA a biased convolution runs
+/// without its bias and [`epilogue`] adds bias and residual and applies
+/// the ReLU in one pass; elsewhere torchvision's own ops run (bias inside
+/// the convolution, then add, then ReLU), keeping CPU results identical.
+fn conv_epilogue(
+    conv: impl FnOnce(Option<&Tensor>) -> Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    cuda: bool,
+) -> Tensor {
+    if let (true, Some(shift)) = (cuda, bias) {
+        return epilogue(&conv(None), &Epilogue { scale: None, shift, residual, residual_affine: None, relu });
+    }
+    let y = conv(bias);
+    let y = match residual {
+        Some(r) => y + r,
+        None => y,
+    };
+    if relu {
+        y.relu()
+    } else {
+        y
+    }
+}
+
+/// `act(y·scale + shift + (residual·rscale + rshift))` per [`Epilogue`]
+/// for `y` `[N, C, H, W]`: one fused kernel on CUDA
+/// (`kernels::epilogue`), the same arithmetic in tensor ops elsewhere
+/// (torchvision's: equal results). Differentiable for `y`, the residual
+/// and a trainable shift; the output has `y`'s dtype.
+pub fn epilogue(y: &Tensor, e: &Epilogue) -> Tensor {
+    if y.device().is_cuda() {
+        if let Some(out) = crate::kernels::epilogue::apply(y, e) {
+            return out;
+        }
+    }
+    let per_channel = |t: &Tensor| t.reshape([1, -1, 1, 1]);
+    let affine = |x: &Tensor, scale: Option<&Tensor>, shift: &Tensor| match scale {
+        Some(s) => x * per_channel(s) + per_channel(shift),
+        None => x + per_channel(shift),
+    };
+    let mut out = affine(y, e.scale, e.shift);
+    if let Some(r) = e.residual {
+        out = match e.residual_affine {
+            Some((s, b)) => out + affine(r, Some(s), b),
+            None => out + r,
+        };
+    }
+    let out = if e.relu { out.relu() } else { out };
+    out.to_kind(y.kind())
 }
 
 /// Transposed 2-D convolution, weight `[in, out, k, k]`, bias `[out]`.
@@ -91,7 +155,15 @@ pub fn conv_transpose2d(p: &Path, cin: i64, cout: i64, k: i64, stride: i64, init
 impl ConvTranspose2d {
     /// `[N, in, H, W]` → `[N, out, H*stride, W*stride]` (for k == stride).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv_transpose2d(&self.weight, Some(&self.bias), [self.stride, self.stride], [0, 0], [0, 0], 1, [1, 1])
+        self.forward_act(x, false)
+    }
+
+    /// The same followed by a ReLU when `relu` (see [`conv_epilogue`]).
+    pub fn forward_act(&self, x: &Tensor, relu: bool) -> Tensor {
+        let conv = |bias: Option<&Tensor>| {
+            x.conv_transpose2d(&self.weight, bias, [self.stride, self.stride], [0, 0], [0, 0], 1, [1, 1])
+        };
+        conv_epilogue(conv, Some(&self.bias), None, relu, x.device().is_cuda())
     }
 }
 
@@ -152,12 +224,13 @@ impl FrozenBatchNorm2d {
 }
 
 /// `[1, C, 1, 1]` scale and shift of a normalization with fixed statistics
-/// in one dtype, computed once and again only when a tensor behind them
+/// per dtype, computed once and again only when a tensor behind them
 /// changes (libtorch's version counters): a frozen BN costs two kernels
 /// per call instead of eight.
 #[derive(Debug, Default)]
 struct FoldedStatistics {
-    cached: std::sync::Mutex<Option<Folded>>,
+    /// One entry per dtype asked for.
+    cached: std::sync::Mutex<Vec<Folded>>,
 }
 
 /// Scale and shift in one dtype, for the version counters of weight, bias,
@@ -175,12 +248,12 @@ impl FoldedStatistics {
     fn get(&self, kind: Kind, t: [&Tensor; 4], eps: f64) -> (Tensor, Tensor) {
         let versions = t.map(crate::shim::tensor_version);
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cached.as_ref().filter(|f| f.kind == kind && f.versions == versions && !versions.contains(&-1))
-        {
+        if let Some(f) = cached.iter().find(|f| f.kind == kind && f.versions == versions && !versions.contains(&-1)) {
             return (f.scale.shallow_clone(), f.shift.shallow_clone());
         }
         let (scale, shift) = tch::no_grad(|| scale_and_shift(kind, t[0], t[1], t[2], t[3], eps));
-        *cached = Some(Folded { kind, versions, scale: scale.shallow_clone(), shift: shift.shallow_clone() });
+        cached.retain(|f| f.kind != kind);
+        cached.push(Folded { kind, versions, scale: scale.shallow_clone(), shift: shift.shallow_clone() });
         (scale, shift)
     }
 }
@@ -236,6 +309,23 @@ pub fn norm(p: &Path, c: i64, kind: crate::config::NormKind, trainable: bool) ->
 }
 
 impl Norm {
+    /// The per-channel float32 `[C]` `(scale, shift)` that this layer
+    /// applies (`x * scale + shift`) when its statistics are fixed: frozen
+    /// BN always, BatchNorm outside training. `None` for BatchNorm in
+    /// training (batch statistics).
+    pub fn fixed_affine(&self, train: bool) -> Option<(Tensor, Tensor)> {
+        let (scale, shift) = match self {
+            Norm::Frozen(bn) => {
+                bn.folded.get(Kind::Float, [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var], bn.eps)
+            }
+            Norm::Batch(bn) if train && bn.weight.requires_grad() => return None,
+            Norm::Batch(bn) => {
+                scale_and_shift(Kind::Float, &bn.weight, &bn.bias, &bn.running_mean, &bn.running_var, 1e-5)
+            }
+        };
+        Some((scale.reshape([-1]), shift.reshape([-1])))
+    }
+
     /// `[N, C, H, W]` → same shape. In training, BatchNorm uses (and updates)
     /// batch statistics; FrozenBatchNorm never does.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {

@@ -217,6 +217,7 @@ impl MaskRcnn {
             0
         };
         let list = self.transform.prepare(images, choices[pick] as i64, input.max_size as i64);
+        crate::host_timing::mark("images");
         // Boxes and polygons are resized on the host, bitmaps on the device;
         // then the padded batch goes to the device without blocking.
         let resized: Vec<Target> = targets
@@ -226,10 +227,14 @@ impl MaskRcnn {
             .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size, device))
             .collect();
         let gt = TargetBatch::new(resized, device);
+        crate::host_timing::mark("targets");
         let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
+        crate::host_timing::mark("backbone");
         let size = list.tensors.size();
         let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
+        crate::host_timing::mark("rpn");
         let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, &gt, sampler);
+        crate::host_timing::mark("rpn_losses");
         let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, &gt, sampler);
         Ok(Losses { objectness, rpn_box_reg, classifier: roi.classifier, box_reg: roi.box_reg, mask: roi.mask })
     }

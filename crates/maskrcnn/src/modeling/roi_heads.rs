@@ -120,9 +120,9 @@ impl MaskBranch {
     pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> Tensor {
         let mut x = self.pooler.pool(features, rois, image_sizes);
         for conv in &self.convs {
-            x = conv.forward(&x).relu();
+            x = conv.forward_act(&x, None, true);
         }
-        self.mask_fcn_logits.forward(&self.conv5_mask.forward(&x).relu())
+        self.mask_fcn_logits.forward(&self.conv5_mask.forward_act(&x, true))
     }
 }
 
@@ -283,9 +283,11 @@ impl RoiHeads {
             .encode(&gather4(&gt.boxes, &s_matched).reshape([-1, 4]), &s_boxes.reshape([-1, 4]))
             .reshape([b, slots, 4])
             .where_scalarother(&positive.unsqueeze(2), 0.0);
+        crate::host_timing::mark("roi_sampling");
         let rois = rois_of_slots(&s_boxes);
         let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes);
         let (classifier, box_reg) = fastrcnn_loss(&logits, &deltas, &s_labels, &targets, &weight, &positive);
+        crate::host_timing::mark("box_head");
 
         // Mask branch on the positives, which fill the first slots.
         let quota = ((self.cfg.batch_size_per_image as f64 * self.cfg.positive_fraction) as i64).min(slots);
@@ -295,8 +297,10 @@ impl RoiHeads {
         let mask_matched = s_matched.narrow(1, 0, quota);
         let resolution = self.cfg.mask_resolution as i64;
         let mask_targets = mask_targets(gt, &mask_boxes, &mask_matched, &mask_positive, resolution, device);
+        crate::host_timing::mark("mask_targets");
         let mask_logits = self.mask_branch.forward_rois(features, &rois_of_slots(&mask_boxes), image_sizes);
         let mask = maskrcnn_loss(&mask_logits, &mask_labels.reshape([-1]), &mask_targets, &mask_positive.reshape([-1]));
+        crate::host_timing::mark("mask_head");
         RoiLosses { classifier, box_reg, mask }
     }
 }

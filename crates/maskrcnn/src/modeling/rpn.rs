@@ -102,7 +102,7 @@ impl RpnHead {
         features
             .iter()
             .map(|f| {
-                let t = self.conv.forward(f).relu();
+                let t = self.conv.forward_act(f, None, true);
                 (self.cls_logits.forward(&t), self.bbox_pred.forward(&t))
             })
             .unzip()

@@ -48,10 +48,12 @@ impl Fpn {
         let mut last_inner = self.inner_blocks[n - 1].forward(&feats[n - 1]);
         let mut results = vec![self.layer_blocks[n - 1].forward(&last_inner)];
         for idx in (0..n - 1).rev() {
-            let lateral = self.inner_blocks[idx].forward(&feats[idx]);
-            let size = &lateral.size()[2..];
-            let top_down = last_inner.upsample_nearest2d(size, None, None);
-            last_inner = lateral + top_down;
+            let size = &feats[idx].size()[2..];
+            // Autocast would upsample in float32 and make the whole top-down
+            // path float32; nearest upsampling is exact in any dtype.
+            let top_down = crate::shim::without_autocast(|| last_inner.upsample_nearest2d(size, None, None));
+            // lateral + top_down, the sum fused with the lateral's bias on CUDA.
+            last_inner = self.inner_blocks[idx].forward_act(&feats[idx], Some(&top_down), false);
             results.insert(0, self.layer_blocks[idx].forward(&last_inner));
         }
         let p6 = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);

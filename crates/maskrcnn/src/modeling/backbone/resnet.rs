@@ -2,7 +2,7 @@
 //! the 3×3 convolution) returning the outputs C2..C5 of `layer1..layer4`.
 
 use crate::config::NormKind;
-use crate::modeling::layers::{conv2d, norm, Conv2d, ConvOpts, Norm};
+use crate::modeling::layers::{conv2d, epilogue, norm, Conv2d, ConvOpts, Epilogue, Norm};
 use tch::nn::Path;
 use tch::Tensor;
 
@@ -41,19 +41,48 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
         let mut out = x.shallow_clone();
-        let last = self.convs.len() - 1;
-        for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            out = bn.forward(&conv.forward(&out), train);
-            if i < last {
-                out = out.relu();
+        for (conv, norm) in inner {
+            out = conv_norm_relu(conv, norm, &out, train);
+        }
+        // The shortcut joins before the last ReLU. With fixed statistics
+        // the normalizations, the sum and the ReLU are one epilogue.
+        let (conv, norm) = last;
+        if let Some((scale, shift)) = norm.fixed_affine(train) {
+            let shortcut = match &self.downsample {
+                Some((dconv, dnorm)) => dnorm.fixed_affine(train).map(|affine| (dconv.forward(x), Some(affine))),
+                None => Some((x.shallow_clone(), None)),
+            };
+            if let Some((residual, affine)) = shortcut {
+                let e = Epilogue {
+                    scale: Some(&scale),
+                    shift: &shift,
+                    residual: Some(&residual),
+                    residual_affine: affine.as_ref().map(|(s, b)| (s, b)),
+                    relu: true,
+                };
+                return epilogue(&conv.forward(&out), &e);
             }
         }
+        let out = norm.forward(&conv.forward(&out), train);
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x), train),
+            Some((dconv, dnorm)) => dnorm.forward(&dconv.forward(x), train),
             None => x.shallow_clone(),
         };
         (out + identity).relu()
+    }
+}
+
+/// `relu(norm(conv(x)))`; with fixed statistics normalization and ReLU are
+/// one epilogue.
+fn conv_norm_relu(conv: &Conv2d, norm: &Norm, x: &Tensor, train: bool) -> Tensor {
+    match norm.fixed_affine(train) {
+        Some((scale, shift)) => {
+            let e = Epilogue { scale: Some(&scale), shift: &shift, residual: None, residual_affine: None, relu: true };
+            epilogue(&conv.forward(x), &e)
+        }
+        None => norm.forward(&conv.forward(x), train).relu(),
     }
 }
 
@@ -151,7 +180,7 @@ impl ResNet {
 
     /// `[N, 3, H, W]` → the four stage outputs C2..C5 (strides 4, 8, 16, 32).
     pub fn forward(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
-        let mut x = self.bn1.forward(&self.conv1.forward(x), train).relu();
+        let mut x = conv_norm_relu(&self.conv1, &self.bn1, x, train);
         x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut outs = Vec::with_capacity(4);
         for layer in &self.layers {
