@@ -298,6 +298,7 @@ fn options(output: &Path, resume: bool) -> TrainOptions {
         stop: Arc::new(AtomicBool::new(false)),
         progress: false,
         strict: false,
+        profile_iteration: None,
     }
 }
 

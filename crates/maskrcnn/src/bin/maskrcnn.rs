@@ -69,6 +69,10 @@ struct TrainArgs {
     /// A bad annotation or image stops training instead of being skipped.
     #[arg(long)]
     strict: bool,
+    /// Run iteration N between cuProfilerStart and cuProfilerStop, for a
+    /// profiler started with collection off (`ncu --profile-from-start off`).
+    #[arg(long, value_name = "N")]
+    profile_iter: Option<u64>,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -393,6 +397,7 @@ fn train(args: TrainArgs) -> Result<()> {
         stop,
         progress: std::io::stderr().is_terminal(),
         strict: args.strict,
+        profile_iteration: args.profile_iter,
     };
     let s = maskrcnn::engine::trainer::train(&config, &opts)?;
     if s.rank != 0 {

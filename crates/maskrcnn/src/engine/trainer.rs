@@ -49,6 +49,9 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Data strictness: a bad sample stops training.
     pub strict: bool,
+    /// This iteration runs inside a CUDA profiler range
+    /// (`kernels::timing::profiler_range`), for an external profiler.
+    pub profile_iteration: Option<u64>,
 }
 
 /// Why training could not start or had to stop.
@@ -184,6 +187,10 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
 
     while iteration < max_iter {
         let lr = schedule.lr_at(iteration as usize);
+        let profiled = match device {
+            Device::Cuda(i) if opts.profile_iteration == Some(iteration) => crate::kernels::timing::profiler_range(i, true),
+            _ => false,
+        };
         log.begin_step();
         let mut sums: Vec<Tensor> = Vec::new();
         for micro in 0..solver.accumulate_steps as u64 {
@@ -213,6 +220,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             log.add_reduce_wait(reduced.elapsed().as_secs_f64());
         }
         apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
+        if let (true, Device::Cuda(i)) = (profiled, device) {
+            crate::kernels::timing::profiler_range(i, false);
+        }
         log.end_step();
         iteration += 1;
 

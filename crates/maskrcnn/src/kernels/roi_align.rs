@@ -155,8 +155,12 @@ __device__ bool ml_bin(long long index, const Levels& lv, int channels, int pool
     ML_THREADS {                                                                                             \
       MlBin b;                                                                                               \
       if (!ML_BIN(b)) continue;                                                                              \
-      float* gin = (float*)b.L.data + b.plane;                                                               \
       float g = LOAD(grad_out + b.out);                                                                      \
+      /* Zero gradients (slots a loss masks out: negatives and padding in   \
+         the mask head, which repeat RoIs) add nothing; skipping them avoids \
+         atomics that contend on the same addresses. NaN still goes in. */   \
+      if (g == 0.0f) continue;                                                                               \
+      float* gin = (float*)b.L.data + b.plane;                                                               \
       FOR_EACH_SAMPLE(b, for (int q = 0; q < 4; q++)                                                         \
                              atomicAdd(gin + ys[q / 2] * b.L.sh + xs[q % 2] * b.L.sw, g * w[q] / b.cell.count);) \
     }                                                                                                        \
