@@ -188,7 +188,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     while iteration < max_iter {
         let lr = schedule.lr_at(iteration as usize);
         let profiled = match device {
-            Device::Cuda(i) if opts.profile_iteration == Some(iteration) => crate::kernels::timing::profiler_range(i, true),
+            Device::Cuda(i) if opts.profile_iteration == Some(iteration) => {
+                crate::kernels::timing::profiler_range(i, true)
+            }
             _ => false,
         };
         log.begin_step();
