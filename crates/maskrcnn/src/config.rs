@@ -344,6 +344,11 @@ pub struct DataConfig {
     pub val_images: String,
 }
 
+/// The most loader threads a config may ask for (`dataloader.workers`,
+/// `bench data --workers`): far above any useful count, far below what an
+/// operating system refuses to start.
+pub const MAX_LOADER_WORKERS: usize = 1024;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -597,6 +602,11 @@ impl Config {
         unit_interval(self.test.min_mask_map, "test.min_mask_map")?;
 
         rule(self.dataloader.prefetch >= 1, "dataloader.prefetch", "must be >= 1")?;
+        rule(
+            self.dataloader.workers <= MAX_LOADER_WORKERS,
+            "dataloader.workers",
+            &format!("must be <= {MAX_LOADER_WORKERS} (threads decoding images; about one per core is plenty)"),
+        )?;
         rule(self.test.ims_per_batch >= 1, "test.ims_per_batch", "must be >= 1")?;
         Ok(())
     }

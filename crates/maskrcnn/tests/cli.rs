@@ -85,3 +85,18 @@ fn env_reports_versions_and_cuda_state() {
         eprintln!("skipped the device checks of env: no CUDA device");
     }
 }
+
+/// An absurd loader thread count is refused with the key named, never an
+/// abort on a refused thread (was: "failed to spawn thread", exit 134).
+#[test]
+fn absurd_worker_counts_are_refused_with_the_key_named() {
+    let o = run(&["config", "--set", "dataloader.workers=100000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_one_line_failure(&o, "`dataloader.workers`: must be <= 1024");
+    let o = run(&["train", "--device", "cpu", "--set", "dataloader.workers=100000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_one_line_failure(&o, "dataloader.workers");
+    let o = run(&["bench", "data", "--device", "cpu", "--workers", "100000", "--iters", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_one_line_failure(&o, "--workers must be in 1..=1024");
+}

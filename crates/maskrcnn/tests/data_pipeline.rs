@@ -303,6 +303,12 @@ fn bad_annotations_are_reported() {
         r#"{{"images": [{{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}}, {{"id": 1, "file_name": "b.jpg", "width": 10, "height": 10}}], {CATS}}}"#
     );
     assert!(load_str(dir, &dup, false).unwrap_err().to_string().contains("image id 1 appears twice"));
+    let ann = r#"{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}"#;
+    let dup = format!(
+        r#"{{"images": [{{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}}], "annotations": [{ann}, {ann}], {CATS}}}"#
+    );
+    let e = load_str(dir, &dup, false).unwrap_err().to_string();
+    assert!(e.contains("annotation id 7 appears twice"), "{e}");
     assert!(!e.contains('\n'));
 
     // Bad samples are skipped, counted, named; strict makes them errors.

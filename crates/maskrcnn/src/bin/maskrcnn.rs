@@ -603,6 +603,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         BenchWhat::Data => {
             let config = args.config.resolve()?;
             let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let max = maskrcnn::config::MAX_LOADER_WORKERS;
+            anyhow::ensure!((1..=max).contains(&workers), "--workers must be in 1..={max}, got {workers}");
             let batch = args.batch.max(1);
             // Enough distinct images that each worker decodes different files.
             let (dataset, _guard) = bench_dataset(&config, args.size, (2 * batch * workers).clamp(16, 256))?;

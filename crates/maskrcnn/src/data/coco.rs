@@ -167,6 +167,14 @@ impl CocoDataset {
             });
         }
 
+        // Annotation ids must be unique (0 is what a missing id reads as,
+        // so it is not checked).
+        let mut annotation_ids = std::collections::HashSet::with_capacity(dataset.annotations.len());
+        for a in &dataset.annotations {
+            if a.id != 0 && !annotation_ids.insert(a.id) {
+                return Err(structure(format!("annotation id {} appears twice in \"annotations\"", a.id)));
+            }
+        }
         for a in dataset.annotations {
             let what = || format!("annotation {} (image {})", a.id, a.image_id);
             let Some(&slot) = index.get(&a.image_id) else {

@@ -77,6 +77,8 @@ pub enum LoaderError {
     BadImage { id: u64, path: String, message: String },
     #[error("data loader workers stopped")]
     WorkersGone,
+    #[error("cannot start data loader worker {index} of {count}: {message}")]
+    Spawn { index: usize, count: usize, message: String },
     #[error("no image loaded in {batches} batches in a row (an epoch's worth); the last failure: {last}")]
     NothingLoads { batches: u64, last: String },
 }
@@ -159,13 +161,19 @@ impl Loader {
         let (done_tx, done_rx) = channel::<Done>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let skipped = Arc::new(SkipLog::default());
-        let workers = (0..options.workers.max(1))
-            .map(|_| {
+        let count = options.workers.max(1);
+        let workers = (0..count)
+            .map(|index| {
                 let (jobs, done, dataset, skipped, options) =
                     (job_rx.clone(), done_tx.clone(), dataset.clone(), skipped.clone(), options.clone());
-                std::thread::spawn(move || worker(jobs, done, dataset, skipped, options))
+                // A refused thread is an error, not an abort (the workers
+                // already started stop when the job channel closes).
+                std::thread::Builder::new()
+                    .name(format!("loader-{index}"))
+                    .spawn(move || worker(jobs, done, dataset, skipped, options))
+                    .map_err(|e| LoaderError::Spawn { index, count, message: e.to_string() })
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Loader {
             jobs: Some(job_tx),
             done: done_rx,
