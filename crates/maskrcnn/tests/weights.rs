@@ -104,3 +104,30 @@ fn imagenet_backbone_weights_load_by_torchvision_names() {
     let e = maskrcnn::modeling::weights::load_backbone_weights(&other.vs, &path).unwrap_err().to_string();
     assert!(e.contains("missing layer") || e.contains("layer3"), "{e}");
 }
+
+/// A weights file with an integer tensor or non-finite values is refused at
+/// load with the tensor named (integers used to be converted silently into
+/// a model scoring nothing; NaN showed up steps later as a "diverging" loss).
+#[test]
+fn integer_or_non_finite_weights_are_refused_with_the_tensor_named() {
+    let config = small_config();
+    let model = MaskRcnn::new(&config, Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    model.save(&path).unwrap();
+    let tensors = tch::Tensor::read_safetensors(&path).unwrap();
+    let rewrite = |name: &str, f: &dyn Fn(&tch::Tensor) -> tch::Tensor| {
+        let out = dir.path().join(format!("{}.safetensors", name.replace('.', "_")));
+        let named: Vec<(String, tch::Tensor)> =
+            tensors.iter().map(|(k, t)| (k.clone(), if k == name { f(t) } else { t.shallow_clone() })).collect();
+        tch::Tensor::write_safetensors(&named, &out).unwrap();
+        out
+    };
+    let ints = rewrite("roi_heads.box_predictor.cls_score.weight", &|t| t.to_kind(tch::Kind::Int64));
+    let e = MaskRcnn::from_weights(&config, &ints, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("roi_heads.box_predictor.cls_score.weight: dtype Int64"), "{e}");
+    let nan = rewrite("backbone.fpn.layer_blocks.0.0.weight", &|t| t.fill(f64::NAN));
+    let e = MaskRcnn::from_weights(&config, &nan, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("NaN or infinite") && e.contains("backbone.fpn.layer_blocks.0.0.weight"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+}

@@ -26,4 +26,6 @@ pub enum ModelError {
     NumClasses { path: std::path::PathBuf, expected: usize, found: i64, shape: Vec<i64> },
     #[error("weights {path} do not fit the model: {problems}")]
     Mismatch { path: std::path::PathBuf, problems: String },
+    #[error("weights {path} hold NaN or infinite values: {tensors}")]
+    NonFinite { path: std::path::PathBuf, tensors: String },
 }

@@ -103,6 +103,10 @@ fn copy_matching(
             Some(t) if t.size() != var.size() => {
                 problems.push(format!("{short}: file has {:?}, model needs {:?}", t.size(), var.size()))
             }
+            // Integers would be converted silently into a model that scores nothing.
+            Some(t) if !t.is_floating_point() => {
+                problems.push(format!("{short}: dtype {:?}, a floating-point tensor is needed", t.kind()))
+            }
             Some(_) => {}
         }
     }
@@ -116,6 +120,25 @@ fn copy_matching(
         let shown: Vec<String> = problems.into_iter().take(12).collect();
         let more = if n > shown.len() { format!("; and {} more", n - shown.len()) } else { String::new() };
         return Err(ModelError::Mismatch { path: path.to_path_buf(), problems: format!("{}{more}", shown.join("; ")) });
+    }
+    // A non-finite weight is a broken file, named here (not, many steps
+    // later, a loss that looks like a diverging learning rate).
+    let broken: Vec<String> = model
+        .keys()
+        .map(|name| &name[prefix.len()..])
+        .filter_map(|short| {
+            let bad = file[short].isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]);
+            (bad > 0).then(|| format!("{short} ({bad} of {} values)", file[short].numel()))
+        })
+        .collect();
+    if !broken.is_empty() {
+        let shown: Vec<&str> = broken.iter().take(6).map(String::as_str).collect();
+        let more = if broken.len() > shown.len() {
+            format!("; and {} more", broken.len() - shown.len())
+        } else {
+            String::new()
+        };
+        return Err(ModelError::NonFinite { path: path.to_path_buf(), tensors: format!("{}{more}", shown.join("; ")) });
     }
     tch::no_grad(|| {
         for (name, var) in model {
