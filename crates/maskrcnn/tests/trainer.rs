@@ -425,7 +425,7 @@ fn setup_errors_come_before_training() {
 }
 
 #[test]
-fn cli_ctrl_c_checkpoints_and_resume_continues() {
+fn cli_sigterm_checkpoints_and_resume_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
     let out = tmp.path().join("run");
@@ -469,12 +469,15 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
         assert!(started.elapsed().as_secs() < 120, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    // SIGTERM (how `timeout`, `kill`, Slurm and Kubernetes stop a job)
+    // stops like Ctrl-C (SIGINT, sent to launched ranks below).
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("interrupted: continue with --resume"), "{stdout}");
+    assert!(stdout.contains("interrupted: checkpoint written, no model_final; continue with --resume"), "{stdout}");
+    assert!(!out.join("model_final.safetensors").exists(), "an interrupted run writes no model_final");
     let saved = checkpoint::list(&out);
     assert_eq!(saved.len(), 1, "one checkpoint at the interruption");
     let at = saved[0].0;
@@ -485,6 +488,7 @@ fn cli_ctrl_c_checkpoints_and_resume_continues() {
     let text = String::from_utf8_lossy(&resumed.stdout);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(text.contains(&format!("{at} -> {}", at + 2)), "{text}");
+    assert!(out.join("model_final.safetensors").is_file(), "the completed run writes model_final");
     // Logs into a pipe or file carry no terminal colour codes.
     let log = String::from_utf8_lossy(&resumed.stderr);
     assert!(log.contains("training") && !log.contains('\u{1b}'), "{log}");

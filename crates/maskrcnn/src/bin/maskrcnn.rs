@@ -382,7 +382,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let device = args.device.resolve()?;
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    // First Ctrl-C: checkpoint after the current step and exit; second: now.
+    // First Ctrl-C or SIGTERM (how `timeout`, `kill`, Slurm and Kubernetes
+    // stop a job): checkpoint after the current step and exit; second: now.
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
@@ -425,9 +426,14 @@ fn train(args: TrainArgs) -> Result<()> {
     if s.skipped_images > 0 {
         println!("{:<22} {}", "unreadable images", s.skipped_images);
     }
-    println!("{:<22} {}", "weights", s.weights.display());
+    if let Some(weights) = &s.weights {
+        println!("{:<22} {}", "weights", weights.display());
+    }
     if s.interrupted {
-        println!("interrupted: continue with --resume --output {}", args.output.display());
+        println!(
+            "interrupted: checkpoint written, no model_final; continue with --resume --output {}",
+            args.output.display()
+        );
     } else if s.stopped_early {
         println!("stopped early: target accuracy reached");
     }

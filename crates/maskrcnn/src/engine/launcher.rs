@@ -55,7 +55,9 @@ pub fn free_port() -> Result<u16, LaunchError> {
 /// Runs `command(rank)` for every rank in `0..n`, each in its own process
 /// group (the terminal's Ctrl-C reaches the launcher only), until all exit.
 /// `interrupt` set (by the launcher's Ctrl-C handler) is forwarded once to
-/// every rank as SIGINT. The first rank to fail stops the others (SIGTERM).
+/// every rank as SIGINT. The first rank to fail stops the others (SIGKILL:
+/// SIGTERM would ask them for a checkpoint, which a group missing a rank
+/// cannot reach).
 pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<AtomicBool>) -> Result<(), LaunchError> {
     use std::os::unix::process::CommandExt;
     let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
@@ -65,7 +67,7 @@ pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<At
         match cmd.spawn() {
             Ok(child) => children.push(Some(child)),
             Err(source) => {
-                signal_all(&mut children, libc::SIGTERM);
+                signal_all(&mut children, libc::SIGKILL);
                 wait_all(&mut children);
                 return Err(LaunchError::Spawn { rank, source });
             }
@@ -85,7 +87,7 @@ pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<At
                 Ok(Some(status)) if status.success() => children[rank] = None,
                 Ok(Some(status)) => {
                     children[rank] = None;
-                    signal_all(&mut children, libc::SIGTERM);
+                    signal_all(&mut children, libc::SIGKILL);
                     wait_all(&mut children);
                     return Err(LaunchError::RankFailed { rank, status });
                 }

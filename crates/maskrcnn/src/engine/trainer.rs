@@ -93,8 +93,10 @@ pub struct TrainSummary {
     pub loss_scale: Option<f64>,
     pub evals: Vec<EvalPoint>,
     pub stopped_early: bool,
+    /// Stopped by Ctrl-C or SIGTERM (checkpoint written; no `model_final`).
     pub interrupted: bool,
-    pub weights: PathBuf,
+    /// `model_final.safetensors`, written unless interrupted.
+    pub weights: Option<PathBuf>,
     pub skipped_images: usize,
     /// This process's rank (0 without `maskrcnn launch`); only rank 0 writes.
     pub rank: usize,
@@ -322,9 +324,11 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         }
     }
     bar.finish_and_clear();
-    let weights = opts.output.join("model_final.safetensors");
-    if main {
-        model.save(&weights)?;
+    // An interrupted run leaves its checkpoint, not a `model_final` that
+    // could be taken for a finished model.
+    let weights = (!interrupted).then(|| opts.output.join("model_final.safetensors"));
+    if let (true, Some(path)) = (main, &weights) {
+        model.save(path)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     let done = iteration - start;
