@@ -379,6 +379,20 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     other.model.fpn_channels = 48;
     let e = train(&other, &options(&a, true)).unwrap_err().to_string();
     assert!(e.contains("another model") && e.contains("fpn_channels"), "{e}");
+
+    // A damaged newest checkpoint (model file cut short): --resume falls
+    // back to the older intact one, retrains 3..6 to the same weights, and
+    // the log drops the rows past iteration 3 before logging them again
+    // (no iteration appears twice).
+    let newest = checkpoint::list(&a)[1].1.join("model.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let logged = losses_by_iteration(&a);
+    let sr = train(&full, &options(&a, true)).unwrap();
+    assert_eq!((sr.start_iteration, sr.iterations), (3, 6));
+    let (d, name) = max_rel_diff(&read(&a.join("model_final.safetensors")), &wa);
+    assert!(d == 0.0, "weights after the fallback differ: {name} by {d:.2e}");
+    assert_eq!(losses_by_iteration(&a), logged, "metrics.jsonl after the resume");
 }
 
 #[test]

@@ -139,8 +139,13 @@ pub struct Loaded {
 }
 
 /// Reads the checkpoint in `dir` (the model weights stay in
-/// `dir/model.safetensors`, loaded by the model).
+/// `dir/model.safetensors`, loaded by the model, but are checked to be a
+/// complete safetensors file here).
 pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    let model_path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&model_path).map_err(|e| io(&model_path, e))?;
+    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(&model_path, format!("{e:?}")))?;
+    drop(bytes);
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| io(&state_path, e))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| io(&state_path, e))?;

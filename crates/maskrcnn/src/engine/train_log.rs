@@ -72,10 +72,36 @@ pub struct TrainLog {
     window_syncs: i64,
 }
 
+/// Rewrites the JSON-lines log at `path` (atomically) without the records
+/// whose `"iteration"` is past `iteration`; nothing to do when there are
+/// none or the file does not exist.
+fn drop_records_after(path: &Path, iteration: u64) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let later = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("iteration").and_then(serde_json::Value::as_u64))
+            .is_some_and(|i| i > iteration)
+    };
+    if !text.lines().any(later) {
+        return Ok(());
+    }
+    let kept: String = text.lines().filter(|l| !later(l)).flat_map(|l| [l, "\n"]).collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)?;
+    std::fs::rename(&tmp, path)
+}
+
 impl TrainLog {
-    /// Opens `output/metrics.jsonl` (appending: a resumed run continues it)
-    /// and the TensorBoard writer when `main`; a sink otherwise. `distributed`
-    /// adds the all-reduce time to each record. The first window starts at
+    /// Opens `output/metrics.jsonl` (appending: a resumed run continues it,
+    /// after dropping the records of iterations past `start_iteration` that
+    /// the interrupted run logged after its checkpoint) and the TensorBoard
+    /// writer when `main`; a sink otherwise. `distributed` adds the
+    /// all-reduce time to each record. The first window starts at
     /// `start_iteration`.
     pub fn open(
         output: &Path,
@@ -86,6 +112,10 @@ impl TrainLog {
     ) -> Result<TrainLog, TrainLogError> {
         let metrics: Box<dyn Write> = if main {
             let path = output.join("metrics.jsonl");
+            if start_iteration > 0 {
+                drop_records_after(&path, start_iteration)
+                    .map_err(|source| TrainLogError { path: path.display().to_string(), source })?;
+            }
             Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)

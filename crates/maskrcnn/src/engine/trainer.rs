@@ -383,16 +383,23 @@ fn micro_batch_size(config: &Config, world_size: usize) -> Result<usize, TrainEr
     Ok(per_step / solver.accumulate_steps)
 }
 
-/// The newest checkpoint in `output` for `--resume` (None, with a warning,
-/// when there is none); an error when it comes from another model.
+/// The newest readable checkpoint in `output` for `--resume` (a damaged
+/// newer one is passed over with a warning naming it and why; None, with a
+/// warning, when there is none); an error when it comes from another model.
 fn load_resume_checkpoint(config: &Config, output: &Path) -> Result<Option<checkpoint::Loaded>, TrainError> {
-    let Some((_, dir)) = checkpoint::list(output).pop() else {
-        tracing::warn!("--resume: no checkpoint in {}, starting from iteration 0", output.display());
-        return Ok(None);
-    };
-    let loaded = checkpoint::load(&dir)?;
-    check_compatible(config, &loaded.config_toml, &dir)?;
-    Ok(Some(loaded))
+    let mut saved = checkpoint::list(output);
+    while let Some((_, dir)) = saved.pop() {
+        match checkpoint::load(&dir) {
+            Ok(loaded) => {
+                check_compatible(config, &loaded.config_toml, &dir)?;
+                return Ok(Some(loaded));
+            }
+            Err(e) if saved.is_empty() => return Err(e.into()),
+            Err(e) => tracing::warn!("--resume: skipping damaged checkpoint {} ({e})", dir.display()),
+        }
+    }
+    tracing::warn!("--resume: no checkpoint in {}, starting from iteration 0", output.display());
+    Ok(None)
 }
 
 /// The training set (images without annotations dropped; skipped records
