@@ -128,6 +128,15 @@ pub struct InputConfig {
     pub size_divisibility: usize,
     /// Probability of a horizontal flip of each training image.
     pub flip_prob: f64,
+    /// Images with more pixels are refused (skipped and reported) from
+    /// their header, before decoding: a decoded image costs 15 bytes per
+    /// pixel on the way to the network (RGB bytes and float32).
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
+}
+
+fn default_max_image_pixels() -> u64 {
+    crate::data::image::DEFAULT_MAX_PIXELS
 }
 
 /// How pixel values are presented to the network.
@@ -372,6 +381,7 @@ impl Default for Config {
                 pixel_std: vec![0.229, 0.224, 0.225],
                 size_divisibility: 32,
                 flip_prob: 0.5,
+                max_image_pixels: default_max_image_pixels(),
             },
             rpn: RpnConfig {
                 anchor_sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
@@ -520,6 +530,7 @@ impl Config {
         rule(i.pixel_mean.iter().all(|v| v.is_finite()), "input.pixel_mean", "values must be finite")?;
         rule(i.pixel_std.iter().all(|&v| v > 0.0 && v.is_finite()), "input.pixel_std", "values must be > 0")?;
         rule(i.size_divisibility >= 1, "input.size_divisibility", "must be >= 1")?;
+        rule(i.max_image_pixels > 0, "input.max_image_pixels", "must be > 0")?;
         unit_interval(i.flip_prob, "input.flip_prob")?;
 
         let r = &self.rpn;

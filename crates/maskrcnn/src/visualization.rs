@@ -2,6 +2,7 @@
 //! label with class name and score (an 8×8 bitmap font, scaled with the image).
 
 use crate::data::image::RgbImage;
+use crate::structures::rle::CompressedRle;
 use std::path::Path;
 
 /// Class names of torchvision's 91-entry COCO label space (index = label).
@@ -109,11 +110,12 @@ pub fn class_name(label: i64, num_classes: usize) -> String {
     format!("class {label}")
 }
 
-/// One detection to draw: box `[x1, y1, x2, y2]`, mask (row-major `H*W`, nonzero
-/// = inside) and caption.
+/// One detection to draw: box `[x1, y1, x2, y2]`, mask (a COCO RLE of the
+/// image's size, drawn run by run: no full-image buffer per mask) and
+/// caption.
 pub struct Drawable<'a> {
     pub bbox: [f32; 4],
-    pub mask: Option<&'a [u8]>,
+    pub mask: Option<&'a CompressedRle>,
     pub caption: String,
 }
 
@@ -138,14 +140,25 @@ pub fn draw_detections(image: &RgbImage, items: &[Drawable<'_>], out: &Path) -> 
     let scale = ((w.max(h) as f32 / 640.0).round() as usize).clamp(1, 4);
     for (k, item) in items.iter().enumerate() {
         let c = PALETTE[k % PALETTE.len()];
-        if let Some(mask) = item.mask {
-            for (i, &m) in mask.iter().enumerate().take(w * h) {
-                if m != 0 {
-                    for ch in 0..3 {
-                        let v = &mut px[3 * i + ch];
-                        *v = ((*v as f32) * 0.5 + (c[ch] as f32) * 0.5) as u8;
+        let runs = item
+            .mask
+            .filter(|m| m.size == [h as u32, w as u32])
+            .and_then(|m| hotcoco::mask::rle_from_string(&m.counts, h as u32, w as u32).ok());
+        if let Some(rle) = runs {
+            // Column-major runs, background first.
+            let mut start = 0usize;
+            for (k, &len) in rle.counts.iter().enumerate() {
+                let end = (start + len as usize).min(w * h);
+                if k % 2 == 1 {
+                    for p in start..end {
+                        let i = (p % h) * w + p / h;
+                        for ch in 0..3 {
+                            let v = &mut px[3 * i + ch];
+                            *v = ((*v as f32) * 0.5 + (c[ch] as f32) * 0.5) as u8;
+                        }
                     }
                 }
+                start = end;
             }
         }
         let [x1, y1, x2, y2] = item.bbox.map(|v| v.round().max(0.0) as usize);

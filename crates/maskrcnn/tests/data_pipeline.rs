@@ -227,6 +227,7 @@ fn loader(ds: &Arc<CocoDataset>, workers: usize, start: u64, rank: usize, world:
             strict: false,
             device: Device::Cpu,
             start_iteration: start,
+            max_image_pixels: maskrcnn::data::image::DEFAULT_MAX_PIXELS,
         },
     )
     .unwrap()
@@ -389,6 +390,7 @@ fn bad_images_are_skipped_once_or_stop_in_strict_mode() {
             strict: true,
             device: Device::Cpu,
             start_iteration: 0,
+            max_image_pixels: maskrcnn::data::image::DEFAULT_MAX_PIXELS,
         },
     )
     .unwrap();
@@ -442,7 +444,8 @@ fn image_variants_decode_as_pil_does() {
     let names = std::fs::read_to_string(dir.join("stamp")).unwrap();
     for name in names.lines() {
         let path = dir.join(name);
-        let ours = maskrcnn::data::image::RgbImage::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let ours = maskrcnn::data::image::RgbImage::open(&path, maskrcnn::data::image::DEFAULT_MAX_PIXELS)
+            .unwrap_or_else(|e| panic!("{e}"));
         let pil = Tensor::read_npy(dir.join(format!("{name}.npy"))).unwrap();
         let (h, w) = (pil.size()[0], pil.size()[1]);
         assert_eq!((ours.height as i64, ours.width as i64), (h, w), "{name}");

@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use maskrcnn::ops::box_iou;
+use maskrcnn::structures::masks::decode_rles;
 use maskrcnn::{Config, MaskRcnn};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -195,7 +196,10 @@ fn check(case: &Case, device: Device) {
     let dets = model.postprocess(trace, &originals);
     let mut total_dets = 0;
     for (i, d) in dets.iter().enumerate() {
-        let masks = d.masks.as_ref().unwrap().squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8);
+        // Our pasted masks come as RLEs of the image: decoded for the comparison.
+        let (h, w) = originals[i];
+        let masks = decode_rles(d.segmentations.as_ref().unwrap())
+            .unwrap_or_else(|| Tensor::zeros([0, h, w], (Kind::Uint8, Device::Cpu)));
         let ours: HashMap<&str, Tensor> = HashMap::from([
             ("boxes", d.boxes.shallow_clone()),
             ("scores", d.scores.shallow_clone()),

@@ -235,3 +235,56 @@ fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
         !written.is_empty() && written.iter().all(|d| d["image_id"].as_u64().is_some_and(|i| (1..=3).contains(&i)))
     );
 }
+
+/// `predict` on one 8000×8000 image with 100 detections stays within 2 GB
+/// of peak memory (it used 7.9 GB with 20 detections when each pasted mask
+/// was a full-image tensor): masks are pasted into their box windows and
+/// encoded to RLE a bounded group at a time; the drawing is made from the
+/// RLE runs.
+#[test]
+fn predict_memory_stays_bounded_on_a_huge_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("huge.jpg");
+    image::RgbImage::from_pixel(8000, 8000, image::Rgb([120, 110, 100])).save(&image).unwrap();
+    let sets = ["model.backbone_depth=18".to_string(), "model.num_classes=3".to_string()];
+    let config = maskrcnn::Config::load(None, &sets).unwrap();
+    let weights = tmp.path().join("w.safetensors");
+    maskrcnn::MaskRcnn::new(&config, tch::Device::Cpu).unwrap().save(&weights).unwrap();
+    let json = tmp.path().join("d.json");
+    // Above input.max_image_pixels: refused from the header, named.
+    let o = Command::new(maskrcnn_bin())
+        .args(["predict", "--device", "cpu", "--weights", weights.to_str().unwrap()])
+        .args(["--set", &sets[0], "--set", &sets[1], "--set", "input.max_image_pixels=50000000"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("huge.jpg: 8000x8000 is 64 megapixels, above input.max_image_pixels (50 megapixels)"),
+        "{err}"
+    );
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+    let child = Command::new(maskrcnn_bin())
+        .args(["predict", "--device", "cpu", "--weights", weights.to_str().unwrap()])
+        .args(["--set", &sets[0], "--set", &sets[1]])
+        .args(["--set", "roi_heads.score_thresh=0", "--set", "roi_heads.detections_per_img=100"])
+        .args(["--json", json.to_str().unwrap(), "--draw", tmp.path().join("drawn").to_str().unwrap()])
+        .arg(&image)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Peak resident memory of this child alone (wait4's rusage).
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, filling plain-old-data out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "predict failed: status {status}");
+    let peak_gib = usage.ru_maxrss as f64 / (1 << 20) as f64; // kilobytes on Linux
+    let dets: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    eprintln!("8000×8000, {} detections: peak RSS {peak_gib:.2} GiB", dets.len());
+    assert!(dets.len() >= 50, "only {} detections", dets.len());
+    assert!(dets.iter().all(|d| d.segmentation.size == [8000, 8000]));
+    assert!(peak_gib <= 2.0, "peak RSS {peak_gib:.2} GiB");
+}

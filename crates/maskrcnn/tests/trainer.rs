@@ -856,6 +856,7 @@ fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
                 strict: false,
                 device,
                 start_iteration: 0,
+                max_image_pixels: cfg.input.max_image_pixels,
             },
         )
         .unwrap();

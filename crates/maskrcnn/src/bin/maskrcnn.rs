@@ -624,6 +624,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 prefetch: config.dataloader.prefetch,
                 flip_prob: config.input.flip_prob,
                 device,
+                max_image_pixels: config.input.max_image_pixels,
             };
             let r = maskrcnn::engine::data_bench::run_data_bench(std::sync::Arc::new(dataset), &opts)?;
             if args.json {

@@ -10,6 +10,10 @@ pub enum ImageError {
     Decode { path: PathBuf, message: String },
 }
 
+/// The default of `input.max_image_pixels`: 100 megapixels (10000×10000),
+/// about 1.5 GB on the way to the network.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
 /// A decoded image: RGB bytes, row-major, 3 per pixel.
 #[derive(Debug, Clone)]
 pub struct RgbImage {
@@ -21,17 +25,32 @@ pub struct RgbImage {
 impl RgbImage {
     /// Decodes a JPEG or PNG file (the format is read from its content).
     /// JPEGs decode with zune-jpeg in strict mode: a truncated or corrupt
-    /// file is an error, not a silently grey-filled image.
-    pub fn open(path: &Path) -> Result<RgbImage, ImageError> {
+    /// file is an error, not a silently grey-filled image. An image of more
+    /// than `max_pixels` pixels is an error read from its header, before
+    /// any decoding.
+    pub fn open(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageError> {
         // Decoder messages can span lines; errors here are one line.
         let err =
             |message: String| ImageError::Decode { path: path.to_path_buf(), message: crate::text::one_line(&message) };
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (width, height, pixels) = if bytes.starts_with(&[0xFF, 0xD8]) {
+        let jpeg = bytes.starts_with(&[0xFF, 0xD8]);
+        let reader = || image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format();
+        let (w, h) = if jpeg {
+            jpeg_dimensions(&bytes).map_err(err)?
+        } else {
+            reader().map_err(|e| err(e.to_string()))?.into_dimensions().map_err(|e| err(e.to_string()))?
+        };
+        if u64::from(w) * u64::from(h) > max_pixels {
+            return Err(err(format!(
+                "{w}x{h} is {:.0} megapixels, above input.max_image_pixels ({:.0} megapixels)",
+                f64::from(w) * f64::from(h) / 1e6,
+                max_pixels as f64 / 1e6
+            )));
+        }
+        let (width, height, pixels) = if jpeg {
             decode_jpeg(&bytes).map_err(err)?
         } else {
-            let reader = image::ImageReader::new(std::io::Cursor::new(&bytes));
-            let reader = reader.with_guessed_format().map_err(|e| err(e.to_string()))?;
+            let reader = reader().map_err(|e| err(e.to_string()))?;
             let img = reader.decode().map_err(|e| err(e.to_string()))?.to_rgb8();
             let (w, h) = img.dimensions();
             (w, h, img.into_raw())
@@ -44,13 +63,23 @@ impl RgbImage {
 
     /// `[3, H, W]` float RGB in [0, 1] on `device`.
     pub fn to_tensor(&self, device: Device) -> Tensor {
-        Tensor::from_slice(&self.pixels)
+        let mut t = Tensor::from_slice(&self.pixels)
             .reshape([self.height as i64, self.width as i64, 3])
             .to_device(device)
             .permute([2, 0, 1])
-            .to_kind(Kind::Float)
-            / 255.0
+            .to_kind(Kind::Float);
+        // In place: no second float32 copy of a possibly huge image.
+        let _ = t.g_div_scalar_(255.0);
+        t
     }
+}
+
+/// `(width, height)` of a JPEG from its header.
+fn jpeg_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
+    let mut decoder = zune_jpeg::JpegDecoder::new(zune_core::bytestream::ZCursor::new(bytes));
+    decoder.decode_headers().map_err(|e| format!("corrupt or truncated JPEG: {e:?}"))?;
+    let (w, h) = decoder.dimensions().ok_or("JPEG without dimensions")?;
+    Ok((w as u32, h as u32))
 }
 
 /// `(width, height, RGB bytes)` of a JPEG, strictly.
@@ -67,17 +96,18 @@ fn decode_jpeg(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>), String> {
     Ok((w as u32, h as u32, pixels))
 }
 
-/// Decodes `paths` on up to one thread per core; results in input order.
-pub fn open_many(paths: &[PathBuf]) -> Vec<Result<RgbImage, ImageError>> {
+/// Decodes `paths` (at most `max_pixels` each) on up to one thread per
+/// core; results in input order.
+pub fn open_many(paths: &[PathBuf], max_pixels: u64) -> Vec<Result<RgbImage, ImageError>> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(paths.len().max(1));
     if threads <= 1 {
-        return paths.iter().map(|p| RgbImage::open(p)).collect();
+        return paths.iter().map(|p| RgbImage::open(p, max_pixels)).collect();
     }
     let chunk = paths.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = paths
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|p| RgbImage::open(p)).collect::<Vec<_>>()))
+            .map(|part| s.spawn(move || part.iter().map(|p| RgbImage::open(p, max_pixels)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()

@@ -42,6 +42,8 @@ pub struct LoaderOptions {
     pub device: Device,
     /// First iteration to produce (resuming a run).
     pub start_iteration: u64,
+    /// Larger images are refused from their header (`input.max_image_pixels`).
+    pub max_image_pixels: u64,
 }
 
 /// Host-side time spent on one batch, summed over its images (milliseconds).
@@ -302,7 +304,7 @@ fn load_batch(
         let record = &dataset.images[i];
         let path = dataset.image_path(record);
         let t0 = Instant::now();
-        let image = RgbImage::open(&path).and_then(|im| {
+        let image = RgbImage::open(&path, options.max_image_pixels).and_then(|im| {
             if (im.width, im.height) == (record.width, record.height) {
                 Ok(im)
             } else {

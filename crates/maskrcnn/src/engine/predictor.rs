@@ -6,7 +6,6 @@ use crate::modeling::MaskRcnn;
 use crate::shim::AutocastGuard;
 use crate::visualization::{draw_detections, Drawable};
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
 
 /// Why a prediction run failed as a whole (single bad images are skipped).
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +53,7 @@ pub fn predict_files(
     let mut results: Vec<DetectionResult> = Vec::new();
     for chunk in paths.chunks(batch) {
         let mut loaded = Vec::new();
-        for (path, decoded) in chunk.iter().zip(open_many(chunk)) {
+        for (path, decoded) in chunk.iter().zip(open_many(chunk, model.config.input.max_image_pixels)) {
             match decoded {
                 Ok(img) => loaded.push((path, img)),
                 Err(e) => {
@@ -69,7 +68,7 @@ pub fn predict_files(
         let tensors: Vec<tch::Tensor> = loaded.iter().map(|(_, im)| im.to_tensor(device)).collect();
         let dets = {
             let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };
-            model.predict(&tensors)
+            model.predict_owned(tensors)
         };
         for ((path, img), det) in loaded.iter().zip(&dets) {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -97,27 +96,16 @@ fn draw_one(
     model: &MaskRcnn,
     thresh: f64,
 ) -> Result<(), PredictError> {
-    let masks = det.masks.as_ref().map(|m| m.squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8).to_device(Device::Cpu));
-    let (h, w) = (img.height as usize, img.width as usize);
-    let mut mask_bytes: Vec<Vec<u8>> = Vec::new();
     let keep: Vec<usize> = (0..res.len()).filter(|&i| res[i].score >= thresh).collect();
     let labels = crate::ops::boxes::to_vec_i64(&det.labels);
-    for &i in &keep {
-        let mut v = vec![0u8; h * w];
-        if let Some(m) = &masks {
-            m.get(i as i64).contiguous().copy_data(&mut v, h * w);
-        }
-        mask_bytes.push(v);
-    }
     let items: Vec<Drawable<'_>> = keep
         .iter()
-        .zip(&mask_bytes)
-        .map(|(&i, m)| {
+        .map(|&i| {
             let r = &res[i];
             let [x, y, bw, bh] = r.bbox;
             Drawable {
                 bbox: [x as f32, y as f32, (x + bw) as f32, (y + bh) as f32],
-                mask: Some(m.as_slice()),
+                mask: det.segmentations.is_some().then_some(&r.segmentation),
                 caption: format!("{} {:.2}", model.class_name(labels[i]), r.score),
             }
         })

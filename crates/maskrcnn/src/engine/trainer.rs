@@ -163,6 +163,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             strict: opts.strict,
             device,
             start_iteration: start * solver.accumulate_steps as u64,
+            max_image_pixels: config.input.max_image_pixels,
         },
     )?;
 

@@ -84,11 +84,13 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
     let mut out = Vec::new();
     for (done, chunk) in images.chunks(batch).enumerate() {
         let paths: Vec<PathBuf> = chunk.iter().map(|im| images_dir.join(&im.file_name)).collect();
-        let loaded: Vec<RgbImage> = open_many(&paths).into_iter().collect::<Result<_, _>>()?;
+        let loaded: Vec<RgbImage> =
+            open_many(&paths, model.config.input.max_image_pixels).into_iter().collect::<Result<_, _>>()?;
         let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
+        drop(loaded);
         let dets = {
             let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };
-            model.predict(&tensors)
+            model.predict_owned(tensors)
         };
         for (im, det) in chunk.iter().zip(&dets) {
             let res = to_results(&im.file_name, det, category_id);

@@ -9,7 +9,7 @@ use super::{weights, ModelError};
 use crate::config::Config;
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
-use crate::structures::masks::paste_masks_in_image;
+use crate::structures::masks::paste_masks_as_rle;
 use crate::structures::{Categories, Target, TargetBatch};
 use std::path::Path;
 use tch::nn::VarStore;
@@ -180,9 +180,15 @@ impl MaskRcnn {
     /// Runs inference on `images` (each `[3, H, W]` float RGB in [0, 1] on the
     /// model's device) and keeps every intermediate result.
     pub fn trace(&self, images: &[Tensor]) -> InferenceTrace {
+        let input = &self.config.input;
+        let list =
+            tch::no_grad(|| self.transform.prepare(images, input.min_size_test as i64, input.max_size_test as i64));
+        self.trace_prepared(list)
+    }
+
+    /// The inference forward pass over an already prepared batch.
+    fn trace_prepared(&self, list: ImageList) -> InferenceTrace {
         tch::no_grad(|| {
-            let input = &self.config.input;
-            let list = self.transform.prepare(images, input.min_size_test as i64, input.max_size_test as i64);
             let features = self.backbone.forward(&list.tensors, false);
             let size = list.tensors.size();
             let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
@@ -240,14 +246,27 @@ impl MaskRcnn {
     }
 
     /// Detections per image in original-image pixels: boxes `[D, 4]`, scores,
-    /// labels and mask probabilities `[D, 1, H, W]` pasted into the image.
+    /// labels, box-relative mask probabilities `[D, 1, M, M]` and the masks
+    /// pasted into the image as COCO RLEs (`segmentations`).
     pub fn predict(&self, images: &[Tensor]) -> Vec<Detections> {
         let sizes: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
         self.postprocess(self.trace(images), &sizes)
     }
 
+    /// [`predict`](Self::predict) consuming `images`, normalized in place
+    /// (`Transform::prepare_owned`): one float32 copy of each image less.
+    pub fn predict_owned(&self, images: Vec<Tensor>) -> Vec<Detections> {
+        let sizes: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
+        let input = &self.config.input;
+        let list = tch::no_grad(|| {
+            self.transform.prepare_owned(images, input.min_size_test as i64, input.max_size_test as i64)
+        });
+        self.postprocess(self.trace_prepared(list), &sizes)
+    }
+
     /// Maps a trace's detections to the `original_sizes` `(H, W)` of its
-    /// images: boxes rescaled, masks pasted.
+    /// images: boxes rescaled, masks pasted (as RLEs: memory bounded by the
+    /// largest box, whatever the image size).
     pub fn postprocess(&self, trace: InferenceTrace, original_sizes: &[(i64, i64)]) -> Vec<Detections> {
         tch::no_grad(|| {
             trace
@@ -257,8 +276,8 @@ impl MaskRcnn {
                 .zip(original_sizes)
                 .map(|((d, &resized), &original)| {
                     let boxes = resize_boxes(&d.boxes, resized, original);
-                    let masks = d.masks.map(|m| paste_masks_in_image(&m, &boxes, original));
-                    Detections { boxes, scores: d.scores, labels: d.labels, masks }
+                    let segmentations = d.masks.as_ref().map(|m| paste_masks_as_rle(m, &boxes, original));
+                    Detections { boxes, scores: d.scores, labels: d.labels, masks: d.masks, segmentations }
                 })
                 .collect()
         })

@@ -24,9 +24,13 @@ pub struct Detections {
     pub scores: Tensor,
     /// `[D]` int64 contiguous labels in `1..num_classes`.
     pub labels: Tensor,
-    /// `[D, 1, M, M]` mask probabilities inside each box (before pasting), or
-    /// `[D, 1, H, W]` after pasting into the image.
+    /// `[D, 1, M, M]` mask probabilities inside each box (paste them into
+    /// the image with `structures::masks::paste_masks_in_image`).
     pub masks: Option<Tensor>,
+    /// The masks pasted into the original image and binarized at 0.5, as
+    /// COCO RLEs (`MaskRcnn::postprocess` fills this; see
+    /// `structures::masks::paste_masks_as_rle`, `decode_rles`).
+    pub segmentations: Option<Vec<crate::structures::rle::CompressedRle>>,
 }
 
 fn kaiming_normal_fan_out() -> Init {
@@ -207,6 +211,7 @@ impl RoiHeads {
                 scores: scores.index_select(0, &keep),
                 labels: labels.index_select(0, &keep),
                 masks: None,
+                segmentations: None,
             });
         }
         out

@@ -52,15 +52,22 @@ impl Transform {
             PixelFormat::Rgb => image.shallow_clone(),
             PixelFormat::Bgr255 => image.flip([0]) * 255.0,
         };
-        let (mean, std) = {
-            let mut constants = self.constants.lock().unwrap_or_else(|e| e.into_inner());
-            let (m, s) = constants.entry((device, kind)).or_insert_with(|| {
-                let make = |v: &[f64; 3]| Tensor::from_slice(v).to_kind(kind).to_device(device).reshape([3, 1, 1]);
-                (make(&self.mean), make(&self.std))
-            });
-            (m.shallow_clone(), s.shallow_clone())
-        };
-        (image - mean) / std
+        let (mean, std) = self.constants(device, kind);
+        // In place on the difference: one image-sized temporary, not two
+        // (a large photo is gigabytes in float32).
+        let mut out = image - mean;
+        let _ = out.g_div_(&std);
+        out
+    }
+
+    /// Mean and std `[3, 1, 1]` in `kind` on `device`, made once.
+    fn constants(&self, device: Device, kind: Kind) -> (Tensor, Tensor) {
+        let mut constants = self.constants.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, s) = constants.entry((device, kind)).or_insert_with(|| {
+            let make = |v: &[f64; 3]| Tensor::from_slice(v).to_kind(kind).to_device(device).reshape([3, 1, 1]);
+            (make(&self.mean), make(&self.std))
+        });
+        (m.shallow_clone(), s.shallow_clone())
     }
 
     /// Normalizes, resizes and batches `images` (each `[3, H, W]` float RGB in
@@ -68,6 +75,31 @@ impl Transform {
     pub fn prepare(&self, images: &[Tensor], min_size: i64, max_size: i64) -> ImageList {
         let resized: Vec<Tensor> =
             images.iter().map(|im| resize_image(&self.normalize(im), min_size, max_size)).collect();
+        self.batched(resized)
+    }
+
+    /// [`prepare`](Self::prepare) that consumes `images` and normalizes
+    /// each in place (same arithmetic): a large photo then costs one
+    /// float32 copy instead of two. The tensors' storage must not be shared
+    /// with tensors the caller still uses.
+    pub fn prepare_owned(&self, images: Vec<Tensor>, min_size: i64, max_size: i64) -> ImageList {
+        let resized: Vec<Tensor> = images
+            .into_iter()
+            .map(|mut im| {
+                let (mean, std) = self.constants(im.device(), im.kind());
+                let normalized = if self.pixel_format == PixelFormat::Rgb && im.is_floating_point() {
+                    let _ = im.g_sub_(&mean).g_div_(&std);
+                    im
+                } else {
+                    self.normalize(&im)
+                };
+                resize_image(&normalized, min_size, max_size)
+            })
+            .collect();
+        self.batched(resized)
+    }
+
+    fn batched(&self, resized: Vec<Tensor>) -> ImageList {
         let image_sizes = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
         ImageList { tensors: self.batch(&resized), image_sizes }
     }
