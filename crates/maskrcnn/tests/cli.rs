@@ -100,3 +100,25 @@ fn absurd_worker_counts_are_refused_with_the_key_named() {
     assert_eq!(o.status.code(), Some(1));
     assert_one_line_failure(&o, "--workers must be in 1..=1024");
 }
+
+/// Small input faults name what is wrong on one line: a missing argument by
+/// name, a directory given for a weights file, an absurd synthetic image
+/// size.
+#[test]
+fn small_input_faults_are_named() {
+    let o = run(&["predict", "--weights", "w.safetensors"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_one_line_failure(&o, "not provided: <IMAGE>...");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_one_line_failure(&run(&["predict", "--device", "cpu", "--weights", d, "x.jpg"]), "is a directory");
+    let o = run(&["synth", "--out", d, "--size", "100000,100000"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_one_line_failure(&o, "32 <= MIN <= MAX <= 8192");
+    // A parser quoting a huge line back is cut to a few hundred characters.
+    let toml = dir.path().join("long.toml");
+    std::fs::write(&toml, format!("[model]\nnum_classes = {}x\n", "9".repeat(200_000))).unwrap();
+    let o = run(&["config", "--config", toml.to_str().unwrap()]);
+    assert_one_line_failure(&o, "long.toml");
+    assert!(stderr(&o).len() < 1000, "{} bytes of error", stderr(&o).len());
+}

@@ -169,6 +169,18 @@ fn predict_skips_bad_images_and_fails_at_the_end() {
     // The good image was still processed and written.
     let dets: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(dets.iter().all(|d| d.file_name == "img1.png") && !dets.is_empty());
+    // --json naming a folder: said so, no temporary file left beside it.
+    let folder = tmp.path().join("results");
+    std::fs::create_dir(&folder).unwrap();
+    let o = Command::new(maskrcnn_bin())
+        .args(predict_args(&dir))
+        .args(["--json", folder.to_str().unwrap()])
+        .arg(dir.join("img1.png"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is a directory, not a file"), "{err}");
+    assert!(!tmp.path().join("results.json.tmp").exists(), "temporary file left behind");
 }
 
 #[test]

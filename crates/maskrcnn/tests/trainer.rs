@@ -430,6 +430,8 @@ fn setup_errors_come_before_training() {
     let c = train_config(&data, &[]);
     let e = train(&c, &options(&file.join("out"), false)).unwrap_err().to_string();
     assert!(e.contains("output directory"), "{e}");
+    let e = train(&c, &options(&file, false)).unwrap_err().to_string();
+    assert!(e.contains("is a file, not a directory"), "{e}");
     // Divergence in fp32 names the iteration and the loss.
     let mut c = train_config(&data, &[]);
     (c.solver.base_lr, c.solver.warmup_iters, c.solver.max_iter, c.solver.steps) = (1e12, 0, 8, vec![]);

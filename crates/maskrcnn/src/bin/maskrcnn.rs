@@ -99,15 +99,22 @@ struct SynthArgs {
     annotations_only: bool,
 }
 
+/// The largest image side `synth` and `bench data` generate.
+const MAX_SYNTH_SIDE: u32 = 8192;
+
 fn parse_size(s: &str) -> std::result::Result<(u32, u32), String> {
     let parts: Vec<&str> = s.split(',').collect();
-    match parts[..] {
-        [a, b] => match (a.trim().parse(), b.trim().parse()) {
-            (Ok(a), Ok(b)) => Ok((a, b)),
-            _ => Err(format!("expected MIN,MAX in pixels, got `{s}`")),
+    let (a, b) = match parts[..] {
+        [a, b] => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return Err(format!("expected MIN,MAX in pixels, got `{s}`")),
         },
-        _ => Err(format!("expected MIN,MAX in pixels, got `{s}`")),
+        _ => return Err(format!("expected MIN,MAX in pixels, got `{s}`")),
+    };
+    if !(32..=MAX_SYNTH_SIDE).contains(&a) || !(a..=MAX_SYNTH_SIDE).contains(&b) {
+        return Err(format!("sides must satisfy 32 <= MIN <= MAX <= {MAX_SYNTH_SIDE}, got `{s}`"));
     }
+    Ok((a, b))
 }
 
 #[derive(Args)]
@@ -663,8 +670,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
+            // clap's message up to its usage block, on one line (a missing
+            // argument is named on the line after "not provided:").
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("error: invalid command line");
+            let message: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+            let first = if message.is_empty() { "error: invalid command line".to_string() } else { message.join(" ") };
             eprintln!("{first} (see `maskrcnn --help`)");
             return ExitCode::from(2);
         }

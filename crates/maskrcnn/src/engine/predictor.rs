@@ -119,8 +119,14 @@ fn draw_one(
 /// Writes `value` as JSON to `path` through a temporary file and a rename.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), PredictError> {
     let err = |message: String| PredictError::Write { path: path.to_path_buf(), message };
+    if path.is_dir() {
+        return Err(err("is a directory, not a file".into()));
+    }
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string(value).map_err(|e| err(e.to_string()))?;
     std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e.to_string())
+    })
 }

@@ -644,6 +644,9 @@ fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<
 /// with the resolved config in `config.toml`; clears unfinished checkpoints.
 fn prepare_output(output: &Path, config_toml: &str) -> Result<(), TrainError> {
     let err = |e: std::io::Error| TrainError::Setup(format!("output directory {}: {e}", output.display()));
+    if output.exists() && !output.is_dir() {
+        return Err(TrainError::Setup(format!("output directory {}: is a file, not a directory", output.display())));
+    }
     std::fs::create_dir_all(output).map_err(err)?;
     std::fs::write(output.join("config.toml"), config_toml).map_err(err)?;
     checkpoint::remove_partial(output);

@@ -46,6 +46,9 @@ pub fn load_weights(vs: &VarStore, path: &Path, num_classes: usize) -> Result<()
 /// missing-file message.
 fn read_state_dict(path: &Path, what: &str) -> Result<BTreeMap<String, Tensor>, ModelError> {
     let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    if path.is_dir() {
+        return Err(read_err(format!("is a directory, not a weights file{what}")));
+    }
     if !path.is_file() {
         return Err(read_err(format!("no such file{what}")));
     }
