@@ -323,9 +323,10 @@ fn bad_annotations_are_reported() {
         r#"{"id": 7, "image_id": 1, "category_id": 7, "bbox": [1, 1, 4, 4], "segmentation": {"size": [5, 5], "counts": [25]}}"#, // RLE of another size
         r#"{"id": 8, "image_id": 1, "category_id": 7, "bbox": [8, 8, 5, 5], "iscrowd": 1, "segmentation": {"size": [10, 10], "counts": [88, 2, 8, 2]}}"#, // clipped crowd: fine
         r#"{"id": 9, "image_id": 2, "category_id": 7, "bbox": [1, 1, 2, 2]}"#, // image without size
+        r#"{"id": 10, "image_id": 4, "category_id": 7, "bbox": [1, 1, 2, 2]}"#, // image outside the folder
     ];
     let json = format!(
-        r#"{{"images": [{{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}}, {{"id": 2, "file_name": "b.jpg"}}, {{"id": 3, "file_name": "c.jpg", "width": 10, "height": 10}}], "annotations": [{}], {CATS}}}"#,
+        r#"{{"images": [{{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}}, {{"id": 2, "file_name": "b.jpg"}}, {{"id": 3, "file_name": "c.jpg", "width": 10, "height": 10}}, {{"id": 4, "file_name": "../d.jpg", "width": 10, "height": 10}}], "annotations": [{}], {CATS}}}"#,
         anns.join(",")
     );
     let ds = load_str(dir, &json, false).unwrap();
@@ -342,6 +343,7 @@ fn bad_annotations_are_reported() {
     let skipped: Vec<String> = ds.skipped.iter().map(|s| s.to_string()).collect();
     let expect = [
         "image 2 skipped: needs \"file_name\", \"width\" and \"height\"",
+        "image 4 skipped: file_name \"../d.jpg\" leaves the image folder",
         "annotation 2 (image 99) skipped: image id 99 is not in \"images\"",
         "annotation 3 (image 1) skipped: category id 4 is not in \"categories\"",
         "annotation 4 (image 1) skipped: none of its 1 polygon(s) has 3 or more points",

@@ -181,6 +181,26 @@ fn predict_skips_bad_images_and_fails_at_the_end() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("is a directory, not a file"), "{err}");
     assert!(!tmp.path().join("results.json.tmp").exists(), "temporary file left behind");
+    // One file name in two folders: results keep the paths apart, and
+    // neither drawing overwrites the other.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&a, &b] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::copy(dir.join("img1.png"), d.join("img1.png")).unwrap();
+    }
+    let drawn = tmp.path().join("drawn");
+    let o = Command::new(maskrcnn_bin())
+        .args(predict_args(&dir))
+        .args(["--json", json.to_str().unwrap(), "--draw", drawn.to_str().unwrap()])
+        .args([a.join("img1.png"), b.join("img1.png")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dets: Vec<Det> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let names: std::collections::BTreeSet<&str> = dets.iter().map(|d| d.file_name.as_str()).collect();
+    let expected = [a.join("img1.png"), b.join("img1.png")].map(|p| p.display().to_string());
+    assert_eq!(names, expected.iter().map(String::as_str).collect(), "file names");
+    assert_eq!(std::fs::read_dir(&drawn).unwrap().count(), 2, "one drawing per input");
 }
 
 #[test]
@@ -246,6 +266,32 @@ fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
     assert!(
         !written.is_empty() && written.iter().all(|d| d["image_id"].as_u64().is_some_and(|i| (1..=3).contains(&i)))
     );
+    // Ground truth whose sizes do not match the images: the image is named
+    // (it used to come out as a fault of the results file); a file_name
+    // leaving the image folder is refused.
+    let mut gt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("gt.json")).unwrap()).unwrap();
+    gt["images"][0]["width"] = serde_json::json!(7);
+    let bad = tmp.path().join("bad-gt.json");
+    std::fs::write(&bad, gt.to_string()).unwrap();
+    let eval = |ann: &Path| {
+        Command::new(maskrcnn_bin())
+            .args(["eval", "--ann", ann.to_str().unwrap()])
+            .args(["--weights", dir.join("weights.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap()])
+            .args(SETS)
+            .args(["--device", "cpu", "--out", dets.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = eval(&bad);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("but") && err.contains("bad-gt.json says 7x"), "{err}");
+    gt["images"][0]["width"] = serde_json::json!(300);
+    gt["images"][0]["file_name"] = serde_json::json!("../img0.png");
+    std::fs::write(&bad, gt.to_string()).unwrap();
+    let o = eval(&bad);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"../img0.png\" leaves the image folder"), "{err}");
 }
 
 /// `predict` on one 8000×8000 image with 100 detections stays within 2 GB

@@ -22,6 +22,16 @@ pub enum DatasetError {
     Strict { path: PathBuf, skip: Skip },
 }
 
+/// `dir/file_name` when `file_name` is a relative path that stays inside
+/// `dir` (no `..`, root or drive components); `None` otherwise, so an
+/// annotation file cannot make us open files elsewhere.
+pub fn path_inside(dir: &Path, file_name: &str) -> Option<PathBuf> {
+    let name = Path::new(file_name);
+    let inside = !file_name.is_empty()
+        && name.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    inside.then(|| dir.join(name))
+}
+
 /// One annotation or image that was left out, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Skip {
@@ -157,6 +167,9 @@ impl CocoDataset {
             usable.push(im.width > 0 && im.height > 0 && !im.file_name.is_empty());
             if !usable[usable.len() - 1] {
                 skip(format!("image {}", im.id), "needs \"file_name\", \"width\" and \"height\"".into())?;
+            } else if path_inside(Path::new(""), &im.file_name).is_none() {
+                usable[images.len()] = false;
+                skip(format!("image {}", im.id), format!("file_name {:?} leaves the image folder", im.file_name))?;
             }
             images.push(ImageRecord {
                 id: im.id,
@@ -223,6 +236,7 @@ impl CocoDataset {
 
     /// Path of image `record` on disk.
     pub fn image_path(&self, record: &ImageRecord) -> PathBuf {
+        // Records whose name leaves the folder were skipped at load.
         self.images_dir.join(&record.file_name)
     }
 

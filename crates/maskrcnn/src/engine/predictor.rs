@@ -51,6 +51,7 @@ pub fn predict_files(
     let batch = model.config.test.ims_per_batch.max(1);
     let mut summary = PredictSummary::default();
     let mut results: Vec<DetectionResult> = Vec::new();
+    let names = result_names(paths);
     for chunk in paths.chunks(batch) {
         let mut loaded = Vec::new();
         for (path, decoded) in chunk.iter().zip(open_many(chunk, model.config.input.max_image_pixels)) {
@@ -71,7 +72,7 @@ pub fn predict_files(
             model.predict_owned(tensors)
         };
         for ((path, img), det) in loaded.iter().zip(&dets) {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = names.get(*path).cloned().unwrap_or_default();
             let res = to_results(&name, det, |l| model.category_id(l));
             summary.detections += res.len();
             if let Some(dir) = &opts.draw {
@@ -85,6 +86,18 @@ pub fn predict_files(
         write_json_atomic(path, &results)?;
     }
     Ok(summary)
+}
+
+/// The `file_name` each image's results carry: its file name, or, where
+/// several inputs share one (same name in different folders), the path as
+/// given — results and drawings then stay apart.
+fn result_names(paths: &[PathBuf]) -> std::collections::HashMap<&PathBuf, String> {
+    let base = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut count: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for p in paths {
+        *count.entry(base(p)).or_default() += 1;
+    }
+    paths.iter().map(|p| (p, if count[&base(p)] > 1 { p.display().to_string() } else { base(p) })).collect()
 }
 
 fn draw_one(
@@ -110,8 +123,10 @@ fn draw_one(
             }
         })
         .collect();
-    let stem =
-        Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| name.to_string());
+    // A name that is a path (file names repeated across folders) draws
+    // to a file named after the whole path.
+    let stem = Path::new(name).with_extension("").to_string_lossy().replace(['/', '\\'], "_");
+    let stem = stem.trim_start_matches(['.', '_']);
     let out = dir.join(format!("{stem}.png"));
     draw_detections(img, &items, &out).map_err(|e| PredictError::Write { path: out, message: e.to_string() })
 }

@@ -2,6 +2,7 @@
 //! the results format, with the dataset's own category ids.
 
 use super::results::{to_results, CocoResult};
+use crate::data::coco::path_inside;
 use crate::data::image::{open_many, RgbImage};
 use crate::modeling::MaskRcnn;
 use crate::shim::AutocastGuard;
@@ -18,6 +19,10 @@ pub enum DatasetInferenceError {
     Categories { path: PathBuf, categories: usize, ids: String, num_classes: usize, needed: usize },
     #[error(transparent)]
     Image(#[from] crate::data::image::ImageError),
+    #[error("{gt}: image {id} file_name {file_name:?} leaves the image folder")]
+    OutsideFolder { gt: PathBuf, id: u64, file_name: String },
+    #[error("{path} is {width}x{height} but {gt} says {gt_width}x{gt_height} (image {id})")]
+    SizeMismatch { path: PathBuf, width: u32, height: u32, gt: PathBuf, gt_width: u32, gt_height: u32, id: u64 },
 }
 
 /// How contiguous labels map to the dataset's category ids: torchvision's
@@ -83,9 +88,34 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
     );
     let mut out = Vec::new();
     for (done, chunk) in images.chunks(batch).enumerate() {
-        let paths: Vec<PathBuf> = chunk.iter().map(|im| images_dir.join(&im.file_name)).collect();
+        let paths: Vec<PathBuf> = chunk
+            .iter()
+            .map(|im| {
+                path_inside(images_dir, &im.file_name).ok_or_else(|| DatasetInferenceError::OutsideFolder {
+                    gt: gt.to_path_buf(),
+                    id: im.id,
+                    file_name: im.file_name.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let loaded: Vec<RgbImage> =
             open_many(&paths, model.config.input.max_image_pixels).into_iter().collect::<Result<_, _>>()?;
+        // Results are in the annotated image's pixels: another size is the
+        // image's fault, named here (not later as a bad results file).
+        for ((im, path), img) in chunk.iter().zip(&paths).zip(&loaded) {
+            let annotated = (im.width, im.height);
+            if annotated.0 > 0 && annotated.1 > 0 && (img.width, img.height) != annotated {
+                return Err(DatasetInferenceError::SizeMismatch {
+                    path: path.clone(),
+                    width: img.width,
+                    height: img.height,
+                    gt: gt.to_path_buf(),
+                    gt_width: annotated.0,
+                    gt_height: annotated.1,
+                    id: im.id,
+                });
+            }
+        }
         let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
         drop(loaded);
         let dets = {
