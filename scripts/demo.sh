@@ -27,7 +27,7 @@ DATA=(--set "data.train_ann='$OUT/data/annotations/instances_train2017.json'"
       --set "data.val_images='$OUT/data/val2017'")
 
 echo "== maskrcnn train"
-"$BIN" train --config "$PRESET" "${DATA[@]}" --output "$OUT/train" --device "$DEVICE"
+"$BIN" train --config "$PRESET" "${DATA[@]}" --output "$OUT/train" --device "$DEVICE" --overwrite
 
 echo "== maskrcnn eval (final weights on the validation set)"
 "$BIN" eval --ann "$OUT/data/annotations/instances_val2017.json" --images "$OUT/data/val2017" \

@@ -294,6 +294,7 @@ fn options(output: &Path, resume: bool) -> TrainOptions {
     TrainOptions {
         output: output.to_path_buf(),
         resume,
+        overwrite: false,
         device: Device::Cpu,
         stop: Arc::new(AtomicBool::new(false)),
         progress: false,
@@ -393,6 +394,25 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     let (d, name) = max_rel_diff(&read(&a.join("model_final.safetensors")), &wa);
     assert!(d == 0.0, "weights after the fallback differ: {name} by {d:.2e}");
     assert_eq!(losses_by_iteration(&a), logged, "metrics.jsonl after the resume");
+
+    // A folder holding a run: a new run without --resume is refused (it
+    // used to overwrite model_final and leave the old checkpoints), and so
+    // is any run while another holds the folder's lock; --overwrite
+    // replaces the old run's files.
+    let e = train(&full, &options(&a, false)).unwrap_err().to_string();
+    assert!(e.contains("holds a previous run") && e.contains("--overwrite"), "{e}");
+    let held = std::fs::File::open(a.join(".lock")).unwrap();
+    // SAFETY: locks a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let e = train(&full, &options(&a, true)).unwrap_err().to_string();
+    assert!(e.contains("in use by another training run"), "{e}");
+    drop(held);
+    let mut short = full.clone();
+    short.solver.max_iter = 3;
+    let replace = TrainOptions { overwrite: true, ..options(&a, false) };
+    train(&short, &replace).unwrap();
+    assert_eq!(checkpoint::list(&a).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3], "old checkpoints removed");
+    assert_eq!(losses_by_iteration(&a).len(), 3, "old log removed");
 }
 
 #[test]

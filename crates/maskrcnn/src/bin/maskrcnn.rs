@@ -66,6 +66,10 @@ struct TrainArgs {
     /// Continue from the newest checkpoint in --output.
     #[arg(long)]
     resume: bool,
+    /// Replace a previous run in --output (its logs, checkpoints and
+    /// weights are removed first); without it such a folder is refused.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// A bad annotation or image stops training instead of being skipped.
     #[arg(long)]
     strict: bool,
@@ -401,6 +405,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let opts = maskrcnn::engine::trainer::TrainOptions {
         output: args.output.clone(),
         resume: args.resume,
+        overwrite: args.overwrite,
         device,
         stop,
         progress: std::io::stderr().is_terminal(),

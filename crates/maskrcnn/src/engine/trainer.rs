@@ -42,6 +42,9 @@ pub struct TrainOptions {
     pub output: PathBuf,
     /// Continue from the newest checkpoint in `output`.
     pub resume: bool,
+    /// Remove a previous run's files from `output` first (without it, and
+    /// without `resume`, an output holding a run is refused).
+    pub overwrite: bool,
     pub device: Device,
     /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
     pub stop: Arc<AtomicBool>,
@@ -113,9 +116,10 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let solver = &config.solver;
     let micro_batch = micro_batch_size(config, world_size)?;
     let config_toml = config.to_toml();
-    if main {
-        prepare_output(&opts.output, &config_toml)?;
-    }
+    // Held (rank 0) until training returns: a second run into the same
+    // folder is refused while this one lives.
+    let _lock =
+        if main { Some(prepare_output(&opts.output, &config_toml, opts.resume, opts.overwrite)?) } else { None };
     let resumed = if opts.resume { load_resume_checkpoint(config, &opts.output)? } else { None };
     let dataset = load_training_set(config, opts.strict)?;
     let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
@@ -640,17 +644,51 @@ fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<
     Ok(values.chunks(n).last().map(|r| r.to_vec()))
 }
 
-/// Creates the output folder (which proves it writable before any work)
-/// with the resolved config in `config.toml`; clears unfinished checkpoints.
-fn prepare_output(output: &Path, config_toml: &str) -> Result<(), TrainError> {
-    let err = |e: std::io::Error| TrainError::Setup(format!("output directory {}: {e}", output.display()));
+/// What a run writes into its output folder (the config aside).
+const RUN_FILES: [&str; 6] =
+    ["metrics.jsonl", "checkpoints", "model_final.safetensors", "tensorboard", "eval", "summary.json"];
+
+/// Makes `output` ready for a run: creates it, takes its lock (an advisory
+/// `flock` on `output/.lock`, released when the returned file is dropped or
+/// the process dies, so no lock goes stale), refuses a folder holding a
+/// previous run unless `resume` (continue it) or `overwrite` (its files are
+/// removed first), writes the config, removes partial checkpoints.
+fn prepare_output(
+    output: &Path,
+    config_toml: &str,
+    resume: bool,
+    overwrite: bool,
+) -> Result<std::fs::File, TrainError> {
+    let setup = |m: String| TrainError::Setup(format!("output directory {}: {m}", output.display()));
+    let err = |e: std::io::Error| setup(e.to_string());
     if output.exists() && !output.is_dir() {
-        return Err(TrainError::Setup(format!("output directory {}: is a file, not a directory", output.display())));
+        return Err(setup("is a file, not a directory".into()));
     }
     std::fs::create_dir_all(output).map_err(err)?;
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(output.join(".lock")).map_err(err)?;
+    // SAFETY: flock on a descriptor this File owns.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(setup("in use by another training run (its .lock is held)".into()));
+    }
+    let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| output.join(f).exists()).collect();
+    let has_run = present.iter().any(|f| *f != "tensorboard" && *f != "eval");
+    if !resume && has_run {
+        if !overwrite {
+            return Err(setup(format!(
+                "holds a previous run ({}); continue it with --resume or replace it with --overwrite",
+                present.join(", ")
+            )));
+        }
+        for f in &present {
+            let path = output.join(f);
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.map_err(|e| setup(format!("cannot remove {}: {e}", path.display())))?;
+        }
+    }
     std::fs::write(output.join("config.toml"), config_toml).map_err(err)?;
     checkpoint::remove_partial(output);
-    Ok(())
+    Ok(lock)
 }
 
 /// A checkpoint's model must have the shape the config builds.
