@@ -341,13 +341,16 @@ fn launch(args: LaunchArgs) -> Result<()> {
         }
     })
     .context("cannot install the Ctrl-C handler")?;
+    // One id per launch, shared by its ranks.
+    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()) << 32;
     let place = if on_cpu { "CPU processes" } else { "GPUs" };
     eprintln!("launch: {n} ranks ({place}), rendezvous 127.0.0.1:{port}");
     run_ranks(
         n,
         |rank| {
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(&args.command).envs(rank_env(rank, n, port));
+            cmd.args(&args.command).envs(rank_env(rank, n, port, run_id));
             cmd
         },
         interrupt,

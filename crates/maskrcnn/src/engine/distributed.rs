@@ -42,6 +42,12 @@ pub struct DistEnv {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// Identifies one launch (`MASKRCNN_RUN_ID`, else torchrun's
+    /// `TORCHELASTIC_RUN_ID`, hashed; 0 without either): ranks of another
+    /// run are refused at the rendezvous.
+    pub run_id: u64,
+    /// How long the rendezvous waits (`MASKRCNN_RENDEZVOUS_TIMEOUT`, seconds).
+    pub timeout: Duration,
 }
 
 impl DistEnv {
@@ -63,7 +69,18 @@ impl DistEnv {
         }
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let master_port: u16 = parse("MASTER_PORT", &need("MASTER_PORT")?)?;
-        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port }))
+        let run_id = var("MASKRCNN_RUN_ID").or_else(|| var("TORCHELASTIC_RUN_ID")).map_or(0, |id| fnv1a(id.as_bytes()));
+        let timeout = match var("MASKRCNN_RENDEZVOUS_TIMEOUT") {
+            Some(v) => {
+                let s: f64 = parse("MASKRCNN_RENDEZVOUS_TIMEOUT", &v)?;
+                if !(s > 0.0 && s.is_finite()) {
+                    return Err(DistError::Env(format!("MASKRCNN_RENDEZVOUS_TIMEOUT={v:?} must be > 0 seconds")));
+                }
+                Duration::from_secs_f64(s)
+            }
+            None => DEFAULT_RENDEZVOUS_TIMEOUT,
+        };
+        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port, run_id, timeout }))
     }
 
     /// The group of this process's environment.
@@ -76,26 +93,84 @@ impl DistEnv {
     }
 }
 
+/// FNV-1a, 64 bits: a run id string as a number.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, DistError> {
     value.trim().parse().map_err(|_| DistError::Env(format!("{name}={value:?} is not a valid number")))
 }
 
-/// How long ranks wait for each other at the rendezvous.
-const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long ranks wait for each other at the rendezvous unless
+/// `MASKRCNN_RENDEZVOUS_TIMEOUT` (seconds) says otherwise.
+const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often a waiting rank says what it waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(15);
+
+/// Every rendezvous message starts with these bytes and the protocol
+/// version, so rank 0 and its peers recognize each other and anything else
+/// listening or connecting at the address is refused, not misread.
+const MAGIC: &[u8; 8] = b"MRCNNRDV";
+const PROTOCOL: u32 = 1;
+
+/// A peer's greeting: magic, protocol, rank, world size, run id.
+fn hello(rank: usize, world_size: usize, run_id: u64) -> Vec<u8> {
+    let mut m = MAGIC.to_vec();
+    m.extend(PROTOCOL.to_le_bytes());
+    m.extend((rank as u32).to_le_bytes());
+    m.extend((world_size as u32).to_le_bytes());
+    m.extend(run_id.to_le_bytes());
+    m
+}
+const HELLO_BYTES: usize = 8 + 4 + 4 + 4 + 8;
+
+/// A greeting's `(rank, world_size, run_id)`, or why it is not one.
+fn parse_hello(m: &[u8; HELLO_BYTES]) -> Result<(usize, usize, u64), String> {
+    if &m[..8] != MAGIC {
+        return Err("not a maskrcnn rank".into());
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+    if u32_at(8) != PROTOCOL {
+        return Err(format!("rendezvous protocol {} (this build speaks {PROTOCOL})", u32_at(8)));
+    }
+    let run = u64::from_le_bytes(m[20..28].try_into().unwrap_or_default());
+    Ok((u32_at(12) as usize, u32_at(16) as usize, run))
+}
+
+/// Rank 0's reply: magic, then 0 and the answer, or 1 and a reason.
+fn reply(answer: Result<&[u8], &str>) -> Vec<u8> {
+    let mut m = MAGIC.to_vec();
+    match answer {
+        Ok(a) => {
+            m.push(0);
+            m.extend(a);
+        }
+        Err(reason) => {
+            m.push(1);
+            m.extend((reason.len() as u32).to_le_bytes());
+            m.extend(reason.as_bytes());
+        }
+    }
+    m
+}
 
 /// The connections a rendezvous leaves: rank 0 holds one per other rank,
-/// ordered by rank (1, 2, ...); every other rank holds one to rank 0 and rank
-/// 0's answer.
-#[derive(Debug)]
+/// in rank order; the others hold theirs to rank 0 and rank 0's answer.
 pub enum Rendezvous {
     Root(Vec<TcpStream>),
     Peer { stream: TcpStream, answer: Vec<u8> },
 }
 
 /// Connects every rank of `env` to rank 0: rank 0 listens at the master
-/// address until the `world_size - 1` others have connected and named their
-/// rank, and sends each of them `answer` (`Some` on rank 0 only); the others
-/// connect (retrying until the timeout) and read `answer_len` bytes.
+/// address until the `world_size - 1` others have connected and greeted it
+/// (magic, protocol, rank, world size, run id), and sends each of them
+/// `answer` (`Some` on rank 0 only); the others connect (retrying while
+/// nobody listens) and read `answer_len` bytes. Waiting ranks say what they
+/// wait for every 15 s and give up after `env.timeout`; a master address
+/// that does not resolve, a port another program holds, or a stranger
+/// answering fail at once.
 pub fn rendezvous(env: &DistEnv, answer: Option<&[u8]>, answer_len: usize) -> Result<Rendezvous, DistError> {
     let addr = env.addr();
     let err = |message: String| DistError::Rendezvous { addr: addr.clone(), message };
@@ -103,60 +178,119 @@ pub fn rendezvous(env: &DistEnv, answer: Option<&[u8]>, answer_len: usize) -> Re
     if env.rank == 0 {
         let answer = answer.ok_or_else(|| err("rank 0 has nothing to hand over".into()))?;
         // A peer's connect attempt can briefly hold the port (see
-        // `connect_to_root`): retry the bind until the timeout.
+        // `connect_to_root`): retry the bind a few seconds, not longer (a
+        // port held that long is another program's).
         let listener = loop {
             match TcpListener::bind(("0.0.0.0", env.master_port)) {
                 Ok(l) => break l,
-                Err(e) if started.elapsed() > RENDEZVOUS_TIMEOUT => return Err(err(format!("cannot listen: {e}"))),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(err(format!(
+                        "port {} is in use by another program; set MASTER_PORT (launch --master-port) to a free one",
+                        env.master_port
+                    )))
+                }
+                Err(e) => return Err(err(format!("cannot listen: {e}"))),
             }
         };
-        accept_ranks(&listener, answer, env.world_size, started).map(Rendezvous::Root).map_err(err)
+        let roster = Roster { world_size: env.world_size, run_id: env.run_id, timeout: env.timeout };
+        accept_ranks(&listener, answer, &roster, started).map(Rendezvous::Root).map_err(err)
     } else {
-        let (stream, answer) = connect_to_root(&addr, env.rank, answer_len, started).map_err(err)?;
+        // A name that does not resolve never will: fail now.
+        std::net::ToSocketAddrs::to_socket_addrs(&addr.as_str())
+            .map_err(|e| err(format!("MASTER_ADDR {:?} does not resolve: {e}", env.master_addr)))?;
+        let greeting = hello(env.rank, env.world_size, env.run_id);
+        let (stream, answer) = connect_to_root(&addr, &greeting, answer_len, started, env.timeout).map_err(err)?;
         Ok(Rendezvous::Peer { stream, answer })
     }
 }
 
+/// What rank 0 expects of its peers.
+struct Roster {
+    world_size: usize,
+    run_id: u64,
+    timeout: Duration,
+}
+
 /// Rank 0's side: accepts connections on `listener` until ranks
-/// `1..world_size` have each named themselves (a `u32` little-endian) and
-/// been sent `answer`, giving up `RENDEZVOUS_TIMEOUT` after `started`. A
-/// connection that does not name a missing rank is dropped. Returns the
+/// `1..world_size` have each greeted it and been sent `answer`, giving up
+/// `roster.timeout` after `started`. A connection that is not a maskrcnn
+/// rank is dropped (said once); a rank of another run, world size or
+/// protocol, or one already joined, is told why it is refused. Returns the
 /// streams ordered by rank.
 fn accept_ranks(
     listener: &TcpListener,
     answer: &[u8],
-    world_size: usize,
+    roster: &Roster,
     started: Instant,
 ) -> Result<Vec<TcpStream>, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut joined: Vec<Option<TcpStream>> = (1..world_size).map(|_| None).collect();
+    let mut joined: Vec<Option<TcpStream>> = (1..roster.world_size).map(|_| None).collect();
+    let mut said = Instant::now();
+    let mut warned_stranger = false;
     while joined.iter().any(Option::is_none) {
         match listener.accept() {
-            Ok((mut stream, _)) => {
+            Ok((mut stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
                 stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-                let mut rank = [0u8; 4];
-                if stream.read_exact(&mut rank).is_err() {
+                let mut greeting = [0u8; HELLO_BYTES];
+                if stream.read_exact(&mut greeting).is_err() {
                     continue;
                 }
-                let rank = u32::from_le_bytes(rank) as usize;
-                let Some(slot @ None) = rank.checked_sub(1).and_then(|i| joined.get_mut(i)) else {
+                let refuse = |stream: &mut TcpStream, reason: &str| {
+                    let _ = stream.write_all(&reply(Err(reason)));
+                };
+                let (rank, world, run) = match parse_hello(&greeting) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        if !warned_stranger {
+                            tracing::warn!("rendezvous: dropped a connection from {from}: {e}");
+                            warned_stranger = true;
+                        }
+                        continue;
+                    }
+                };
+                if world != roster.world_size || run != roster.run_id {
+                    let reason = format!(
+                        "rank 0 runs WORLD_SIZE {} (run {:x}); this rank has WORLD_SIZE {world} (run {run:x})",
+                        roster.world_size, roster.run_id
+                    );
+                    refuse(&mut stream, &reason);
+                    continue;
+                }
+                let Some(slot) = rank.checked_sub(1).and_then(|i| joined.get_mut(i)) else {
+                    refuse(&mut stream, &format!("rank {rank} is not in 1..{}", roster.world_size));
                     continue;
                 };
-                stream.write_all(answer).map_err(|e| format!("answering rank {rank}: {e}"))?;
+                if slot.is_some() {
+                    refuse(&mut stream, &format!("rank {rank} has joined already"));
+                    continue;
+                }
+                stream.write_all(&reply(Ok(answer))).map_err(|e| format!("answering rank {rank}: {e}"))?;
                 stream.set_read_timeout(None).map_err(|e| e.to_string())?;
                 let _ = stream.set_nodelay(true);
                 *slot = Some(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if started.elapsed() > RENDEZVOUS_TIMEOUT {
-                    let joined = joined.iter().filter(|s| s.is_some()).count();
+                let missing: Vec<String> =
+                    (1..roster.world_size).filter(|r| joined[r - 1].is_none()).map(|r| r.to_string()).collect();
+                if started.elapsed() > roster.timeout {
                     return Err(format!(
-                        "only {joined} of {} other ranks connected within {} s",
-                        world_size - 1,
-                        RENDEZVOUS_TIMEOUT.as_secs()
+                        "ranks {} did not connect within {} s (MASKRCNN_RENDEZVOUS_TIMEOUT)",
+                        missing.join(", "),
+                        roster.timeout.as_secs()
                     ));
+                }
+                if said.elapsed() > PROGRESS_EVERY {
+                    tracing::info!(
+                        "rendezvous: rank 0 waiting for ranks {} ({:.0} s of {} s)",
+                        missing.join(", "),
+                        started.elapsed().as_secs_f64(),
+                        roster.timeout.as_secs()
+                    );
+                    said = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -166,17 +300,19 @@ fn accept_ranks(
     Ok(joined.into_iter().flatten().collect())
 }
 
-/// The other ranks' side: connects to rank 0 at `addr`, names `rank` and
-/// reads `answer_len` bytes, retrying until `RENDEZVOUS_TIMEOUT` after
-/// `started` while nobody listens yet or a connection closes before the
-/// whole answer arrived (a listener that was not rank 0's: another job's,
-/// gone since, on a machine whose ports several jobs share).
+/// The other ranks' side: connects to rank 0 at `addr`, sends `greeting`
+/// and reads rank 0's reply with `answer_len` bytes, retrying until
+/// `timeout` after `started` while nobody listens yet or a connection
+/// closes before any reply (a listener gone since). A reply that is not
+/// rank 0's (another program at the address) or a refusal fails at once.
 fn connect_to_root(
     addr: &str,
-    rank: usize,
+    greeting: &[u8],
     answer_len: usize,
     started: Instant,
+    timeout: Duration,
 ) -> Result<(TcpStream, Vec<u8>), String> {
+    let mut said = Instant::now();
     loop {
         let failure = match TcpStream::connect(addr) {
             // Connecting on localhost to a port nobody listens on yet can
@@ -184,21 +320,56 @@ fn connect_to_root(
             // kernel picks that same port as the local one): drop it.
             Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => "connected to itself".to_string(),
             Ok(mut stream) => {
-                stream.set_read_timeout(Some(RENDEZVOUS_TIMEOUT)).map_err(|e| e.to_string())?;
-                let mut answer = vec![0u8; answer_len];
-                match stream.write_all(&(rank as u32).to_le_bytes()).and_then(|()| stream.read_exact(&mut answer)) {
-                    Ok(()) => {
-                        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-                        let _ = stream.set_nodelay(true);
-                        return Ok((stream, answer));
+                stream
+                    .set_read_timeout(Some(timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(1))))
+                    .map_err(|e| e.to_string())?;
+                let mut head = [0u8; 9];
+                match stream.write_all(greeting).and_then(|()| stream.read_exact(&mut head)) {
+                    Ok(()) if &head[..8] != MAGIC => {
+                        let shown: String =
+                            String::from_utf8_lossy(&head).chars().filter(|c| !c.is_control()).collect();
+                        return Err(format!("what answers there is not a maskrcnn rank 0 (it sent {shown:?}…)"));
                     }
-                    Err(e) => format!("waiting for rank 0's answer: {e}"),
+                    Ok(()) if head[8] != 0 => {
+                        let mut len = [0u8; 4];
+                        let mut reason = String::new();
+                        if stream.read_exact(&mut len).is_ok() {
+                            let n = u32::from_le_bytes(len).min(4096) as usize;
+                            let mut text = vec![0u8; n];
+                            let _ = stream.read_exact(&mut text);
+                            reason = String::from_utf8_lossy(&text).into_owned();
+                        }
+                        return Err(format!("rank 0 refused this rank: {reason}"));
+                    }
+                    Ok(()) => {
+                        let mut answer = vec![0u8; answer_len];
+                        match stream.read_exact(&mut answer) {
+                            Ok(()) => {
+                                stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+                                let _ = stream.set_nodelay(true);
+                                return Ok((stream, answer));
+                            }
+                            Err(e) => format!("reading rank 0's answer: {e}"),
+                        }
+                    }
+                    Err(e) => format!("waiting for rank 0's reply: {e}"),
                 }
             }
             Err(e) => e.to_string(),
         };
-        if started.elapsed() > RENDEZVOUS_TIMEOUT {
-            return Err(format!("rank 0 not reachable within {} s: {failure}", RENDEZVOUS_TIMEOUT.as_secs()));
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "rank 0 not reachable within {} s (MASKRCNN_RENDEZVOUS_TIMEOUT): {failure}",
+                timeout.as_secs()
+            ));
+        }
+        if said.elapsed() > PROGRESS_EVERY {
+            tracing::info!(
+                "rendezvous: waiting for rank 0 at {addr} ({:.0} s of {} s; last: {failure})",
+                started.elapsed().as_secs_f64(),
+                timeout.as_secs()
+            );
+            said = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -488,6 +659,77 @@ mod tests {
         assert!(missing.to_string().contains("RANK is not"), "{missing}");
         let junk = env_of(&[("WORLD_SIZE", "two")]).unwrap_err();
         assert!(junk.to_string().contains("WORLD_SIZE"), "{junk}");
+        assert_eq!((e.run_id, e.timeout), (0, DEFAULT_RENDEZVOUS_TIMEOUT));
+        let vars = [("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "1"), ("MASKRCNN_RENDEZVOUS_TIMEOUT", "2.5")];
+        let e = env_of(&[&vars[..], &[("TORCHELASTIC_RUN_ID", "job-7")]].concat()).unwrap().unwrap();
+        assert_eq!((e.run_id, e.timeout), (fnv1a(b"job-7"), Duration::from_millis(2500)));
+        let zero = env_of(&[&vars[..3], &[("MASKRCNN_RENDEZVOUS_TIMEOUT", "0")]].concat()).unwrap_err();
+        assert!(zero.to_string().contains("must be > 0"), "{zero}");
+    }
+
+    /// A test group's environment: rank `rank` of `world` at `port`.
+    fn test_env(rank: usize, world: usize, master_addr: &str, port: u16, timeout_s: f64) -> DistEnv {
+        DistEnv {
+            rank,
+            world_size: world,
+            local_rank: rank,
+            master_addr: master_addr.into(),
+            master_port: port,
+            run_id: 42,
+            timeout: Duration::from_secs_f64(timeout_s),
+        }
+    }
+
+    /// Every start-up failure ends within its timeout with one line naming
+    /// what was awaited (they hung for minutes, silently, or misread an
+    /// HTTP reply as a rank): no rank 0 at all; a master name that does not
+    /// resolve (at once); rank 0's port held by another program (within a
+    /// few seconds); another program answering at the address; a peer of
+    /// another world size (told so by rank 0).
+    #[test]
+    fn rendezvous_failures_end_in_time_naming_the_cause() {
+        let free = TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+        let timed = |env: DistEnv| {
+            let t = Instant::now();
+            let e = rendezvous(&env, (env.rank == 0).then_some(&[1u8][..]), 1).err().expect("fails").to_string();
+            (e, t.elapsed())
+        };
+        let (e, took) = timed(test_env(1, 2, "127.0.0.1", free, 1.0));
+        assert!(e.contains("rank 0 not reachable within 1 s"), "{e}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let (e, took) = timed(test_env(0, 2, "127.0.0.1", free, 1.0));
+        assert!(e.contains("ranks 1 did not connect within 1 s"), "{e}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let (e, took) = timed(test_env(1, 2, "no-such-host.invalid", free, 60.0));
+        assert!(e.contains("does not resolve"), "{e}");
+        assert!(took < Duration::from_secs(20), "{took:?}");
+        // Another program holding the port.
+        let held = TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let (e, took) = timed(test_env(0, 2, "127.0.0.1", port, 60.0));
+        assert!(e.contains(&format!("port {port} is in use by another program")), "{e}");
+        assert!(took < Duration::from_secs(15), "{took:?}");
+        // Another program answering (an HTTP server, say).
+        let web = std::thread::spawn(move || {
+            let (mut s, _) = held.accept().unwrap();
+            let mut buf = [0u8; HELLO_BYTES];
+            let _ = s.read_exact(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        });
+        let (e, _) = timed(test_env(1, 2, "127.0.0.1", port, 60.0));
+        assert!(e.contains("not a maskrcnn rank 0") && e.contains("HTTP/1.1"), "{e}");
+        web.join().unwrap();
+        // A peer of another world size is refused with the reason.
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let started = Instant::now();
+        let wrong = std::thread::spawn(move || {
+            connect_to_root(&addr, &hello(1, 3, 42), 1, started, Duration::from_secs(30)).expect_err("refused")
+        });
+        let roster = Roster { world_size: 2, run_id: 42, timeout: Duration::from_secs(2) };
+        let _ = accept_ranks(&listener, &[1], &roster, started);
+        let e = wrong.join().unwrap();
+        assert!(e.contains("refused this rank") && e.contains("WORLD_SIZE 3"), "{e}");
     }
 
     #[test]
@@ -499,14 +741,16 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let id: Vec<u8> = (0..128u8).collect();
         let started = Instant::now();
+        let timeout = Duration::from_secs(60);
         let others: Vec<_> = [2, 1]
             .into_iter()
             .map(|rank| {
                 let addr = addr.clone();
-                std::thread::spawn(move || connect_to_root(&addr, rank, 128, started))
+                std::thread::spawn(move || connect_to_root(&addr, &hello(rank, 3, 9), 128, started, timeout))
             })
             .collect();
-        let streams = accept_ranks(&listener, &id, 3, started).unwrap();
+        let roster = Roster { world_size: 3, run_id: 9, timeout };
+        let streams = accept_ranks(&listener, &id, &roster, started).unwrap();
         assert_eq!(streams.len(), 2);
         for h in others {
             assert_eq!(h.join().unwrap().unwrap().1, id);
@@ -521,7 +765,8 @@ mod tests {
         let port = foreign.local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let started = Instant::now();
-        let client = std::thread::spawn(move || connect_to_root(&addr, 1, 4, started));
+        let timeout = Duration::from_secs(60);
+        let client = std::thread::spawn(move || connect_to_root(&addr, &hello(1, 2, 0), 4, started, timeout));
         let (stream, _) = foreign.accept().unwrap();
         drop(stream);
         drop(foreign);
@@ -529,10 +774,10 @@ mod tests {
             if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
                 break l;
             }
-            assert!(started.elapsed() < RENDEZVOUS_TIMEOUT, "port {port} not free again");
+            assert!(started.elapsed() < timeout, "port {port} not free again");
             std::thread::sleep(Duration::from_millis(20));
         };
-        accept_ranks(&listener, &[7, 8, 9, 10], 2, started).unwrap();
+        accept_ranks(&listener, &[7, 8, 9, 10], &Roster { world_size: 2, run_id: 0, timeout }, started).unwrap();
         assert_eq!(client.join().unwrap().unwrap().1, vec![7, 8, 9, 10]);
     }
 
@@ -543,13 +788,7 @@ mod tests {
         let ranks: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let env = DistEnv {
-                        rank,
-                        world_size: 3,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let env = test_env(rank, 3, "127.0.0.1", port, 60.0);
                     let g = ProcessGroup::join(env, false).unwrap();
                     // 1.1 + 2.2 + 3.3 in rank order, and a mean of two tensors.
                     let mut t = Tensor::from_slice(&[1.1f32 * (rank + 1) as f32, -1.0]);

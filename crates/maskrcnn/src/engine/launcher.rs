@@ -20,16 +20,19 @@ pub enum LaunchError {
     Setup(String),
 }
 
-/// The torchrun variables of `rank` among `world_size` local processes, and
-/// (unless already set) `OMP_NUM_THREADS` sharing the cores between them, as
-/// torchrun does, so the ranks' libtorch thread pools do not oversubscribe.
-pub fn rank_env(rank: usize, world_size: usize, port: u16) -> Vec<(&'static str, String)> {
+/// The torchrun variables of `rank` among `world_size` local processes, the
+/// launch's `MASKRCNN_RUN_ID` (ranks of another launch are refused at the
+/// rendezvous), and (unless already set) `OMP_NUM_THREADS` sharing the
+/// cores between them, as torchrun does, so the ranks' libtorch thread
+/// pools do not oversubscribe.
+pub fn rank_env(rank: usize, world_size: usize, port: u16, run_id: u64) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("RANK", rank.to_string()),
         ("LOCAL_RANK", rank.to_string()),
         ("WORLD_SIZE", world_size.to_string()),
         ("MASTER_ADDR", "127.0.0.1".into()),
         ("MASTER_PORT", port.to_string()),
+        ("MASKRCNN_RUN_ID", format!("{run_id:016x}")),
     ];
     if std::env::var_os("OMP_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -129,7 +132,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let command = |r| {
             let mut c = sh(&format!("test \"$RANK/$WORLD_SIZE\" = {r}/3"));
-            c.envs(rank_env(r, 3, 29500));
+            c.envs(rank_env(r, 3, 29500, 1));
             c
         };
         run_ranks(3, command, stop).unwrap();
