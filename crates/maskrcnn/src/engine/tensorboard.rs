@@ -66,6 +66,72 @@ impl EventWriter {
     }
 }
 
+/// Rewrites every event file in `dir` (atomically, where anything
+/// changes) without the events of steps after `step`: what an interrupted
+/// run logged past the checkpoint a resumed run starts from. A torn record
+/// at a file's end (a process killed mid-write) goes as well.
+pub fn drop_events_after(dir: &Path, step: i64) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let mut kept = Vec::with_capacity(bytes.len());
+        let mut at = 0usize;
+        while at + 12 <= bytes.len() {
+            let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default()) as usize;
+            let end = at.saturating_add(12).saturating_add(len).saturating_add(4);
+            if end > bytes.len() {
+                break;
+            }
+            if event_step(&bytes[at + 12..at + 12 + len]).is_none_or(|s| s <= step) {
+                kept.extend_from_slice(&bytes[at..end]);
+            }
+            at = end;
+        }
+        if kept.len() != bytes.len() {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &kept)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `step` (field 2) of an `Event` message, if it has one.
+fn event_step(mut m: &[u8]) -> Option<i64> {
+    fn varint(m: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = m.split_first()?;
+            *m = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    while !m.is_empty() {
+        let key = varint(&mut m)?;
+        let skip = match (key >> 3, key & 7) {
+            (2, 0) => return varint(&mut m).map(|v| v as i64),
+            (_, 0) => {
+                varint(&mut m)?;
+                0
+            }
+            (_, 1) => 8,
+            (_, 2) => varint(&mut m)? as usize,
+            (_, 5) => 4,
+            _ => return None,
+        };
+        m = m.get(skip..)?;
+    }
+    None
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -110,4 +176,39 @@ pub fn crc32c(data: &[u8]) -> u32 {
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let c = crc32c(data);
     c.rotate_right(15).wrapping_add(0xA282_EAD8)
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+
+    /// Events of steps past a resume point are dropped, everything else
+    /// (the version record, earlier steps) kept byte for byte.
+    #[test]
+    fn events_after_a_step_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = EventWriter::create(dir.path()).unwrap();
+        for step in 1..=6 {
+            w.scalar("loss", step, step as f32).unwrap();
+        }
+        w.flush().unwrap();
+        let path = w.path().to_path_buf();
+        drop(w);
+        let before = std::fs::read(&path).unwrap();
+        drop_events_after(dir.path(), 3).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        let steps = |bytes: &[u8]| {
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at + 12 <= bytes.len() {
+                let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+                out.push(event_step(&bytes[at + 12..at + 12 + len]));
+                at += 16 + len;
+            }
+            out
+        };
+        assert_eq!(steps(&before), [None, Some(1), Some(2), Some(3), Some(4), Some(5), Some(6)]);
+        assert_eq!(steps(&after), [None, Some(1), Some(2), Some(3)]);
+        assert!(before.starts_with(&after), "kept records unchanged");
+    }
 }

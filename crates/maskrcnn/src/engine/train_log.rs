@@ -126,6 +126,13 @@ impl TrainLog {
         } else {
             Box::new(std::io::sink())
         };
+        if main && start_iteration > 0 {
+            if let Err(e) =
+                crate::engine::tensorboard::drop_events_after(&output.join("tensorboard"), start_iteration as i64)
+            {
+                tracing::warn!("TensorBoard events after iteration {start_iteration} kept ({e})");
+            }
+        }
         let board = match main.then(|| EventWriter::create(&output.join("tensorboard"))) {
             None => None,
             Some(Ok(w)) => Some(w),
