@@ -135,8 +135,12 @@ pub struct InputConfig {
     pub max_image_pixels: u64,
 }
 
+/// The default of `input.max_image_pixels`: 100 megapixels (10000×10000),
+/// about 1.5 GB on the way to the network.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 100_000_000;
+
 fn default_max_image_pixels() -> u64 {
-    crate::data::image::DEFAULT_MAX_PIXELS
+    DEFAULT_MAX_IMAGE_PIXELS
 }
 
 /// How pixel values are presented to the network.

@@ -14,6 +14,7 @@ pub mod environment;
 pub mod evaluation;
 pub mod host_sync;
 pub mod host_timing;
+pub mod io;
 pub mod kernels;
 pub mod modeling;
 pub mod ops;

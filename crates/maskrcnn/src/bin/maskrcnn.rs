@@ -1,4 +1,4 @@
-//! The `maskrcnn` command line (DESIGN.md, "CLI contract").
+//! The `maskrcnn` command line (docs/ARCHITECTURE.md lists the commands and what they write).
 //!
 //! Every error ends the process with one line on stderr and a non-zero exit
 //! code: 2 for a malformed command line, 1 for everything else.
@@ -368,7 +368,7 @@ fn eval(args: EvalArgs) -> Result<()> {
             let model = MaskRcnn::from_weights(&config, weights, device)?;
             let dets = maskrcnn::evaluation::dataset_inference::infer_dataset(&model, &args.ann, images)?;
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("detections.json"));
-            maskrcnn::engine::predictor::write_json_atomic(&out, &dets)?;
+            maskrcnn::io::write_json_atomic(&out, &dets)?;
             eprintln!("{} detections written to {}", dets.len(), out.display());
             out
         }
@@ -384,7 +384,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.metrics {
-        maskrcnn::engine::predictor::write_json_atomic(path, &metrics)?;
+        maskrcnn::io::write_json_atomic(path, &metrics)?;
     }
     Ok(())
 }
@@ -420,7 +420,7 @@ fn train(args: TrainArgs) -> Result<()> {
         // Under `launch`, rank 0 reports for the group.
         return Ok(());
     }
-    maskrcnn::engine::predictor::write_json_atomic(&args.output.join("summary.json"), &s)?;
+    maskrcnn::io::write_json_atomic(&args.output.join("summary.json"), &s)?;
     println!("{:<22} {} -> {}", "iterations", s.start_iteration, s.iterations);
     println!("{:<22} {:.1} s ({:.1} img/s)", "time", s.seconds, s.images_per_s);
     for (name, v) in &s.final_losses {

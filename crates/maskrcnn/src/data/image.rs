@@ -10,9 +10,8 @@ pub enum ImageError {
     Decode { path: PathBuf, message: String },
 }
 
-/// The default of `input.max_image_pixels`: 100 megapixels (10000×10000),
-/// about 1.5 GB on the way to the network.
-pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+/// The default of `input.max_image_pixels` (see the config).
+pub const DEFAULT_MAX_PIXELS: u64 = crate::config::DEFAULT_MAX_IMAGE_PIXELS;
 
 /// A decoded image: RGB bytes, row-major, 3 per pixel.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! `maskrcnn bench infer`: inference throughput on synthetic batches shaped
-//! like the peer benchmark's (`shared/bench/peer_torchvision.py`: 800 × 1000–1333
-//! images, score threshold 0 so every image yields 100 detections with masks).
+//! like the peer benchmark's (torchvision's inference timed on the same
+//! data; `scripts/gpu-bench.sh` runs both): 800 × 1000–1333 images, score threshold 0 so every image yields 100 detections with masks).
 
 use crate::config::{AmpMode, Config};
 use crate::modeling::{MaskRcnn, ModelError};

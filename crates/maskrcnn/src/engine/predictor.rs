@@ -14,6 +14,8 @@ pub enum PredictError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {message}")]
     Write { path: PathBuf, message: String },
+    #[error(transparent)]
+    WriteJson(#[from] crate::io::WriteError),
 }
 
 /// Where results go.
@@ -83,7 +85,7 @@ pub fn predict_files(
         }
     }
     if let Some(path) = &opts.json {
-        write_json_atomic(path, &results)?;
+        crate::io::write_json_atomic(path, &results)?;
     }
     Ok(summary)
 }
@@ -129,19 +131,4 @@ fn draw_one(
     let stem = stem.trim_start_matches(['.', '_']);
     let out = dir.join(format!("{stem}.png"));
     draw_detections(img, &items, &out).map_err(|e| PredictError::Write { path: out, message: e.to_string() })
-}
-
-/// Writes `value` as JSON to `path` through a temporary file and a rename.
-pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), PredictError> {
-    let err = |message: String| PredictError::Write { path: path.to_path_buf(), message };
-    if path.is_dir() {
-        return Err(err("is a directory, not a file".into()));
-    }
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string(value).map_err(|e| err(e.to_string()))?;
-    std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e.to_string())
-    })
 }

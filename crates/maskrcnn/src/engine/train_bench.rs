@@ -1,8 +1,9 @@
-//! `maskrcnn bench train`: training-step throughput on the peer benchmark's
-//! synthetic batches (`shared/bench/peer_torchvision.py`: R50-FPN with frozen
-//! BN and 3 trainable stages, 91 classes, 800 × U(1000, 1333) noise images,
+//! `maskrcnn bench train`: training-step throughput on the synthetic batches
+//! of the peer benchmark (torchvision's training step timed on the same
+//! data; `scripts/gpu-bench.sh` runs both): R50-FPN with frozen BN and 3
+//! trainable stages, 91 classes, 800 × U(1000, 1333) noise images,
 //! 7 random boxes per image with box-shaped bitmap masks, four batches
-//! cycled), timed per step (forward, backward, SGD update, synchronized)
+//! cycled; timed per step (forward, backward, SGD update, synchronized)
 //! exactly as the peer times torchvision's.
 
 use crate::config::{AmpMode, Config, NormKind};

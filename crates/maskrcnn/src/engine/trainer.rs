@@ -753,10 +753,10 @@ fn evaluate(model: &MaskRcnn, config: &Config, output: &Path, iteration: u64) ->
     let dir = output.join("eval");
     std::fs::create_dir_all(&dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
     let path = dir.join(format!("detections_iter_{iteration:07}.json"));
-    crate::engine::predictor::write_json_atomic(&path, &dets).map_err(|e| err(e.to_string()))?;
+    crate::io::write_json_atomic(&path, &dets).map_err(|e| err(e.to_string()))?;
     let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.to_string()))?;
     let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
-    crate::engine::predictor::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.to_string()))?;
+    crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.to_string()))?;
     Ok(metrics)
 }
 

@@ -1,7 +1,7 @@
 //! CUDA kernels compiled at run time by NVRTC (through cudarc) and launched
 //! on libtorch's current CUDA stream, so they run in order with libtorch's
 //! work on the same tensors and are recorded by a CUDA graph capture
-//! (DESIGN.md). Each kernel has a tch-based fallback: when CUDA, the driver
+//! (docs/ARCHITECTURE.md). Each kernel has a tch-based fallback: when CUDA, the driver
 //! or NVRTC is unavailable the callers take it.
 
 /// CUDA source of float32 ↔ fp16/bf16 conversions shared by the kernels

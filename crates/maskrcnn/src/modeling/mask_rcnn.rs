@@ -146,7 +146,7 @@ impl MaskRcnn {
     pub fn class_name(&self, label: i64) -> String {
         match self.categories.as_ref().and_then(|c| c.get(label)) {
             Some(c) => c.name.clone(),
-            None => crate::visualization::class_name(label, self.config.model.num_classes),
+            None => crate::structures::categories::class_name(label, self.config.model.num_classes),
         }
     }
 
