@@ -214,7 +214,7 @@ fn launch(backward: bool, like: &Tensor, pointers: [u64; 4], affine: [Option<&Te
     // values. Vectors are used only on 16-byte aligned pointers with whole
     // vectors per pixel or plane. All stay alive until later work on this
     // stream.
-    unsafe { l.launch(cfg) }.ok().map(|_| ())
+    super::launched(&name, unsafe { l.launch(cfg) }).map(|_| ())
 }
 
 fn ptr(t: Option<&Tensor>) -> u64 {

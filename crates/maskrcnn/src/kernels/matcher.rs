@@ -138,7 +138,7 @@ pub fn assign(
         // SAFETY: contiguous float32 gt [B, G, 4], bool rows [B, G], preds
         // [1 or B, P, 4], int32 best [B, G]; all alive until later work on
         // this stream.
-        unsafe { l.launch(cfg) }.ok()?;
+        super::launched("match_best_per_gt", unsafe { l.launch(cfg) })?;
     }
     let (low, high, crowd_thresh) = (params.low as f32, params.high as f32, params.crowd_thresh as f32);
     let lq = i32::from(params.allow_low_quality);
@@ -148,6 +148,6 @@ pub fn assign(
     l.arg(&gp).arg(&mp).arg(&cp).arg(&gi).arg(&pp).arg(&stride).arg(&pi).arg(&bp);
     l.arg(&low).arg(&high).arg(&lq).arg(&crowd_thresh).arg(&op).arg(&crp);
     // SAFETY: as above, plus int64 matched and bool crowd outputs [B, P].
-    unsafe { l.launch(cfg) }.ok()?;
+    super::launched("match_assign", unsafe { l.launch(cfg) })?;
     Some(Assignment { matched, crowd })
 }

@@ -101,6 +101,23 @@ const SOURCES: &[(&str, &[&str])] = &[
     (timing::SOURCE, &["spin_ns"]),
 ];
 
+/// The result of launching kernel `name` as an `Option` for the caller's
+/// fallback; a failed launch is logged once per kernel, so a broken kernel
+/// does not hide behind the tensor-op path.
+pub(crate) fn launched<T, E: std::fmt::Display>(name: &str, result: Result<T, E>) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            static LOGGED: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+            let mut logged = LOGGED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+            if logged.insert(name.to_string()) {
+                tracing::warn!("CUDA kernel {name} failed to launch ({e}); using the tensor-op fallback");
+            }
+            None
+        }
+    }
+}
+
 /// The kernels of CUDA device `index`, compiled on first use (`None` when
 /// they cannot be built; the reason is logged once).
 pub(crate) fn device_kernels(index: usize) -> Option<Arc<DeviceKernels>> {

@@ -86,7 +86,7 @@ fn suppression_bits_on_device(boxes: &Tensor, iou_threshold: f64) -> Option<Tens
     launch.arg(&bp).arg(&gi).arg(&mi).arg(&wi).arg(&iou_threshold).arg(&op);
     // SAFETY: contiguous float32 boxes [G, M, 4] and an int64 output of
     // G·M·words elements, both alive until later work on this stream.
-    unsafe { launch.launch(cfg) }.ok()?;
+    super::launched("nms_suppression_bits", unsafe { launch.launch(cfg) })?;
     Some(out)
 }
 
@@ -116,6 +116,6 @@ pub fn keep_mask(boxes: &Tensor, valid: &Tensor, iou_threshold: f64) -> Option<T
     // SAFETY: the bit matrix [G, M, words] int64, valid and keep [G, M]
     // bool (one byte each), all contiguous on this device and alive until
     // later work on this stream.
-    unsafe { launch.launch(cfg) }.ok()?;
+    super::launched("nms_greedy", unsafe { launch.launch(cfg) })?;
     Some(keep)
 }

@@ -179,7 +179,7 @@ pub fn polygon_mask_targets(
     // ranges index starts, boxes [K, 4] f32, matched [K] i64 in 0..G,
     // use_slot [K] bool, out [K, M, M] f32; alive until later work on this
     // stream.
-    unsafe { l.launch(cfg) }.ok()?;
+    super::launched("polygon_mask_targets", unsafe { l.launch(cfg) })?;
     Some(out)
 }
 

@@ -282,7 +282,7 @@ fn launch(
     // strides; rois [K, 5] float32 and levels [K] int64 contiguous, levels
     // in 0..maps.len(); `values` [K, C, ph, pw] by its strides. All stay
     // alive until later work on this stream.
-    unsafe { l.launch(cfg) }.ok().map(|_| ())
+    super::launched(&name, unsafe { l.launch(cfg) }).map(|_| ())
 }
 
 /// The tensor behind a handle the shim lends for the duration of a call.
