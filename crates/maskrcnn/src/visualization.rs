@@ -2,7 +2,7 @@
 //! label with class name and score (an 8×8 bitmap font, scaled with the image).
 
 use crate::data::image::RgbImage;
-use crate::structures::rle::CompressedRle;
+use crate::structures::rle::{for_each_foreground_pixel, CompressedRle};
 use std::path::Path;
 
 /// One detection to draw: box `[x1, y1, x2, y2]`, mask (a COCO RLE of the
@@ -40,21 +40,13 @@ pub fn draw_detections(image: &RgbImage, items: &[Drawable<'_>], out: &Path) -> 
             .filter(|m| m.size == [h as u32, w as u32])
             .and_then(|m| hotcoco::mask::rle_from_string(&m.counts, h as u32, w as u32).ok());
         if let Some(rle) = runs {
-            // Column-major runs, background first.
-            let mut start = 0usize;
-            for (k, &len) in rle.counts.iter().enumerate() {
-                let end = (start + len as usize).min(w * h);
-                if k % 2 == 1 {
-                    for p in start..end {
-                        let i = (p % h) * w + p / h;
-                        for ch in 0..3 {
-                            let v = &mut px[3 * i + ch];
-                            *v = ((*v as f32) * 0.5 + (c[ch] as f32) * 0.5) as u8;
-                        }
-                    }
+            for_each_foreground_pixel(&rle, |x, y| {
+                let i = y * w + x;
+                for ch in 0..3 {
+                    let v = &mut px[3 * i + ch];
+                    *v = ((*v as f32) * 0.5 + (c[ch] as f32) * 0.5) as u8;
                 }
-                start = end;
-            }
+            });
         }
         let [x1, y1, x2, y2] = item.bbox.map(|v| v.round().max(0.0) as usize);
         let (x2, y2) = (x2.min(w.saturating_sub(1)), y2.min(h.saturating_sub(1)));

@@ -10,13 +10,19 @@ fn small_config() -> Config {
     Config::load(None, &sets).unwrap()
 }
 
-#[test]
-fn saved_weights_use_torchvision_names_and_load_back_identically() {
+/// A small random model saved as `w.safetensors` in a fresh folder.
+fn saved_small_model() -> (Config, MaskRcnn, tempfile::TempDir, std::path::PathBuf) {
     let config = small_config();
     let model = MaskRcnn::new(&config, Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
     model.save(&path).unwrap();
+    (config, model, dir, path)
+}
+
+#[test]
+fn saved_weights_use_torchvision_names_and_load_back_identically() {
+    let (_, model, dir, path) = saved_small_model();
     assert!(!dir.path().join("w.safetensors.tmp").exists(), "temporary file left behind");
     let names: Vec<String> = tch::Tensor::read_safetensors(&path).unwrap().into_iter().map(|(k, _)| k).collect();
     for expected in [
@@ -110,11 +116,7 @@ fn imagenet_backbone_weights_load_by_torchvision_names() {
 /// a model scoring nothing; NaN showed up steps later as a "diverging" loss).
 #[test]
 fn integer_or_non_finite_weights_are_refused_with_the_tensor_named() {
-    let config = small_config();
-    let model = MaskRcnn::new(&config, Device::Cpu).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.safetensors");
-    model.save(&path).unwrap();
+    let (config, _, dir, path) = saved_small_model();
     let tensors = tch::Tensor::read_safetensors(&path).unwrap();
     let rewrite = |name: &str, f: &dyn Fn(&tch::Tensor) -> tch::Tensor| {
         let out = dir.path().join(format!("{}.safetensors", name.replace('.', "_")));

@@ -93,12 +93,16 @@ struct JsonDataset<'a> {
     categories: Vec<JsonCategory>,
 }
 
+/// The largest image side generated (larger ones exhaust memory, not test
+/// anything more).
+pub const MAX_SIDE: u32 = 8192;
+
 /// Generates the train and val splits under `options.out`:
 /// `train2017/`, `val2017/` (JPEG) and `annotations/instances_{train,val}2017.json`.
 pub fn generate(options: &SynthOptions) -> Result<SynthOutput, SynthError> {
     let (lo, hi) = options.size;
-    if lo < 32 || hi < lo {
-        return Err(SynthError::Options(format!("--size {lo},{hi}: need 32 <= MIN <= MAX")));
+    if lo < 32 || hi < lo || hi > MAX_SIDE {
+        return Err(SynthError::Options(format!("--size {lo},{hi}: need 32 <= MIN <= MAX <= {MAX_SIDE}")));
     }
     if options.train + options.val == 0 {
         return Err(SynthError::Options("nothing to generate: --train and --val are both 0".into()));

@@ -129,6 +129,36 @@ fn prune(dir: &Path, keep: usize) {
     }
 }
 
+/// Whether `path` is a whole safetensors file — its header parses and the
+/// data it describes ends exactly at the end of the file (a file cut short
+/// does not) — reading only the header, not the tensors.
+fn check_complete_safetensors(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|e| format!("no safetensors header: {e}"))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100 << 20 {
+        return Err(format!("safetensors header of {n} bytes in a file of {len}"));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| format!("safetensors header: {e}"))?;
+    let end = header
+        .as_object()
+        .ok_or("safetensors header is not an object")?
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(_, t)| t["data_offsets"][1].as_u64().unwrap_or(u64::MAX))
+        .max()
+        .unwrap_or(0);
+    if end == u64::MAX || 8 + n + end != len {
+        return Err(format!("the file has {len} bytes, its header describes {}", 8 + n + end.min(len)));
+    }
+    Ok(())
+}
+
 /// A checkpoint read back.
 #[derive(Debug)]
 pub struct Loaded {
@@ -143,9 +173,7 @@ pub struct Loaded {
 /// complete safetensors file here).
 pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     let model_path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&model_path).map_err(|e| io(&model_path, e))?;
-    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(&model_path, format!("{e:?}")))?;
-    drop(bytes);
+    check_complete_safetensors(&model_path).map_err(|e| io(&model_path, e))?;
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| io(&state_path, e))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| io(&state_path, e))?;

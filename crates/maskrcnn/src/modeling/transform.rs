@@ -47,15 +47,23 @@ impl Transform {
 
     /// `image` `[3, H, W]` float RGB in [0, 1] → normalized per `pixel_format`.
     pub fn normalize(&self, image: &Tensor) -> Tensor {
-        let (kind, device) = (image.kind(), image.device());
-        let image = match self.pixel_format {
-            PixelFormat::Rgb => image.shallow_clone(),
-            PixelFormat::Bgr255 => image.flip([0]) * 255.0,
+        self.normalized(image, false)
+    }
+
+    /// The normalization, writing into `image`'s own storage when `reuse`
+    /// (its last user gives it up: a large photo is gigabytes in float32)
+    /// and into one new tensor otherwise.
+    fn normalized(&self, image: &Tensor, reuse: bool) -> Tensor {
+        let (mean, std) = self.constants(image.device(), image.kind());
+        let mut out = match self.pixel_format {
+            PixelFormat::Rgb if reuse => {
+                let mut x = image.shallow_clone();
+                let _ = x.g_sub_(&mean);
+                x
+            }
+            PixelFormat::Rgb => image - &mean,
+            PixelFormat::Bgr255 => image.flip([0]) * 255.0 - &mean,
         };
-        let (mean, std) = self.constants(device, kind);
-        // In place on the difference: one image-sized temporary, not two
-        // (a large photo is gigabytes in float32).
-        let mut out = image - mean;
         let _ = out.g_div_(&std);
         out
     }
@@ -83,19 +91,8 @@ impl Transform {
     /// float32 copy instead of two. The tensors' storage must not be shared
     /// with tensors the caller still uses.
     pub fn prepare_owned(&self, images: Vec<Tensor>, min_size: i64, max_size: i64) -> ImageList {
-        let resized: Vec<Tensor> = images
-            .into_iter()
-            .map(|mut im| {
-                let (mean, std) = self.constants(im.device(), im.kind());
-                let normalized = if self.pixel_format == PixelFormat::Rgb && im.is_floating_point() {
-                    let _ = im.g_sub_(&mean).g_div_(&std);
-                    im
-                } else {
-                    self.normalize(&im)
-                };
-                resize_image(&normalized, min_size, max_size)
-            })
-            .collect();
+        let resized: Vec<Tensor> =
+            images.into_iter().map(|im| resize_image(&self.normalized(&im, true), min_size, max_size)).collect();
         self.batched(resized)
     }
 

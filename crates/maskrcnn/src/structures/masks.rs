@@ -114,11 +114,11 @@ pub fn decode_rles(rles: &[CompressedRle]) -> Option<Tensor> {
             return None;
         }
         let rle = hotcoco::mask::rle_from_string(&r.counts, h, w).ok()?;
-        // Column-major bytes: [W, H], transposed to rows.
-        let bytes = hotcoco::mask::decode(&rle);
-        masks.push(Tensor::from_slice(&bytes).reshape([w as i64, h as i64]).tr());
+        let mut bitmap = vec![0u8; (h * w) as usize];
+        crate::structures::rle::rle_into_bitmap(&rle, &mut bitmap, false);
+        masks.push(Tensor::from_slice(&bitmap).reshape([h as i64, w as i64]));
     }
-    Some(Tensor::stack(&masks, 0).contiguous())
+    Some(Tensor::stack(&masks, 0))
 }
 
 /// Scales boxes `[D, 4]` about their centers by `scale` (torchvision's `expand_boxes`).

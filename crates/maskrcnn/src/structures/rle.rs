@@ -82,15 +82,20 @@ pub fn encode_window(crop: &[u8], x0: usize, y0: usize, cw: usize, ch: usize, h:
 /// (`h`×`w`, zeroed), mirrored left–right when `flip`. Touches only the
 /// foreground pixels.
 pub fn rle_into_bitmap(rle: &hotcoco::Rle, out: &mut [u8], flip: bool) {
+    let w = rle.w as usize;
+    for_each_foreground_pixel(rle, |x, y| out[y * w + if flip { w - 1 - x } else { x }] = 1);
+}
+
+/// Calls `f(x, y)` for every foreground pixel of a column-major COCO RLE
+/// (runs alternate background, foreground; they are clipped to `h`×`w`).
+pub fn for_each_foreground_pixel(rle: &hotcoco::Rle, mut f: impl FnMut(usize, usize)) {
     let (h, w) = (rle.h as usize, rle.w as usize);
     let mut pos = 0usize;
     for (k, &run) in rle.counts.iter().enumerate() {
         let end = (pos + run as usize).min(h * w);
         if k % 2 == 1 {
             for idx in pos..end {
-                let (x, y) = (idx / h, idx % h);
-                let x = if flip { w - 1 - x } else { x };
-                out[y * w + x] = 1;
+                f(idx / h, idx % h);
             }
         }
         pos = end;
