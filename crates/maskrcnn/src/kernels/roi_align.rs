@@ -148,21 +148,82 @@ __device__ bool ml_bin(long long index, const Levels& lv, int channels, int pool
   }
 
 // Gradients accumulate in float32 maps described by `lv` (the shim's
-// buffers, strided as the features).
+// buffers, strided as the features). One block per (RoI, group of TILE_C
+// channels): the RoI's samples are first summed in shared memory over its
+// footprint on its level (fh × fw pixels, up to `tile_pixels`), then added
+// to the map with one atomic per touched value. Adding every sample with a
+// global atomic, as torchvision does, contends badly where sampled RoIs
+// repeat one object (the mask head's positives): at 14 × 14 bins × 4
+// samples × 4 corners over a footprint of ~10 × 10 pixels, each address
+// took ~30 atomics from every RoI. A bigger footprint (or tile_pixels 0)
+// adds straight to the map. Zero gradients (slots a loss masks out:
+// negatives and padding in the mask head) add nothing and are skipped, a
+// block whose gradients are all zero at once; NaN still goes in.
+#define TILE_C 8
+#define TILE_PIXELS 1024
 #define ML_BACKWARD(NAME, T, LOAD)                                                                             \
-  extern "C" __global__ void NAME(ML_ARGS, const T* grad_out, long long so_k, long long so_c, long long so_y, \
-      long long so_x, int bf16) {                                                                            \
-    ML_THREADS {                                                                                             \
-      MlBin b;                                                                                               \
-      if (!ML_BIN(b)) continue;                                                                              \
-      float g = LOAD(grad_out + b.out);                                                                      \
-      /* Zero gradients (slots a loss masks out: negatives and padding in   \
-         the mask head, which repeat RoIs) add nothing; skipping them avoids \
-         atomics that contend on the same addresses. NaN still goes in. */   \
+  extern "C" __global__ void __launch_bounds__(256) NAME(long long rois_count, Levels lv, int channels,        \
+      int pooled_height, int pooled_width, int sampling_ratio, int aligned, const float *rois,               \
+      const long long *levels, const T* grad_out, long long so_k, long long so_c, long long so_y,             \
+      long long so_x, int bf16, int tile_pixels) {                                                           \
+    __shared__ float tile[TILE_PIXELS * TILE_C];                                                             \
+    const int chunks = (channels + TILE_C - 1) / TILE_C;                                                     \
+    const long long k = blockIdx.x / chunks;                                                                 \
+    const int c0 = (blockIdx.x % chunks) * TILE_C;                                                           \
+    if (k >= rois_count) return;                                                                             \
+    const long long lvl = levels[k];                                                                         \
+    if (lvl < 0 || lvl >= lv.count) return;                                                                  \
+    MlBin b;                                                                                                 \
+    b.L = lv.l[lvl];                                                                                         \
+    const float* r = rois + k * 5;                                                                           \
+    const int items = pooled_height * pooled_width * TILE_C;                                                 \
+    const T* g_roi = grad_out + k * so_k;                                                                    \
+    int any = 0;                                                                                             \
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {                                                  \
+      const int c = c0 + i % TILE_C, bin = i / TILE_C;                                                      \
+      if (c < channels)                                                                                      \
+        any |= LOAD(g_roi + c * so_c + (bin / pooled_width) * so_y + (bin % pooled_width) * so_x) != 0.0f;  \
+    }                                                                                                        \
+    if (!__syncthreads_or(any)) return;                                                                      \
+    /* Rows and columns any corner of the RoI's samples can touch, with a  \
+       pixel of margin for rounding (a corner outside still goes straight  \
+       to the map). Clamped as floats: the box may be huge. */             \
+    const Cell whole = bin_grid(r, b.L.scale, 0, 0, pooled_height, pooled_width, sampling_ratio, aligned);   \
+    const float top = (float)(b.L.height - 1), right = (float)(b.L.width - 1);                              \
+    const int y_lo = (int)fminf(fmaxf(floorf(whole.y0) - 1.0f, 0.0f), top);                                  \
+    const int x_lo = (int)fminf(fmaxf(floorf(whole.x0) - 1.0f, 0.0f), right);                                \
+    const int fh = (int)fminf(fmaxf(floorf(whole.y0 + whole.step_h * pooled_height) + 2.0f, 0.0f), top)    \
+                   - y_lo + 1;                                                                               \
+    const int fw = (int)fminf(fmaxf(floorf(whole.x0 + whole.step_w * pooled_width) + 2.0f, 0.0f), right)    \
+                   - x_lo + 1;                                                                               \
+    const bool tiled = fh > 0 && fw > 0 && fh * fw <= min(tile_pixels, TILE_PIXELS);                         \
+    if (tiled) {                                                                                             \
+      for (int i = threadIdx.x; i < fh * fw * TILE_C; i += blockDim.x) tile[i] = 0.0f;                       \
+      __syncthreads();                                                                                       \
+    }                                                                                                        \
+    float* gin_image = (float*)b.L.data + (long long)(int)r[0] * b.L.sn;                                     \
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {                                                  \
+      const int cc = i % TILE_C, c = c0 + cc, bin = i / TILE_C;                                              \
+      if (c >= channels) continue;                                                                           \
+      const int ph = bin / pooled_width, pw = bin % pooled_width;                                            \
+      const float g = LOAD(g_roi + c * so_c + ph * so_y + pw * so_x);                                        \
       if (g == 0.0f) continue;                                                                               \
-      float* gin = (float*)b.L.data + b.plane;                                                               \
-      FOR_EACH_SAMPLE(b, for (int q = 0; q < 4; q++)                                                         \
-                             atomicAdd(gin + ys[q / 2] * b.L.sh + xs[q % 2] * b.L.sw, g * w[q] / b.cell.count);) \
+      b.cell = bin_grid(r, b.L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);         \
+      float* gin = gin_image + (long long)c * b.L.sc;                                                        \
+      FOR_EACH_SAMPLE(b, for (int q = 0; q < 4; q++) {                                                       \
+        const int y = ys[q / 2], x = xs[q % 2], ty = y - y_lo, tx = x - x_lo;                                \
+        const float v = g * w[q] / b.cell.count;                                                             \
+        if (tiled && ty >= 0 && ty < fh && tx >= 0 && tx < fw) atomicAdd(&tile[(ty * fw + tx) * TILE_C + cc], v); \
+        else atomicAdd(gin + y * b.L.sh + x * b.L.sw, v);                                                    \
+      })                                                                                                     \
+    }                                                                                                        \
+    if (!tiled) return;                                                                                      \
+    __syncthreads();                                                                                         \
+    for (int i = threadIdx.x; i < fh * fw * TILE_C; i += blockDim.x) {                                       \
+      const float v = tile[i];                                                                               \
+      const int c = c0 + i % TILE_C, p = i / TILE_C;                                                         \
+      if (v != 0.0f && c < channels)                                                                         \
+        atomicAdd(gin_image + (long long)c * b.L.sc + (y_lo + p / fw) * b.L.sh + (x_lo + p % fw) * b.L.sw, v); \
     }                                                                                                        \
   }
 
@@ -178,6 +239,26 @@ ML_BACKWARD(roi_align_multilevel_backward_f16, unsigned short, LOAD_HALF)
 ML_BACKWARD(roi_align_multilevel_backward_bf16, unsigned short, LOAD_HALF)
 "#
 );
+
+/// Channels per block of the backward kernel (`TILE_C`).
+const BACKWARD_TILE_CHANNELS: i64 = 8;
+/// Footprint pixels the backward kernel sums in shared memory (`TILE_PIXELS`).
+const BACKWARD_TILE_PIXELS: i32 = 1024;
+
+/// The backward's shared-memory footprint limit; tests set 0 to run every
+/// RoI through the direct path.
+static TILE_PIXELS_LIMIT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(BACKWARD_TILE_PIXELS);
+
+fn backward_tile_pixels() -> i32 {
+    TILE_PIXELS_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the backward's shared-memory footprint limit (0: every RoI adds its
+/// samples straight to the map) and returns the previous one. For tests.
+#[doc(hidden)]
+pub fn set_backward_tile_pixels(pixels: i32) -> i32 {
+    TILE_PIXELS_LIMIT.swap(pixels.clamp(0, BACKWARD_TILE_PIXELS), std::sync::atomic::Ordering::Relaxed)
+}
 
 /// One feature map as the kernels see it (`struct Level`).
 #[repr(C)]
@@ -242,7 +323,7 @@ fn dtype_suffix(kind: Kind) -> Option<(&'static str, i32)> {
 
 /// One launch of the forward (`grad` = false: `values` is the output) or
 /// backward (`values` is the output gradient, `maps` the float32 gradient
-/// buffers) kernel over K·C·ph·pw threads.
+/// buffers) kernel.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     backward: bool,
@@ -262,7 +343,8 @@ fn launch(
     let f = kernels.function(&name)?;
     let lv = Levels::new(maps, scales)?;
     let c = maps[0].size()[1];
-    let n = rois.size()[0] * c * output_size.0 * output_size.1;
+    let k = rois.size()[0];
+    let n = k * c * output_size.0 * output_size.1;
     if n == 0 {
         return Some(());
     }
@@ -271,12 +353,23 @@ fn launch(
     let (pr, pl, pv) = (rois.data_ptr() as u64, levels.data_ptr() as u64, values.data_ptr() as u64);
     let (ci, ph, pw) = (c as i32, output_size.0 as i32, output_size.1 as i32);
     let (sr, al) = (sampling_ratio as i32, i32::from(aligned));
-    let blocks = ((n + 255) / 256).min(1 << 20) as u32;
+    // Forward: one thread per output value; backward: one block per RoI and
+    // group of BACKWARD_TILE_CHANNELS channels.
+    let (count, blocks) = if backward {
+        let blocks = k.checked_mul((c + BACKWARD_TILE_CHANNELS - 1) / BACKWARD_TILE_CHANNELS)?;
+        (k, u32::try_from(blocks).ok().filter(|&b| b < i32::MAX as u32)?)
+    } else {
+        (n, ((n + 255) / 256).min(1 << 20) as u32)
+    };
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let stream = kernels.stream();
+    let tile_pixels = backward_tile_pixels();
     let mut l = stream.launch_builder(f);
-    l.arg(&n).arg(&lv).arg(&ci).arg(&ph).arg(&pw).arg(&sr).arg(&al).arg(&pr).arg(&pl).arg(&pv);
+    l.arg(&count).arg(&lv).arg(&ci).arg(&ph).arg(&pw).arg(&sr).arg(&al).arg(&pr).arg(&pl).arg(&pv);
     l.arg(&so_k).arg(&so_c).arg(&so_y).arg(&so_x).arg(&bf16);
+    if backward {
+        l.arg(&tile_pixels);
+    }
     // SAFETY: every map is a live CUDA tensor [N, C, H, W] of `values`'
     // dtype (float32 gradient buffers in the backward) described by its
     // strides; rois [K, 5] float32 and levels [K] int64 contiguous, levels

@@ -132,7 +132,12 @@ mod tests {
             400.,
         ])
         .reshape([4, 5]);
-        let rois = Tensor::cat(&[Tensor::cat(&[index, xy.shallow_clone(), &xy + wh], 1), squares], 0);
+        // Twenty RoIs jittered around one object, as the mask head's
+        // positives are (their gradients pile onto the same pixels).
+        let jitter = Tensor::rand([20, 4], (Kind::Float, Device::Cpu)) * 6.0;
+        let object = Tensor::from_slice(&[40.0f32, 30., 90., 70.]).reshape([1, 4]) + jitter;
+        let repeated = Tensor::cat(&[Tensor::zeros([20, 1], (Kind::Float, Device::Cpu)), object], 1);
+        let rois = Tensor::cat(&[Tensor::cat(&[index, xy.shallow_clone(), &xy + wh], 1), squares, repeated], 0);
         (features, rois, vec![(120, 150), (128, 160)])
     }
 
@@ -164,8 +169,18 @@ mod tests {
         let weights = Tensor::randn(reference.size(), (Kind::Float, Device::Cpu));
         (&reference * &weights).sum(Kind::Float).backward();
         let reference_grads: Vec<Tensor> = leaves.iter().map(|f| f.grad()).collect();
-        for (kind, nhwc, tol) in [(Kind::Float, false, 1e-4), (Kind::Half, true, 2e-2), (Kind::BFloat16, true, 8e-2)] {
+        // The backward sums a RoI's samples in shared memory (limit 1024
+        // pixels) or, past its footprint limit, adds them to the map.
+        for (kind, nhwc, tol, tile_pixels) in [
+            (Kind::Float, false, 1e-4, 1024),
+            (Kind::Float, true, 1e-4, 1024),
+            (Kind::Float, false, 1e-4, 0),
+            (Kind::Float, true, 1e-4, 40),
+            (Kind::Half, true, 2e-2, 1024),
+            (Kind::BFloat16, true, 8e-2, 1024),
+        ] {
             let dev = device;
+            crate::kernels::roi_align::set_backward_tile_pixels(tile_pixels);
             let leaves: Vec<Tensor> = features
                 .iter()
                 .map(|f| {
@@ -182,8 +197,12 @@ mod tests {
             for (l, (f, r)) in leaves.iter().zip(&reference_grads).enumerate() {
                 let g = f.grad().to_kind(Kind::Float).to_device(Device::Cpu);
                 let d = (&g - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-6);
-                assert!(d <= tol, "{kind:?} nhwc={nhwc}: level {l} gradient differs by {d} relative");
+                assert!(
+                    d <= tol,
+                    "{kind:?} nhwc={nhwc} tile {tile_pixels}: level {l} gradient differs by {d} relative"
+                );
             }
         }
+        crate::kernels::roi_align::set_backward_tile_pixels(1024);
     }
 }
