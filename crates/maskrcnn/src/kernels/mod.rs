@@ -79,6 +79,7 @@ const SOURCES: &[(&str, &[&str])] = &[
             "roi_align_multilevel_forward_f32",
             "roi_align_multilevel_forward_f16",
             "roi_align_multilevel_forward_bf16",
+            "roi_align_multilevel_forward_half_x8",
             "roi_align_multilevel_backward_f32",
             "roi_align_multilevel_backward_f16",
             "roi_align_multilevel_backward_bf16",
@@ -153,12 +154,28 @@ fn preload_nvrtc_builtins() {
     });
 }
 
+/// PTX of `src` for virtual architecture `arch` (e.g. "compute_90"; the
+/// kernels use sm_90's vector atomics where the device has them).
+fn compile(src: &str, arch: &'static str) -> Result<cudarc::nvrtc::Ptx, String> {
+    let options = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(src, options).map_err(|e| crate::text::one_line(&e.to_string()))
+}
+
+/// The virtual architecture of a device of compute capability `major.minor`.
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    names.entry((major, minor)).or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str()))
+}
+
 fn build(index: usize) -> Result<DeviceKernels, String> {
     preload_nvrtc_builtins();
     let context = CudaContext::new(index).map_err(|e| e.to_string())?;
+    let (major, minor) = context.compute_capability().map_err(|e| e.to_string())?;
+    let arch = arch_name(major, minor);
     let mut functions = HashMap::new();
     for (src, names) in SOURCES {
-        let ptx = cudarc::nvrtc::compile_ptx(src).map_err(|e| crate::text::one_line(&e.to_string()))?;
+        let ptx = compile(src, arch)?;
         let module = context.load_module(ptx).map_err(|e| e.to_string())?;
         for name in *names {
             functions.insert(*name, module.load_function(name).map_err(|e| e.to_string())?);
@@ -167,21 +184,24 @@ fn build(index: usize) -> Result<DeviceKernels, String> {
     Ok(DeviceKernels { context, index, functions })
 }
 
-/// Compiles every kernel source with NVRTC (no GPU needed). `None` when the
-/// NVRTC library cannot be loaded; otherwise the first compile error.
+/// Compiles every kernel source with NVRTC (no GPU needed) for the oldest
+/// architecture CUDA 13 supports and for Hopper's (where paths of their
+/// own are compiled). `None` when the NVRTC library cannot be loaded;
+/// otherwise the first compile error.
 pub fn compile_all() -> Option<Result<(), String>> {
     // SAFETY: only probes whether the shared library can be opened.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return None;
     }
     preload_nvrtc_builtins();
-    Some(SOURCES.iter().try_for_each(|(src, names)| {
-        let ptx = cudarc::nvrtc::compile_ptx(src).map_err(|e| e.to_string())?;
-        let text = ptx.to_src();
-        match names.iter().find(|n| !text.contains(&format!(".entry {n}("))) {
-            Some(missing) => Err(format!("kernel {missing} is not in the compiled module")),
-            None => Ok(()),
-        }
+    Some(["compute_75", "compute_90"].iter().try_for_each(|arch| {
+        SOURCES.iter().try_for_each(|(src, names)| {
+            let text = compile(src, arch)?.to_src();
+            match names.iter().find(|n| !text.contains(&format!(".entry {n}("))) {
+                Some(missing) => Err(format!("kernel {missing} is not in the module compiled for {arch}")),
+                None => Ok(()),
+            }
+        })
     }))
 }
 

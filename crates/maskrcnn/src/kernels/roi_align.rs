@@ -147,6 +147,48 @@ __device__ bool ml_bin(long long index, const Levels& lv, int channels, int pool
     }                                                                                                        \
   }
 
+// ML_FORWARD for channels-last fp16/bf16 maps and output whose channel rows
+// are 16-byte aligned (channels % 8 == 0): one thread per eight channels of
+// an output bin, every load and the store 16 bytes wide (the bin's sampling
+// geometry computed once for the eight); per channel the same arithmetic.
+extern "C" __global__ void roi_align_multilevel_forward_half_x8(ML_ARGS, unsigned short* out, long long so_k,
+    long long so_c, long long so_y, long long so_x, int bf16) {
+  const int groups = channels / 8;
+  ML_THREADS {
+    const int c = (int)(index % groups) * 8;
+    long long t = index / groups;
+    const int pw = t % pooled_width;
+    t /= pooled_width;
+    const int ph = t % pooled_height;
+    const long long k = t / pooled_height;
+    float acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    float count = 1.0f;
+    const long long lvl = levels[k];
+    if (lvl >= 0 && lvl < lv.count) {
+      MlBin b;
+      b.L = lv.l[lvl];
+      const float* r = rois + k * 5;
+      b.cell = bin_grid(r, b.L.scale, ph, pw, pooled_height, pooled_width, sampling_ratio, aligned);
+      count = b.cell.count;
+      const unsigned short* in = (const unsigned short*)b.L.data + (long long)(int)r[0] * b.L.sn + c;
+      FOR_EACH_SAMPLE(b, {
+        uint4 v[4];
+        for (int q = 0; q < 4; q++) v[q] = *(const uint4*)(in + ys[q / 2] * b.L.sh + xs[q % 2] * b.L.sw);
+        const unsigned short *v0 = (const unsigned short*)&v[0], *v1 = (const unsigned short*)&v[1],
+                             *v2 = (const unsigned short*)&v[2], *v3 = (const unsigned short*)&v[3];
+        for (int j = 0; j < 8; j++)
+          acc[j] += (w[0] * load_val(v0 + j, bf16) + w[1] * load_val(v1 + j, bf16)
+                     + w[2] * load_val(v2 + j, bf16) + w[3] * load_val(v3 + j, bf16));
+      })
+    }
+    uint4 o;
+    unsigned short* h = (unsigned short*)&o;
+    for (int j = 0; j < 8; j++) h[j] = store_half(acc[j] / count, bf16);
+    *(uint4*)(out + k * so_k + c * so_c + ph * so_y + pw * so_x) = o;
+  }
+}
+
 // Gradients accumulate in float32 maps described by `lv` (the shim's
 // buffers, strided as the features). One block per (RoI, group of TILE_C
 // channels): the RoI's samples are first summed in shared memory over its
@@ -161,6 +203,16 @@ __device__ bool ml_bin(long long index, const Levels& lv, int channels, int pool
 // block whose gradients are all zero at once; NaN still goes in.
 #define TILE_C 8
 #define TILE_PIXELS 1024
+// Hopper adds four floats with one atomic (global memory, 16-byte aligned).
+#if __CUDA_ARCH__ >= 900
+#define VECTOR_ATOMICS 1
+__device__ __forceinline__ void add4(float* p, float4 v) { atomicAdd((float4*)p, v); }
+#else
+#define VECTOR_ATOMICS 0
+__device__ __forceinline__ void add4(float* p, float4 v) {
+  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
+}
+#endif
 #define ML_BACKWARD(NAME, T, LOAD)                                                                             \
   extern "C" __global__ void __launch_bounds__(256) NAME(long long rois_count, Levels lv, int channels,        \
       int pooled_height, int pooled_width, int sampling_ratio, int aligned, const float *rois,               \
@@ -219,6 +271,17 @@ __device__ bool ml_bin(long long index, const Levels& lv, int channels, int pool
     }                                                                                                        \
     if (!tiled) return;                                                                                      \
     __syncthreads();                                                                                         \
+    if (VECTOR_ATOMICS && b.L.sc == 1 && c0 + TILE_C <= channels && ((b.L.sn | b.L.sh | b.L.sw) & 3) == 0    \
+        && (b.L.data & 15) == 0) {                                                                           \
+      /* Channels-last, 16-byte aligned: four channels per atomic. */      \
+      for (int i = threadIdx.x; i < fh * fw * (TILE_C / 4); i += blockDim.x) {                               \
+        const float4 v = *(const float4*)&tile[i * 4];                                                       \
+        const int p = i / (TILE_C / 4), c = c0 + (i % (TILE_C / 4)) * 4;                                     \
+        if (v.x != 0.0f || v.y != 0.0f || v.z != 0.0f || v.w != 0.0f)                                       \
+          add4(gin_image + c + (y_lo + p / fw) * b.L.sh + (x_lo + p % fw) * b.L.sw, v);                      \
+      }                                                                                                      \
+      return;                                                                                                \
+    }                                                                                                        \
     for (int i = threadIdx.x; i < fh * fw * TILE_C; i += blockDim.x) {                                       \
       const float v = tile[i];                                                                               \
       const int c = c0 + i % TILE_C, p = i / TILE_C;                                                         \
@@ -311,6 +374,17 @@ impl Levels {
     }
 }
 
+fn bf16_or_f16(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::BFloat16)
+}
+
+/// Whether `t` `[N, C, H, W]` (2-byte elements) is channels-last with every
+/// pixel's `c` channels starting on a 16-byte boundary.
+fn channel_rows_aligned(t: &Tensor, c: i64) -> bool {
+    let st = t.stride();
+    c % 8 == 0 && st[1] == 1 && [st[0], st[2], st[3]].iter().all(|s| s % 8 == 0) && (t.data_ptr() as usize).is_multiple_of(16)
+}
+
 /// The kernel name suffix for a dtype, and whether it is bfloat16.
 fn dtype_suffix(kind: Kind) -> Option<(&'static str, i32)> {
     match kind {
@@ -339,10 +413,18 @@ fn launch(
     let Device::Cuda(index) = rois.device() else { return None };
     let kernels = super::device_kernels(index)?;
     let (suffix, bf16) = dtype_suffix(values.kind())?;
-    let name = format!("roi_align_multilevel_{}_{suffix}", if backward { "backward" } else { "forward" });
+    let c = maps[0].size()[1];
+    let x8 = !backward
+        && bf16_or_f16(values.kind())
+        && channel_rows_aligned(values, c)
+        && maps.iter().all(|m| channel_rows_aligned(m, c));
+    let name = match (backward, x8) {
+        (true, _) => format!("roi_align_multilevel_backward_{suffix}"),
+        (false, true) => "roi_align_multilevel_forward_half_x8".to_string(),
+        (false, false) => format!("roi_align_multilevel_forward_{suffix}"),
+    };
     let f = kernels.function(&name)?;
     let lv = Levels::new(maps, scales)?;
-    let c = maps[0].size()[1];
     let k = rois.size()[0];
     let n = k * c * output_size.0 * output_size.1;
     if n == 0 {
@@ -359,6 +441,7 @@ fn launch(
         let blocks = k.checked_mul((c + BACKWARD_TILE_CHANNELS - 1) / BACKWARD_TILE_CHANNELS)?;
         (k, u32::try_from(blocks).ok().filter(|&b| b < i32::MAX as u32)?)
     } else {
+        let n = if x8 { n / 8 } else { n };
         (n, ((n + 255) / 256).min(1 << 20) as u32)
     };
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -117,10 +117,14 @@ mod tests {
     /// Four pyramid levels of a 2-image batch padded to 128×160, RoIs of
     /// every size (so every level is used), some crossing the border.
     fn case() -> (Vec<Tensor>, Tensor, Vec<(i64, i64)>) {
+        case_with_channels(6)
+    }
+
+    fn case_with_channels(channels: i64) -> (Vec<Tensor>, Tensor, Vec<(i64, i64)>) {
         tch::manual_seed(5);
         let features: Vec<Tensor> = [4i64, 8, 16, 32]
             .iter()
-            .map(|&stride| Tensor::randn([2, 6, 128 / stride, 160 / stride], (Kind::Float, Device::Cpu)))
+            .map(|&stride| Tensor::randn([2, channels, 128 / stride, 160 / stride], (Kind::Float, Device::Cpu)))
             .collect();
         let k = 60;
         let xy = Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 150.0 - 10.0;
@@ -155,15 +159,22 @@ mod tests {
     }
 
     /// The one-kernel multi-level pooling on CUDA (float32 NCHW, fp16 and
-    /// bf16 channels-last read in place) equals the per-level CPU path, and
-    /// so do the gradients reaching every level.
+    /// bf16 channels-last read in place; 16 channels take the eight-wide
+    /// loads and vector atomics) equals the per-level CPU path, and so do
+    /// the gradients reaching every level.
     #[test]
     fn gpu_multilevel_kernel_equals_per_level_cpu_path() {
         let Some(device) = crate::test_support::cuda_or_skip("gpu_multilevel_kernel_equals_per_level_cpu_path") else {
             return;
         };
+        for channels in [6, 16] {
+            multilevel_kernel_equals_per_level_cpu_path(device, channels);
+        }
+    }
+
+    fn multilevel_kernel_equals_per_level_cpu_path(device: Device, channels: i64) {
         let pooler = MultiScaleRoiAlign::new(7, 2);
-        let (features, rois, sizes) = case();
+        let (features, rois, sizes) = case_with_channels(channels);
         let leaves: Vec<Tensor> = features.iter().map(|f| f.set_requires_grad(true)).collect();
         let reference = pooler.pool(&leaves, &rois, &sizes);
         let weights = Tensor::randn(reference.size(), (Kind::Float, Device::Cpu));
@@ -192,14 +203,14 @@ mod tests {
             let out = pooler.pool(&leaves, &rois.to_device(dev), &sizes);
             assert_eq!(out.kind(), kind, "output dtype");
             let d = (out.to_kind(Kind::Float).to_device(Device::Cpu) - &reference).abs().max().double_value(&[]);
-            assert!(d <= tol, "{kind:?} nhwc={nhwc}: pooled values differ by {d}");
+            assert!(d <= tol, "{kind:?} nhwc={nhwc} C={channels}: pooled values differ by {d}");
             (out.to_kind(Kind::Float) * weights.to_device(dev)).sum(Kind::Float).backward();
             for (l, (f, r)) in leaves.iter().zip(&reference_grads).enumerate() {
                 let g = f.grad().to_kind(Kind::Float).to_device(Device::Cpu);
                 let d = (&g - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-6);
                 assert!(
                     d <= tol,
-                    "{kind:?} nhwc={nhwc} tile {tile_pixels}: level {l} gradient differs by {d} relative"
+                    "{kind:?} nhwc={nhwc} C={channels} tile {tile_pixels}: level {l} gradient differs by {d} relative"
                 );
             }
         }
