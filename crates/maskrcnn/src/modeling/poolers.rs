@@ -130,12 +130,13 @@ mod tests {
         let xy = Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 150.0 - 10.0;
         let wh = (Tensor::rand([k, 2], (Kind::Float, Device::Cpu)) * 6.5).exp() + 1.0;
         let index = Tensor::randint(2, [k, 1], (Kind::Float, Device::Cpu));
-        // One square of each level's size range besides the random ones.
+        // One square of each level's size range besides the random ones,
+        // and a giant box (adaptive sampling gives it a 20+ sample grid).
         let squares = Tensor::from_slice(&[
             0.0f32, 10., 20., 60., 60., 1., 5., 5., 205., 205., 0., -30., -40., 330., 290., 1., -200., -200., 400.,
-            400.,
+            400., 0., -2000., -1500., 4000., 3000.,
         ])
-        .reshape([4, 5]);
+        .reshape([5, 5]);
         // Twenty RoIs jittered around one object, as the mask head's
         // positives are (their gradients pile onto the same pixels).
         let jitter = Tensor::rand([20, 4], (Kind::Float, Device::Cpu)) * 6.0;
@@ -167,13 +168,13 @@ mod tests {
         let Some(device) = crate::test_support::cuda_or_skip("gpu_multilevel_kernel_equals_per_level_cpu_path") else {
             return;
         };
-        for channels in [6, 16] {
-            multilevel_kernel_equals_per_level_cpu_path(device, channels);
+        for (channels, sampling_ratio) in [(6, 2), (16, 2), (6, 0)] {
+            multilevel_kernel_equals_per_level_cpu_path(device, channels, sampling_ratio);
         }
     }
 
-    fn multilevel_kernel_equals_per_level_cpu_path(device: Device, channels: i64) {
-        let pooler = MultiScaleRoiAlign::new(7, 2);
+    fn multilevel_kernel_equals_per_level_cpu_path(device: Device, channels: i64, sampling_ratio: i64) {
+        let pooler = MultiScaleRoiAlign::new(7, sampling_ratio);
         let (features, rois, sizes) = case_with_channels(channels);
         let leaves: Vec<Tensor> = features.iter().map(|f| f.set_requires_grad(true)).collect();
         let reference = pooler.pool(&leaves, &rois, &sizes);
@@ -203,14 +204,14 @@ mod tests {
             let out = pooler.pool(&leaves, &rois.to_device(dev), &sizes);
             assert_eq!(out.kind(), kind, "output dtype");
             let d = (out.to_kind(Kind::Float).to_device(Device::Cpu) - &reference).abs().max().double_value(&[]);
-            assert!(d <= tol, "{kind:?} nhwc={nhwc} C={channels}: pooled values differ by {d}");
+            assert!(d <= tol, "{kind:?} nhwc={nhwc} C={channels} sr={sampling_ratio}: pooled values differ by {d}");
             (out.to_kind(Kind::Float) * weights.to_device(dev)).sum(Kind::Float).backward();
             for (l, (f, r)) in leaves.iter().zip(&reference_grads).enumerate() {
                 let g = f.grad().to_kind(Kind::Float).to_device(Device::Cpu);
                 let d = (&g - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-6);
                 assert!(
                     d <= tol,
-                    "{kind:?} nhwc={nhwc} C={channels} tile {tile_pixels}: level {l} gradient differs by {d} relative"
+                    "{kind:?} nhwc={nhwc} C={channels} sr={sampling_ratio} tile {tile_pixels}: level {l} gradient differs by {d} relative"
                 );
             }
         }
