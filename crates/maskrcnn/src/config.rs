@@ -309,6 +309,17 @@ pub enum AmpMode {
     Bf16,
 }
 
+impl AmpMode {
+    /// The dtype autocast runs in under this mode (`None` when off).
+    pub fn autocast_dtype(self) -> Option<crate::shim::AutocastDtype> {
+        match self {
+            AmpMode::Off => None,
+            AmpMode::Fp16 => Some(crate::shim::AutocastDtype::Fp16),
+            AmpMode::Bf16 => Some(crate::shim::AutocastDtype::Bf16),
+        }
+    }
+}
+
 impl fmt::Display for AmpMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -21,7 +21,7 @@ pub mod ops;
 pub mod random;
 pub mod shim;
 pub mod structures;
-mod text;
+pub mod text;
 pub mod visualization;
 
 pub use config::{Config, ConfigError};

@@ -332,13 +332,19 @@ pub struct AutocastGuard {
     previous: c_int,
 }
 
+/// The reduced-precision dtype autocast runs convolutions and matmuls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutocastDtype {
+    Fp16,
+    Bf16,
+}
+
 impl AutocastGuard {
-    /// `None` when `amp` is off (no guard needed).
-    pub fn new(amp: crate::config::AmpMode) -> Option<AutocastGuard> {
-        let dtype = match amp {
-            crate::config::AmpMode::Off => return None,
-            crate::config::AmpMode::Fp16 => 0,
-            crate::config::AmpMode::Bf16 => 1,
+    /// Autocast to `dtype`; `None` (no guard needed) when `dtype` is `None`.
+    pub fn new(dtype: Option<AutocastDtype>) -> Option<AutocastGuard> {
+        let dtype = match dtype? {
+            AutocastDtype::Fp16 => 0,
+            AutocastDtype::Bf16 => 1,
         };
         // SAFETY: sets thread-local autocast state; exceptions are caught in C++.
         let previous = unsafe { mrcnn_autocast_cuda(1, dtype) };

@@ -683,8 +683,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the error chain on one line.
-            eprintln!("error: {e:#}");
+            // The error chain on one line, each cause once.
+            eprintln!("error: {}", maskrcnn::text::error_chain_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

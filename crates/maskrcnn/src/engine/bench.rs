@@ -65,7 +65,7 @@ pub fn run_infer_bench(opts: &InferBench) -> Result<InferBenchResult, ModelError
     }
     tch::manual_seed(1);
     let batches: Vec<Vec<Tensor>> = (0..3).map(|_| synthetic_batch(opts.batch, opts.device)).collect();
-    let _amp = if opts.device.is_cuda() { AutocastGuard::new(opts.amp) } else { None };
+    let _amp = if opts.device.is_cuda() { AutocastGuard::new(opts.amp.autocast_dtype()) } else { None };
     let mut times = Vec::new();
     let mut dets = 0.0;
     for it in 0..opts.warmup + opts.iters {

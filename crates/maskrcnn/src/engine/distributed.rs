@@ -31,6 +31,11 @@ pub enum DistError {
     Rendezvous { addr: String, message: String },
     #[error("NCCL: {0}")]
     Nccl(String),
+    /// The CPU ranks' all-reduce over the rendezvous sockets failed.
+    #[error("TCP all-reduce")]
+    Tcp(#[source] std::io::Error),
+    #[error("all-reduce input")]
+    Tensor(#[source] tch::TchError),
 }
 
 /// This process's place in the group, from torchrun's variables.
@@ -562,8 +567,8 @@ impl ProcessGroup {
                 })
             }
             Transport::Tcp(links) => {
-                let mut values = Vec::<f32>::try_from(&*t).map_err(|e| DistError::Nccl(e.to_string()))?;
-                tcp_sum(links, &mut values).map_err(|e| DistError::Nccl(format!("TCP all-reduce: {e}")))?;
+                let mut values = Vec::<f32>::try_from(&*t).map_err(DistError::Tensor)?;
+                tcp_sum(links, &mut values).map_err(DistError::Tcp)?;
                 tch::no_grad(|| t.copy_(&Tensor::from_slice(&values).view_as(t)));
                 Ok(())
             }

@@ -70,7 +70,8 @@ pub fn predict_files(
         }
         let tensors: Vec<tch::Tensor> = loaded.iter().map(|(_, im)| im.to_tensor(device)).collect();
         let dets = {
-            let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };
+            let _amp =
+                if device.is_cuda() { AutocastGuard::new(model.config.precision.amp.autocast_dtype()) } else { None };
             model.predict_owned(tensors)
         };
         for ((path, img), det) in loaded.iter().zip(&dets) {

@@ -146,7 +146,7 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         let (images, targets) = &batches[it % batches.len()];
         let t0 = Instant::now();
         let losses = {
-            let _autocast = crate::shim::AutocastGuard::new(amp);
+            let _autocast = crate::shim::AutocastGuard::new(amp.autocast_dtype());
             model.forward_train(images, targets, &mut BalancedSampler)?
         };
         sync();

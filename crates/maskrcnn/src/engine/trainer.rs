@@ -76,8 +76,8 @@ pub enum TrainError {
     Shim(#[from] crate::shim::ShimError),
     #[error("iteration {iteration}: {loss} is {value} (fp32 training diverged; lower solver.base_lr or enable solver.clip_grad_norm)")]
     NonFinite { iteration: u64, loss: String, value: f64 },
-    #[error("evaluation: {0}")]
-    Eval(String),
+    #[error("evaluation")]
+    Eval(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Distributed(#[from] DistError),
     #[error(transparent)]
@@ -583,7 +583,7 @@ pub fn forward_backward(
     sampler: &mut dyn crate::ops::FgBgSampler,
 ) -> Result<Tensor, TrainError> {
     let losses = {
-        let _autocast = AutocastGuard::new(amp);
+        let _autocast = AutocastGuard::new(amp.autocast_dtype());
         model.forward_train(batch.images, batch.targets, sampler)?
     };
     let total = losses.total() / accumulate as f64;
@@ -746,17 +746,18 @@ fn save_checkpoint(
 /// bbox/segm AP of `model` on the validation set; detections kept under
 /// `output/eval/`.
 fn evaluate(model: &MaskRcnn, config: &Config, output: &Path, iteration: u64) -> Result<CocoMetrics, TrainError> {
-    let err = |e: String| TrainError::Eval(e);
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| TrainError::Eval(e);
     let ann = Path::new(&config.data.val_ann);
     let dets = crate::evaluation::dataset_inference::infer_dataset(model, ann, Path::new(&config.data.val_images))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     let dir = output.join("eval");
-    std::fs::create_dir_all(&dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err(crate::io::WriteError { path: dir.clone(), source: e.into() }.into()))?;
     let path = dir.join(format!("detections_iter_{iteration:07}.json"));
-    crate::io::write_json_atomic(&path, &dets).map_err(|e| err(e.to_string()))?;
-    let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.to_string()))?;
+    crate::io::write_json_atomic(&path, &dets).map_err(|e| err(e.into()))?;
+    let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.into()))?;
     let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
-    crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.to_string()))?;
+    crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.into()))?;
     Ok(metrics)
 }
 

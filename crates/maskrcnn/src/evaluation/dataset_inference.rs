@@ -119,7 +119,8 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
         let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
         drop(loaded);
         let dets = {
-            let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp) } else { None };
+            let _amp =
+                if device.is_cuda() { AutocastGuard::new(model.config.precision.amp.autocast_dtype()) } else { None };
             model.predict_owned(tensors)
         };
         for (im, det) in chunk.iter().zip(&dets) {

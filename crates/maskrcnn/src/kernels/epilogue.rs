@@ -493,7 +493,7 @@ mod tests {
         let before = fallback_count();
         let images = nhwc(&Tensor::rand([2, 3, 256, 320], (Kind::Float, device)));
         let loss = {
-            let _autocast = crate::shim::AutocastGuard::new(crate::config::AmpMode::Bf16);
+            let _autocast = crate::shim::AutocastGuard::new(Some(crate::shim::AutocastDtype::Bf16));
             let features = model.backbone.forward(&images, true);
             let (obj, reg) = model.rpn.head.forward(&features);
             let mut total = Tensor::zeros([], (Kind::Float, device));

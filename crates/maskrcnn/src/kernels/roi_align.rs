@@ -382,7 +382,10 @@ fn bf16_or_f16(kind: Kind) -> bool {
 /// pixel's `c` channels starting on a 16-byte boundary.
 fn channel_rows_aligned(t: &Tensor, c: i64) -> bool {
     let st = t.stride();
-    c % 8 == 0 && st[1] == 1 && [st[0], st[2], st[3]].iter().all(|s| s % 8 == 0) && (t.data_ptr() as usize).is_multiple_of(16)
+    c % 8 == 0
+        && st[1] == 1
+        && [st[0], st[2], st[3]].iter().all(|s| s % 8 == 0)
+        && (t.data_ptr() as usize).is_multiple_of(16)
 }
 
 /// The kernel name suffix for a dtype, and whether it is bfloat16.
