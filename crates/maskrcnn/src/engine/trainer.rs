@@ -1,9 +1,12 @@
-//! `maskrcnn train`: the training loop. Data from the prefetching loader,
-//! forward/backward under autocast (fp16 with dynamic loss scaling, bf16, or
-//! fp32 with TF32), gradient accumulation and clipping, fused SGD with the
-//! warmup/multi-step schedule, periodic atomic checkpoints, evaluation with
-//! the seed's early stop, logs (progress bar; `metrics.jsonl` and
-//! TensorBoard through [`crate::engine::train_log`]; summary).
+//! `maskrcnn train`: sets a run up — output folder (locked; resume or
+//! overwrite), checkpoint to resume from, training set, model and weights,
+//! optimizer and loss scaler, loader, the group of ranks — and runs the
+//! [`Trainer`] (`engine::train_loop`: forward/backward under autocast, fp16
+//! loss scaling or bf16 or fp32 with TF32, accumulation, clipping, fused SGD
+//! with the warmup/multi-step schedule) with the standard hooks
+//! (`engine::hooks`: interruption, time budget, loss log, evaluation with
+//! the seed's early stop, checkpoints and final weights); returns the
+//! run's summary.
 //!
 //! Reproducibility: libtorch's generator is reseeded from `(seed, micro
 //! batch)` before every forward pass and the loader's order and flips derive
@@ -20,69 +23,21 @@ use crate::config::{AmpMode, Config};
 use crate::data::coco::{CocoDataset, LoadOptions};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::engine::amp::GradScaler;
-use crate::engine::checkpoint::{self, TrainState};
-use crate::engine::distributed::{DistEnv, DistError, ProcessGroup};
+use crate::engine::checkpoint;
+use crate::engine::distributed::{DistEnv, ProcessGroup};
+use crate::engine::hooks;
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
-use crate::engine::train_log::{EvalPoint, StepValues, TrainLog};
-use crate::evaluation::coco_eval::CocoMetrics;
+use crate::engine::train_log::{EvalPoint, TrainLog};
+pub use crate::engine::train_loop::{
+    apply_update, forward_backward, micro_batch_seed, MicroBatch, TrainError, TrainOptions, LOSS_NAMES,
+};
+use crate::engine::train_loop::{GroupStep, Hook, Stop, TrainClock, Trainer};
 use crate::modeling::MaskRcnn;
-use crate::ops::BalancedSampler;
-use crate::shim::AutocastGuard;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
-use tch::{Device, Kind, Tensor};
-
-/// How to run.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    pub output: PathBuf,
-    /// Continue from the newest checkpoint in `output`.
-    pub resume: bool,
-    /// Remove a previous run's files from `output` first (without it, and
-    /// without `resume`, an output holding a run is refused).
-    pub overwrite: bool,
-    pub device: Device,
-    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
-    pub stop: Arc<AtomicBool>,
-    /// Show a progress bar (else log lines every `solver.log_period`).
-    pub progress: bool,
-    /// Data strictness: a bad sample stops training.
-    pub strict: bool,
-    /// This iteration runs inside a CUDA profiler range
-    /// (`kernels::timing::profiler_range`), for an external profiler.
-    pub profile_iteration: Option<u64>,
-}
-
-/// Why training could not start or had to stop.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Dataset(#[from] crate::data::DatasetError),
-    #[error(transparent)]
-    Loader(#[from] crate::data::LoaderError),
-    #[error(transparent)]
-    Model(#[from] crate::modeling::ModelError),
-    #[error(transparent)]
-    Targets(#[from] crate::modeling::TargetError),
-    #[error(transparent)]
-    Checkpoint(#[from] checkpoint::CheckpointError),
-    #[error(transparent)]
-    Shim(#[from] crate::shim::ShimError),
-    #[error("iteration {iteration}: {loss} is {value} (fp32 training diverged; lower solver.base_lr or enable solver.clip_grad_norm)")]
-    NonFinite { iteration: u64, loss: String, value: f64 },
-    #[error("evaluation")]
-    Eval(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error(transparent)]
-    Distributed(#[from] DistError),
-    #[error(transparent)]
-    Log(#[from] crate::engine::train_log::TrainLogError),
-}
+use tch::Device;
 
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
@@ -105,9 +60,10 @@ pub struct TrainSummary {
     pub rank: usize,
 }
 
-/// Trains per `config` into `opts.output`.
+/// Trains per `config` into `opts.output`: sets the run up (output folder,
+/// resume, data, model, optimizer, loader, group) and runs the
+/// [`Trainer`] with the standard hooks.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
-    let setup = |m: String| TrainError::Setup(m);
     let (group, opts) = join_group(opts)?;
     let opts = &opts;
     let (rank, world_size) = group.as_ref().map_or((0, 1), |g| (g.env.rank, g.env.world_size));
@@ -122,39 +78,37 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         if main { Some(prepare_output(&opts.output, &config_toml, opts.resume, opts.overwrite)?) } else { None };
     let resumed = if opts.resume { load_resume_checkpoint(config, &opts.output)? } else { None };
     let dataset = load_training_set(config, opts.strict)?;
-    let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
-    let images_in_set = dataset.images.len();
-
     let model = build_model(config, device, resumed.as_ref(), &dataset)?;
+    let group_step = group.as_ref().map(|g| GroupStep::new(g, &model)).transpose()?;
     let cuda = device.is_cuda();
-    let step_sync = match &group {
-        Some(g) => Some(GroupStep::new(g, &model)?),
-        None => None,
-    };
     let amp = if cuda { config.precision.amp } else { AmpMode::Off };
     if config.precision.amp != AmpMode::Off && !cuda {
         tracing::warn!("precision.amp = {} needs CUDA; training in fp32 on the CPU", config.precision.amp);
     }
-
     let mut sgd =
         Sgd::new(&model.vs, solver.momentum, solver.weight_decay, solver.bias_lr_factor, solver.bias_weight_decay);
     let mut scaler = (amp == AmpMode::Fp16).then(|| {
         GradScaler::new(config.precision.loss_scale_init, config.precision.loss_scale_growth_interval, device)
     });
-    let mut start = 0u64;
-    let mut images_seen = 0u64;
+    let (mut start, mut images_seen) = (0u64, 0u64);
     if let Some(r) = &resumed {
-        sgd.restore(&r.optimizer, r.state.iteration).map_err(|e| setup(format!("{}: {e}", r.dir.display())))?;
+        sgd.restore(&r.optimizer, r.state.iteration)
+            .map_err(|e| TrainError::Setup(format!("{}: {e}", r.dir.display())))?;
         if let (Some(s), Some(st)) = (scaler.as_mut(), r.state.scaler) {
             s.restore(st);
         }
-        start = r.state.iteration;
-        images_seen = r.state.images_seen;
+        (start, images_seen) = (r.state.iteration, r.state.images_seen);
         tracing::info!("resuming from {} (iteration {start})", r.dir.display());
     }
-    let dataset = Arc::new(dataset);
-    let mut loader = Loader::new(
-        dataset.clone(),
+    tracing::info!(
+        "rank {rank}/{world_size}: training {} images ({} categories), {micro_batch} images × {} accumulation step(s) per iteration, iterations {start}..{}, amp {amp}, device {device:?}",
+        dataset.images.len(),
+        dataset.categories.len(),
+        solver.accumulate_steps,
+        solver.max_iter,
+    );
+    let loader = Loader::new(
+        Arc::new(dataset),
         LoaderOptions {
             batch_size: micro_batch,
             workers: config.dataloader.workers.max(1),
@@ -170,187 +124,52 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             max_image_pixels: config.input.max_image_pixels,
         },
     )?;
-
-    let schedule = LrSchedule::new(solver);
-    let max_iter = solver.max_iter as u64;
-    let mut log = TrainLog::open(&opts.output, main, group.is_some(), start, cuda)?;
-    let bar = progress_bar(opts.progress, start, max_iter);
-    let started = Instant::now();
-    // Training time without evaluation (the time budget and the AP-over-time log).
-    let mut eval_time = 0.0f64;
-    let train_seconds = |eval_time: f64| started.elapsed().as_secs_f64() - eval_time;
-    let mut last_losses: Vec<(String, f64)> = Vec::new();
-    let mut pending: Vec<(u64, Tensor)> = Vec::new();
-    let mut evals = Vec::new();
-    let (mut stopped_early, mut interrupted) = (false, false);
-    let mut iteration = start;
-    tracing::info!(
-        "rank {rank}/{world_size}: training {} images ({} categories), {micro_batch} images × {} accumulation step(s) per iteration, iterations {start}..{max_iter}, amp {amp}, device {:?}",
-        images_in_set,
-        dataset.categories.len(),
-        solver.accumulate_steps,
-        device
-    );
-
-    while iteration < max_iter {
-        let lr = schedule.lr_at(iteration as usize);
-        let profiled = match device {
-            Device::Cuda(i) if opts.profile_iteration == Some(iteration) => {
-                crate::kernels::timing::profiler_range(i, true)
-            }
-            _ => false,
-        };
-        log.begin_step();
-        let mut sums: Vec<Tensor> = Vec::new();
-        for micro in 0..solver.accumulate_steps as u64 {
-            let waited = Instant::now();
-            let batch = loader.next_batch()?;
-            log.add_data_wait(waited.elapsed().as_secs_f64());
-            images_seen += batch.images.len() as u64;
-            tch::manual_seed(micro_batch_seed(config.seed, iteration * solver.accumulate_steps as u64 + micro, rank));
-            let step = MicroBatch { images: &batch.images, targets: &batch.targets };
-            sums.push(forward_backward(
-                &model,
-                step,
-                solver.accumulate_steps,
-                scaler.as_ref(),
-                amp,
-                &mut BalancedSampler,
-            )?);
-        }
-        let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
-        let mut stop = opts.stop.load(Ordering::SeqCst);
-        let mut time_up = solver.max_seconds > 0.0 && train_seconds(eval_time) >= solver.max_seconds;
-        if let (Some(g), Some(sync)) = (&group, &step_sync) {
-            let next = iteration + 1;
-            let read_flags = next.is_multiple_of(solver.log_period as u64) || next == max_iter;
-            let reduced = Instant::now();
-            (stop, time_up) = sync.all_reduce(g, &losses, (stop, time_up), read_flags)?;
-            log.add_reduce_wait(reduced.elapsed().as_secs_f64());
-        }
-        apply_update(&mut sgd, scaler.as_mut(), lr, solver.clip_grad_norm)?;
-        if let (true, Device::Cuda(i)) = (profiled, device) {
-            crate::kernels::timing::profiler_range(i, false);
-        }
-        log.end_step();
-        iteration += 1;
-
-        // Loss values stay on the device until a log line or checkpoint needs
-        // them: one copy per `log_period`, not a sync per step.
-        pending.push((iteration - 1, losses));
-        bar.set_position(iteration);
-        let last = iteration == max_iter || time_up;
-        let log_now = iteration.is_multiple_of(solver.log_period as u64) || last;
-        if log_now || stop || iteration.is_multiple_of(solver.checkpoint_period as u64) {
-            // fp16 steps with inf/NaN are the loss scaler's to skip.
-            if let Some(values) = drain_losses(&mut pending, scaler.is_none())? {
-                last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values).collect();
-            }
-        }
-
-        if log_now {
-            let msg = log.step(StepValues {
-                iteration,
-                lr,
-                losses: &last_losses,
-                images_per_iteration: solver.ims_per_batch,
-                seconds: started.elapsed().as_secs_f64(),
-                scale: scaler.as_ref().map(|s| s.state()),
-                max_memory_gib: cuda.then(|| crate::environment::cuda_peak_memory_gib(device)),
-            });
-            if main && bar.is_hidden() {
-                tracing::info!("iter {iteration}/{max_iter} {msg}");
-            } else {
-                bar.set_message(msg);
-            }
-        }
-
-        let eval_now = !stop
-            && has_val
-            && (last || (config.test.eval_period > 0 && iteration.is_multiple_of(config.test.eval_period as u64)));
-        let mut target_reached = false;
-        if eval_now && main {
-            let t_eval = Instant::now();
-            let metrics = bar.suspend(|| evaluate(&model, config, &opts.output, iteration))?;
-            eval_time += t_eval.elapsed().as_secs_f64();
-            let point = EvalPoint {
-                iteration,
-                seconds: train_seconds(eval_time),
-                bbox_ap: metrics.bbox.stats[0],
-                segm_ap: metrics.segm.as_ref().map_or(0.0, |m| m.stats[0]),
-            };
-            log.eval(&point);
-            bar.suspend(|| {
-                tracing::info!("iter {iteration}: bbox AP {:.4}, segm AP {:.4}", point.bbox_ap, point.segm_ap)
-            });
-            target_reached = point.reaches(&config.test);
-            evals.push(point);
-        }
-        if let (true, Some(g)) = (eval_now, &group) {
-            // Rank 0's early-stop decision, for every rank.
-            let flag = Tensor::from_slice(&[f32::from(u8::from(target_reached))]).to_device(device);
-            g.all_reduce_mean(std::slice::from_ref(&flag))?;
-            target_reached = crate::host_sync::to_host(&flag).double_value(&[0]) > 0.0;
-        }
-        let save = iteration.is_multiple_of(solver.checkpoint_period as u64) || stop || last || target_reached;
-        if save && main {
-            save_checkpoint(
-                &model,
-                &sgd,
-                scaler.as_ref(),
-                iteration,
-                images_seen,
-                &config_toml,
-                &opts.output,
-                solver.checkpoint_keep,
-            )?;
-        }
-        if stop {
-            interrupted = true;
-            bar.suspend(|| {
-                if main {
-                    tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume")
-                }
-            });
-            break;
-        }
-        if target_reached {
-            stopped_early = !last;
-            if stopped_early {
-                bar.suspend(|| tracing::info!("target accuracy reached at iteration {iteration}: stopping early"));
-            }
-            break;
-        }
-        if time_up {
-            bar.suspend(|| {
-                tracing::info!("solver.max_seconds = {} reached at iteration {iteration}", solver.max_seconds)
-            });
-            break;
-        }
-    }
-    bar.finish_and_clear();
-    // An interrupted run leaves its checkpoint, not a `model_final` that
-    // could be taken for a finished model.
-    let weights = (!interrupted).then(|| opts.output.join("model_final.safetensors"));
-    if let (true, Some(path)) = (main, &weights) {
-        model.save(path)?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let done = iteration - start;
-    let scale = scaler.as_ref().map(|s| s.state());
+    let log = TrainLog::open(&opts.output, main, group.is_some(), start, cuda)?;
+    let mut trainer = Trainer {
+        config,
+        opts,
+        model,
+        sgd,
+        scaler,
+        loader,
+        group,
+        group_step,
+        log,
+        bar: progress_bar(opts.progress, start, solver.max_iter as u64),
+        clock: TrainClock::start(),
+        schedule: LrSchedule::new(solver),
+        amp,
+        rank,
+        start,
+        iteration: start,
+        images_seen,
+        config_toml,
+        last_losses: Vec::new(),
+        evals: Vec::new(),
+    };
+    let mut hooks: Vec<Box<dyn Hook>> = vec![
+        Box::new(hooks::Interruption { flag: opts.stop.clone() }),
+        Box::new(hooks::TimeBudget { max_seconds: solver.max_seconds }),
+        Box::new(hooks::LossLog::default()),
+        Box::new(hooks::Evaluation),
+        Box::new(hooks::Checkpointer),
+    ];
+    let stop = trainer.run(&mut hooks)?;
+    let seconds = trainer.clock.elapsed();
+    let scale = trainer.scaler.as_ref().map(|s| s.state());
     Ok(TrainSummary {
         start_iteration: start,
-        iterations: iteration,
+        iterations: trainer.iteration,
         seconds,
-        images_per_s: done as f64 * solver.ims_per_batch as f64 / seconds.max(1e-9),
-        final_losses: last_losses,
+        images_per_s: (trainer.iteration - start) as f64 * solver.ims_per_batch as f64 / seconds.max(1e-9),
+        final_losses: trainer.last_losses,
         skipped_steps: scale.map_or(0.0, |s| s.skipped),
         loss_scale: scale.map(|s| s.scale),
-        evals,
-        stopped_early,
-        interrupted,
-        weights,
-        skipped_images: loader.skipped.count(),
+        evals: trainer.evals,
+        stopped_early: stop == Stop::TargetReached,
+        interrupted: stop == Stop::Interrupted,
+        weights: hooks::final_weights(&opts.output, stop),
+        skipped_images: trainer.loader.skipped.count(),
         rank,
     })
 }
@@ -491,159 +310,6 @@ fn build_model(
     Ok(model)
 }
 
-/// What one training step exchanges over several GPUs, prepared once: every
-/// trainable parameter in a rank-independent order (by name), each with a
-/// gradient tensor from the start (zeros, accumulated into by backward) so
-/// every rank all-reduces the same tensors even when a step leaves one
-/// unreached, and the two stop flags on the device.
-struct GroupStep {
-    trainable: Vec<Tensor>,
-    /// `[2]`: Ctrl-C, time budget (1.0 = set) on this rank.
-    flags: Tensor,
-}
-
-impl GroupStep {
-    /// Makes the ranks' weights and statistics identical (the mean of equal
-    /// values is exact; this also covers any init drift) and prepares the
-    /// step's tensors.
-    fn new(group: &ProcessGroup, model: &MaskRcnn) -> Result<GroupStep, TrainError> {
-        // Sorted by name: every rank must concatenate in the same order.
-        let mut state: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
-        state.sort_by(|a, b| a.0.cmp(&b.0));
-        group.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
-        let mut params: Vec<(String, Tensor)> =
-            model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
-        let untouched: Vec<&Tensor> = trainable.iter().filter(|p| !p.grad().defined()).collect();
-        if !untouched.is_empty() {
-            let zero: Tensor = untouched.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
-            zero.backward();
-        }
-        let device = model.vs.device();
-        Ok(GroupStep { trainable, flags: Tensor::zeros([2], (Kind::Float, device)) })
-    }
-
-    /// One all-reduce (mean over ranks) of the gradients, the step's `losses`
-    /// `[5]` (averaged in place) and this rank's `(stop, time_up)` flags: any
-    /// rank's Ctrl-C or time budget stops every rank. The flags are filled on
-    /// the device and read back only when `read_flags` (once per log period,
-    /// the same iterations on every rank; `(false, false)` otherwise): no
-    /// host sync per step.
-    fn all_reduce(
-        &self,
-        group: &ProcessGroup,
-        losses: &Tensor,
-        (stop, time_up): (bool, bool),
-        read_flags: bool,
-    ) -> Result<(bool, bool), TrainError> {
-        let _ = self.flags.get(0).fill_(f64::from(u8::from(stop)));
-        let _ = self.flags.get(1).fill_(f64::from(u8::from(time_up)));
-        let mut tensors: Vec<Tensor> = self.trainable.iter().map(Tensor::grad).collect();
-        tensors.push(losses.shallow_clone());
-        tensors.push(self.flags.shallow_clone());
-        group.all_reduce_mean(&tensors)?;
-        if !read_flags {
-            return Ok((false, false));
-        }
-        let any: Vec<f32> =
-            Vec::try_from(crate::host_sync::to_host(&self.flags.gt(0.0).to_kind(Kind::Float))).unwrap_or_default();
-        Ok((any.first() == Some(&1.0), any.get(1) == Some(&1.0)))
-    }
-}
-
-/// The seed of libtorch's generator for global micro-batch `micro` (iteration
-/// × accumulate_steps + step) on `rank`: RoI sampling draws from it.
-pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
-    (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
-}
-
-/// The names of the five losses, in [`crate::modeling::Losses::named`] order.
-pub const LOSS_NAMES: [&str; 5] =
-    ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"];
-
-/// One micro-batch: images on the model's device, targets anywhere.
-#[derive(Debug, Clone, Copy)]
-pub struct MicroBatch<'a> {
-    pub images: &'a [Tensor],
-    pub targets: &'a [crate::structures::Target],
-}
-
-/// Forward and backward of one micro-batch: the loss sum divided by
-/// `accumulate` (so `accumulate` micro-batches add up to the gradient of
-/// their mean), scaled by the loss scaler when there is one, under autocast
-/// per `amp`. Gradients accumulate into the parameters' `.grad`. Returns the
-/// five unscaled loss values `[5]` (device, not synced).
-pub fn forward_backward(
-    model: &MaskRcnn,
-    batch: MicroBatch<'_>,
-    accumulate: usize,
-    scaler: Option<&GradScaler>,
-    amp: AmpMode,
-    sampler: &mut dyn crate::ops::FgBgSampler,
-) -> Result<Tensor, TrainError> {
-    let losses = {
-        let _autocast = AutocastGuard::new(amp.autocast_dtype());
-        model.forward_train(batch.images, batch.targets, sampler)?
-    };
-    let total = losses.total() / accumulate as f64;
-    let total = match scaler {
-        Some(s) => s.scale_loss(&total),
-        None => total,
-    };
-    crate::host_timing::mark("loss_sum");
-    total.backward();
-    crate::host_timing::mark("backward");
-    Ok(Tensor::stack(&losses.named().iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0))
-}
-
-/// The optimizer step after the micro-batches' backward passes: unscale
-/// (fp16; a non-finite gradient skips the step on the device and backs the
-/// scale off), clip the global norm when `clip > 0`, fused SGD at `lr`,
-/// clear the gradients.
-pub fn apply_update(sgd: &mut Sgd, scaler: Option<&mut GradScaler>, lr: f64, clip: f64) -> Result<(), TrainError> {
-    if let Some(s) = scaler.as_deref() {
-        let grads = sgd.grads();
-        s.unscale(&grads.iter().collect::<Vec<_>>())?;
-    }
-    if clip > 0.0 {
-        sgd.clip_grad_norm(clip)?;
-    }
-    sgd.set_lr(lr);
-    sgd.step(scaler.as_deref().map(|s| &s.found_inf))?;
-    if let Some(s) = scaler {
-        s.update();
-    }
-    sgd.zero_grad()?;
-    Ok(())
-}
-
-/// Copies the per-iteration loss vectors `[5]` gathered on the device to the
-/// host in one transfer; with `check_finite`, the first non-finite loss is an
-/// error naming its iteration. Returns the newest iteration's losses.
-fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<Option<Vec<f64>>, TrainError> {
-    if pending.is_empty() {
-        return Ok(None);
-    }
-    let rows: Vec<&Tensor> = pending.iter().map(|(_, t)| t).collect();
-    let host = crate::host_sync::to_host(&Tensor::stack(&rows, 0)).reshape([-1]);
-    let values: Vec<f64> = Vec::<f32>::try_from(&host).unwrap_or_default().into_iter().map(f64::from).collect();
-    let n = LOSS_NAMES.len();
-    if check_finite {
-        for ((iteration, _), row) in pending.iter().zip(values.chunks(n)) {
-            if let Some((k, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(TrainError::NonFinite {
-                    iteration: *iteration,
-                    loss: LOSS_NAMES[k].to_string(),
-                    value: *v,
-                });
-            }
-        }
-    }
-    pending.clear();
-    Ok(values.chunks(n).last().map(|r| r.to_vec()))
-}
-
 /// What a run writes into its output folder (the config aside).
 const RUN_FILES: [&str; 6] =
     ["metrics.jsonl", "checkpoints", "model_final.safetensors", "tensorboard", "eval", "summary.json"];
@@ -724,41 +390,6 @@ fn check_compatible(config: &Config, saved_toml: &str, dir: &Path) -> Result<(),
             diffs.join(", ")
         )))
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn save_checkpoint(
-    model: &MaskRcnn,
-    sgd: &Sgd,
-    scaler: Option<&GradScaler>,
-    iteration: u64,
-    images_seen: u64,
-    config_toml: &str,
-    output: &Path,
-    keep: usize,
-) -> Result<PathBuf, TrainError> {
-    let state = TrainState { iteration, scaler: scaler.map(|s| s.state()), images_seen };
-    let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(checkpoint::save(output, &state, &named, model.categories.as_ref(), &sgd.state(), config_toml, keep)?)
-}
-
-/// bbox/segm AP of `model` on the validation set; detections kept under
-/// `output/eval/`.
-fn evaluate(model: &MaskRcnn, config: &Config, output: &Path, iteration: u64) -> Result<CocoMetrics, TrainError> {
-    let err = |e: Box<dyn std::error::Error + Send + Sync>| TrainError::Eval(e);
-    let ann = Path::new(&config.data.val_ann);
-    let dets = crate::evaluation::dataset_inference::infer_dataset(model, ann, Path::new(&config.data.val_images))
-        .map_err(|e| err(e.into()))?;
-    let dir = output.join("eval");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| err(crate::io::WriteError { path: dir.clone(), source: e.into() }.into()))?;
-    let path = dir.join(format!("detections_iter_{iteration:07}.json"));
-    crate::io::write_json_atomic(&path, &dets).map_err(|e| err(e.into()))?;
-    let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.into()))?;
-    let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
-    crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.into()))?;
-    Ok(metrics)
 }
 
 fn progress_bar(show: bool, start: u64, max_iter: u64) -> indicatif::ProgressBar {

@@ -1,0 +1,360 @@
+//! The hooks `maskrcnn train` runs with, in this order: interruption
+//! (Ctrl-C/SIGTERM), the time budget, the loss log, evaluation with the
+//! early stop, checkpoints and the final weights. Each decides from the
+//! step it is shown ([`StepEnd`]) and the trainer's state; the decisions
+//! that stop training are requests every rank agrees on, or (the early
+//! stop) rank 0's evaluation shared with the group.
+
+use crate::config::Config;
+use crate::engine::checkpoint::{self, TrainState};
+use crate::engine::optimizer::Sgd;
+use crate::engine::train_log::{EvalPoint, StepValues};
+use crate::engine::train_loop::{drain_losses, Hook, StepEnd, Stop, StopRequest, TrainError, Trainer, LOSS_NAMES};
+use crate::evaluation::coco_eval::CocoMetrics;
+use crate::modeling::MaskRcnn;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::Tensor;
+
+/// Stops (checkpoint written, no final weights) once `flag` is set, by the
+/// Ctrl-C/SIGTERM handler.
+#[derive(Debug)]
+pub struct Interruption {
+    pub flag: Arc<AtomicBool>,
+}
+
+impl Hook for Interruption {
+    fn stop_request(&mut self, _trainer: &Trainer<'_>) -> StopRequest {
+        StopRequest { interrupt: self.flag.load(Ordering::SeqCst), time_up: false }
+    }
+
+    fn after_train(&mut self, trainer: &mut Trainer<'_>, stop: Stop) -> Result<(), TrainError> {
+        if stop == Stop::Interrupted && trainer.is_main() {
+            let iteration = trainer.iteration;
+            tracing::warn!("interrupted: checkpoint written at iteration {iteration}; continue with --resume");
+        }
+        Ok(())
+    }
+}
+
+/// Stops after `max_seconds` of training (evaluation time not counted;
+/// 0 = no budget).
+#[derive(Debug)]
+pub struct TimeBudget {
+    pub max_seconds: f64,
+}
+
+impl TimeBudget {
+    /// Whether `train_seconds` of training spend the budget.
+    pub fn spent(&self, train_seconds: f64) -> bool {
+        self.max_seconds > 0.0 && train_seconds >= self.max_seconds
+    }
+}
+
+impl Hook for TimeBudget {
+    fn stop_request(&mut self, trainer: &Trainer<'_>) -> StopRequest {
+        StopRequest { interrupt: false, time_up: self.spent(trainer.clock.train_seconds()) }
+    }
+
+    fn after_train(&mut self, trainer: &mut Trainer<'_>, stop: Stop) -> Result<(), TrainError> {
+        if stop == Stop::TimeUp {
+            tracing::info!("solver.max_seconds = {} reached at iteration {}", self.max_seconds, trainer.iteration);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the losses back once per `solver.log_period` (and before a
+/// checkpoint or a stop), failing on a non-finite fp32 loss, and writes the
+/// log line (`metrics.jsonl`, TensorBoard, progress).
+#[derive(Debug, Default)]
+pub struct LossLog {
+    /// Steps whose losses are still on the device.
+    pending: Vec<(u64, Tensor)>,
+}
+
+impl LossLog {
+    /// Whether step `step` of a run with `config` writes a log line.
+    pub fn logs_at(config: &Config, step: &StepEnd) -> bool {
+        step.iteration.is_multiple_of(config.solver.log_period as u64) || step.last
+    }
+}
+
+impl Hook for LossLog {
+    fn after_step(&mut self, trainer: &mut Trainer<'_>, step: &mut StepEnd) -> Result<(), TrainError> {
+        let solver = &trainer.config.solver;
+        self.pending.push((step.iteration - 1, step.losses.shallow_clone()));
+        let log_now = LossLog::logs_at(trainer.config, step);
+        if log_now || step.request.interrupt || step.iteration.is_multiple_of(solver.checkpoint_period as u64) {
+            // fp16 steps with inf/NaN are the loss scaler's to skip.
+            if let Some(values) = drain_losses(&mut self.pending, trainer.scaler.is_none())? {
+                trainer.last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values).collect();
+            }
+        }
+        if !log_now {
+            return Ok(());
+        }
+        let device = trainer.opts.device;
+        let msg = trainer.log.step(StepValues {
+            iteration: step.iteration,
+            lr: step.lr,
+            losses: &trainer.last_losses,
+            images_per_iteration: solver.ims_per_batch,
+            seconds: trainer.clock.elapsed(),
+            scale: trainer.scaler.as_ref().map(|s| s.state()),
+            max_memory_gib: device.is_cuda().then(|| crate::environment::cuda_peak_memory_gib(device)),
+        });
+        if trainer.is_main() && trainer.bar.is_hidden() {
+            tracing::info!("iter {}/{} {msg}", step.iteration, solver.max_iter);
+        } else {
+            trainer.bar.set_message(msg);
+        }
+        Ok(())
+    }
+}
+
+/// Evaluates on the validation set every `test.eval_period` iterations and
+/// at the last (rank 0; detections and metrics under `output/eval/`), logs
+/// the APs, and marks the step `target_reached` when they reach
+/// `test.min_bbox_map`/`min_mask_map` (rank 0's decision, shared with the
+/// group): the early stop.
+#[derive(Debug)]
+pub struct Evaluation;
+
+impl Evaluation {
+    /// Whether step `step` of a run with `config` evaluates.
+    pub fn evaluates_at(config: &Config, step: &StepEnd) -> bool {
+        let has_val = !config.data.val_ann.is_empty() && !config.data.val_images.is_empty();
+        let period = config.test.eval_period as u64;
+        !step.request.interrupt && has_val && (step.last || (period > 0 && step.iteration.is_multiple_of(period)))
+    }
+}
+
+impl Hook for Evaluation {
+    fn after_step(&mut self, trainer: &mut Trainer<'_>, step: &mut StepEnd) -> Result<(), TrainError> {
+        if !Evaluation::evaluates_at(trainer.config, step) {
+            return Ok(());
+        }
+        let iteration = step.iteration;
+        let mut reached = false;
+        if trainer.is_main() {
+            let started = Instant::now();
+            let (model, config, output) = (&trainer.model, trainer.config, &trainer.opts.output);
+            let metrics = trainer.bar.suspend(|| evaluate(model, config, output, iteration))?;
+            trainer.clock.add_eval(started.elapsed().as_secs_f64());
+            let point = EvalPoint {
+                iteration,
+                seconds: trainer.clock.train_seconds(),
+                bbox_ap: metrics.bbox.stats[0],
+                segm_ap: metrics.segm.as_ref().map_or(0.0, |m| m.stats[0]),
+            };
+            trainer.log.eval(&point);
+            trainer.bar.suspend(|| {
+                tracing::info!("iter {iteration}: bbox AP {:.4}, segm AP {:.4}", point.bbox_ap, point.segm_ap)
+            });
+            reached = point.reaches(&trainer.config.test);
+            trainer.evals.push(point);
+        }
+        if let Some(g) = &trainer.group {
+            // Rank 0's early-stop decision, for every rank.
+            let flag = Tensor::from_slice(&[f32::from(u8::from(reached))]).to_device(trainer.opts.device);
+            g.all_reduce_mean(std::slice::from_ref(&flag))?;
+            reached = crate::host_sync::to_host(&flag).double_value(&[0]) > 0.0;
+        }
+        step.target_reached = reached;
+        Ok(())
+    }
+
+    fn after_train(&mut self, trainer: &mut Trainer<'_>, stop: Stop) -> Result<(), TrainError> {
+        if stop == Stop::TargetReached {
+            tracing::info!("target accuracy reached at iteration {}: stopping early", trainer.iteration);
+        }
+        Ok(())
+    }
+}
+
+/// Writes a checkpoint (rank 0) every `solver.checkpoint_period`
+/// iterations and at any stop, and `model_final.safetensors` after
+/// training unless it was interrupted.
+#[derive(Debug)]
+pub struct Checkpointer;
+
+impl Checkpointer {
+    /// Whether step `step` of a run with `config` writes a checkpoint.
+    pub fn saves_at(config: &Config, step: &StepEnd) -> bool {
+        step.iteration.is_multiple_of(config.solver.checkpoint_period as u64)
+            || step.request.interrupt
+            || step.last
+            || step.target_reached
+    }
+}
+
+/// Where a run that ended with `stop` leaves its final weights: none when
+/// interrupted (its checkpoint is there; a `model_final` could be taken for
+/// a finished model).
+pub fn final_weights(output: &Path, stop: Stop) -> Option<PathBuf> {
+    (stop != Stop::Interrupted).then(|| output.join("model_final.safetensors"))
+}
+
+impl Hook for Checkpointer {
+    fn after_step(&mut self, trainer: &mut Trainer<'_>, step: &mut StepEnd) -> Result<(), TrainError> {
+        if trainer.is_main() && Checkpointer::saves_at(trainer.config, step) {
+            let t = &*trainer;
+            save_checkpoint(
+                &t.model,
+                &t.sgd,
+                TrainState {
+                    iteration: t.iteration,
+                    scaler: t.scaler.as_ref().map(|s| s.state()),
+                    images_seen: t.images_seen,
+                },
+                &t.config_toml,
+                &t.opts.output,
+                t.config.solver.checkpoint_keep,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn after_train(&mut self, trainer: &mut Trainer<'_>, stop: Stop) -> Result<(), TrainError> {
+        if let (true, Some(path)) = (trainer.is_main(), final_weights(&trainer.opts.output, stop)) {
+            trainer.model.save(&path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Saves the model's variables (by name), the optimizer state and `state`
+/// as a checkpoint of `output`, keeping the newest `keep`.
+fn save_checkpoint(
+    model: &MaskRcnn,
+    sgd: &Sgd,
+    state: TrainState,
+    config_toml: &str,
+    output: &Path,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(checkpoint::save(output, &state, &named, model.categories.as_ref(), &sgd.state(), config_toml, keep)?)
+}
+
+/// bbox/segm AP of `model` on the validation set; detections kept under
+/// `output/eval/`.
+fn evaluate(model: &MaskRcnn, config: &Config, output: &Path, iteration: u64) -> Result<CocoMetrics, TrainError> {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| TrainError::Eval(e);
+    let ann = Path::new(&config.data.val_ann);
+    let dets = crate::evaluation::dataset_inference::infer_dataset(model, ann, Path::new(&config.data.val_images))
+        .map_err(|e| err(e.into()))?;
+    let dir = output.join("eval");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err(crate::io::WriteError { path: dir.clone(), source: e.into() }.into()))?;
+    let path = dir.join(format!("detections_iter_{iteration:07}.json"));
+    crate::io::write_json_atomic(&path, &dets).map_err(|e| err(e.into()))?;
+    let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.into()))?;
+    let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
+    crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.into()))?;
+    Ok(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn step(iteration: u64, last: bool) -> StepEnd {
+        StepEnd {
+            iteration,
+            lr: 0.01,
+            losses: Tensor::zeros([5], (Kind::Float, Device::Cpu)),
+            request: StopRequest::default(),
+            last,
+            target_reached: false,
+        }
+    }
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.solver.max_iter = 100;
+        c.solver.log_period = 20;
+        c.solver.checkpoint_period = 50;
+        c.test.eval_period = 25;
+        c.data.val_ann = "val.json".into();
+        c.data.val_images = "val".into();
+        c
+    }
+
+    /// The budget counts training seconds only and 0 means none.
+    #[test]
+    fn time_budget_is_spent_at_its_seconds() {
+        let budget = TimeBudget { max_seconds: 60.0 };
+        assert!(!budget.spent(59.9));
+        assert!(budget.spent(60.0));
+        assert!(!TimeBudget { max_seconds: 0.0 }.spent(1e9));
+    }
+
+    /// The stop reasons, in their order of precedence; the target at the
+    /// last step is a plain end, not an early stop.
+    #[test]
+    fn a_step_says_why_training_stops() {
+        let mut s = step(10, false);
+        assert_eq!(s.stop(100), None);
+        s.request.time_up = true;
+        assert_eq!(s.stop(100), Some(Stop::TimeUp));
+        s.target_reached = true;
+        assert_eq!(s.stop(100), Some(Stop::TargetReached));
+        s.request.interrupt = true;
+        assert_eq!(s.stop(100), Some(Stop::Interrupted));
+        let mut end = step(100, true);
+        assert_eq!(end.stop(100), Some(Stop::Done));
+        end.target_reached = true;
+        assert_eq!(end.stop(100), Some(Stop::Done));
+    }
+
+    /// Evaluation every eval_period and at the last step, never when
+    /// interrupted or without a validation set.
+    #[test]
+    fn evaluation_runs_on_its_period_and_at_the_end() {
+        let c = config();
+        assert!(Evaluation::evaluates_at(&c, &step(25, false)));
+        assert!(!Evaluation::evaluates_at(&c, &step(26, false)));
+        assert!(Evaluation::evaluates_at(&c, &step(33, true)));
+        let mut interrupted = step(25, false);
+        interrupted.request.interrupt = true;
+        assert!(!Evaluation::evaluates_at(&c, &interrupted));
+        let mut no_val = config();
+        no_val.data.val_ann.clear();
+        assert!(!Evaluation::evaluates_at(&no_val, &step(25, true)));
+    }
+
+    /// Checkpoints every checkpoint_period and at every kind of stop; the
+    /// final weights unless interrupted.
+    #[test]
+    fn checkpoints_on_their_period_and_at_any_stop() {
+        let c = config();
+        assert!(Checkpointer::saves_at(&c, &step(50, false)));
+        assert!(!Checkpointer::saves_at(&c, &step(51, false)));
+        assert!(Checkpointer::saves_at(&c, &step(51, true)));
+        let mut s = step(52, false);
+        s.target_reached = true;
+        assert!(Checkpointer::saves_at(&c, &s));
+        let mut s = step(53, false);
+        s.request.interrupt = true;
+        assert!(Checkpointer::saves_at(&c, &s));
+        let out = Path::new("out");
+        assert_eq!(final_weights(out, Stop::Done), Some(out.join("model_final.safetensors")));
+        assert_eq!(final_weights(out, Stop::TargetReached), Some(out.join("model_final.safetensors")));
+        assert_eq!(final_weights(out, Stop::Interrupted), None);
+    }
+
+    /// A log line every log_period and at the last step.
+    #[test]
+    fn the_loss_log_writes_on_its_period_and_at_the_end() {
+        let c = config();
+        assert!(LossLog::logs_at(&c, &step(40, false)));
+        assert!(!LossLog::logs_at(&c, &step(41, false)));
+        assert!(LossLog::logs_at(&c, &step(41, true)));
+    }
+}

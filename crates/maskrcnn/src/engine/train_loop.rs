@@ -1,0 +1,455 @@
+//! The training loop and its step, as detectron2's `SimpleTrainer` with
+//! hooks: a [`Trainer`] holds what a run trains with and takes one step at
+//! a time (micro-batches from the loader, forward/backward under autocast,
+//! the group's all-reduce, the update); [`Hook`]s ask for a stop before a
+//! step's all-reduce (so that every rank agrees), act after every step
+//! (logging, evaluation, checkpoints: `engine::hooks`) and after training.
+//! A new behaviour — an EMA of the weights, a profiler — is one more hook.
+
+use crate::config::{AmpMode, Config};
+use crate::data::loader::Loader;
+use crate::engine::amp::GradScaler;
+use crate::engine::checkpoint;
+use crate::engine::distributed::{DistError, ProcessGroup};
+use crate::engine::lr_schedule::LrSchedule;
+use crate::engine::optimizer::Sgd;
+use crate::engine::train_log::{EvalPoint, TrainLog};
+use crate::modeling::MaskRcnn;
+use crate::ops::BalancedSampler;
+use crate::shim::AutocastGuard;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub output: PathBuf,
+    /// Continue from the newest checkpoint in `output`.
+    pub resume: bool,
+    /// Remove a previous run's files from `output` first (without it, and
+    /// without `resume`, an output holding a run is refused).
+    pub overwrite: bool,
+    pub device: Device,
+    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Show a progress bar (else log lines every `solver.log_period`).
+    pub progress: bool,
+    /// Data strictness: a bad sample stops training.
+    pub strict: bool,
+    /// This iteration runs inside a CUDA profiler range
+    /// (`kernels::timing::profiler_range`), for an external profiler.
+    pub profile_iteration: Option<u64>,
+}
+
+/// Why training could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Dataset(#[from] crate::data::DatasetError),
+    #[error(transparent)]
+    Loader(#[from] crate::data::LoaderError),
+    #[error(transparent)]
+    Model(#[from] crate::modeling::ModelError),
+    #[error(transparent)]
+    Targets(#[from] crate::modeling::TargetError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Shim(#[from] crate::shim::ShimError),
+    #[error("iteration {iteration}: {loss} is {value} (fp32 training diverged; lower solver.base_lr or enable solver.clip_grad_norm)")]
+    NonFinite { iteration: u64, loss: String, value: f64 },
+    #[error("evaluation")]
+    Eval(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Distributed(#[from] DistError),
+    #[error(transparent)]
+    Log(#[from] crate::engine::train_log::TrainLogError),
+}
+
+/// Why the training loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `solver.max_iter` reached.
+    Done,
+    /// `solver.max_seconds` of training spent.
+    TimeUp,
+    /// The evaluation reached the configured target accuracy.
+    TargetReached,
+    /// Ctrl-C or SIGTERM (on any rank).
+    Interrupted,
+}
+
+/// What a rank asks for before a step's all-reduce; with several ranks,
+/// any rank's request holds for all (read once per log period).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StopRequest {
+    pub interrupt: bool,
+    pub time_up: bool,
+}
+
+impl StopRequest {
+    /// Both requests together.
+    pub fn or(self, other: StopRequest) -> StopRequest {
+        StopRequest { interrupt: self.interrupt || other.interrupt, time_up: self.time_up || other.time_up }
+    }
+}
+
+/// One finished step as the hooks see it; a hook records its decision in
+/// it (the evaluation sets `target_reached`) for the hooks after it.
+#[derive(Debug)]
+pub struct StepEnd {
+    /// Iterations done, this step included.
+    pub iteration: u64,
+    pub lr: f64,
+    /// The five loss values `[5]` ([`LOSS_NAMES`]), on the device, averaged
+    /// over the ranks.
+    pub losses: Tensor,
+    /// The stop requests every rank agreed on.
+    pub request: StopRequest,
+    /// The final step: `solver.max_iter` reached or the time budget spent.
+    pub last: bool,
+    pub target_reached: bool,
+}
+
+impl StepEnd {
+    /// Whether the loop ends after this step, and why: an interruption
+    /// first, then the target accuracy (an early stop), the time budget,
+    /// the last iteration.
+    pub fn stop(&self, max_iter: u64) -> Option<Stop> {
+        if self.request.interrupt {
+            Some(Stop::Interrupted)
+        } else if self.target_reached && !self.last {
+            Some(Stop::TargetReached)
+        } else if self.request.time_up {
+            Some(Stop::TimeUp)
+        } else if self.iteration >= max_iter {
+            Some(Stop::Done)
+        } else {
+            None
+        }
+    }
+}
+
+/// Behaviour around the training steps. Every method has a default that
+/// does nothing.
+pub trait Hook {
+    /// Asked on every rank before each step's all-reduce.
+    fn stop_request(&mut self, _trainer: &Trainer<'_>) -> StopRequest {
+        StopRequest::default()
+    }
+
+    /// After each step, in the hooks' order.
+    fn after_step(&mut self, _trainer: &mut Trainer<'_>, _step: &mut StepEnd) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// Once, after the last step.
+    fn after_train(&mut self, _trainer: &mut Trainer<'_>, _stop: Stop) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// Wall time since training started, and the training time apart from
+/// evaluations (what the time budget and the AP-over-time log count).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainClock {
+    started: Instant,
+    eval_seconds: f64,
+}
+
+impl TrainClock {
+    pub fn start() -> TrainClock {
+        TrainClock { started: Instant::now(), eval_seconds: 0.0 }
+    }
+
+    /// Seconds since the start.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Seconds since the start, evaluations excepted.
+    pub fn train_seconds(&self) -> f64 {
+        self.elapsed() - self.eval_seconds
+    }
+
+    /// Counts `seconds` of evaluation.
+    pub fn add_eval(&mut self, seconds: f64) {
+        self.eval_seconds += seconds;
+    }
+}
+
+/// Everything a run trains with, and where it is.
+pub struct Trainer<'a> {
+    pub config: &'a Config,
+    pub opts: &'a TrainOptions,
+    pub model: MaskRcnn,
+    pub sgd: Sgd,
+    /// fp16's dynamic loss scaler.
+    pub scaler: Option<GradScaler>,
+    pub loader: Loader,
+    /// The other ranks, under `maskrcnn launch`.
+    pub group: Option<ProcessGroup>,
+    pub group_step: Option<GroupStep>,
+    pub log: TrainLog,
+    pub bar: indicatif::ProgressBar,
+    pub clock: TrainClock,
+    pub schedule: LrSchedule,
+    pub amp: AmpMode,
+    pub rank: usize,
+    /// The iteration training started (resumed) from.
+    pub start: u64,
+    /// Iterations done.
+    pub iteration: u64,
+    pub images_seen: u64,
+    /// The run's config as written to `output/config.toml`.
+    pub config_toml: String,
+    /// The newest losses read back to the host, by name.
+    pub last_losses: Vec<(String, f64)>,
+    pub evals: Vec<EvalPoint>,
+}
+
+impl Trainer<'_> {
+    /// Rank 0, which alone writes logs, checkpoints and weights.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Steps until `solver.max_iter` or a hook's stop, then every hook's
+    /// `after_train`. Returns why it ended.
+    pub fn run(&mut self, hooks: &mut [Box<dyn Hook>]) -> Result<Stop, TrainError> {
+        let max_iter = self.config.solver.max_iter as u64;
+        let mut stop = Stop::Done;
+        while self.iteration < max_iter {
+            let request = hooks.iter_mut().fold(StopRequest::default(), |r, h| r.or(h.stop_request(self)));
+            let mut step = self.run_step(request)?;
+            for hook in hooks.iter_mut() {
+                hook.after_step(self, &mut step)?;
+            }
+            if let Some(s) = step.stop(max_iter) {
+                stop = s;
+                break;
+            }
+        }
+        self.bar.finish_and_clear();
+        for hook in hooks.iter_mut() {
+            hook.after_train(self, stop)?;
+        }
+        Ok(stop)
+    }
+
+    /// One iteration: `solver.accumulate_steps` micro-batches forward and
+    /// backward (libtorch's generator reseeded per micro-batch), the group's
+    /// all-reduce of gradients, losses and this rank's stop `request`, the
+    /// update. Nothing is read back to the host.
+    pub fn run_step(&mut self, request: StopRequest) -> Result<StepEnd, TrainError> {
+        let solver = &self.config.solver;
+        let max_iter = solver.max_iter as u64;
+        let iteration = self.iteration;
+        let lr = self.schedule.lr_at(iteration as usize);
+        let device = self.opts.device;
+        let profiled = match device {
+            Device::Cuda(i) if self.opts.profile_iteration == Some(iteration) => {
+                crate::kernels::timing::profiler_range(i, true)
+            }
+            _ => false,
+        };
+        self.log.begin_step();
+        let mut sums: Vec<Tensor> = Vec::new();
+        for micro in 0..solver.accumulate_steps as u64 {
+            let waited = Instant::now();
+            let batch = self.loader.next_batch()?;
+            self.log.add_data_wait(waited.elapsed().as_secs_f64());
+            self.images_seen += batch.images.len() as u64;
+            let seed =
+                micro_batch_seed(self.config.seed, iteration * solver.accumulate_steps as u64 + micro, self.rank);
+            tch::manual_seed(seed);
+            let step = MicroBatch { images: &batch.images, targets: &batch.targets };
+            let sampler = &mut BalancedSampler;
+            sums.push(forward_backward(
+                &self.model,
+                step,
+                solver.accumulate_steps,
+                self.scaler.as_ref(),
+                self.amp,
+                sampler,
+            )?);
+        }
+        let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
+        let mut request = request;
+        if let (Some(g), Some(sync)) = (&self.group, &self.group_step) {
+            let next = iteration + 1;
+            let read_flags = next.is_multiple_of(solver.log_period as u64) || next == max_iter;
+            let reduced = Instant::now();
+            let (interrupt, time_up) = sync.all_reduce(g, &losses, (request.interrupt, request.time_up), read_flags)?;
+            request = StopRequest { interrupt, time_up };
+            self.log.add_reduce_wait(reduced.elapsed().as_secs_f64());
+        }
+        apply_update(&mut self.sgd, self.scaler.as_mut(), lr, solver.clip_grad_norm)?;
+        if let (true, Device::Cuda(i)) = (profiled, device) {
+            crate::kernels::timing::profiler_range(i, false);
+        }
+        self.log.end_step();
+        self.iteration += 1;
+        self.bar.set_position(self.iteration);
+        let last = self.iteration == max_iter || request.time_up;
+        Ok(StepEnd { iteration: self.iteration, lr, losses, request, last, target_reached: false })
+    }
+}
+
+/// What one training step exchanges over several GPUs, prepared once: every
+/// trainable parameter in a rank-independent order (by name), each with a
+/// gradient tensor from the start (zeros, accumulated into by backward) so
+/// every rank all-reduces the same tensors even when a step leaves one
+/// unreached, and the two stop flags on the device.
+pub struct GroupStep {
+    trainable: Vec<Tensor>,
+    /// `[2]`: Ctrl-C, time budget (1.0 = set) on this rank.
+    flags: Tensor,
+}
+
+impl GroupStep {
+    /// Makes the ranks' weights and statistics identical (the mean of equal
+    /// values is exact; this also covers any init drift) and prepares the
+    /// step's tensors.
+    pub fn new(group: &ProcessGroup, model: &MaskRcnn) -> Result<GroupStep, TrainError> {
+        // Sorted by name: every rank must concatenate in the same order.
+        let mut state: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        state.sort_by(|a, b| a.0.cmp(&b.0));
+        group.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
+        let mut params: Vec<(String, Tensor)> =
+            model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
+        let untouched: Vec<&Tensor> = trainable.iter().filter(|p| !p.grad().defined()).collect();
+        if !untouched.is_empty() {
+            let zero: Tensor = untouched.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+            zero.backward();
+        }
+        let device = model.vs.device();
+        Ok(GroupStep { trainable, flags: Tensor::zeros([2], (Kind::Float, device)) })
+    }
+
+    /// One all-reduce (mean over ranks) of the gradients, the step's `losses`
+    /// `[5]` (averaged in place) and this rank's `(stop, time_up)` flags: any
+    /// rank's Ctrl-C or time budget stops every rank. The flags are filled on
+    /// the device and read back only when `read_flags` (once per log period,
+    /// the same iterations on every rank; `(false, false)` otherwise): no
+    /// host sync per step.
+    fn all_reduce(
+        &self,
+        group: &ProcessGroup,
+        losses: &Tensor,
+        (stop, time_up): (bool, bool),
+        read_flags: bool,
+    ) -> Result<(bool, bool), TrainError> {
+        let _ = self.flags.get(0).fill_(f64::from(u8::from(stop)));
+        let _ = self.flags.get(1).fill_(f64::from(u8::from(time_up)));
+        let mut tensors: Vec<Tensor> = self.trainable.iter().map(Tensor::grad).collect();
+        tensors.push(losses.shallow_clone());
+        tensors.push(self.flags.shallow_clone());
+        group.all_reduce_mean(&tensors)?;
+        if !read_flags {
+            return Ok((false, false));
+        }
+        let any: Vec<f32> =
+            Vec::try_from(crate::host_sync::to_host(&self.flags.gt(0.0).to_kind(Kind::Float))).unwrap_or_default();
+        Ok((any.first() == Some(&1.0), any.get(1) == Some(&1.0)))
+    }
+}
+
+/// The seed of libtorch's generator for global micro-batch `micro` (iteration
+/// × accumulate_steps + step) on `rank`: RoI sampling draws from it.
+pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
+    (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
+}
+
+/// The names of the five losses, in [`crate::modeling::Losses::named`] order.
+pub const LOSS_NAMES: [&str; 5] =
+    ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"];
+
+/// One micro-batch: images on the model's device, targets anywhere.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch<'a> {
+    pub images: &'a [Tensor],
+    pub targets: &'a [crate::structures::Target],
+}
+
+/// Forward and backward of one micro-batch: the loss sum divided by
+/// `accumulate` (so `accumulate` micro-batches add up to the gradient of
+/// their mean), scaled by the loss scaler when there is one, under autocast
+/// per `amp`. Gradients accumulate into the parameters' `.grad`. Returns the
+/// five unscaled loss values `[5]` (device, not synced).
+pub fn forward_backward(
+    model: &MaskRcnn,
+    batch: MicroBatch<'_>,
+    accumulate: usize,
+    scaler: Option<&GradScaler>,
+    amp: AmpMode,
+    sampler: &mut dyn crate::ops::FgBgSampler,
+) -> Result<Tensor, TrainError> {
+    let losses = {
+        let _autocast = AutocastGuard::new(amp.autocast_dtype());
+        model.forward_train(batch.images, batch.targets, sampler)?
+    };
+    let total = losses.total() / accumulate as f64;
+    let total = match scaler {
+        Some(s) => s.scale_loss(&total),
+        None => total,
+    };
+    crate::host_timing::mark("loss_sum");
+    total.backward();
+    crate::host_timing::mark("backward");
+    Ok(Tensor::stack(&losses.named().iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0))
+}
+
+/// The optimizer step after the micro-batches' backward passes: unscale
+/// (fp16; a non-finite gradient skips the step on the device and backs the
+/// scale off), clip the global norm when `clip > 0`, fused SGD at `lr`,
+/// clear the gradients.
+pub fn apply_update(sgd: &mut Sgd, scaler: Option<&mut GradScaler>, lr: f64, clip: f64) -> Result<(), TrainError> {
+    if let Some(s) = scaler.as_deref() {
+        let grads = sgd.grads();
+        s.unscale(&grads.iter().collect::<Vec<_>>())?;
+    }
+    if clip > 0.0 {
+        sgd.clip_grad_norm(clip)?;
+    }
+    sgd.set_lr(lr);
+    sgd.step(scaler.as_deref().map(|s| &s.found_inf))?;
+    if let Some(s) = scaler {
+        s.update();
+    }
+    sgd.zero_grad()?;
+    Ok(())
+}
+
+/// Copies the per-iteration loss vectors `[5]` gathered on the device to the
+/// host in one transfer; with `check_finite`, the first non-finite loss is an
+/// error naming its iteration. Returns the newest iteration's losses.
+pub fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<Option<Vec<f64>>, TrainError> {
+    if pending.is_empty() {
+        return Ok(None);
+    }
+    let rows: Vec<&Tensor> = pending.iter().map(|(_, t)| t).collect();
+    let host = crate::host_sync::to_host(&Tensor::stack(&rows, 0)).reshape([-1]);
+    let values: Vec<f64> = Vec::<f32>::try_from(&host).unwrap_or_default().into_iter().map(f64::from).collect();
+    let n = LOSS_NAMES.len();
+    if check_finite {
+        for ((iteration, _), row) in pending.iter().zip(values.chunks(n)) {
+            if let Some((k, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(TrainError::NonFinite {
+                    iteration: *iteration,
+                    loss: LOSS_NAMES[k].to_string(),
+                    value: *v,
+                });
+            }
+        }
+    }
+    pending.clear();
+    Ok(values.chunks(n).last().map(|r| r.to_vec()))
+}
