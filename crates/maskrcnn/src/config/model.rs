@@ -1,0 +1,84 @@
+//! `[model]`: the network's shape.
+
+use super::error::{rule, ConfigError};
+use serde::{Deserialize, Serialize};
+
+/// Network shape: backbone, normalization, FPN, number of classes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Number of classes including background (COCO: 80 used ids of 91, so 91
+    /// as in torchvision).
+    pub num_classes: usize,
+    /// ResNet depth: 18 and 34 use basic blocks, 50, 101 and 152 bottlenecks.
+    pub backbone_depth: usize,
+    /// How many ResNet stages train, counted from the top (layer4 first):
+    /// 3 freezes conv1 and layer1 (the seed's "first two blocks frozen").
+    /// Applies with pretrained weights (`backbone_weights` or `weights`);
+    /// from scratch every stage trains (as torchvision without pretrained
+    /// weights).
+    pub trainable_layers: usize,
+    /// Normalization inside the backbone.
+    pub norm: NormKind,
+    /// ImageNet ResNet weights (safetensors, torchvision's resnet names:
+    /// `conv1.weight`, `layer1.0.bn1.running_mean`, ...) to start training
+    /// from; empty: train from scratch.
+    pub backbone_weights: String,
+    /// A whole Mask R-CNN (safetensors, torchvision's names: a converted
+    /// torchvision checkpoint or our `model_final.safetensors`) to fine-tune
+    /// from. The class-dependent predictor layers start fresh when the file
+    /// has another number of classes; every other tensor must match.
+    pub weights: String,
+    /// Channels of every FPN output level.
+    pub fpn_channels: usize,
+}
+
+/// Backbone normalization layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// `frozen_bn` with `model.backbone_weights` or `model.weights`, `bn`
+    /// from scratch.
+    Auto,
+    /// BatchNorm with fixed statistics and affine parameters (torchvision's
+    /// `FrozenBatchNorm2d`, eps 1e-5), as every detection recipe fine-tuning
+    /// an ImageNet backbone uses.
+    FrozenBn,
+    /// Ordinary BatchNorm, whose statistics update in training (torchvision's
+    /// choice when training from scratch).
+    Bn,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            num_classes: 91,
+            backbone_depth: 50,
+            trainable_layers: 3,
+            norm: NormKind::Auto,
+            backbone_weights: String::new(),
+            weights: String::new(),
+            fpn_channels: 256,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The section's range and consistency rules (errors name the key).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = self;
+        rule(m.num_classes >= 2, "model.num_classes", "must be >= 2 (background plus at least one class)")?;
+        rule(
+            matches!(m.backbone_depth, 18 | 34 | 50 | 101 | 152),
+            "model.backbone_depth",
+            "must be one of 18, 34, 50, 101, 152",
+        )?;
+        rule(m.trainable_layers <= 5, "model.trainable_layers", "must be in 0..=5")?;
+        rule(m.fpn_channels > 0, "model.fpn_channels", "must be > 0")?;
+        rule(
+            m.weights.is_empty() || m.backbone_weights.is_empty(),
+            "model.weights",
+            "set model.weights (a whole model) or model.backbone_weights (an ImageNet ResNet), not both",
+        )
+    }
+}

@@ -1,0 +1,114 @@
+//! `[solver]`: SGD, the learning-rate schedule, batch size and
+//! accumulation, checkpoints, logging, the time budget.
+
+use super::error::{rule, ConfigError};
+use serde::{Deserialize, Serialize};
+
+/// Optimizer and learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverConfig {
+    /// Learning rate for `ims_per_batch` images per step.
+    pub base_lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Biases train at `base_lr * bias_lr_factor`.
+    pub bias_lr_factor: f64,
+    /// Weight decay applied to biases.
+    pub bias_weight_decay: f64,
+    pub warmup_method: WarmupMethod,
+    /// Learning-rate multiplier at iteration 0 of the warmup.
+    pub warmup_factor: f64,
+    /// Iterations of warmup.
+    pub warmup_iters: usize,
+    /// Iterations at which the learning rate is multiplied by `gamma`.
+    pub steps: Vec<usize>,
+    pub gamma: f64,
+    /// Total training iterations.
+    pub max_iter: usize,
+    /// Images per optimizer step, summed over all GPUs and accumulation steps.
+    pub ims_per_batch: usize,
+    /// Forward/backward passes whose gradients are summed per optimizer step.
+    pub accumulate_steps: usize,
+    /// A checkpoint is written every this many iterations.
+    pub checkpoint_period: usize,
+    /// Checkpoints kept in the output directory (oldest removed first).
+    pub checkpoint_keep: usize,
+    /// Clip the global gradient L2 norm to this value; 0 disables clipping.
+    pub clip_grad_norm: f64,
+    /// Iterations between logged losses, learning rate and speed.
+    pub log_period: usize,
+    /// Stop (checkpoint, final evaluation) once training has taken this many
+    /// seconds, evaluation excluded; 0: no time limit.
+    pub max_seconds: f64,
+}
+
+/// Learning-rate warmup shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmupMethod {
+    Linear,
+    Constant,
+}
+
+impl Default for SolverConfig {
+    fn default() -> Self {
+        SolverConfig {
+            base_lr: 0.02,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            bias_lr_factor: 1.0,
+            bias_weight_decay: 1e-4,
+            warmup_method: WarmupMethod::Linear,
+            warmup_factor: 1e-3,
+            warmup_iters: 1000,
+            steps: vec![60000, 80000],
+            gamma: 0.1,
+            max_iter: 90000,
+            ims_per_batch: 16,
+            accumulate_steps: 1,
+            checkpoint_period: 2500,
+            checkpoint_keep: 3,
+            clip_grad_norm: 0.0,
+            log_period: 20,
+            max_seconds: 0.0,
+        }
+    }
+}
+
+impl SolverConfig {
+    /// The section's range and consistency rules (errors name the key).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = self;
+        rule(s.base_lr > 0.0 && s.base_lr.is_finite(), "solver.base_lr", "must be > 0")?;
+        rule((0.0..1.0).contains(&s.momentum), "solver.momentum", "must be in [0, 1)")?;
+        rule(s.weight_decay >= 0.0, "solver.weight_decay", "must be >= 0")?;
+        rule(s.bias_lr_factor > 0.0, "solver.bias_lr_factor", "must be > 0")?;
+        rule(s.bias_weight_decay >= 0.0, "solver.bias_weight_decay", "must be >= 0")?;
+        rule(s.warmup_factor > 0.0 && s.warmup_factor <= 1.0, "solver.warmup_factor", "must be in (0, 1]")?;
+        rule(s.gamma > 0.0, "solver.gamma", "must be > 0")?;
+        rule(s.max_iter > 0, "solver.max_iter", "must be > 0")?;
+        rule(s.steps.windows(2).all(|w| w[0] < w[1]), "solver.steps", "must be strictly increasing")?;
+        rule(
+            s.steps.iter().all(|&x| x > 0 && x <= s.max_iter),
+            "solver.steps",
+            &format!("every step must be in 1..=solver.max_iter ({})", s.max_iter),
+        )?;
+        rule(s.ims_per_batch > 0, "solver.ims_per_batch", "must be > 0")?;
+        rule(s.accumulate_steps >= 1, "solver.accumulate_steps", "must be >= 1")?;
+        rule(
+            s.ims_per_batch.is_multiple_of(s.accumulate_steps),
+            "solver.ims_per_batch",
+            &format!("must be divisible by solver.accumulate_steps ({})", s.accumulate_steps),
+        )?;
+        rule(s.checkpoint_period > 0, "solver.checkpoint_period", "must be > 0")?;
+        rule(s.checkpoint_keep >= 1, "solver.checkpoint_keep", "must be >= 1")?;
+        rule(
+            s.clip_grad_norm >= 0.0 && s.clip_grad_norm.is_finite(),
+            "solver.clip_grad_norm",
+            "must be >= 0 (0: off)",
+        )?;
+        rule(s.log_period >= 1, "solver.log_period", "must be >= 1")?;
+        rule(s.max_seconds >= 0.0 && s.max_seconds.is_finite(), "solver.max_seconds", "must be >= 0 (0: no limit)")
+    }
+}
