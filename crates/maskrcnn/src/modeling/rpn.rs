@@ -455,3 +455,38 @@ impl Rpn {
         (objectness_loss, box_loss)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torchvision's cell anchors for size 32 and ratios (0.5, 1, 2):
+    /// w = 32/sqrt(r), h = 32*sqrt(r), centred, rounded.
+    #[test]
+    fn cell_anchors_are_torchvisions() {
+        let generator = AnchorGenerator::new(&[32.0], &[0.5, 1.0, 2.0]);
+        assert_eq!(generator.num_anchors_per_location(), 3);
+        let a: Vec<f32> =
+            Vec::try_from(generator.grid_anchors((32, 32), &[(1, 1)], Device::Cpu).reshape([-1])).unwrap();
+        assert_eq!(a, [-23.0, -11.0, 23.0, 11.0, -16.0, -16.0, 16.0, 16.0, -11.0, -23.0, 11.0, 23.0]);
+    }
+
+    /// Anchors tile each level's grid at its stride, level by level, then
+    /// row-major locations, then the anchors of a location.
+    #[test]
+    fn grid_anchors_shift_by_the_stride_in_head_order() {
+        let generator = AnchorGenerator::new(&[32.0, 64.0], &[1.0]);
+        let anchors = generator.grid_anchors((64, 96), &[(2, 3), (1, 1)], Device::Cpu);
+        assert_eq!(anchors.size(), [2 * 3 + 1, 4]);
+        let row = |i: i64| -> Vec<f32> { Vec::try_from(anchors.get(i)).unwrap() };
+        // Level 0: stride 32 in both directions; location (row 1, col 2) is 5th.
+        assert_eq!(row(0), [-16.0, -16.0, 16.0, 16.0]);
+        assert_eq!(row(1), [16.0, -16.0, 48.0, 16.0]);
+        assert_eq!(row(5), [48.0, 16.0, 80.0, 48.0]);
+        // Level 1: one 64-pixel anchor at the origin.
+        assert_eq!(row(6), [-32.0, -32.0, 32.0, 32.0]);
+        // Built once per shape: the same tensor comes back.
+        let again = generator.grid_anchors((64, 96), &[(2, 3), (1, 1)], Device::Cpu);
+        assert_eq!(again.data_ptr(), anchors.data_ptr());
+    }
+}

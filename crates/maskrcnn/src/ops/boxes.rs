@@ -147,3 +147,53 @@ pub(crate) fn to_vec_i64(t: &Tensor) -> Vec<i64> {
     t.copy_data(&mut out, n);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn t(v: &[f32], cols: i64) -> Tensor {
+        Tensor::from_slice(v).reshape([-1, cols])
+    }
+
+    /// The R-CNN parameterization by hand: a box moved by (+10, -5) and
+    /// scaled by (2, 0.5) relative to a 20 × 40 proposal, weighted (10, 10,
+    /// 5, 5) as the box head's coder.
+    #[test]
+    fn box_coder_encodes_the_rcnn_deltas() {
+        let coder = BoxCoder::new([10.0, 10.0, 5.0, 5.0]);
+        let proposal = t(&[0.0, 0.0, 20.0, 40.0], 4);
+        // Centre (10, 20) -> (20, 15); size 20 × 40 -> 40 × 20.
+        let reference = t(&[0.0, 5.0, 40.0, 25.0], 4);
+        let d: Vec<f32> = Vec::try_from(coder.encode(&reference, &proposal).reshape([-1])).unwrap();
+        let expected = [10.0 * 10.0 / 20.0, 10.0 * -5.0 / 40.0, 5.0 * 2f32.ln(), 5.0 * 0.5f32.ln()];
+        for (a, b) in d.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-5, "{d:?} vs {expected:?}");
+        }
+    }
+
+    /// decode(encode(b)) gives b back, for each of several classes' deltas.
+    #[test]
+    fn box_coder_decode_inverts_encode() {
+        let coder = BoxCoder::new([1.0, 1.0, 1.0, 1.0]);
+        let proposals = t(&[0.0, 0.0, 20.0, 40.0, 5.0, 5.0, 15.0, 9.0], 4);
+        let reference = t(&[3.0, -2.0, 30.0, 50.0, 6.0, 4.0, 10.0, 12.0], 4);
+        let deltas = coder.encode(&reference, &proposals);
+        let two_classes = Tensor::cat(&[&deltas, &deltas], 1);
+        let decoded = coder.decode(&two_classes, &proposals);
+        assert_eq!(decoded.size(), [2, 2, 4]);
+        let err = (decoded - reference.unsqueeze(1)).abs().max().double_value(&[]);
+        assert!(err < 1e-4, "round trip off by {err}");
+    }
+
+    /// Width/height deltas are clamped at log(1000/16) before `exp`.
+    #[test]
+    fn box_coder_clamps_huge_scale_deltas() {
+        let coder = BoxCoder::new([1.0, 1.0, 1.0, 1.0]);
+        let decoded = coder.decode(&t(&[0.0, 0.0, 50.0, 50.0], 4), &t(&[0.0, 0.0, 16.0, 16.0], 4));
+        let w = (decoded.select(2, 2) - decoded.select(2, 0)).double_value(&[0, 0]);
+        assert!((w - 1000.0).abs() < 1e-2, "width {w}");
+        assert_eq!(decoded.kind(), Kind::Float);
+    }
+}

@@ -162,6 +162,33 @@ mod tests {
         }
     }
 
+    /// torchvision's rule on a hand-made IoU matrix: >= high matched, < low
+    /// background, between ignored; with low-quality matches each ground
+    /// truth also takes back every prediction of its best IoU (ties too).
+    #[test]
+    fn thresholds_and_low_quality_matches() {
+        // 2 ground truths × 5 predictions.
+        let quality = Tensor::from_slice(&[
+            0.9f32, 0.5, 0.2, 0.1, 0.0, //
+            0.1, 0.6, 0.4, 0.35, 0.35,
+        ])
+        .reshape([2, 5]);
+        let strict = Matcher { high_threshold: 0.7, low_threshold: 0.3, allow_low_quality_matches: false };
+        let got: Vec<i64> = Vec::try_from(strict.assign(&quality)).unwrap();
+        assert_eq!(got, [0, BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS]);
+        let rpn = Matcher { allow_low_quality_matches: true, ..strict };
+        let got: Vec<i64> = Vec::try_from(rpn.assign(&quality)).unwrap();
+        // Ground truth 1's best IoU is 0.6 (prediction 1): matched back.
+        assert_eq!(got, [0, 1, BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS]);
+        let low = Matcher { high_threshold: 0.5, low_threshold: 0.36, allow_low_quality_matches: false };
+        let got: Vec<i64> = Vec::try_from(low.assign(&quality)).unwrap();
+        assert_eq!(got, [0, 1, BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD, BELOW_LOW_THRESHOLD]);
+        // Ties: both predictions of ground truth 1's best IoU come back.
+        let tied = Tensor::from_slice(&[0.1f32, 0.2, 0.2]).reshape([1, 3]);
+        let got: Vec<i64> = Vec::try_from(rpn.assign(&tied)).unwrap();
+        assert_eq!(got, [BELOW_LOW_THRESHOLD, 0, 0]);
+    }
+
     #[test]
     fn batched_matches_equal_per_image_cpu() {
         batched_matches_equal_per_image(Device::Cpu);
