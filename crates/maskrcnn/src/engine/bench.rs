@@ -33,6 +33,22 @@ pub struct InferBenchResult {
     pub stages_ms: Vec<(String, f64)>,
 }
 
+impl std::fmt::Display for InferBenchResult {
+    /// The result in words: speed, latency, detections, then time per stage.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        writeln!(
+            f,
+            "infer bs={} amp={} on {}: {:.2} img/s (median batch {:.4} s, p90 {:.4} s, {:.0} detections/img)",
+            r.bs, r.amp, r.device, r.img_per_s, r.med_batch_s, r.p90_s, r.dets_per_img
+        )?;
+        for (stage, ms) in &r.stages_ms {
+            writeln!(f, "  {stage:<22} {ms:>9.2} ms")?;
+        }
+        Ok(())
+    }
+}
+
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);

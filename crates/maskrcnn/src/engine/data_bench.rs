@@ -42,6 +42,28 @@ pub struct DataBenchResult {
     pub skipped_images: usize,
 }
 
+impl std::fmt::Display for DataBenchResult {
+    /// The result in words: speed, per-image stage times, the copy wait, skipped images.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        writeln!(
+            f,
+            "data bs={} workers={} to {}: {:.1} img/s ({} images, {:.2} MP/img)",
+            r.bs, r.workers, r.device, r.img_per_s, r.images, r.megapixels_per_img
+        )?;
+        writeln!(
+            f,
+            "  per image on one worker: decode {:.2} ms, augment {:.2} ms, collate {:.2} ms",
+            r.decode_ms, r.augment_ms, r.collate_ms
+        )?;
+        writeln!(f, "  main thread waiting for the host->device copy: {:.3} ms/img", r.transfer_ms)?;
+        if r.skipped_images > 0 {
+            writeln!(f, "  {} image(s) skipped (unreadable)", r.skipped_images)?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs `opts.iters` batches (after one warm-up round of the workers).
 pub fn run_data_bench(dataset: Arc<CocoDataset>, opts: &DataBench) -> Result<DataBenchResult, LoaderError> {
     let mut loader = Loader::new(

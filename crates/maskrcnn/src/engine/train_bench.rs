@@ -61,6 +61,28 @@ pub struct TrainBenchResult {
     pub host_split_ms: Vec<(&'static str, f64)>,
 }
 
+impl std::fmt::Display for TrainBenchResult {
+    /// The result in words: speed and memory, the phases, syncs and GPU time, host time per stage.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        writeln!(
+            f,
+            "train bs={} amp={} channels_last={} on {}: {:.2} img/s (median step {:.4} s, peak memory {:.2} GiB)",
+            r.bs, r.amp, r.channels_last, r.device, r.img_per_s, r.med_step_s, r.peak_mem_gib
+        )?;
+        writeln!(
+            f,
+            "  forward {:.1} ms, backward {:.1} ms, update {:.1} ms (synchronized between phases)",
+            r.split_ms[0], r.split_ms[1], r.split_ms[2]
+        )?;
+        let gpu = r.gpu_ms.map_or("n/a".to_string(), |g| format!("{g:.1} ms"));
+        writeln!(f, "  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}", r.syncs_per_step)?;
+        let host: Vec<String> = r.host_split_ms.iter().map(|(s, ms)| format!("{s} {ms:.1}")).collect();
+        writeln!(f, "  host ms per stage: {}", host.join(", "))?;
+        Ok(())
+    }
+}
+
 /// The peer's synthetic training batch of `n` images on `device`.
 fn synthetic_batch(n: usize, device: Device) -> (Vec<Tensor>, Vec<Target>) {
     let mut images = Vec::with_capacity(n);

@@ -60,6 +60,40 @@ pub struct TrainSummary {
     pub rank: usize,
 }
 
+impl std::fmt::Display for TrainSummary {
+    /// The run as a table, a row per line: iterations, time and speed, the
+    /// final losses, the loss scale, each evaluation, unreadable images,
+    /// the weights.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self;
+        writeln!(f, "{:<22} {} -> {}", "iterations", s.start_iteration, s.iterations)?;
+        writeln!(f, "{:<22} {:.1} s ({:.1} img/s)", "time", s.seconds, s.images_per_s)?;
+        for (name, v) in &s.final_losses {
+            writeln!(f, "{name:<22} {v:.4}")?;
+        }
+        if let Some(scale) = s.loss_scale {
+            writeln!(f, "{:<22} {scale:.0} ({:.0} skipped steps)", "loss scale", s.skipped_steps)?;
+        }
+        for e in &s.evals {
+            writeln!(
+                f,
+                "{:<22} bbox AP {:.4}  segm AP {:.4}  ({:.0} s)",
+                format!("eval @ {}", e.iteration),
+                e.bbox_ap,
+                e.segm_ap,
+                e.seconds
+            )?;
+        }
+        if s.skipped_images > 0 {
+            writeln!(f, "{:<22} {}", "unreadable images", s.skipped_images)?;
+        }
+        if let Some(weights) = &s.weights {
+            writeln!(f, "{:<22} {}", "weights", weights.display())?;
+        }
+        Ok(())
+    }
+}
+
 /// Trains per `config` into `opts.output`: sets the run up (output folder,
 /// resume, data, model, optimizer, loader, group) and runs the
 /// [`Trainer`] with the standard hooks.
