@@ -33,6 +33,24 @@ pub struct Detections {
     pub segmentations: Option<Vec<crate::structures::rle::CompressedRle>>,
 }
 
+impl Detections {
+    /// Boxes `[D, 4]`, scores `[D]` and labels `[D]` of candidates without
+    /// masks yet.
+    fn candidates(boxes: Tensor, scores: Tensor, labels: Tensor) -> Detections {
+        Detections { boxes, scores, labels, masks: None, segmentations: None }
+    }
+
+    /// The detections at `index` `[K]` (int64), in its order; masks and
+    /// segmentations are dropped (post-processing selects before they exist).
+    fn select(&self, index: &Tensor) -> Detections {
+        Detections::candidates(
+            self.boxes.index_select(0, index),
+            self.scores.index_select(0, index),
+            self.labels.index_select(0, index),
+        )
+    }
+}
+
 fn kaiming_normal_fan_out() -> Init {
     Init::Kaiming {
         dist: tch::nn::init::NormalOrUniform::Normal,
@@ -199,20 +217,11 @@ impl RoiHeads {
             let scores = scores.narrow(1, 1, num_classes - 1).reshape([-1]);
             let labels = labels.narrow(1, 1, num_classes - 1).reshape([-1]);
             let inds = scores.gt(self.cfg.score_thresh).nonzero().squeeze_dim(1);
-            let (boxes, scores, labels) =
-                (boxes.index_select(0, &inds), scores.index_select(0, &inds), labels.index_select(0, &inds));
-            let keep = remove_small_boxes(&boxes, 1e-2);
-            let (boxes, scores, labels) =
-                (boxes.index_select(0, &keep), scores.index_select(0, &keep), labels.index_select(0, &keep));
-            let keep = batched_nms(&boxes, &scores, &labels, self.cfg.nms_thresh);
+            let d = Detections::candidates(boxes, scores, labels).select(&inds);
+            let d = d.select(&remove_small_boxes(&d.boxes, 1e-2));
+            let keep = batched_nms(&d.boxes, &d.scores, &d.labels, self.cfg.nms_thresh);
             let keep = keep.narrow(0, 0, (self.cfg.detections_per_img as i64).min(keep.size()[0]));
-            out.push(Detections {
-                boxes: boxes.index_select(0, &keep),
-                scores: scores.index_select(0, &keep),
-                labels: labels.index_select(0, &keep),
-                masks: None,
-                segmentations: None,
-            });
+            out.push(d.select(&keep));
         }
         out
     }
