@@ -227,6 +227,27 @@ impl RoiHeads {
     }
 }
 
+/// The RoI heads' training samples, `S` slots per image (positives first;
+/// padding slots have weight 0).
+#[derive(Debug)]
+struct SampledProposals {
+    /// `[B, S, 4]` xyxy boxes in resized-image pixels.
+    boxes: Tensor,
+    /// `[B, S]` int64 classes (0: background).
+    labels: Tensor,
+    /// `[B, S]` int64 row of the matched ground truth (meaningful where positive).
+    matched: Tensor,
+    /// `[B, S]` float32: 1 for a sampled slot, 0 for padding.
+    weight: Tensor,
+    /// `[B, S]` bool: sampled and foreground.
+    positive: Tensor,
+}
+
+/// Rows `index` `[B, S]` of `t` `[B, N, 4]` → `[B, S, 4]`.
+fn gather4(t: &Tensor, index: &Tensor, b: i64) -> Tensor {
+    t.gather(1, &index.unsqueeze(2).expand([b, index.size()[1], 4], false), false)
+}
+
 /// The three RoI-head losses.
 #[derive(Debug)]
 pub struct RoiLosses {
@@ -254,12 +275,28 @@ impl RoiHeads {
         gt: &TargetBatch,
         sampler: &mut dyn FgBgSampler,
     ) -> RoiLosses {
+        let sampled = self.label_and_sample_proposals(proposals, gt, sampler);
+        crate::host_timing::mark("roi_sampling");
+        let (classifier, box_reg) = self.box_losses(features, &sampled, gt, image_sizes);
+        crate::host_timing::mark("box_head");
+        let mask = self.mask_loss(features, &sampled, gt, image_sizes);
+        crate::host_timing::mark("mask_head");
+        RoiLosses { classifier, box_reg, mask }
+    }
+
+    /// Matches every candidate (the proposals and the ground truth itself)
+    /// and samples `batch_size_per_image` slots per image, positives first.
+    fn label_and_sample_proposals(
+        &self,
+        proposals: &Proposals,
+        gt: &TargetBatch,
+        sampler: &mut dyn FgBgSampler,
+    ) -> SampledProposals {
         let matcher = Matcher {
             high_threshold: self.cfg.fg_iou_thresh,
             low_threshold: self.cfg.bg_iou_thresh,
             allow_low_quality_matches: false,
         };
-        let device = proposals.boxes.device();
         let b = gt.len();
         let candidates = Tensor::cat(&[&proposals.boxes, &gt.boxes.to_kind(proposals.boxes.kind())], 1);
         let exists = Tensor::cat(&[&proposals.valid, &gt.valid], 1);
@@ -284,38 +321,55 @@ impl RoiHeads {
             self.cfg.batch_size_per_image,
             self.cfg.positive_fraction,
         );
-        let slots = s.index.size()[1];
-        let gather4 =
-            |t: &Tensor, idx: &Tensor| t.gather(1, &idx.unsqueeze(2).expand([b, idx.size()[1], 4], false), false);
-        let s_boxes = gather4(&candidates, &s.index);
-        let s_labels = labels.gather(1, &s.index, false).clamp_min(0);
-        let s_matched = matched.gather(1, &s.index, false);
-        let weight = s.valid.to_kind(Kind::Float);
-        let positive = s.valid.logical_and(&s_labels.gt(0));
+        let labels = labels.gather(1, &s.index, false).clamp_min(0);
+        SampledProposals {
+            boxes: gather4(&candidates, &s.index, b),
+            positive: s.valid.logical_and(&labels.gt(0)),
+            labels,
+            matched: matched.gather(1, &s.index, false),
+            weight: s.valid.to_kind(Kind::Float),
+        }
+    }
+
+    /// Classification and class-specific box regression losses over the
+    /// sampled slots.
+    fn box_losses(
+        &self,
+        features: &[Tensor],
+        sampled: &SampledProposals,
+        gt: &TargetBatch,
+        image_sizes: &[(i64, i64)],
+    ) -> (Tensor, Tensor) {
+        let (b, slots) = (sampled.labels.size()[0], sampled.labels.size()[1]);
         let targets = self
             .box_coder
-            .encode(&gather4(&gt.boxes, &s_matched).reshape([-1, 4]), &s_boxes.reshape([-1, 4]))
+            .encode(&gather4(&gt.boxes, &sampled.matched, b).reshape([-1, 4]), &sampled.boxes.reshape([-1, 4]))
             .reshape([b, slots, 4])
-            .where_scalarother(&positive.unsqueeze(2), 0.0);
-        crate::host_timing::mark("roi_sampling");
-        let rois = rois_of_slots(&s_boxes);
-        let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes);
-        let (classifier, box_reg) = fastrcnn_loss(&logits, &deltas, &s_labels, &targets, &weight, &positive);
-        crate::host_timing::mark("box_head");
+            .where_scalarother(&sampled.positive.unsqueeze(2), 0.0);
+        let (logits, deltas) = self.box_branch.forward_rois(features, &rois_of_slots(&sampled.boxes), image_sizes);
+        fastrcnn_loss(&logits, &deltas, &sampled.labels, &targets, &sampled.weight, &sampled.positive)
+    }
 
-        // Mask branch on the positives, which fill the first slots.
+    /// The mask loss on the positives, which fill the first
+    /// `batch_size_per_image × positive_fraction` slots.
+    fn mask_loss(
+        &self,
+        features: &[Tensor],
+        sampled: &SampledProposals,
+        gt: &TargetBatch,
+        image_sizes: &[(i64, i64)],
+    ) -> Tensor {
+        let slots = sampled.labels.size()[1];
         let quota = ((self.cfg.batch_size_per_image as f64 * self.cfg.positive_fraction) as i64).min(slots);
-        let mask_boxes = s_boxes.narrow(1, 0, quota);
-        let mask_labels = s_labels.narrow(1, 0, quota);
-        let mask_positive = positive.narrow(1, 0, quota);
-        let mask_matched = s_matched.narrow(1, 0, quota);
+        let boxes = sampled.boxes.narrow(1, 0, quota);
+        let positive = sampled.positive.narrow(1, 0, quota);
         let resolution = self.cfg.mask_resolution as i64;
-        let mask_targets = mask_targets(gt, &mask_boxes, &mask_matched, &mask_positive, resolution, device);
+        let device = boxes.device();
+        let targets = mask_targets(gt, &boxes, &sampled.matched.narrow(1, 0, quota), &positive, resolution, device);
         crate::host_timing::mark("mask_targets");
-        let mask_logits = self.mask_branch.forward_rois(features, &rois_of_slots(&mask_boxes), image_sizes);
-        let mask = maskrcnn_loss(&mask_logits, &mask_labels.reshape([-1]), &mask_targets, &mask_positive.reshape([-1]));
-        crate::host_timing::mark("mask_head");
-        RoiLosses { classifier, box_reg, mask }
+        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), image_sizes);
+        let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
+        maskrcnn_loss(&logits, &labels, &targets, &positive.reshape([-1]))
     }
 }
 
