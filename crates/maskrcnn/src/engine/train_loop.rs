@@ -63,6 +63,13 @@ pub enum TrainError {
     Shim(#[from] crate::shim::ShimError),
     #[error("iteration {iteration}: {loss} is {value} (fp32 training diverged; lower solver.base_lr or enable solver.clip_grad_norm)")]
     NonFinite { iteration: u64, loss: String, value: f64 },
+    /// A file or folder of the run's output could not be written.
+    #[error("output directory: cannot write {}", path.display())]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("evaluation")]
     Eval(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]

@@ -360,7 +360,7 @@ fn prepare_output(
     overwrite: bool,
 ) -> Result<std::fs::File, TrainError> {
     let setup = |m: String| TrainError::Setup(format!("output directory {}: {m}", output.display()));
-    let err = |e: std::io::Error| setup(e.to_string());
+    let err = |source: std::io::Error| TrainError::Output { path: output.to_path_buf(), source };
     if output.exists() && !output.is_dir() {
         return Err(setup("is a file, not a directory".into()));
     }
@@ -383,7 +383,7 @@ fn prepare_output(
         for f in &present {
             let path = output.join(f);
             let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            removed.map_err(|e| setup(format!("cannot remove {}: {e}", path.display())))?;
+            removed.map_err(|source| TrainError::Output { path: path.clone(), source })?;
         }
     }
     std::fs::write(output.join("config.toml"), config_toml).map_err(err)?;
