@@ -806,7 +806,15 @@ fn launch_checks_the_train_arguments_once_before_starting_ranks() {
 
 #[test]
 fn launch_two_cpu_ranks_take_the_mean_gradient_step() {
-    check_two_ranks_take_the_mean_gradient_step(Device::Cpu);
+    check_ranks_take_the_mean_gradient_step(Device::Cpu, 1, 2);
+}
+
+/// Two `launch` commands on this machine acting as two nodes of two CPU
+/// ranks each (`--nnodes 2 --node-rank R --master-addr --master-port`):
+/// the four ranks take the mean gradient step of the global batch.
+#[test]
+fn launch_two_nodes_of_two_cpu_ranks_take_the_mean_gradient_step() {
+    check_ranks_take_the_mean_gradient_step(Device::Cpu, 2, 2);
 }
 
 #[test]
@@ -815,33 +823,56 @@ fn gpu_launch_two_ranks_take_the_mean_gradient_step() {
         eprintln!("skipped gpu_launch_two_ranks_take_the_mean_gradient_step: needs 2 CUDA devices (nvidia-h100-x2)");
         return;
     }
-    check_two_ranks_take_the_mean_gradient_step(Device::Cuda(0));
+    check_ranks_take_the_mean_gradient_step(Device::Cuda(0), 1, 2);
 }
 
-/// `maskrcnn launch --nproc-per-node 2 train` for one plain-SGD iteration on
-/// `device` (the CPU: TCP; CUDA: NCCL on two GPUs) must change the weights by
-/// −lr × the mean of the two ranks' gradients, each computed here on its
-/// rank's shard with its rank's sampling seed.
-fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
+/// `maskrcnn launch --nproc-per-node P train` on each of `nodes` nodes (one
+/// launch per node on this machine) for one plain-SGD iteration on `device`
+/// (the CPU: TCP; CUDA: NCCL) must change the weights by −lr × the mean of
+/// the ranks' gradients, each computed here on its rank's shard with its
+/// rank's sampling seed.
+fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_node: usize) {
     let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(&tmp.path().join("data"));
     let out = tmp.path().join("ddp");
     let sets = plain_sgd_sets(&data);
-    let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "2".into(), "train".into()];
-    args.extend(["--output".into(), out.display().to_string()]);
-    if device == Device::Cpu {
-        args.extend(["--device".into(), "cpu".into()]);
-    }
-    for s in &sets {
-        args.extend(["--set".into(), s.clone()]);
-    }
+    let world = nodes * per_node;
+    let port = maskrcnn::engine::launcher::free_port().unwrap().to_string();
     // The GPU machine runs the binary scripts/gpu-check.sh names.
     let bin = maskrcnn_bin();
-    let run = std::process::Command::new(&bin).args(&args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
-    assert!(stderr.contains("rank 1/2") && stderr.contains("rank 0/2"), "{stderr}");
+    let launches: Vec<std::process::Child> = (0..nodes)
+        .map(|node| {
+            let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), per_node.to_string()];
+            if nodes > 1 {
+                args.extend(["--nnodes".into(), nodes.to_string(), "--node-rank".into(), node.to_string()]);
+                args.extend(["--master-addr".into(), "127.0.0.1".into(), "--master-port".into(), port.clone()]);
+            }
+            args.extend(["train".into(), "--output".into(), out.display().to_string()]);
+            if device == Device::Cpu {
+                args.extend(["--device".into(), "cpu".into()]);
+            }
+            for s in &sets {
+                args.extend(["--set".into(), s.clone()]);
+            }
+            std::process::Command::new(&bin)
+                .args(&args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut stderr = String::new();
+    for launch in launches {
+        let run = launch.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(run.status.success(), "{text}");
+        stderr.push_str(&text);
+    }
+    for rank in 0..world {
+        assert!(stderr.contains(&format!("rank {rank}/{world}")), "rank {rank} missing: {stderr}");
+    }
     let trained: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(out.join("model_final.safetensors")).unwrap().into_iter().collect();
 
@@ -863,17 +894,17 @@ fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
         .unwrap(),
     );
     let mut grads: Vec<std::collections::HashMap<String, Tensor>> = Vec::new();
-    for rank in 0..2 {
+    for rank in 0..world {
         let mut loader = maskrcnn::data::Loader::new(
             ds.clone(),
             maskrcnn::data::LoaderOptions {
-                batch_size: 2,
+                batch_size: cfg.solver.ims_per_batch / world,
                 workers: 1,
                 prefetch: cfg.dataloader.prefetch,
                 flip_prob: cfg.input.flip_prob,
                 seed: cfg.seed,
                 rank,
-                world_size: 2,
+                world_size: world,
                 group_by_aspect: cfg.dataloader.aspect_ratio_grouping,
                 strict: false,
                 device,
@@ -906,17 +937,20 @@ fn check_two_ranks_take_the_mean_gradient_step(device: Device) {
     let (mut worst, mut scale, mut compared) = (0.0f64, 0.0f64, 0);
     for (name, w) in &w0 {
         let got = trained[name].to_device(device) - w;
-        match (grads[0].get(name), grads[1].get(name)) {
-            (Some(g0), Some(g1)) => {
-                let expected = (g0 + g1) * (-0.02 / 2.0);
+        match grads.iter().map(|g| g.get(name)).collect::<Option<Vec<&Tensor>>>() {
+            Some(per_rank) => {
+                let sum = per_rank.into_iter().fold(Tensor::zeros_like(w), |acc, g| acc + g);
+                let expected = sum * (-0.02 / world as f64);
                 worst = worst.max((&got - &expected).abs().max().double_value(&[]));
                 scale = scale.max(expected.abs().max().double_value(&[]));
                 compared += 1;
             }
-            _ => assert_eq!(got.abs().max().double_value(&[]), 0.0, "{name}: frozen, yet it changed"),
+            None => assert_eq!(got.abs().max().double_value(&[]), 0.0, "{name}: frozen, yet it changed"),
         }
     }
-    eprintln!("2 ranks vs mean gradient: worst update difference {worst:.3e} of {scale:.3e} over {compared} tensors");
+    eprintln!(
+        "{world} ranks vs mean gradient: worst update difference {worst:.3e} of {scale:.3e} over {compared} tensors"
+    );
     assert!(compared > 50 && scale > 0.0);
     assert!(worst <= 1e-3 * scale, "update differs from the mean gradient step: {worst:.3e} vs {scale:.3e}");
 }
@@ -961,6 +995,79 @@ fn launch_cpu_pair(sets: &[String], out: &Path, interrupt: Option<usize>) -> (bo
     let output = child.wait_with_output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// Two `launch` commands as two nodes of one CPU rank each; node 1's rank is
+/// killed with SIGKILL mid-training: both launches must exit non-zero within
+/// 60 s, node 0's naming the lost rank and node 1's the killed one.
+#[test]
+fn a_rank_killed_on_one_node_ends_every_node_within_a_minute() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut sets = plain_sgd_sets(&data);
+    sets.extend(["solver.max_iter=100000".into(), "solver.log_period=1".into()]);
+    let out = tmp.path().join("out");
+    let port = maskrcnn::engine::launcher::free_port().unwrap().to_string();
+    let mut launches: Vec<(std::process::Child, std::path::PathBuf)> = (0..2)
+        .map(|node| {
+            let log = tmp.path().join(format!("node{node}.log"));
+            let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "1".into()];
+            args.extend(["--nnodes".into(), "2".into(), "--node-rank".into(), node.to_string()]);
+            args.extend(["--master-port".into(), port.clone(), "train".into(), "--device".into(), "cpu".into()]);
+            args.extend(["--output".into(), out.display().to_string()]);
+            for s in &sets {
+                args.extend(["--set".into(), s.clone()]);
+            }
+            let child = std::process::Command::new(maskrcnn_bin())
+                .args(&args)
+                .process_group(0)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (child, log)
+        })
+        .collect();
+    let kill_groups = |launches: &[(std::process::Child, std::path::PathBuf)]| {
+        for (c, _) in launches {
+            let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{}", c.id())]).status();
+        }
+    };
+    // Wait for training to run (rank 0 logs iterations), then kill node 1's rank.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
+        if started.elapsed().as_secs() > 180 {
+            kill_groups(&launches);
+            panic!("training did not start within 180 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let id = launches[1].0.id();
+    let rank = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap();
+    let pid = rank.split_whitespace().next().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    let killed = std::time::Instant::now();
+    let mut statuses = vec![None, None];
+    while statuses.iter().any(Option::is_none) {
+        for (i, (c, _)) in launches.iter_mut().enumerate() {
+            if statuses[i].is_none() {
+                statuses[i] = c.try_wait().unwrap();
+            }
+        }
+        if killed.elapsed().as_secs() > 60 {
+            kill_groups(&launches);
+            panic!("a node was still running 60 s after rank 1 was killed: {statuses:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let logs: Vec<String> = launches.iter().map(|(_, log)| std::fs::read_to_string(log).unwrap()).collect();
+    for (i, status) in statuses.iter().enumerate() {
+        assert!(!status.unwrap().success(), "node {i} exited 0:\n{}", logs[i]);
+    }
+    assert!(logs[0].contains("lost rank 1"), "node 0 does not name the lost rank:\n{}", logs[0]);
+    assert!(logs[1].contains("rank 1 failed"), "node 1 does not name its killed rank:\n{}", logs[1]);
+    eprintln!("both nodes exited {:.1} s after rank 1 was killed", killed.elapsed().as_secs_f64());
 }
 
 /// The iteration in every `… at iteration N` line of `log`.

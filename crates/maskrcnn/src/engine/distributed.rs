@@ -31,9 +31,14 @@ pub enum DistError {
     Rendezvous { addr: String, message: String },
     #[error("NCCL: {0}")]
     Nccl(String),
-    /// The CPU ranks' all-reduce over the rendezvous sockets failed.
-    #[error("TCP all-reduce")]
-    Tcp(#[source] std::io::Error),
+    /// The CPU ranks' all-reduce over the rendezvous sockets failed at the
+    /// link to `peer` (it died, or its machine is unreachable).
+    #[error("TCP all-reduce: lost rank {peer} (it failed or stopped)")]
+    Tcp {
+        peer: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("all-reduce input")]
     Tensor(#[source] tch::TchError),
 }
@@ -568,7 +573,7 @@ impl ProcessGroup {
             }
             Transport::Tcp(links) => {
                 let mut values = Vec::<f32>::try_from(&*t).map_err(DistError::Tensor)?;
-                tcp_sum(links, &mut values).map_err(DistError::Tcp)?;
+                tcp_sum(links, &mut values).map_err(|(peer, source)| DistError::Tcp { peer, source })?;
                 tch::no_grad(|| t.copy_(&Tensor::from_slice(&values).view_as(t)));
                 Ok(())
             }
@@ -599,14 +604,15 @@ impl ProcessGroup {
     }
 }
 
-/// The TCP all-reduce: `values` becomes the sum over ranks, added on rank 0
-/// in rank order.
-fn tcp_sum(links: &Rendezvous, values: &mut [f32]) -> std::io::Result<()> {
+/// The CPU ranks' all-reduce (sum) of `values` over the rendezvous
+/// sockets: rank 0 adds its peers' values (rank 1, 2, ... in order) and
+/// sends the sum back. An error names the rank at the other end.
+fn tcp_sum(links: &Rendezvous, values: &mut [f32]) -> Result<(), (usize, std::io::Error)> {
     let mut bytes = vec![0u8; values.len() * 4];
     match links {
         Rendezvous::Root(peers) => {
-            for mut peer in peers {
-                peer.read_exact(&mut bytes)?;
+            for (i, mut peer) in peers.iter().enumerate() {
+                peer.read_exact(&mut bytes).map_err(|e| (i + 1, e))?;
                 for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
                     *v += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
@@ -614,8 +620,8 @@ fn tcp_sum(links: &Rendezvous, values: &mut [f32]) -> std::io::Result<()> {
             for (b, v) in bytes.chunks_exact_mut(4).zip(values.iter()) {
                 b.copy_from_slice(&v.to_le_bytes());
             }
-            for mut peer in peers {
-                peer.write_all(&bytes)?;
+            for (i, mut peer) in peers.iter().enumerate() {
+                peer.write_all(&bytes).map_err(|e| (i + 1, e))?;
             }
         }
         Rendezvous::Peer { stream, .. } => {
@@ -623,8 +629,8 @@ fn tcp_sum(links: &Rendezvous, values: &mut [f32]) -> std::io::Result<()> {
                 b.copy_from_slice(&v.to_le_bytes());
             }
             let mut stream = stream;
-            stream.write_all(&bytes)?;
-            stream.read_exact(&mut bytes)?;
+            stream.write_all(&bytes).map_err(|e| (0, e))?;
+            stream.read_exact(&mut bytes).map_err(|e| (0, e))?;
             for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
                 *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }

@@ -1,6 +1,8 @@
-//! `maskrcnn launch`: starts one training process per GPU with torchrun's
-//! environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
-//! `MASTER_PORT`) and supervises them: Ctrl-C reaches every rank once (each
+//! `maskrcnn launch`: starts one training process per GPU of this node with
+//! torchrun's environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`,
+//! `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`; several
+//! nodes number their ranks node by node and meet at rank 0's address) and
+//! supervises them: Ctrl-C reaches every rank once (each
 //! checkpoints and stops at the same iteration), and when one rank fails the
 //! others are stopped instead of waiting forever in a collective.
 
@@ -20,25 +22,65 @@ pub enum LaunchError {
     Setup(String),
 }
 
-/// The torchrun variables of `rank` among `world_size` local processes, the
-/// launch's `MASKRCNN_RUN_ID` (ranks of another launch are refused at the
-/// rendezvous), and (unless already set) `OMP_NUM_THREADS` sharing the
-/// cores between them, as torchrun does, so the ranks' libtorch thread
-/// pools do not oversubscribe.
-pub fn rank_env(rank: usize, world_size: usize, port: u16, run_id: u64) -> Vec<(&'static str, String)> {
+/// Where one rank sits: its global rank, its index on its node (its GPU),
+/// and the sizes of the whole group and of its node's share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankPlace {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub local_world_size: usize,
+    /// This node's index among the nodes (torchrun's `GROUP_RANK`).
+    pub node_rank: usize,
+}
+
+impl RankPlace {
+    /// Local rank `local_rank` of node `node_rank` among `nnodes` nodes of
+    /// `nproc_per_node` ranks each (global ranks numbered node by node).
+    pub fn of(node_rank: usize, nnodes: usize, nproc_per_node: usize, local_rank: usize) -> RankPlace {
+        RankPlace {
+            rank: node_rank * nproc_per_node + local_rank,
+            local_rank,
+            world_size: nnodes * nproc_per_node,
+            local_world_size: nproc_per_node,
+            node_rank,
+        }
+    }
+}
+
+/// The torchrun variables of a rank at `place` meeting at
+/// `master_addr:port`, the launch's `MASKRCNN_RUN_ID` (ranks of another
+/// launch are refused at the rendezvous), and (unless already set)
+/// `OMP_NUM_THREADS` sharing this node's cores between its ranks, as
+/// torchrun does, so the ranks' libtorch thread pools do not oversubscribe.
+pub fn rank_env(place: RankPlace, master_addr: &str, port: u16, run_id: u64) -> Vec<(&'static str, String)> {
     let mut env = vec![
-        ("RANK", rank.to_string()),
-        ("LOCAL_RANK", rank.to_string()),
-        ("WORLD_SIZE", world_size.to_string()),
-        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("RANK", place.rank.to_string()),
+        ("LOCAL_RANK", place.local_rank.to_string()),
+        ("WORLD_SIZE", place.world_size.to_string()),
+        ("LOCAL_WORLD_SIZE", place.local_world_size.to_string()),
+        ("GROUP_RANK", place.node_rank.to_string()),
+        ("MASTER_ADDR", master_addr.to_string()),
         ("MASTER_PORT", port.to_string()),
         ("MASKRCNN_RUN_ID", format!("{run_id:016x}")),
     ];
     if std::env::var_os("OMP_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        env.push(("OMP_NUM_THREADS", (cores / world_size.max(1)).max(1).to_string()));
+        env.push(("OMP_NUM_THREADS", (cores / place.local_world_size.max(1)).max(1).to_string()));
     }
     env
+}
+
+/// The run id every node of a multi-node launch derives alike: from the
+/// user's `--rdzv-id` when given, else from the rendezvous address (only
+/// one run can hold it at a time). FNV-1a, so it is the same on every
+/// machine and Rust version.
+pub fn shared_run_id(rdzv_id: Option<&str>, master_addr: &str, port: u16) -> u64 {
+    let key = match rdzv_id {
+        Some(id) => format!("id:{id}"),
+        None => format!("addr:{master_addr}:{port}"),
+    };
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A free TCP port on this machine for the rendezvous, below Linux's
@@ -55,20 +97,25 @@ pub fn free_port() -> Result<u16, LaunchError> {
         .ok_or_else(|| LaunchError::Setup("no free port in 20000..32000 for the rendezvous".into()))
 }
 
-/// Runs `command(rank)` for every rank in `0..n`, each in its own process
-/// group (the terminal's Ctrl-C reaches the launcher only), until all exit.
-/// `interrupt` set (by the launcher's Ctrl-C handler) is forwarded once to
-/// every rank as SIGINT. The first rank to fail stops the others (SIGKILL:
-/// SIGTERM would ask them for a checkpoint, which a group missing a rank
-/// cannot reach).
-pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<AtomicBool>) -> Result<(), LaunchError> {
+/// Runs `command(rank)` for every rank of `ranks` (this node's global
+/// ranks), each in its own process group (the terminal's Ctrl-C reaches the
+/// launcher only), until all exit. `interrupt` set (by the launcher's
+/// Ctrl-C handler) is forwarded once to every rank as SIGINT. The first rank
+/// to fail stops the others (SIGKILL: SIGTERM would ask them for a
+/// checkpoint, which a group missing a rank cannot reach); the error names
+/// it by its global rank.
+pub fn run_ranks(
+    ranks: std::ops::Range<usize>,
+    command: impl Fn(usize) -> Command,
+    interrupt: Arc<AtomicBool>,
+) -> Result<(), LaunchError> {
     use std::os::unix::process::CommandExt;
-    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
-    for rank in 0..n {
+    let mut children: Vec<(usize, Option<Child>)> = Vec::with_capacity(ranks.len());
+    for rank in ranks {
         let mut cmd = command(rank);
         cmd.process_group(0);
         match cmd.spawn() {
-            Ok(child) => children.push(Some(child)),
+            Ok(child) => children.push((rank, Some(child))),
             Err(source) => {
                 signal_all(&mut children, libc::SIGKILL);
                 wait_all(&mut children);
@@ -83,13 +130,14 @@ pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<At
             forwarded = true;
         }
         let mut running = 0;
-        for rank in 0..n {
-            let Some(child) = children[rank].as_mut() else { continue };
+        for i in 0..children.len() {
+            let rank = children[i].0;
+            let Some(child) = children[i].1.as_mut() else { continue };
             match child.try_wait() {
                 Ok(None) => running += 1,
-                Ok(Some(status)) if status.success() => children[rank] = None,
+                Ok(Some(status)) if status.success() => children[i].1 = None,
                 Ok(Some(status)) => {
-                    children[rank] = None;
+                    children[i].1 = None;
                     signal_all(&mut children, libc::SIGKILL);
                     wait_all(&mut children);
                     return Err(LaunchError::RankFailed { rank, status });
@@ -104,15 +152,15 @@ pub fn run_ranks(n: usize, command: impl Fn(usize) -> Command, interrupt: Arc<At
     }
 }
 
-fn signal_all(children: &mut [Option<Child>], signal: libc::c_int) {
-    for child in children.iter().flatten() {
+fn signal_all(children: &mut [(usize, Option<Child>)], signal: libc::c_int) {
+    for child in children.iter().filter_map(|(_, c)| c.as_ref()) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     }
 }
 
-fn wait_all(children: &mut [Option<Child>]) {
-    for child in children.iter_mut().flatten() {
+fn wait_all(children: &mut [(usize, Option<Child>)]) {
+    for child in children.iter_mut().filter_map(|(_, c)| c.as_mut()) {
         let _ = child.wait();
     }
 }
@@ -132,19 +180,35 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let command = |r| {
             let mut c = sh(&format!("test \"$RANK/$WORLD_SIZE\" = {r}/3"));
-            c.envs(rank_env(r, 3, 29500, 1));
+            c.envs(rank_env(RankPlace::of(0, 1, 3, r), "127.0.0.1", 29500, 1));
             c
         };
-        run_ranks(3, command, stop).unwrap();
+        run_ranks(0..3, command, stop).unwrap();
+    }
+
+    /// Node 1 of 2 with 2 ranks each holds global ranks 2 and 3 on its
+    /// GPUs 0 and 1, and every node derives the same run id.
+    #[test]
+    fn nodes_number_their_ranks_node_by_node() {
+        let place = RankPlace::of(1, 2, 2, 1);
+        assert_eq!((place.rank, place.local_rank, place.world_size, place.local_world_size), (3, 1, 4, 2));
+        let env: std::collections::HashMap<_, _> = rank_env(place, "10.0.0.1", 29500, 7).into_iter().collect();
+        assert_eq!(env["RANK"], "3");
+        assert_eq!(env["LOCAL_RANK"], "1");
+        assert_eq!(env["GROUP_RANK"], "1");
+        assert_eq!(env["MASTER_ADDR"], "10.0.0.1");
+        assert_eq!(shared_run_id(None, "10.0.0.1", 29500), shared_run_id(None, "10.0.0.1", 29500));
+        assert_ne!(shared_run_id(None, "10.0.0.1", 29500), shared_run_id(None, "10.0.0.1", 29501));
+        assert_ne!(shared_run_id(Some("a"), "10.0.0.1", 29500), shared_run_id(Some("b"), "10.0.0.1", 29500));
     }
 
     #[test]
     fn a_failing_rank_stops_the_others() {
         let stop = Arc::new(AtomicBool::new(false));
         let started = std::time::Instant::now();
-        let e = run_ranks(2, |r| if r == 1 { sh("exit 3") } else { sh("sleep 30") }, stop).unwrap_err();
-        assert!(matches!(e, LaunchError::RankFailed { rank: 1, .. }), "{e}");
-        assert!(e.to_string().contains("rank 1 failed") && e.to_string().contains('3'), "{e}");
+        let e = run_ranks(4..6, |r| if r == 5 { sh("exit 3") } else { sh("sleep 30") }, stop).unwrap_err();
+        assert!(matches!(e, LaunchError::RankFailed { rank: 5, .. }), "{e}");
+        assert!(e.to_string().contains("rank 5 failed") && e.to_string().contains('3'), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10), "rank 0 was not stopped");
     }
 
@@ -168,7 +232,7 @@ mod tests {
         // Each rank counts SIGINTs into a file and exits 0 on the first.
         let d = dir.path().to_path_buf();
         run_ranks(
-            2,
+            0..2,
             |r| {
                 let d = d.display();
                 sh(&format!(

@@ -1,5 +1,6 @@
-//! `maskrcnn launch`: one `train` process per GPU (or CPU rank), with
-//! torchrun's environment.
+//! `maskrcnn launch`: one `train` process per GPU (or CPU rank) of this
+//! node, with torchrun's environment and flags (`--nnodes`, `--node-rank`,
+//! `--master-addr`, `--master-port`, `--rdzv-id`).
 
 use crate::{Cli, Command};
 use anyhow::{bail, Context, Result};
@@ -11,16 +12,31 @@ pub struct LaunchArgs {
     /// cpu`: CPU processes, summing over TCP).
     #[arg(long, value_name = "N")]
     pub nproc_per_node: usize,
-    /// Rendezvous port on 127.0.0.1 (default: a free one).
+    /// Nodes (machines) taking part; each runs this command with its own
+    /// --node-rank.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes (node 0 hosts rank 0 and the rendezvous).
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, where every rank meets.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port at --master-addr (default on one node: a free one;
+    /// several nodes must name the same port).
     #[arg(long, value_name = "PORT")]
     pub master_port: Option<u16>,
+    /// Identifies this run across nodes (default: derived from the
+    /// rendezvous address); ranks of another run are refused.
+    #[arg(long, value_name = "ID")]
+    pub rdzv_id: Option<String>,
     /// `train` and its arguments, as for `maskrcnn train`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "train ARGS")]
     pub command: Vec<std::ffi::OsString>,
 }
 
 pub fn run(args: LaunchArgs) -> Result<()> {
-    use maskrcnn::engine::launcher::{free_port, rank_env, run_ranks};
+    use maskrcnn::engine::launcher::{free_port, rank_env, run_ranks, shared_run_id, RankPlace};
     use std::sync::atomic::{AtomicBool, Ordering};
     let n = args.nproc_per_node;
     if args.command.first().map(|c| c != "train").unwrap_or(true) {
@@ -28,6 +44,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     }
     if n == 0 {
         bail!("--nproc-per-node must be at least 1");
+    }
+    if args.nnodes == 0 || args.node_rank >= args.nnodes {
+        bail!("--node-rank {} is not in 0..--nnodes ({})", args.node_rank, args.nnodes);
+    }
+    if args.nnodes > 1 && args.master_port.is_none() {
+        bail!("--nnodes {}: every node needs the same --master-port", args.nnodes);
     }
     // The ranks' arguments, parsed and their config resolved here once: a
     // mistake is one error before anything starts, not one per rank.
@@ -65,16 +87,29 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         }
     })
     .context("cannot install the Ctrl-C handler")?;
-    // One id per launch, shared by its ranks.
-    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()) << 32;
-    let place = if on_cpu { "CPU processes" } else { "GPUs" };
-    eprintln!("launch: {n} ranks ({place}), rendezvous 127.0.0.1:{port}");
+    // One id per run, shared by its ranks: random for a single node, the
+    // same on every node of a multi-node run.
+    let run_id = if args.nnodes > 1 || args.rdzv_id.is_some() {
+        shared_run_id(args.rdzv_id.as_deref(), &args.master_addr, port)
+    } else {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 32
+    };
+    let kind = if on_cpu { "CPU processes" } else { "GPUs" };
+    let (nodes, node) = (args.nnodes, args.node_rank);
+    let first = node * n;
+    eprintln!(
+        "launch: node {node} of {nodes}, ranks {first}..{} of {} ({kind}), rendezvous {}:{port}",
+        first + n - 1,
+        nodes * n,
+        args.master_addr
+    );
     run_ranks(
-        n,
+        first..first + n,
         |rank| {
+            let place = RankPlace::of(node, nodes, n, rank - first);
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(&args.command).envs(rank_env(rank, n, port, run_id));
+            cmd.args(&args.command).envs(rank_env(place, &args.master_addr, port, run_id));
             cmd
         },
         interrupt,
