@@ -997,6 +997,48 @@ fn launch_cpu_pair(sets: &[String], out: &Path, interrupt: Option<usize>) -> (bo
     (output.status.success(), text(&output.stdout), text(&output.stderr))
 }
 
+/// A run checkpointed by two CPU ranks resumes on one process and then on
+/// two again (same global batch): each continues at the checkpoint's
+/// iteration and the log holds every iteration once.
+#[test]
+fn resume_works_with_another_number_of_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let out = tmp.path().join("out");
+    let run = |ranks: usize, max_iter: usize, resume: bool| {
+        let mut args: Vec<String> = Vec::new();
+        if ranks > 1 {
+            args.extend(["launch".into(), "--nproc-per-node".into(), ranks.to_string()]);
+        }
+        args.extend(["train".into(), "--device".into(), "cpu".into(), "--output".into(), out.display().to_string()]);
+        if resume {
+            args.push("--resume".into());
+        }
+        let mut sets = plain_sgd_sets(&data);
+        sets.extend([format!("solver.max_iter={max_iter}"), "solver.checkpoint_period=2".into()]);
+        sets.push("solver.log_period=1".into());
+        for s in &sets {
+            args.extend(["--set".into(), s.clone()]);
+        }
+        let o = std::process::Command::new(maskrcnn_bin()).args(&args).output().unwrap();
+        assert!(o.status.success(), "{} rank(s) to {max_iter}: {}", ranks, String::from_utf8_lossy(&o.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        (summary["start_iteration"].as_u64().unwrap(), summary["iterations"].as_u64().unwrap())
+    };
+    assert_eq!(run(2, 2, false), (0, 2));
+    assert_eq!(run(1, 4, true), (2, 4));
+    assert_eq!(run(2, 6, true), (4, 6));
+    let iterations: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some_and(|l| l.as_f64().is_some_and(f64::is_finite)))
+        .map(|r| r["iteration"].as_u64().unwrap())
+        .collect();
+    assert_eq!(iterations, (1..=6).collect::<Vec<_>>());
+}
+
 /// Two `launch` commands as two nodes of one CPU rank each; node 1's rank is
 /// killed with SIGKILL mid-training: both launches must exit non-zero within
 /// 60 s, node 0's naming the lost rank and node 1's the killed one.
