@@ -21,18 +21,62 @@ struct Case {
     max_size: usize,
     /// Image sizes HxW: non-square, tiny, far larger than max_size.
     sizes: &'static str,
+    /// `model.fpn_norm` (torchvision's FPN `norm_layer`).
+    fpn_norm: &'static str,
+    /// `model.rpn_conv_depth` (torchvision's `RPNHead(conv_depth=...)`).
+    rpn_conv_depth: usize,
 }
 
-const R101_SMALL: Case =
-    Case { name: "r101_c7", depth: 101, classes: 7, min_size: 320, max_size: 512, sizes: "300x200,30x20,1000x1500" };
-const R50_DEFAULT: Case =
-    Case { name: "r50_c91", depth: 50, classes: 91, min_size: 800, max_size: 1333, sizes: "480x640,40x50,1600x2400" };
+const R101_SMALL: Case = Case {
+    name: "r101_c7",
+    depth: 101,
+    classes: 7,
+    min_size: 320,
+    max_size: 512,
+    sizes: "300x200,30x20,1000x1500",
+    fpn_norm: "none",
+    rpn_conv_depth: 1,
+};
+const R50_DEFAULT: Case = Case {
+    name: "r50_c91",
+    depth: 50,
+    classes: 91,
+    min_size: 800,
+    max_size: 1333,
+    sizes: "480x640,40x50,1600x2400",
+    fpn_norm: "none",
+    rpn_conv_depth: 1,
+};
+/// v2's FPN norm (frozen, as a model from `_resnet_fpn_extractor(...,
+/// norm_layer=FrozenBatchNorm2d)`) and its two-convolution RPN head.
+const R50_FPN_NORM: Case = Case {
+    name: "r50_c7_fpn_frozen_bn_rpn2",
+    depth: 50,
+    classes: 7,
+    min_size: 320,
+    max_size: 512,
+    sizes: "300x200,30x20,1000x1500",
+    fpn_norm: "frozen_bn",
+    rpn_conv_depth: 2,
+};
+/// The FPN with BatchNorm (its running statistics in inference).
+const R50_FPN_BN: Case = Case {
+    name: "r50_c7_fpn_bn",
+    depth: 50,
+    classes: 7,
+    min_size: 320,
+    max_size: 512,
+    sizes: "300x200",
+    fpn_norm: "bn",
+    rpn_conv_depth: 1,
+};
 
 fn fixture(case: &Case, device: Device) -> PathBuf {
     let tag = if device == Device::Cpu { "cpu" } else { "cuda" };
     let dir = fixture_dir().join(format!("infer_{}_{tag}", case.name));
     let (depth, classes, min, max) =
         (case.depth.to_string(), case.classes.to_string(), case.min_size.to_string(), case.max_size.to_string());
+    let rpn_depth = case.rpn_conv_depth.to_string();
     let args = [
         dir.to_str().unwrap(),
         "--depth",
@@ -47,22 +91,32 @@ fn fixture(case: &Case, device: Device) -> PathBuf {
         case.sizes,
         "--device",
         tag,
+        "--fpn-norm",
+        case.fpn_norm,
+        "--rpn-conv-depth",
+        &rpn_depth,
     ];
     run_reference("inference_fixture.py", &args, &dir.join("outputs.safetensors"));
     dir
 }
 
 fn model_for(case: &Case, dir: &std::path::Path, device: Device) -> MaskRcnn {
-    let sets: Vec<String> = vec![
+    let config = Config::load(None, &model_sets(case)).unwrap();
+    MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), device).unwrap()
+}
+
+/// The `--set` overrides that build `case`'s model.
+fn model_sets(case: &Case) -> Vec<String> {
+    vec![
         format!("model.num_classes={}", case.classes),
         format!("model.backbone_depth={}", case.depth),
         format!("input.min_size_test={}", case.min_size),
         format!("input.max_size_test={}", case.max_size),
         format!("input.min_size={}", case.min_size),
         format!("input.max_size={}", case.max_size),
-    ];
-    let config = Config::load(None, &sets).unwrap();
-    MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), device).unwrap()
+        format!("model.fpn_norm=\"{}\"", case.fpn_norm),
+        format!("model.rpn_conv_depth={}", case.rpn_conv_depth),
+    ]
 }
 
 fn rel_diff(ours: &Tensor, theirs: &Tensor) -> f64 {
@@ -238,6 +292,30 @@ fn r101_seven_classes_small_size_matches_torchvision_cpu() {
 #[test]
 fn r50_default_config_matches_torchvision_cpu() {
     check(&R50_DEFAULT, Device::Cpu);
+}
+
+#[test]
+fn fpn_frozen_norm_and_two_conv_rpn_head_match_torchvision_cpu() {
+    check(&R50_FPN_NORM, Device::Cpu);
+    // The same file under v1's options: refused, naming both options to set.
+    let dir = fixture(&R50_FPN_NORM, Device::Cpu);
+    let v1 = Case { fpn_norm: "none", rpn_conv_depth: 1, ..R50_FPN_NORM };
+    let config = Config::load(None, &model_sets(&v1)).unwrap();
+    let e = MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.fpn_norm") && e.contains("model.rpn_conv_depth = 2"), "{e}");
+}
+
+#[test]
+fn fpn_batch_norm_matches_torchvision_cpu() {
+    check(&R50_FPN_BN, Device::Cpu);
+}
+
+#[test]
+fn gpu_fpn_norm_variants_match_torchvision_cuda() {
+    if let Some(dev) = cuda_or_skip("gpu_fpn_norm_variants_match_torchvision_cuda") {
+        check(&R50_FPN_NORM, dev);
+        check(&R50_FPN_BN, dev);
+    }
 }
 
 #[test]

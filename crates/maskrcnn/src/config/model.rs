@@ -31,6 +31,44 @@ pub struct ModelConfig {
     pub weights: String,
     /// Channels of every FPN output level.
     pub fpn_channels: usize,
+    /// Normalization after each FPN lateral and output convolution (which
+    /// then have no bias), as torchvision's `_resnet_fpn_extractor(...,
+    /// norm_layer=...)`: `none` (v1's FPN), `frozen_bn` or `bn` (trained with
+    /// batch statistics, per GPU, as torchvision's BatchNorm2d).
+    #[serde(default)]
+    pub fpn_norm: FpnNorm,
+    /// 3×3 convolutions (each followed by ReLU) of the RPN head before its
+    /// predictors: 1 (v1) or 2 (torchvision's v2, `RPNHead(conv_depth=2)`).
+    #[serde(default = "default_rpn_conv_depth")]
+    pub rpn_conv_depth: usize,
+}
+
+fn default_rpn_conv_depth() -> usize {
+    1
+}
+
+/// Normalization of the FPN's convolutions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FpnNorm {
+    /// Biased convolutions, no normalization (torchvision's v1 FPN).
+    #[default]
+    None,
+    /// FrozenBatchNorm2d (fixed statistics and affine parameters).
+    FrozenBn,
+    /// BatchNorm2d: batch statistics in training, running ones in inference.
+    Bn,
+}
+
+impl FpnNorm {
+    /// The normalization layer kind, `None` without one.
+    pub fn kind(self) -> Option<NormKind> {
+        match self {
+            FpnNorm::None => None,
+            FpnNorm::FrozenBn => Some(NormKind::FrozenBn),
+            FpnNorm::Bn => Some(NormKind::Bn),
+        }
+    }
 }
 
 /// Backbone normalization layer.
@@ -59,6 +97,8 @@ impl Default for ModelConfig {
             backbone_weights: String::new(),
             weights: String::new(),
             fpn_channels: 256,
+            fpn_norm: FpnNorm::None,
+            rpn_conv_depth: 1,
         }
     }
 }
@@ -75,6 +115,7 @@ impl ModelConfig {
         )?;
         rule(m.trainable_layers <= 5, "model.trainable_layers", "must be in 0..=5")?;
         rule(m.fpn_channels > 0, "model.fpn_channels", "must be > 0")?;
+        rule((1..=4).contains(&m.rpn_conv_depth), "model.rpn_conv_depth", "must be in 1..=4")?;
         rule(
             m.weights.is_empty() || m.backbone_weights.is_empty(),
             "model.weights",

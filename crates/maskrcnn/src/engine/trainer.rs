@@ -411,6 +411,12 @@ fn check_compatible(config: &Config, saved_toml: &str, dir: &Path) -> Result<(),
     if a.fpn_channels != b.fpn_channels {
         diffs.push(format!("model.fpn_channels {} vs {}", a.fpn_channels, b.fpn_channels));
     }
+    if a.fpn_norm != b.fpn_norm {
+        diffs.push(format!("model.fpn_norm {:?} vs {:?}", a.fpn_norm, b.fpn_norm));
+    }
+    if a.rpn_conv_depth != b.rpn_conv_depth {
+        diffs.push(format!("model.rpn_conv_depth {} vs {}", a.rpn_conv_depth, b.rpn_conv_depth));
+    }
     let (r, q) = (&saved.roi_heads, &config.roi_heads);
     if (r.representation_size, r.mask_head_channels) != (q.representation_size, q.mask_head_channels) {
         diffs.push("roi_heads.representation_size or mask_head_channels differ".into());

@@ -91,7 +91,7 @@ impl MaskRcnn {
         let vs = VarStore::new(device);
         let root = vs.root();
         let backbone = BackboneWithFpn::new(&(&root / "backbone"), config)?;
-        let rpn = Rpn::new(&(&root / "rpn"), backbone.out_channels, &config.rpn);
+        let rpn = Rpn::new(&(&root / "rpn"), backbone.out_channels, &config.rpn, config.model.rpn_conv_depth);
         let roi_heads = RoiHeads::new(
             &(&root / "roi_heads"),
             backbone.out_channels,

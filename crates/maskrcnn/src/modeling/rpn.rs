@@ -77,21 +77,26 @@ impl AnchorGenerator {
     }
 }
 
-/// 3×3 conv + ReLU, then 1×1 objectness (A) and box deltas (4A) per level.
+/// 3×3 conv + ReLU (one or more), then 1×1 objectness (A) and box deltas
+/// (4A) per level.
 #[derive(Debug)]
 pub struct RpnHead {
-    conv: Conv2d,
+    convs: Vec<Conv2d>,
     cls_logits: Conv2d,
     bbox_pred: Conv2d,
 }
 
 impl RpnHead {
-    /// Head at `p` (`rpn.head`) over `channels` with `num_anchors` per location.
-    pub fn new(p: &Path, channels: i64, num_anchors: i64) -> RpnHead {
+    /// Head at `p` (`rpn.head`) over `channels` with `num_anchors` per
+    /// location and `conv_depth` 3×3 convolutions (`conv.K.0`) before the
+    /// predictors.
+    pub fn new(p: &Path, channels: i64, num_anchors: i64, conv_depth: usize) -> RpnHead {
         let init = Init::Randn { mean: 0.0, stdev: 0.01 };
         let opts = ConvOpts { init, ..ConvOpts::default() };
         RpnHead {
-            conv: conv2d(&(p / "conv" / 0 / 0), channels, channels, 3, ConvOpts { padding: 1, ..opts }),
+            convs: (0..conv_depth)
+                .map(|k| conv2d(&(p / "conv" / k / 0), channels, channels, 3, ConvOpts { padding: 1, ..opts }))
+                .collect(),
             cls_logits: conv2d(&(p / "cls_logits"), channels, num_anchors, 1, opts),
             bbox_pred: conv2d(&(p / "bbox_pred"), channels, num_anchors * 4, 1, opts),
         }
@@ -102,7 +107,7 @@ impl RpnHead {
         features
             .iter()
             .map(|f| {
-                let t = self.conv.forward_act(f, None, true);
+                let t = self.convs.iter().fold(f.shallow_clone(), |t, conv| conv.forward_act(&t, None, true));
                 (self.cls_logits.forward(&t), self.bbox_pred.forward(&t))
             })
             .unzip()
@@ -221,9 +226,11 @@ pub struct Rpn {
 }
 
 impl Rpn {
-    pub fn new(p: &Path, channels: i64, cfg: &RpnConfig) -> Rpn {
+    /// The RPN at `p` (`rpn`) over `channels`, its head with `conv_depth`
+    /// 3×3 convolutions (`model.rpn_conv_depth`).
+    pub fn new(p: &Path, channels: i64, cfg: &RpnConfig, conv_depth: usize) -> Rpn {
         let anchor_generator = AnchorGenerator::new(&cfg.anchor_sizes, &cfg.aspect_ratios);
-        let head = RpnHead::new(&(p / "head"), channels, anchor_generator.num_anchors_per_location());
+        let head = RpnHead::new(&(p / "head"), channels, anchor_generator.num_anchors_per_location(), conv_depth);
         Rpn {
             anchor_generator,
             head,

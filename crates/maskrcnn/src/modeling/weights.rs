@@ -88,6 +88,39 @@ pub fn load_pretrained_model(vs: &VarStore, path: &Path) -> Result<i64, ModelErr
     Ok(file_classes)
 }
 
+/// The config option to set when the file's tensor names are those of
+/// another architecture variant than the model's (an FPN with or without a
+/// norm, another RPN head depth); names are without the model's prefix.
+fn variant_hint<'a>(model: impl Iterator<Item = &'a str>, file: impl Iterator<Item = &'a str>) -> Option<String> {
+    let fpn_norm = |name: &str| name.starts_with("backbone.fpn.") && name.contains("_blocks.0.1.");
+    let rpn_convs = |name: &str| {
+        name.strip_prefix("rpn.head.conv.")
+            .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .map(|k| k + 1)
+    };
+    let (mut model_norm, mut model_depth) = (false, 0);
+    for name in model {
+        model_norm |= fpn_norm(name);
+        model_depth = model_depth.max(rpn_convs(name).unwrap_or(0));
+    }
+    let (mut file_norm, mut file_depth) = (false, 0);
+    for name in file {
+        file_norm |= fpn_norm(name);
+        file_depth = file_depth.max(rpn_convs(name).unwrap_or(0));
+    }
+    let mut hints = Vec::new();
+    if file_norm && !model_norm {
+        hints.push("its FPN has a norm after each convolution: set model.fpn_norm = \"bn\" (torchvision's v2) or \"frozen_bn\"".to_string());
+    }
+    if model_norm && !file_norm {
+        hints.push("its FPN has no norm: set model.fpn_norm = \"none\"".to_string());
+    }
+    if file_depth > 0 && model_depth > 0 && file_depth != model_depth {
+        hints.push(format!("its RPN head has {file_depth} convolution(s): set model.rpn_conv_depth = {file_depth}"));
+    }
+    (!hints.is_empty()).then(|| format!("the file is another variant ({})", hints.join("; ")))
+}
+
 /// Copies `file` tensors into the `model` variables of the same name, where
 /// model names are `prefix` + file names. Fails, changing nothing, when any
 /// model tensor is missing, any file tensor unexpected or any shape differs;
@@ -119,6 +152,9 @@ fn copy_matching(
         }
     }
     if !problems.is_empty() {
+        if let Some(hint) = variant_hint(model.keys().map(|k| &k[prefix.len()..]), file.keys().map(String::as_str)) {
+            problems.insert(0, hint);
+        }
         let n = problems.len();
         let shown: Vec<String> = problems.into_iter().take(12).collect();
         let more = if n > shown.len() { format!("; and {} more", n - shown.len()) } else { String::new() };
@@ -263,4 +299,26 @@ pub fn load_backbone_weights(vs: &VarStore, path: &Path) -> Result<(), ModelErro
     const BODY: &str = "backbone.body.";
     let model: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(n, _)| n.starts_with(BODY)).collect();
     copy_matching(&model, &file, BODY, path)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A file of another FPN/RPN-head variant names the option to set.
+    #[test]
+    fn another_variant_names_the_option_to_set() {
+        let v1 =
+            ["backbone.fpn.inner_blocks.0.0.weight", "backbone.fpn.inner_blocks.0.0.bias", "rpn.head.conv.0.0.weight"];
+        let v2 = [
+            "backbone.fpn.inner_blocks.0.0.weight",
+            "backbone.fpn.inner_blocks.0.1.weight",
+            "backbone.fpn.inner_blocks.0.1.running_var",
+            "rpn.head.conv.0.0.weight",
+            "rpn.head.conv.1.0.weight",
+        ];
+        let hint = super::variant_hint(v1.into_iter(), v2.into_iter()).unwrap();
+        assert!(hint.contains("model.fpn_norm = \"bn\"") && hint.contains("model.rpn_conv_depth = 2"), "{hint}");
+        let hint = super::variant_hint(v2.into_iter(), v1.into_iter()).unwrap();
+        assert!(hint.contains("model.fpn_norm = \"none\"") && hint.contains("model.rpn_conv_depth = 1"), "{hint}");
+        assert_eq!(super::variant_hint(v1.into_iter(), v1.into_iter()), None);
+    }
 }

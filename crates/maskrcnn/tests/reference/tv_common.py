@@ -5,22 +5,35 @@ import torch
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 
-def build(depth, classes, min_size, max_size, gen):
+def randomize_statistics(module, gen):
+    """Plausible, non-identity BN statistics so the normalization arithmetic
+    is exercised and activations stay in range (as with pretrained weights)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+                n = m.weight.numel()
+                m.weight.copy_(torch.rand(n, generator=gen) * 0.3 + 0.2)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_depth=1):
+    """v1 by default; `fpn_norm` ("frozen_bn", "bn") puts that norm in the FPN
+    (`_resnet_fpn_extractor(..., norm_layer=...)`), `rpn_conv_depth` 2 is
+    v2's RPN head."""
     body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
-    # Plausible, non-identity statistics so FrozenBN arithmetic is exercised
-    # and activations stay in range (as with pretrained weights).
-    for m in body.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            n = m.weight.numel()
-            m.weight.copy_(torch.rand(n, generator=gen) * 0.3 + 0.2)
-            m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    backbone = _resnet_fpn_extractor(body, trainable_layers=3)
-    return MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size)
+    randomize_statistics(body, gen)
+    norm_layer = {"none": None, "frozen_bn": FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}[fpn_norm]
+    backbone = _resnet_fpn_extractor(body, trainable_layers=3, norm_layer=norm_layer)
+    randomize_statistics(backbone.fpn, gen)
+    # v1 lets MaskRCNN build its RPN head (the same random init order as before).
+    rpn_head = None if rpn_conv_depth == 1 else RPNHead(backbone.out_channels, 3, conv_depth=rpn_conv_depth)
+    return MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size, rpn_head=rpn_head)
 
 
 def shapes_image(gen, h, w, k, classes):

@@ -1,60 +1,95 @@
 //! Feature pyramid network over C2..C5 with a max-pool P6, as torchvision's
-//! `FeaturePyramidNetwork` + `LastLevelMaxPool`.
+//! `FeaturePyramidNetwork` + `LastLevelMaxPool`; optionally with a
+//! normalization after each convolution (`model.fpn_norm`, torchvision's
+//! `norm_layer`).
 
-use crate::modeling::layers::{conv2d, Conv2d, ConvOpts};
+use crate::config::NormKind;
+use crate::modeling::layers::{conv2d, epilogue, norm, Conv2d, ConvOpts, Epilogue, Norm};
 use tch::nn::Path;
 use tch::Tensor;
 
-/// Lateral 1×1 and output 3×3 convolutions per input level.
+/// One FPN convolution: `conv` at `p.0` (biased without a norm), then the
+/// optional norm at `p.1` (torchvision's `Conv2dNormActivation` without an
+/// activation).
 #[derive(Debug)]
-pub struct Fpn {
-    inner_blocks: Vec<Conv2d>,
-    layer_blocks: Vec<Conv2d>,
+struct FpnConv {
+    conv: Conv2d,
+    norm: Option<Norm>,
 }
 
-impl Fpn {
-    /// FPN at `p` (`backbone.fpn`) from `in_channels` (C2..C5) to `out_channels`.
-    pub fn new(p: &Path, in_channels: &[i64], out_channels: i64) -> Fpn {
+impl FpnConv {
+    fn new(p: &Path, cin: i64, cout: i64, k: i64, norm_kind: Option<NormKind>) -> FpnConv {
         // torchvision: kaiming_uniform_(a=1), bias 0.
         let init = tch::nn::Init::Kaiming {
             dist: tch::nn::init::NormalOrUniform::Uniform,
             fan: tch::nn::init::FanInOut::FanIn,
             non_linearity: tch::nn::init::NonLinearity::Linear,
         };
+        let opts = ConvOpts { padding: k / 2, init, bias: norm_kind.is_none(), ..ConvOpts::default() };
+        FpnConv {
+            conv: conv2d(&(p / 0), cin, cout, k, opts),
+            norm: norm_kind.map(|kind| norm(&(p / 1), cout, kind, true)),
+        }
+    }
+
+    /// `norm(conv(x)) (+ residual)` `[N, cout, H, W]`; with fixed statistics
+    /// (or no norm) one epilogue on CUDA.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, train: bool) -> Tensor {
+        let Some(norm) = &self.norm else { return self.conv.forward_act(x, residual, false) };
+        let y = self.conv.forward(x);
+        match norm.fixed_affine(train) {
+            Some((scale, shift)) => {
+                let e = Epilogue { scale: Some(&scale), shift: &shift, residual, residual_affine: None, relu: false };
+                epilogue(&y, &e)
+            }
+            None => {
+                let y = norm.forward(&y, train);
+                match residual {
+                    Some(r) => y + r,
+                    None => y,
+                }
+            }
+        }
+    }
+}
+
+/// Lateral 1×1 and output 3×3 convolutions per input level.
+#[derive(Debug)]
+pub struct Fpn {
+    inner_blocks: Vec<FpnConv>,
+    layer_blocks: Vec<FpnConv>,
+}
+
+impl Fpn {
+    /// FPN at `p` (`backbone.fpn`) from `in_channels` (C2..C5) to
+    /// `out_channels`, each convolution followed by a `norm_kind` layer
+    /// when given.
+    pub fn new(p: &Path, in_channels: &[i64], out_channels: i64, norm_kind: Option<NormKind>) -> Fpn {
         let inner_blocks = in_channels
             .iter()
             .enumerate()
-            .map(|(i, &c)| {
-                conv2d(&(p / "inner_blocks" / i / 0), c, out_channels, 1, ConvOpts { init, ..ConvOpts::default() })
-            })
+            .map(|(i, &c)| FpnConv::new(&(p / "inner_blocks" / i), c, out_channels, 1, norm_kind))
             .collect();
         let layer_blocks = (0..in_channels.len())
-            .map(|i| {
-                conv2d(
-                    &(p / "layer_blocks" / i / 0),
-                    out_channels,
-                    out_channels,
-                    3,
-                    ConvOpts { padding: 1, init, ..ConvOpts::default() },
-                )
-            })
+            .map(|i| FpnConv::new(&(p / "layer_blocks" / i), out_channels, out_channels, 3, norm_kind))
             .collect();
         Fpn { inner_blocks, layer_blocks }
     }
 
-    /// C2..C5 → P2..P6 (P6 = stride-2 1×1 max-pool of P5).
-    pub fn forward(&self, feats: &[Tensor]) -> Vec<Tensor> {
+    /// C2..C5 → P2..P6 (P6 = stride-2 1×1 max-pool of P5). `train`: a
+    /// BatchNorm uses batch statistics.
+    pub fn forward(&self, feats: &[Tensor], train: bool) -> Vec<Tensor> {
         let n = feats.len();
-        let mut last_inner = self.inner_blocks[n - 1].forward(&feats[n - 1]);
-        let mut results = vec![self.layer_blocks[n - 1].forward(&last_inner)];
+        let mut last_inner = self.inner_blocks[n - 1].forward(&feats[n - 1], None, train);
+        let mut results = vec![self.layer_blocks[n - 1].forward(&last_inner, None, train)];
         for idx in (0..n - 1).rev() {
             let size = &feats[idx].size()[2..];
             // Autocast would upsample in float32 and make the whole top-down
             // path float32; nearest upsampling is exact in any dtype.
             let top_down = crate::shim::without_autocast(|| last_inner.upsample_nearest2d(size, None, None));
-            // lateral + top_down, the sum fused with the lateral's bias on CUDA.
-            last_inner = self.inner_blocks[idx].forward_act(&feats[idx], Some(&top_down), false);
-            results.insert(0, self.layer_blocks[idx].forward(&last_inner));
+            // lateral + top_down, the sum fused with the lateral's bias or norm on CUDA.
+            last_inner = self.inner_blocks[idx].forward(&feats[idx], Some(&top_down), train);
+            results.insert(0, self.layer_blocks[idx].forward(&last_inner, None, train));
         }
         let p6 = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);
         results.push(p6);
