@@ -233,3 +233,23 @@ fn keys_lists_every_leaf() {
     assert!(keys.iter().all(|k| !k.ends_with('.')));
     assert!(keys.len() > 60, "{}", keys.len());
 }
+
+/// The v2 preset sets every v2 part and nothing else.
+#[test]
+fn the_v2_preset_sets_torchvisions_v2_parts() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/maskrcnn_r50_fpn_v2.toml");
+    let v2 = Config::load(Some(&path), &[]).unwrap();
+    let m = &v2.model;
+    assert_eq!(
+        (m.fpn_norm, m.rpn_conv_depth, m.box_head, m.head_norm),
+        (
+            maskrcnn::config::FpnNorm::Bn,
+            2,
+            maskrcnn::config::BoxHeadKind::FourConvOneFc,
+            maskrcnn::config::HeadNorm::Bn
+        )
+    );
+    let mut v1 = v2.clone();
+    v1.model = maskrcnn::config::ModelConfig::default();
+    assert_eq!(v1, Config::default(), "the preset changes only the v2 parts");
+}

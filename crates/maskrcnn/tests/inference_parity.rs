@@ -25,6 +25,10 @@ struct Case {
     fpn_norm: &'static str,
     /// `model.rpn_conv_depth` (torchvision's `RPNHead(conv_depth=...)`).
     rpn_conv_depth: usize,
+    /// `model.box_head` (`2mlp`, or v2's `4conv1fc`).
+    box_head: &'static str,
+    /// `model.head_norm` (`none`, or v2's `bn` in the box and mask heads).
+    head_norm: &'static str,
 }
 
 const R101_SMALL: Case = Case {
@@ -36,6 +40,8 @@ const R101_SMALL: Case = Case {
     sizes: "300x200,30x20,1000x1500",
     fpn_norm: "none",
     rpn_conv_depth: 1,
+    box_head: "2mlp",
+    head_norm: "none",
 };
 const R50_DEFAULT: Case = Case {
     name: "r50_c91",
@@ -46,11 +52,14 @@ const R50_DEFAULT: Case = Case {
     sizes: "480x640,40x50,1600x2400",
     fpn_norm: "none",
     rpn_conv_depth: 1,
+    box_head: "2mlp",
+    head_norm: "none",
 };
-/// v2's FPN norm (frozen, as a model from `_resnet_fpn_extractor(...,
-/// norm_layer=FrozenBatchNorm2d)`) and its two-convolution RPN head.
+/// v2's parts: an FPN norm (frozen, as a model from `_resnet_fpn_extractor(...,
+/// norm_layer=FrozenBatchNorm2d)`), the two-convolution RPN head, the
+/// `4conv1fc` box head and BatchNorm in the box and mask heads.
 const R50_FPN_NORM: Case = Case {
-    name: "r50_c7_fpn_frozen_bn_rpn2",
+    name: "r50_c7_v2_parts",
     depth: 50,
     classes: 7,
     min_size: 320,
@@ -58,6 +67,8 @@ const R50_FPN_NORM: Case = Case {
     sizes: "300x200,30x20,1000x1500",
     fpn_norm: "frozen_bn",
     rpn_conv_depth: 2,
+    box_head: "4conv1fc",
+    head_norm: "bn",
 };
 /// The FPN with BatchNorm (its running statistics in inference).
 const R50_FPN_BN: Case = Case {
@@ -69,6 +80,8 @@ const R50_FPN_BN: Case = Case {
     sizes: "300x200",
     fpn_norm: "bn",
     rpn_conv_depth: 1,
+    box_head: "2mlp",
+    head_norm: "none",
 };
 
 fn fixture(case: &Case, device: Device) -> PathBuf {
@@ -95,6 +108,10 @@ fn fixture(case: &Case, device: Device) -> PathBuf {
         case.fpn_norm,
         "--rpn-conv-depth",
         &rpn_depth,
+        "--box-head",
+        case.box_head,
+        "--head-norm",
+        case.head_norm,
     ];
     run_reference("inference_fixture.py", &args, &dir.join("outputs.safetensors"));
     dir
@@ -116,6 +133,8 @@ fn model_sets(case: &Case) -> Vec<String> {
         format!("input.max_size={}", case.max_size),
         format!("model.fpn_norm=\"{}\"", case.fpn_norm),
         format!("model.rpn_conv_depth={}", case.rpn_conv_depth),
+        format!("model.box_head=\"{}\"", case.box_head),
+        format!("model.head_norm=\"{}\"", case.head_norm),
     ]
 }
 
@@ -295,14 +314,18 @@ fn r50_default_config_matches_torchvision_cpu() {
 }
 
 #[test]
-fn fpn_frozen_norm_and_two_conv_rpn_head_match_torchvision_cpu() {
+fn v2_parts_fpn_norm_rpn_head_box_head_head_norm_match_torchvision_cpu() {
     check(&R50_FPN_NORM, Device::Cpu);
     // The same file under v1's options: refused, naming both options to set.
     let dir = fixture(&R50_FPN_NORM, Device::Cpu);
-    let v1 = Case { fpn_norm: "none", rpn_conv_depth: 1, ..R50_FPN_NORM };
+    let v1 = Case { fpn_norm: "none", rpn_conv_depth: 1, box_head: "2mlp", head_norm: "none", ..R50_FPN_NORM };
     let config = Config::load(None, &model_sets(&v1)).unwrap();
     let e = MaskRcnn::from_weights(&config, &dir.join("weights.safetensors"), Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("model.fpn_norm") && e.contains("model.rpn_conv_depth = 2"), "{e}");
+    for option in
+        ["model.fpn_norm", "model.rpn_conv_depth = 2", "model.box_head = \"4conv1fc\"", "model.head_norm = \"bn\""]
+    {
+        assert!(e.contains(option), "{option} not named: {e}");
+    }
 }
 
 #[test]

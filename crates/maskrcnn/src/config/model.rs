@@ -41,6 +41,38 @@ pub struct ModelConfig {
     /// predictors: 1 (v1) or 2 (torchvision's v2, `RPNHead(conv_depth=2)`).
     #[serde(default = "default_rpn_conv_depth")]
     pub rpn_conv_depth: usize,
+    /// The box head before the predictors: `2mlp` (v1's TwoMLPHead) or
+    /// `4conv1fc` (torchvision's v2 FastRCNNConvFCHead: four 3×3 convolutions
+    /// of the FPN's width, then one fully connected layer of
+    /// `roi_heads.representation_size`).
+    #[serde(default)]
+    pub box_head: BoxHeadKind,
+    /// Normalization after the convolutions of the `4conv1fc` box head and of
+    /// the mask head (which then have no bias): `none` (v1) or `bn` (v2's
+    /// BatchNorm2d; batch statistics over the RoIs in training).
+    #[serde(default)]
+    pub head_norm: HeadNorm,
+}
+
+/// The box head's architecture.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BoxHeadKind {
+    /// Two fully connected layers (torchvision's `TwoMLPHead`).
+    #[default]
+    #[serde(rename = "2mlp")]
+    TwoMlp,
+    /// Four 3×3 convolutions and one fully connected layer (`FastRCNNConvFCHead`).
+    #[serde(rename = "4conv1fc")]
+    FourConvOneFc,
+}
+
+/// Normalization in the RoI heads' convolutions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadNorm {
+    #[default]
+    None,
+    Bn,
 }
 
 fn default_rpn_conv_depth() -> usize {
@@ -99,6 +131,8 @@ impl Default for ModelConfig {
             fpn_channels: 256,
             fpn_norm: FpnNorm::None,
             rpn_conv_depth: 1,
+            box_head: BoxHeadKind::TwoMlp,
+            head_norm: HeadNorm::None,
         }
     }
 }

@@ -417,6 +417,12 @@ fn check_compatible(config: &Config, saved_toml: &str, dir: &Path) -> Result<(),
     if a.rpn_conv_depth != b.rpn_conv_depth {
         diffs.push(format!("model.rpn_conv_depth {} vs {}", a.rpn_conv_depth, b.rpn_conv_depth));
     }
+    if (a.box_head, a.head_norm) != (b.box_head, b.head_norm) {
+        diffs.push(format!(
+            "model.box_head/head_norm {:?}/{:?} vs {:?}/{:?}",
+            a.box_head, a.head_norm, b.box_head, b.head_norm
+        ));
+    }
     let (r, q) = (&saved.roi_heads, &config.roi_heads);
     if (r.representation_size, r.mask_head_channels) != (q.representation_size, q.mask_head_channels) {
         diffs.push("roi_heads.representation_size or mask_head_channels differ".into());

@@ -135,6 +135,18 @@ pub fn epilogue(y: &Tensor, e: &Epilogue) -> Tensor {
     out.to_kind(y.kind())
 }
 
+/// `relu(norm(conv(x)))`; with fixed statistics normalization and ReLU are
+/// one epilogue.
+pub fn conv_norm_relu(conv: &Conv2d, norm: &Norm, x: &Tensor, train: bool) -> Tensor {
+    match norm.fixed_affine(train) {
+        Some((scale, shift)) => {
+            let e = Epilogue { scale: Some(&scale), shift: &shift, residual: None, residual_affine: None, relu: true };
+            epilogue(&conv.forward(x), &e)
+        }
+        None => norm.forward(&conv.forward(x), train).relu(),
+    }
+}
+
 /// Transposed 2-D convolution, weight `[in, out, k, k]`, bias `[out]`.
 #[derive(Debug)]
 pub struct ConvTranspose2d {

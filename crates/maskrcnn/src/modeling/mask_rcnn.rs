@@ -2,7 +2,7 @@
 //! detections with pasted masks, as torchvision's `MaskRCNN` in eval mode.
 
 use super::backbone::BackboneWithFpn;
-use super::roi_heads::{Detections, RoiHeads};
+use super::roi_heads::{Detections, HeadArch, RoiHeads};
 use super::rpn::{Rpn, RpnOutput};
 use super::transform::{resize_target, ImageList, Transform};
 use super::{weights, ModelError};
@@ -97,6 +97,7 @@ impl MaskRcnn {
             backbone.out_channels,
             config.model.num_classes as i64,
             &config.roi_heads,
+            HeadArch { box_head: config.model.box_head, head_norm: config.model.head_norm },
         );
         Ok(MaskRcnn {
             vs,

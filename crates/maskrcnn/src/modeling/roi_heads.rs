@@ -2,8 +2,10 @@
 //! `FastRCNNPredictor`, `MaskRCNNHeads` and `MaskRCNNPredictor` (inference
 //! path: detections and their mask probabilities).
 
-use crate::config::RoiHeadsConfig;
-use crate::modeling::layers::{conv2d, conv_transpose2d, linear, Conv2d, ConvOpts, ConvTranspose2d, Linear};
+use crate::config::{BoxHeadKind, HeadNorm, NormKind, RoiHeadsConfig};
+use crate::modeling::layers::{
+    conv2d, conv_norm_relu, conv_transpose2d, linear, norm, Conv2d, ConvOpts, ConvTranspose2d, Linear, Norm,
+};
 use crate::modeling::poolers::{rois_of_slots, rois_with_batch_index, MultiScaleRoiAlign};
 use crate::modeling::rpn::Proposals;
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
@@ -63,38 +65,98 @@ fn kaiming_normal_fan_out() -> Init {
 #[derive(Debug)]
 pub struct BoxBranch {
     pub pooler: MultiScaleRoiAlign,
-    fc6: Linear,
-    fc7: Linear,
+    head: BoxHead,
     cls_score: Linear,
     bbox_pred: Linear,
 }
 
+/// The layers between the pooled features and the predictors
+/// (`model.box_head`).
+#[derive(Debug)]
+enum BoxHead {
+    /// torchvision's `TwoMLPHead`: `fc6`, `fc7`.
+    TwoMlp { fc6: Linear, fc7: Linear },
+    /// torchvision's `FastRCNNConvFCHead`: `box_head.{0..3}` 3×3 convolutions
+    /// (each with its optional norm) then `box_head.5`, one fully connected
+    /// layer (index 4 is the flatten).
+    ConvFc { convs: Vec<ConvNorm>, fc: Linear },
+}
+
+/// A 3×3 convolution (`p.0`, biased without a norm) followed by an optional
+/// norm (`p.1`) and ReLU: torchvision's `Conv2dNormActivation`.
+#[derive(Debug)]
+struct ConvNorm {
+    conv: Conv2d,
+    norm: Option<Norm>,
+}
+
+impl ConvNorm {
+    fn new(p: &Path, cin: i64, cout: i64, norm_kind: HeadNorm) -> ConvNorm {
+        let with_norm = norm_kind == HeadNorm::Bn;
+        let opts = ConvOpts { padding: 1, init: kaiming_normal_fan_out(), bias: !with_norm, ..ConvOpts::default() };
+        ConvNorm {
+            conv: conv2d(&(p / 0), cin, cout, 3, opts),
+            norm: with_norm.then(|| norm(&(p / 1), cout, NormKind::Bn, true)),
+        }
+    }
+
+    /// `relu(norm(conv(x)))` `[K, cout, S, S]`; BatchNorm uses the RoIs'
+    /// statistics when `train`.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        match &self.norm {
+            Some(norm) => conv_norm_relu(&self.conv, norm, x, train),
+            None => self.conv.forward_act(x, None, true),
+        }
+    }
+}
+
 impl BoxBranch {
-    fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig) -> BoxBranch {
+    fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig, arch: HeadArch) -> BoxBranch {
         let r = cfg.box_pooler_resolution as i64;
         let rep = cfg.representation_size as i64;
         let head = p / "box_head";
         let pred = p / "box_predictor";
+        let box_head = match arch.box_head {
+            BoxHeadKind::TwoMlp => BoxHead::TwoMlp {
+                fc6: linear(&(&head / "fc6"), channels * r * r, rep, None),
+                fc7: linear(&(&head / "fc7"), rep, rep, None),
+            },
+            BoxHeadKind::FourConvOneFc => BoxHead::ConvFc {
+                convs: (0..4).map(|i| ConvNorm::new(&(&head / i), channels, channels, arch.head_norm)).collect(),
+                fc: linear(&(&head / 5), channels * r * r, rep, None),
+            },
+        };
         BoxBranch {
             pooler: MultiScaleRoiAlign::new(r, cfg.sampling_ratio as i64),
-            fc6: linear(&(&head / "fc6"), channels * r * r, rep, None),
-            fc7: linear(&(&head / "fc7"), rep, rep, None),
+            head: box_head,
             cls_score: linear(&(&pred / "cls_score"), rep, num_classes, None),
             bbox_pred: linear(&(&pred / "bbox_pred"), rep, num_classes * 4, None),
         }
     }
 
     /// Class logits `[K, num_classes]` and deltas `[K, 4 * num_classes]`
-    /// for `proposals` (one `[K_i, 4]` per image).
+    /// for `proposals` (one `[K_i, 4]` per image), in inference.
     pub fn forward(&self, features: &[Tensor], proposals: &[Tensor], image_sizes: &[(i64, i64)]) -> (Tensor, Tensor) {
-        self.forward_rois(features, &rois_with_batch_index(proposals), image_sizes)
+        self.forward_rois(features, &rois_with_batch_index(proposals), image_sizes, false)
     }
 
-    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`).
-    pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> (Tensor, Tensor) {
+    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); `train`:
+    /// a BatchNorm in the head uses the RoIs' statistics.
+    pub fn forward_rois(
+        &self,
+        features: &[Tensor],
+        rois: &Tensor,
+        image_sizes: &[(i64, i64)],
+        train: bool,
+    ) -> (Tensor, Tensor) {
         let x = self.pooler.pool(features, rois, image_sizes);
-        let x = x.flatten(1, -1);
-        let x = self.fc7.forward(&self.fc6.forward(&x).relu()).relu();
+        let x = match &self.head {
+            BoxHead::TwoMlp { fc6, fc7 } => fc7.forward(&fc6.forward(&x.flatten(1, -1)).relu()).relu(),
+            BoxHead::ConvFc { convs, fc } => {
+                let x = convs.iter().fold(x, |x, c| c.forward(&x, train));
+                fc.forward(&x.flatten(1, -1)).relu()
+            }
+        };
         (self.cls_score.forward(&x), self.bbox_pred.forward(&x))
     }
 }
@@ -103,20 +165,17 @@ impl BoxBranch {
 #[derive(Debug)]
 pub struct MaskBranch {
     pub pooler: MultiScaleRoiAlign,
-    convs: Vec<Conv2d>,
+    convs: Vec<ConvNorm>,
     conv5_mask: ConvTranspose2d,
     mask_fcn_logits: Conv2d,
 }
 
 impl MaskBranch {
-    fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig) -> MaskBranch {
+    fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig, head_norm: HeadNorm) -> MaskBranch {
         let init = kaiming_normal_fan_out();
         let width = cfg.mask_head_channels as i64;
         let convs = (0..4)
-            .map(|i| {
-                let cin = if i == 0 { channels } else { width };
-                conv2d(&(p / "mask_head" / i / 0), cin, width, 3, ConvOpts { padding: 1, init, ..ConvOpts::default() })
-            })
+            .map(|i| ConvNorm::new(&(p / "mask_head" / i), if i == 0 { channels } else { width }, width, head_norm))
             .collect();
         let pred = p / "mask_predictor";
         MaskBranch {
@@ -133,19 +192,28 @@ impl MaskBranch {
         }
     }
 
-    /// Mask logits `[K, num_classes, 2S, 2S]` for `boxes` (one `[K_i, 4]` per image).
+    /// Mask logits `[K, num_classes, 2S, 2S]` for `boxes` (one `[K_i, 4]`
+    /// per image), in inference.
     pub fn forward(&self, features: &[Tensor], boxes: &[Tensor], image_sizes: &[(i64, i64)]) -> Tensor {
-        self.forward_rois(features, &rois_with_batch_index(boxes), image_sizes)
+        self.forward_rois(features, &rois_with_batch_index(boxes), image_sizes, false)
     }
 
-    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`).
-    pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> Tensor {
+    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); `train`:
+    /// a BatchNorm in the head uses the RoIs' statistics.
+    pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)], train: bool) -> Tensor {
         let mut x = self.pooler.pool(features, rois, image_sizes);
         for conv in &self.convs {
-            x = conv.forward_act(&x, None, true);
+            x = conv.forward(&x, train);
         }
         self.mask_fcn_logits.forward(&self.conv5_mask.forward_act(&x, true))
     }
+}
+
+/// The heads' architecture options (`model.box_head`, `model.head_norm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadArch {
+    pub box_head: BoxHeadKind,
+    pub head_norm: HeadNorm,
 }
 
 /// Box and mask heads with their post-processing.
@@ -158,12 +226,13 @@ pub struct RoiHeads {
 }
 
 impl RoiHeads {
-    /// Heads at `p` (`roi_heads`) over `channels`-channel features.
-    pub fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig) -> RoiHeads {
+    /// Heads at `p` (`roi_heads`) over `channels`-channel features, of
+    /// architecture `arch` (`model.box_head`, `model.head_norm`).
+    pub fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig, arch: HeadArch) -> RoiHeads {
         let w = &cfg.bbox_reg_weights;
         RoiHeads {
-            box_branch: BoxBranch::new(p, channels, num_classes, cfg),
-            mask_branch: MaskBranch::new(p, channels, num_classes, cfg),
+            box_branch: BoxBranch::new(p, channels, num_classes, cfg, arch),
+            mask_branch: MaskBranch::new(p, channels, num_classes, cfg, arch.head_norm),
             box_coder: BoxCoder::new([w[0], w[1], w[2], w[3]]),
             cfg: cfg.clone(),
         }
@@ -346,7 +415,8 @@ impl RoiHeads {
             .encode(&gather4(&gt.boxes, &sampled.matched, b).reshape([-1, 4]), &sampled.boxes.reshape([-1, 4]))
             .reshape([b, slots, 4])
             .where_scalarother(&sampled.positive.unsqueeze(2), 0.0);
-        let (logits, deltas) = self.box_branch.forward_rois(features, &rois_of_slots(&sampled.boxes), image_sizes);
+        let rois = rois_of_slots(&sampled.boxes);
+        let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes, true);
         fastrcnn_loss(&logits, &deltas, &sampled.labels, &targets, &sampled.weight, &sampled.positive)
     }
 
@@ -367,7 +437,7 @@ impl RoiHeads {
         let device = boxes.device();
         let targets = mask_targets(gt, &boxes, &sampled.matched.narrow(1, 0, quota), &positive, resolution, device);
         crate::host_timing::mark("mask_targets");
-        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), image_sizes);
+        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), image_sizes, true);
         let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
         maskrcnn_loss(&logits, &labels, &targets, &positive.reshape([-1]))
     }

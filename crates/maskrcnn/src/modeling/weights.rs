@@ -98,17 +98,34 @@ fn variant_hint<'a>(model: impl Iterator<Item = &'a str>, file: impl Iterator<It
             .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
             .map(|k| k + 1)
     };
-    let (mut model_norm, mut model_depth) = (false, 0);
+    let conv_box_head = |name: &str| name.starts_with("roi_heads.box_head.0.0.");
+    let head_norm = |name: &str| name.starts_with("roi_heads.mask_head.0.1.");
+    let (mut model_norm, mut model_depth, mut model_conv_box, mut model_head_norm) = (false, 0, false, false);
     for name in model {
         model_norm |= fpn_norm(name);
         model_depth = model_depth.max(rpn_convs(name).unwrap_or(0));
+        model_conv_box |= conv_box_head(name);
+        model_head_norm |= head_norm(name);
     }
-    let (mut file_norm, mut file_depth) = (false, 0);
+    let (mut file_norm, mut file_depth, mut file_conv_box, mut file_head_norm) = (false, 0, false, false);
     for name in file {
         file_norm |= fpn_norm(name);
         file_depth = file_depth.max(rpn_convs(name).unwrap_or(0));
+        file_conv_box |= conv_box_head(name);
+        file_head_norm |= head_norm(name);
     }
     let mut hints = Vec::new();
+    if file_conv_box != model_conv_box {
+        let kind = if file_conv_box { "4conv1fc" } else { "2mlp" };
+        hints.push(format!("its box head is {kind}: set model.box_head = \"{kind}\""));
+    }
+    if file_head_norm != model_head_norm {
+        let kind = if file_head_norm { "bn" } else { "none" };
+        hints.push(format!(
+            "its mask head {} a norm: set model.head_norm = \"{kind}\"",
+            if file_head_norm { "has" } else { "has no" }
+        ));
+    }
     if file_norm && !model_norm {
         hints.push("its FPN has a norm after each convolution: set model.fpn_norm = \"bn\" (torchvision's v2) or \"frozen_bn\"".to_string());
     }

@@ -6,7 +6,8 @@ weights, inputs, intermediate stages and detections.
 
 Usage: python inference_fixture.py OUT_DIR --depth 50 --classes 91 --min-size 800
            --max-size 1333 [--device cpu|cuda] [--steps 30] [--sizes 480x640,40x50,...]
-           [--fpn-norm none|frozen_bn|bn] [--rpn-conv-depth N]
+           [--fpn-norm none|frozen_bn|bn] [--rpn-conv-depth N] [--box-head 2mlp|4conv1fc]
+           [--head-norm none|bn]
 Writes OUT_DIR/weights.safetensors and OUT_DIR/outputs.safetensors.
 """
 import argparse
@@ -31,6 +32,8 @@ ap.add_argument("--sizes", default="480x640,40x50,1600x2400")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--fpn-norm", default="none", choices=["none", "frozen_bn", "bn"])
 ap.add_argument("--rpn-conv-depth", type=int, default=1)
+ap.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"])
+ap.add_argument("--head-norm", default="none", choices=["none", "bn"])
 args = ap.parse_args()
 os.makedirs(args.out, exist_ok=True)
 torch.manual_seed(args.seed)
@@ -39,7 +42,8 @@ dev = torch.device(args.device)
 gen = torch.Generator().manual_seed(args.seed + 1)
 
 
-model = build(args.depth, args.classes, args.min_size, args.max_size, gen, args.fpn_norm, args.rpn_conv_depth).to(dev)
+model = build(args.depth, args.classes, args.min_size, args.max_size, gen, args.fpn_norm, args.rpn_conv_depth,
+              args.box_head, args.head_norm).to(dev)
 
 # Sharpen: a few SGD steps at a small size.
 if args.steps > 0:

@@ -6,6 +6,8 @@ from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 
@@ -22,10 +24,12 @@ def randomize_statistics(module, gen):
                 m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
-def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_depth=1):
+def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_depth=1, box_head="2mlp",
+          head_norm="none"):
     """v1 by default; `fpn_norm` ("frozen_bn", "bn") puts that norm in the FPN
     (`_resnet_fpn_extractor(..., norm_layer=...)`), `rpn_conv_depth` 2 is
-    v2's RPN head."""
+    v2's RPN head, `box_head` "4conv1fc" v2's FastRCNNConvFCHead and
+    `head_norm` "bn" v2's BatchNorm in the box and mask heads."""
     body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
     randomize_statistics(body, gen)
     norm_layer = {"none": None, "frozen_bn": FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}[fpn_norm]
@@ -33,7 +37,16 @@ def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_dep
     randomize_statistics(backbone.fpn, gen)
     # v1 lets MaskRCNN build its RPN head (the same random init order as before).
     rpn_head = None if rpn_conv_depth == 1 else RPNHead(backbone.out_channels, 3, conv_depth=rpn_conv_depth)
-    return MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size, rpn_head=rpn_head)
+    heads = {}
+    if box_head != "2mlp" or head_norm != "none":
+        head_norm_layer = torch.nn.BatchNorm2d if head_norm == "bn" else None
+        c = backbone.out_channels
+        if box_head == "4conv1fc":
+            heads["box_head"] = FastRCNNConvFCHead((c, 7, 7), [c] * 4, [1024], norm_layer=head_norm_layer)
+        heads["mask_head"] = MaskRCNNHeads(c, [256] * 4, 1, norm_layer=head_norm_layer)
+    model = MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size, rpn_head=rpn_head, **heads)
+    randomize_statistics(model.roi_heads, gen)
+    return model
 
 
 def shapes_image(gen, h, w, k, classes):

@@ -2,7 +2,7 @@
 //! the 3×3 convolution) returning the outputs C2..C5 of `layer1..layer4`.
 
 use crate::config::NormKind;
-use crate::modeling::layers::{conv2d, epilogue, norm, Conv2d, ConvOpts, Epilogue, Norm};
+use crate::modeling::layers::{conv2d, conv_norm_relu, epilogue, norm, Conv2d, ConvOpts, Epilogue, Norm};
 use tch::nn::Path;
 use tch::Tensor;
 
@@ -71,18 +71,6 @@ impl Block {
             None => x.shallow_clone(),
         };
         (out + identity).relu()
-    }
-}
-
-/// `relu(norm(conv(x)))`; with fixed statistics normalization and ReLU are
-/// one epilogue.
-fn conv_norm_relu(conv: &Conv2d, norm: &Norm, x: &Tensor, train: bool) -> Tensor {
-    match norm.fixed_affine(train) {
-        Some((scale, shift)) => {
-            let e = Epilogue { scale: Some(&scale), shift: &shift, residual: None, residual_affine: None, relu: true };
-            epilogue(&conv.forward(x), &e)
-        }
-        None => norm.forward(&conv.forward(x), train).relu(),
     }
 }
 
