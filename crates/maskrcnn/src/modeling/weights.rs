@@ -88,52 +88,60 @@ pub fn load_pretrained_model(vs: &VarStore, path: &Path) -> Result<i64, ModelErr
     Ok(file_classes)
 }
 
-/// The config option to set when the file's tensor names are those of
+/// The architecture options a set of tensor names (without the model's
+/// prefix) was built with, as far as the names tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct VariantMarks {
+    fpn_norm: bool,
+    /// RPN head convolutions (0: none named).
+    rpn_convs: usize,
+    conv_box_head: bool,
+    head_norm: bool,
+}
+
+impl VariantMarks {
+    fn of<'a>(names: impl Iterator<Item = &'a str>) -> VariantMarks {
+        names.fold(VariantMarks::default(), |m, name| {
+            let rpn_conv = name
+                .strip_prefix("rpn.head.conv.")
+                .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
+                .map_or(0, |k| k + 1);
+            VariantMarks {
+                fpn_norm: m.fpn_norm || (name.starts_with("backbone.fpn.") && name.contains("_blocks.0.1.")),
+                rpn_convs: m.rpn_convs.max(rpn_conv),
+                conv_box_head: m.conv_box_head || name.starts_with("roi_heads.box_head.0.0."),
+                head_norm: m.head_norm || name.starts_with("roi_heads.mask_head.0.1."),
+            }
+        })
+    }
+}
+
+/// The config options to set when the file's tensor names are those of
 /// another architecture variant than the model's (an FPN with or without a
-/// norm, another RPN head depth); names are without the model's prefix.
+/// norm, another RPN head depth, box head or head norm); names are without
+/// the model's prefix.
 fn variant_hint<'a>(model: impl Iterator<Item = &'a str>, file: impl Iterator<Item = &'a str>) -> Option<String> {
-    let fpn_norm = |name: &str| name.starts_with("backbone.fpn.") && name.contains("_blocks.0.1.");
-    let rpn_convs = |name: &str| {
-        name.strip_prefix("rpn.head.conv.")
-            .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
-            .map(|k| k + 1)
-    };
-    let conv_box_head = |name: &str| name.starts_with("roi_heads.box_head.0.0.");
-    let head_norm = |name: &str| name.starts_with("roi_heads.mask_head.0.1.");
-    let (mut model_norm, mut model_depth, mut model_conv_box, mut model_head_norm) = (false, 0, false, false);
-    for name in model {
-        model_norm |= fpn_norm(name);
-        model_depth = model_depth.max(rpn_convs(name).unwrap_or(0));
-        model_conv_box |= conv_box_head(name);
-        model_head_norm |= head_norm(name);
-    }
-    let (mut file_norm, mut file_depth, mut file_conv_box, mut file_head_norm) = (false, 0, false, false);
-    for name in file {
-        file_norm |= fpn_norm(name);
-        file_depth = file_depth.max(rpn_convs(name).unwrap_or(0));
-        file_conv_box |= conv_box_head(name);
-        file_head_norm |= head_norm(name);
-    }
+    let (m, f) = (VariantMarks::of(model), VariantMarks::of(file));
     let mut hints = Vec::new();
-    if file_conv_box != model_conv_box {
-        let kind = if file_conv_box { "4conv1fc" } else { "2mlp" };
+    if f.conv_box_head != m.conv_box_head {
+        let kind = if f.conv_box_head { "4conv1fc" } else { "2mlp" };
         hints.push(format!("its box head is {kind}: set model.box_head = \"{kind}\""));
     }
-    if file_head_norm != model_head_norm {
-        let kind = if file_head_norm { "bn" } else { "none" };
-        hints.push(format!(
-            "its mask head {} a norm: set model.head_norm = \"{kind}\"",
-            if file_head_norm { "has" } else { "has no" }
-        ));
+    if f.head_norm != m.head_norm {
+        let (has, kind) = if f.head_norm { ("has", "bn") } else { ("has no", "none") };
+        hints.push(format!("its mask head {has} a norm: set model.head_norm = \"{kind}\""));
     }
-    if file_norm && !model_norm {
-        hints.push("its FPN has a norm after each convolution: set model.fpn_norm = \"bn\" (torchvision's v2) or \"frozen_bn\"".to_string());
+    if f.fpn_norm != m.fpn_norm {
+        hints.push(if f.fpn_norm {
+            "its FPN has a norm after each convolution: set model.fpn_norm = \"bn\" (torchvision's v2) or \"frozen_bn\""
+                .to_string()
+        } else {
+            "its FPN has no norm: set model.fpn_norm = \"none\"".to_string()
+        });
     }
-    if model_norm && !file_norm {
-        hints.push("its FPN has no norm: set model.fpn_norm = \"none\"".to_string());
-    }
-    if file_depth > 0 && model_depth > 0 && file_depth != model_depth {
-        hints.push(format!("its RPN head has {file_depth} convolution(s): set model.rpn_conv_depth = {file_depth}"));
+    if f.rpn_convs > 0 && m.rpn_convs > 0 && f.rpn_convs != m.rpn_convs {
+        let n = f.rpn_convs;
+        hints.push(format!("its RPN head has {n} convolution(s): set model.rpn_conv_depth = {n}"));
     }
     (!hints.is_empty()).then(|| format!("the file is another variant ({})", hints.join("; ")))
 }

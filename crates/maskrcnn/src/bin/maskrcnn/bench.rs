@@ -62,11 +62,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 device,
             };
             let r = run_infer_bench(&opts)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                print!("{r}");
-            }
+            report(&r, args.json)?;
         }
         BenchWhat::Train => {
             let config = args.config.resolve()?;
@@ -80,11 +76,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 profile_range: args.profile_range,
             };
             let r = maskrcnn::engine::train_bench::run_train_bench(&opts)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                print!("{r}");
-            }
+            report(&r, args.json)?;
         }
         BenchWhat::Data => {
             let config = args.config.resolve()?;
@@ -107,11 +99,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 max_image_pixels: config.input.max_image_pixels,
             };
             let r = maskrcnn::engine::data_bench::run_data_bench(std::sync::Arc::new(dataset), &opts)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                print!("{r}");
-            }
+            report(&r, args.json)?;
         }
     }
     Ok(())
@@ -156,4 +144,14 @@ fn bench_dataset(
     })?;
     let d = maskrcnn::data::CocoDataset::load(&out.train_ann, &out.train_images, options)?;
     Ok((d, Some(dir)))
+}
+
+/// A benchmark's result: one JSON line with `json`, else its text.
+fn report<R: serde::Serialize + std::fmt::Display>(result: &R, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(result)?);
+    } else {
+        print!("{result}");
+    }
+    Ok(())
 }
