@@ -3,7 +3,8 @@ benchmarks: N noise JPEGs of 800 x 1000-1333 with one box annotation each, and
 randomly initialized torchvision Mask R-CNN R50-FPN weights (91 classes) as
 safetensors.
 
-Usage: python scripts/make_eval_dataset.py OUT_DIR [N]
+Usage: python scripts/make_eval_dataset.py OUT_DIR [N] [HxW]
+HxW gives every image that size (e.g. 480x640, COCO-like) instead.
 """
 import json, os, sys
 import numpy as np
@@ -18,11 +19,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 out = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+fixed = tuple(int(v) for v in sys.argv[3].split("x")) if len(sys.argv) > 3 else None
 os.makedirs(os.path.join(out, "images"), exist_ok=True)
 rng = np.random.default_rng(0)
 images, anns = [], []
 for i in range(1, n + 1):
-    h, w = 800, int(rng.integers(1000, 1334))
+    h, w = fixed or (800, int(rng.integers(1000, 1334)))
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(out, "images", f"{i}.jpg"), quality=90)
     images.append({"id": i, "file_name": f"{i}.jpg", "height": h, "width": w})
     anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 100, 100], "area": 10000.0, "iscrowd": 0,

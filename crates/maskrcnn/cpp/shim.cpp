@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 #ifdef MRCNN_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>
+#include <optional>
 #endif
 
 // tch's tensor handles are `at::Tensor*` (torch-sys's `tensor` type).
@@ -71,6 +73,16 @@ int mrcnn_autocast_cuda_set_enabled(int enabled) {
     int prev = at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0;
     at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
     return prev;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// The CUDA autocast state (bit 0: enabled, bit 1: bfloat16), or -1.
+int mrcnn_autocast_cuda_state() {
+  try {
+    return (at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0) |
+           (at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16 ? 2 : 0);
   } catch (...) {
     return -1;
   }
@@ -406,8 +418,89 @@ void* mrcnn_current_cuda_stream(int device) {
   }
 }
 
+// CUDA graphs: work issued between capture_begin and capture_end on the
+// calling thread goes to a side stream and is recorded, not run (memory
+// from the graph's private pool); replay runs it on the current stream.
+// Autocast's cast cache is off while recording: weights cast inside the
+// graph stay the graph's own (a cached cast could be freed when autocast
+// ends while the graph still reads it).
+// (Streams are switched by hand: c10's stream guard would pull CUDA
+// runtime symbols into this library.)
+struct MrcnnGraph {
+  at::cuda::CUDAGraph graph;
+  std::optional<c10::cuda::CUDAStream> previous;
+  bool cache_was_enabled = true;
+  void restore_stream() {
+    if (previous) c10::cuda::setCurrentCUDAStream(*previous);
+    previous.reset();
+  }
+};
+
+void* mrcnn_graph_new() {
+  try {
+    return new MrcnnGraph();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+int mrcnn_graph_capture_begin(void* g, int device) {
+  auto* graph = static_cast<MrcnnGraph*>(g);
+  try {
+    // (The caller has synchronized the device: queued work is done.)
+    auto index = static_cast<c10::DeviceIndex>(device);
+    graph->previous.emplace(c10::cuda::getCurrentCUDAStream(index));
+    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+    graph->cache_was_enabled = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    // Thread-local: other threads (loader workers pinning memory) go on.
+    graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    graph->restore_stream();
+    at::autocast::set_autocast_cache_enabled(graph->cache_was_enabled);
+    return -1;
+  }
+}
+
+int mrcnn_graph_capture_end(void* g) {
+  auto* graph = static_cast<MrcnnGraph*>(g);
+  int code = 0;
+  try {
+    graph->graph.capture_end();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    code = -1;
+  }
+  graph->restore_stream();
+  at::autocast::set_autocast_cache_enabled(graph->cache_was_enabled);
+  return code;
+}
+
+int mrcnn_graph_replay(void* g) {
+  try {
+    static_cast<MrcnnGraph*>(g)->graph.replay();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+void mrcnn_graph_free(void* g) { delete static_cast<MrcnnGraph*>(g); }
+
 #else
 void* mrcnn_current_cuda_stream(int) { return nullptr; }
+void* mrcnn_graph_new() {
+  last_error = "built without CUDA";
+  return nullptr;
+}
+int mrcnn_graph_capture_begin(void*, int) { return -1; }
+int mrcnn_graph_capture_end(void*) { return -1; }
+int mrcnn_graph_replay(void*) { return -1; }
+void mrcnn_graph_free(void*) {}
 #endif
 
 // The tensor's version counter (bumped by every in-place change), or -1.

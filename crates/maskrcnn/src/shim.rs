@@ -11,6 +11,7 @@ extern "C" {
     fn mrcnn_tf32_enabled() -> c_int;
     fn mrcnn_autocast_cuda(enabled: c_int, dtype: c_int) -> c_int;
     fn mrcnn_autocast_cuda_set_enabled(enabled: c_int) -> c_int;
+    fn mrcnn_autocast_cuda_state() -> c_int;
     fn mrcnn_last_error() -> *const c_char;
     fn mrcnn_non_finite_check_and_unscale(
         grads: *const Handle,
@@ -64,6 +65,11 @@ extern "C" {
     fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
     fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
     fn mrcnn_tensor_version(t: Handle) -> i64;
+    fn mrcnn_graph_new() -> *mut std::ffi::c_void;
+    fn mrcnn_graph_capture_begin(g: *mut std::ffi::c_void, device: c_int) -> c_int;
+    fn mrcnn_graph_capture_end(g: *mut std::ffi::c_void) -> c_int;
+    fn mrcnn_graph_replay(g: *mut std::ffi::c_void) -> c_int;
+    fn mrcnn_graph_free(g: *mut std::ffi::c_void);
 }
 
 /// `(features, n, rois, levels, scales, output, ph, pw, sr, aligned)`.
@@ -208,6 +214,64 @@ pub fn sync_count() -> i64 {
 pub fn current_cuda_stream(index: usize) -> *mut std::ffi::c_void {
     // SAFETY: reads libtorch's thread-local stream; exceptions are caught.
     unsafe { mrcnn_current_cuda_stream(index as c_int) }
+}
+
+/// A CUDA graph (libtorch's `at::cuda::CUDAGraph`): the device work that a
+/// closure issues is recorded once and replayed later with one launch, on
+/// the same memory (the graph's private pool). Tensors the closure made are
+/// the graph's outputs; every replay rewrites them in place.
+pub struct CudaGraph(std::ptr::NonNull<std::ffi::c_void>);
+
+// SAFETY: the graph is a plain libtorch object used by one thread at a time
+// (callers hold it behind a Mutex).
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    /// Records the device work of `f` on CUDA device `device`: it runs on
+    /// the host once, on a side stream in capture mode, so nothing executes
+    /// (call [`replay`](Self::replay) for that). `f` must not synchronize
+    /// with the host. Errors carry libtorch's message.
+    pub fn capture<R>(device: usize, f: impl FnOnce() -> R) -> Result<(CudaGraph, R), ShimError> {
+        // SAFETY: creates a graph object owned by the returned value.
+        let raw = unsafe { mrcnn_graph_new() };
+        let Some(raw) = std::ptr::NonNull::new(raw) else {
+            return Err(check(-1).unwrap_err());
+        };
+        let graph = CudaGraph(raw);
+        // Work already queued (the static inputs' copies) finishes first.
+        tch::Cuda::synchronize(device as i64);
+        // SAFETY: a live graph; the capture stream stays current on this
+        // thread until capture_end.
+        check(unsafe { mrcnn_graph_capture_begin(graph.0.as_ptr(), device as c_int) })?;
+        // A libtorch error while recording (tch panics on it) ends the
+        // capture too, as an error.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // SAFETY: ends the capture begun above on this thread.
+        let ended = check(unsafe { mrcnn_graph_capture_end(graph.0.as_ptr()) });
+        let out = out.map_err(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            ShimError(format!("recording failed: {}", crate::text::one_line(message)))
+        })?;
+        ended?;
+        Ok((graph, out))
+    }
+
+    /// Runs the recorded work on the current stream.
+    pub fn replay(&self) -> Result<(), ShimError> {
+        // SAFETY: a live, captured graph.
+        check(unsafe { mrcnn_graph_replay(self.0.as_ptr()) })
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: frees the graph this value owns, once.
+        unsafe { mrcnn_graph_free(self.0.as_ptr()) }
+    }
 }
 
 /// `t`'s version counter: it changes whenever `t` is modified in place
@@ -359,6 +423,13 @@ impl Drop for AutocastGuard {
             mrcnn_autocast_cuda(self.previous & 1, (self.previous >> 1) & 1);
         }
     }
+}
+
+/// The CUDA autocast state of this thread: 0 off, 1 float16, 3 bfloat16
+/// (bit 0 enabled, bit 1 bfloat16).
+pub fn autocast_state() -> i32 {
+    // SAFETY: reads thread-local autocast state; exceptions are caught in C++.
+    unsafe { mrcnn_autocast_cuda_state() }
 }
 
 /// Runs `f` with CUDA autocast off (its cast cache kept), then restores

@@ -27,23 +27,41 @@ struct Det {
 
 /// The R101 / 7-class / 320 px oracle fixture (shared with inference_parity).
 fn fixture() -> PathBuf {
-    let dir = fixture_dir().join("infer_r101_c7_cpu");
-    let args = [
-        dir.to_str().unwrap(),
-        "--depth",
-        "101",
-        "--classes",
-        "7",
-        "--min-size",
-        "320",
-        "--max-size",
-        "512",
-        "--sizes",
-        "300x200,30x20,1000x1500",
-        "--device",
-        "cpu",
-    ];
-    run_reference("inference_fixture.py", &args, &dir.join("predict_ref.json"));
+    oracle("infer_r101_c7_cpu", &["--depth", "101"])
+}
+
+/// torchvision's `maskrcnn_resnet50_fpn_v2(weights=None)` saved with
+/// `save_file(model.state_dict())`, 7 classes, 320 px (shared with
+/// inference_parity).
+fn fixture_v2() -> PathBuf {
+    oracle(
+        "infer_r50_c7_v2_cpu",
+        &[
+            "--depth",
+            "50",
+            "--fpn-norm",
+            "bn",
+            "--rpn-conv-depth",
+            "2",
+            "--box-head",
+            "4conv1fc",
+            "--head-norm",
+            "bn",
+            "--arch",
+            "v2",
+            "--trainable-layers",
+            "5",
+        ],
+    )
+}
+
+/// The inference oracle's files for 7 classes at 320 px in `name`, built with `args`.
+fn oracle(name: &str, args: &[&str]) -> PathBuf {
+    let dir = fixture_dir().join(name);
+    let mut all = vec![dir.to_str().unwrap(), "--classes", "7", "--min-size", "320", "--max-size", "512"];
+    all.extend(["--sizes", "300x200,30x20,1000x1500", "--device", "cpu"]);
+    all.extend(args);
+    run_reference("inference_fixture.py", &all, &dir.join("predict_ref.json"));
     dir
 }
 
@@ -52,6 +70,18 @@ const SETS: [&str; 8] = [
     "model.num_classes=7",
     "--set",
     "model.backbone_depth=101",
+    "--set",
+    "input.min_size_test=320",
+    "--set",
+    "input.max_size_test=512",
+];
+
+/// v2's preset, 7 classes at 320 px.
+const SETS_V2: [&str; 8] = [
+    "--config",
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/maskrcnn_r50_fpn_v2.toml"),
+    "--set",
+    "model.num_classes=7",
     "--set",
     "input.min_size_test=320",
     "--set",
@@ -82,7 +112,21 @@ fn mask_iou(a: &Rle, b: &Rle) -> f64 {
 
 #[test]
 fn predict_json_matches_torchvision_and_pycocotools() {
-    let dir = fixture();
+    predict_matches_torchvision(&fixture(), &SETS);
+}
+
+/// `predict` and `eval --weights --images` on a state dict of torchvision's
+/// v2 model (`save_file(model.state_dict())`) with the v2 preset.
+#[test]
+fn v2_state_dict_predicts_and_evaluates_as_torchvision() {
+    let dir = fixture_v2();
+    predict_matches_torchvision(&dir, &SETS_V2);
+    eval_matches_torchvision(&dir, &SETS_V2);
+}
+
+/// `predict --json --draw` with the weights in `dir` and `sets`: the
+/// detections match torchvision's (`predict_ref.json`), one drawing per image.
+fn predict_matches_torchvision(dir: &Path, sets: &[&str]) {
     let out = tempfile::tempdir().unwrap();
     let json = out.path().join("dets.json");
     let draw = out.path().join("draw");
@@ -90,7 +134,7 @@ fn predict_json_matches_torchvision_and_pycocotools() {
     let o = Command::new(maskrcnn_bin())
         .arg("predict")
         .args(["--weights", dir.join("weights.safetensors").to_str().unwrap()])
-        .args(SETS)
+        .args(sets)
         .args(["--device", "cpu", "--json", json.to_str().unwrap(), "--draw", draw.to_str().unwrap()])
         .args(["--draw-thresh", "0.3"])
         .args(&images)
@@ -238,34 +282,9 @@ fn predict_rejects_bad_weights_with_one_line() {
 #[test]
 fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
     let dir = fixture();
+    eval_matches_torchvision(&dir, &SETS);
     let tmp = tempfile::tempdir().unwrap();
-    let (dets, metrics) = (tmp.path().join("dets.json"), tmp.path().join("m.json"));
-    let o = Command::new(maskrcnn_bin())
-        .args(["eval", "--ann", dir.join("gt.json").to_str().unwrap()])
-        .args(["--weights", dir.join("weights.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap()])
-        .args(SETS)
-        .args(["--device", "cpu", "--out", dets.to_str().unwrap(), "--metrics", metrics.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("IoU type: segm"));
-    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("eval_ref.json")).unwrap()).unwrap();
-    for (iou, tol) in [("bbox", 1e-9), ("segm", 2e-3)] {
-        let a: Vec<f64> = ours[iou]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let b: Vec<f64> = reference[iou].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= tol, "{iou} stat {i}: ours {x}, pycocotools on torchvision {y}");
-        }
-        eprintln!("eval {iou}: AP {:.4} vs {:.4}", a[0], b[0]);
-        assert!(b[0] > 0.05, "{iou}: the reference AP {} is too small to tell anything", b[0]);
-    }
-    // The written detections are valid COCO results with the dataset's image ids.
-    let written: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&dets).unwrap()).unwrap();
-    assert!(
-        !written.is_empty() && written.iter().all(|d| d["image_id"].as_u64().is_some_and(|i| (1..=3).contains(&i)))
-    );
+    let dets = tmp.path().join("dets.json");
     // Ground truth whose sizes do not match the images: the image is named
     // (it used to come out as a fault of the results file); a file_name
     // leaving the image folder is refused.
@@ -292,6 +311,40 @@ fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
     let o = eval(&bad);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("\"../img0.png\" leaves the image folder"), "{err}");
+}
+
+/// `eval --weights --images` with the weights in `dir` and `sets`, over the
+/// oracle's PNGs and ground truth: pycocotools' numbers for torchvision's
+/// detections on the same images (`eval_ref.json`).
+fn eval_matches_torchvision(dir: &Path, sets: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dets, metrics) = (tmp.path().join("dets.json"), tmp.path().join("m.json"));
+    let o = Command::new(maskrcnn_bin())
+        .args(["eval", "--ann", dir.join("gt.json").to_str().unwrap()])
+        .args(["--weights", dir.join("weights.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap()])
+        .args(sets)
+        .args(["--device", "cpu", "--out", dets.to_str().unwrap(), "--metrics", metrics.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("IoU type: segm"));
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval_ref.json")).unwrap()).unwrap();
+    for (iou, tol) in [("bbox", 1e-9), ("segm", 2e-3)] {
+        let a: Vec<f64> = ours[iou]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let b: Vec<f64> = reference[iou].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol, "{iou} stat {i}: ours {x}, pycocotools on torchvision {y}");
+        }
+        eprintln!("eval {iou}: AP {:.4} vs {:.4}", a[0], b[0]);
+        assert!(b[0] > 0.05, "{iou}: the reference AP {} is too small to tell anything", b[0]);
+    }
+    // The written detections are valid COCO results with the dataset's image ids.
+    let written: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&dets).unwrap()).unwrap();
+    assert!(
+        !written.is_empty() && written.iter().all(|d| d["image_id"].as_u64().is_some_and(|i| (1..=3).contains(&i)))
+    );
 }
 
 /// `predict` on one 8000×8000 image with 100 detections stays within 2 GB

@@ -20,6 +20,12 @@ pub struct PrecisionConfig {
     /// with fixed sizes; with multi-scale training every new padded size is
     /// tuned again, which can dominate short runs.
     pub cudnn_benchmark: bool,
+    /// Inference on CUDA replays the backbone and FPN as a CUDA graph per
+    /// padded input shape (recorded the second time a shape is seen; at
+    /// most `modeling::graphs::MAX_GRAPHS` shapes): one launch instead of
+    /// hundreds, which is most of a batch of one's time. Off: always eager.
+    #[serde(default = "default_cuda_graphs")]
+    pub cuda_graphs: bool,
     /// fp16 dynamic loss scaling: initial scale (doubles after
     /// `loss_scale_growth_interval` clean steps, halves on inf/NaN).
     pub loss_scale_init: f64,
@@ -56,6 +62,10 @@ impl fmt::Display for AmpMode {
     }
 }
 
+fn default_cuda_graphs() -> bool {
+    true
+}
+
 impl Default for PrecisionConfig {
     fn default() -> Self {
         PrecisionConfig {
@@ -63,6 +73,7 @@ impl Default for PrecisionConfig {
             tf32: true,
             channels_last: true,
             cudnn_benchmark: true,
+            cuda_graphs: true,
             loss_scale_init: 8192.0,
             loss_scale_growth_interval: 2000,
         }

@@ -17,6 +17,9 @@ pub struct InferBench {
     pub warmup: usize,
     pub amp: AmpMode,
     pub device: Device,
+    /// The model to time (architecture, classes, test sizes, RoI heads'
+    /// thresholds; the peer's benchmark uses `roi_heads.score_thresh = 0`).
+    pub config: Config,
 }
 
 /// Median times of one configuration; `stages_ms` splits one batch by stage.
@@ -31,6 +34,12 @@ pub struct InferBenchResult {
     pub img_per_s: f64,
     pub dets_per_img: f64,
     pub stages_ms: Vec<(String, f64)>,
+    /// Of each stage's time, how long the host took to issue its work (the
+    /// rest is waiting for the GPU): a stage whose two figures are close is
+    /// bound by the host.
+    pub stages_host_ms: Vec<(String, f64)>,
+    /// Input shapes replayed from a CUDA graph (`precision.cuda_graphs`).
+    pub graphs_recorded: usize,
 }
 
 impl std::fmt::Display for InferBenchResult {
@@ -39,11 +48,11 @@ impl std::fmt::Display for InferBenchResult {
         let r = self;
         writeln!(
             f,
-            "infer bs={} amp={} on {}: {:.2} img/s (median batch {:.4} s, p90 {:.4} s, {:.0} detections/img)",
-            r.bs, r.amp, r.device, r.img_per_s, r.med_batch_s, r.p90_s, r.dets_per_img
+            "infer bs={} amp={} on {}: {:.2} img/s (median batch {:.4} s, p90 {:.4} s, {:.0} detections/img, {} CUDA graphs)",
+            r.bs, r.amp, r.device, r.img_per_s, r.med_batch_s, r.p90_s, r.dets_per_img, r.graphs_recorded
         )?;
-        for (stage, ms) in &r.stages_ms {
-            writeln!(f, "  {stage:<22} {ms:>9.2} ms")?;
+        for ((stage, ms), (_, host)) in r.stages_ms.iter().zip(&r.stages_host_ms) {
+            writeln!(f, "  {stage:<22} {ms:>9.2} ms (host {host:.2} ms)")?;
         }
         Ok(())
     }
@@ -70,11 +79,10 @@ fn synthetic_batch(n: usize, device: Device) -> Vec<Tensor> {
         .collect()
 }
 
-/// Runs the benchmark with a randomly initialized R50-FPN (91 classes).
+/// Runs the benchmark with a randomly initialized model of `opts.config`.
 pub fn run_infer_bench(opts: &InferBench) -> Result<InferBenchResult, ModelError> {
-    let mut config = Config::default();
-    config.roi_heads.score_thresh = 0.0;
-    let model = MaskRcnn::new(&config, opts.device)?;
+    let config = &opts.config;
+    let model = MaskRcnn::new(config, opts.device)?;
     crate::shim::set_tf32(config.precision.tf32);
     if opts.device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
@@ -95,7 +103,7 @@ pub fn run_infer_bench(opts: &InferBench) -> Result<InferBenchResult, ModelError
             dets = out.iter().map(|d| d.boxes.size()[0] as f64).sum::<f64>() / opts.batch as f64;
         }
     }
-    let stages_ms = stage_breakdown(&model, &batches[0], opts.device, 5);
+    let (stages_ms, stages_host_ms) = stage_breakdown(&model, &batches[0], opts.device, 5);
     let med = median(&mut times);
     let p90 = times[(times.len() * 9 / 10).min(times.len() - 1)];
     Ok(InferBenchResult {
@@ -108,14 +116,21 @@ pub fn run_infer_bench(opts: &InferBench) -> Result<InferBenchResult, ModelError
         img_per_s: opts.batch as f64 / med,
         dets_per_img: dets,
         stages_ms,
+        stages_host_ms,
+        graphs_recorded: model.recorded_graphs(),
     })
 }
 
+/// Milliseconds by stage name.
+type StageTimes = Vec<(String, f64)>;
+
 /// Median milliseconds of each inference stage over `reps` batches, with a
-/// device synchronization after every stage.
-fn stage_breakdown(model: &MaskRcnn, images: &[Tensor], device: Device, reps: usize) -> Vec<(String, f64)> {
+/// device synchronization after every stage, and of the host's time to
+/// issue each stage's work (before that synchronization).
+fn stage_breakdown(model: &MaskRcnn, images: &[Tensor], device: Device, reps: usize) -> (StageTimes, StageTimes) {
     let names = ["transform", "backbone+fpn", "rpn", "roi_heads (box+mask)", "paste masks"];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut issued: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let sizes: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
     let input = &model.config.input;
     for _ in 0..reps {
@@ -123,26 +138,29 @@ fn stage_breakdown(model: &MaskRcnn, images: &[Tensor], device: Device, reps: us
             let mut lap = {
                 sync(device);
                 let mut t = Instant::now();
-                move |slot: &mut Vec<f64>| {
+                move |stage: usize, samples: &mut Vec<Vec<f64>>, issued: &mut Vec<Vec<f64>>| {
+                    issued[stage].push(t.elapsed().as_secs_f64() * 1e3);
                     sync(device);
-                    slot.push(t.elapsed().as_secs_f64() * 1e3);
+                    samples[stage].push(t.elapsed().as_secs_f64() * 1e3);
                     t = Instant::now();
                 }
             };
             let list = model.transform.prepare(images, input.min_size_test as i64, input.max_size_test as i64);
-            lap(&mut samples[0]);
-            let features = model.backbone.forward(&list.tensors, false);
-            lap(&mut samples[1]);
+            lap(0, &mut samples, &mut issued);
+            let features = model.inference_features(&list.tensors);
+            lap(1, &mut samples, &mut issued);
             let size = list.tensors.size();
             let rpn = model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
-            lap(&mut samples[2]);
+            lap(2, &mut samples, &mut issued);
             let (proposals, _) = rpn.proposals.per_image();
             let detections = model.roi_heads.detect(&features[..4], &proposals, &list.image_sizes);
-            lap(&mut samples[3]);
+            lap(3, &mut samples, &mut issued);
             let trace = crate::modeling::mask_rcnn::InferenceTrace { images: list, features, rpn, detections };
             let _ = model.postprocess(trace, &sizes);
-            lap(&mut samples[4]);
+            lap(4, &mut samples, &mut issued);
         });
     }
-    names.iter().zip(samples.iter_mut()).map(|(n, s)| (n.to_string(), median(s))).collect()
+    let medians =
+        |v: &mut [Vec<f64>]| names.iter().zip(v.iter_mut()).map(|(n, s)| (n.to_string(), median(s))).collect();
+    (medians(&mut samples), medians(&mut issued))
 }

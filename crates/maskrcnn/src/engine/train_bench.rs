@@ -26,6 +26,11 @@ pub struct TrainBench {
     pub amp: AmpMode,
     pub channels_last: bool,
     pub device: Device,
+    /// The model to time (architecture, classes, normalization): with
+    /// `model.norm = "auto"` the peer's v1 setup (frozen BatchNorm, three
+    /// trainable stages); `amp` and `channels_last` above take precedence
+    /// over its precision section.
+    pub config: Config,
     /// After the measurements, one more step inside a CUDA profiler range
     /// (`kernels::timing::profiler_range`) for an external profiler.
     pub profile_range: bool,
@@ -116,11 +121,13 @@ fn synthetic_batch(n: usize, device: Device) -> (Vec<Tensor>, Vec<Target>) {
     (images, targets)
 }
 
-/// Runs the benchmark with a randomly initialized R50-FPN.
+/// Runs the benchmark with a randomly initialized model of `opts.config`.
 pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError> {
-    let mut config = Config::default();
-    config.model.norm = NormKind::FrozenBn;
-    config.model.trainable_layers = 3;
+    let mut config = opts.config.clone();
+    if config.model.norm == NormKind::Auto {
+        config.model.norm = NormKind::FrozenBn;
+        config.model.trainable_layers = 3;
+    }
     config.precision.amp = opts.amp;
     config.precision.channels_last = opts.channels_last;
     tch::manual_seed(0);

@@ -87,57 +87,84 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut out = Vec::new();
-    for (done, chunk) in images.chunks(batch).enumerate() {
-        let paths: Vec<PathBuf> = chunk
-            .iter()
-            .map(|im| {
-                path_inside(images_dir, &im.file_name).ok_or_else(|| DatasetInferenceError::OutsideFolder {
-                    gt: gt.to_path_buf(),
-                    id: im.id,
-                    file_name: im.file_name.clone(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let loaded: Vec<RgbImage> =
-            open_many(&paths, model.config.input.max_image_pixels).into_iter().collect::<Result<_, _>>()?;
-        // Results are in the annotated image's pixels: another size is the
-        // image's fault, named here (not later as a bad results file).
-        for ((im, path), img) in chunk.iter().zip(&paths).zip(&loaded) {
-            let annotated = (im.width, im.height);
-            if annotated.0 > 0 && annotated.1 > 0 && (img.width, img.height) != annotated {
-                return Err(DatasetInferenceError::SizeMismatch {
-                    path: path.clone(),
-                    width: img.width,
-                    height: img.height,
-                    gt: gt.to_path_buf(),
-                    gt_width: annotated.0,
-                    gt_height: annotated.1,
-                    id: im.id,
-                });
+    // Batches are read and decoded on a thread of their own (open_many
+    // decodes a batch's images in parallel) while the model runs on the
+    // previous ones: at most two batches wait.
+    let chunks: Vec<&[hotcoco::types::Image]> = images.chunks(batch).collect();
+    let _amp = if device.is_cuda() { AutocastGuard::new(model.config.precision.amp.autocast_dtype()) } else { None };
+    let max_pixels = model.config.input.max_image_pixels;
+    std::thread::scope(|scope| -> Result<(), DatasetInferenceError> {
+        let (send, receive) = std::sync::mpsc::sync_channel(2);
+        let reader = scope.spawn(move || {
+            for chunk in &chunks {
+                let loaded = read_batch(chunk, gt, images_dir, max_pixels);
+                let failed = loaded.is_err();
+                if send.send(loaded).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for (done, (chunk, loaded)) in images.chunks(batch).zip(receive).enumerate() {
+            let loaded = loaded?;
+            let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
+            drop(loaded);
+            let dets = model.predict_owned(tensors);
+            for (im, det) in chunk.iter().zip(&dets) {
+                let res = to_results(&im.file_name, det, category_id);
+                out.extend(
+                    res.into_iter()
+                        .filter(|r| ids.contains(&(r.category_id as u64)))
+                        .map(|r| CocoResult::from_result(im.id, r)),
+                );
+            }
+            let n = ((done + 1) * batch).min(images.len());
+            bar.set_position(n as u64);
+            if bar.is_hidden() && (done % 10 == 9 || n == images.len()) {
+                let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                eprintln!("eval: {n}/{} images ({rate:.1} img/s)", images.len());
             }
         }
-        let tensors: Vec<tch::Tensor> = loaded.iter().map(|im| im.to_tensor(device)).collect();
-        drop(loaded);
-        let dets = {
-            let _amp =
-                if device.is_cuda() { AutocastGuard::new(model.config.precision.amp.autocast_dtype()) } else { None };
-            model.predict_owned(tensors)
-        };
-        for (im, det) in chunk.iter().zip(&dets) {
-            let res = to_results(&im.file_name, det, category_id);
-            out.extend(
-                res.into_iter()
-                    .filter(|r| ids.contains(&(r.category_id as u64)))
-                    .map(|r| CocoResult::from_result(im.id, r)),
-            );
-        }
-        let n = ((done + 1) * batch).min(images.len());
-        bar.set_position(n as u64);
-        if bar.is_hidden() && (done % 10 == 9 || n == images.len()) {
-            let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprintln!("eval: {n}/{} images ({rate:.1} img/s)", images.len());
-        }
-    }
+        reader.join().expect("the image reader panicked");
+        Ok(())
+    })?;
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// The images of `chunk` (entries of the COCO file `gt`) read from
+/// `images_dir` and decoded, each checked against its annotated size:
+/// results are in the annotated image's pixels, so another size is the
+/// image's fault, named here (not later as a bad results file).
+fn read_batch(
+    chunk: &[hotcoco::types::Image],
+    gt: &Path,
+    images_dir: &Path,
+    max_pixels: u64,
+) -> Result<Vec<RgbImage>, DatasetInferenceError> {
+    let paths: Vec<PathBuf> = chunk
+        .iter()
+        .map(|im| {
+            path_inside(images_dir, &im.file_name).ok_or_else(|| DatasetInferenceError::OutsideFolder {
+                gt: gt.to_path_buf(),
+                id: im.id,
+                file_name: im.file_name.clone(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let loaded: Vec<RgbImage> = open_many(&paths, max_pixels).into_iter().collect::<Result<_, _>>()?;
+    for ((im, path), img) in chunk.iter().zip(&paths).zip(&loaded) {
+        let annotated = (im.width, im.height);
+        if annotated.0 > 0 && annotated.1 > 0 && (img.width, img.height) != annotated {
+            return Err(DatasetInferenceError::SizeMismatch {
+                path: path.clone(),
+                width: img.width,
+                height: img.height,
+                gt: gt.to_path_buf(),
+                gt_width: annotated.0,
+                gt_height: annotated.1,
+                id: im.id,
+            });
+        }
+    }
+    Ok(loaded)
 }

@@ -37,6 +37,7 @@ pub(crate) use half_conversions;
 pub mod epilogue;
 pub mod matcher;
 pub mod nms;
+pub mod paste;
 pub mod polygon;
 pub mod roi_align;
 pub mod timing;
@@ -99,6 +100,7 @@ const SOURCES: &[(&str, &[&str])] = &[
     ),
     (matcher::SOURCE, &["match_best_per_gt", "match_assign"]),
     (polygon::SOURCE, &["polygon_mask_targets"]),
+    (paste::SOURCE, &["paste_masks_run_edges"]),
     (timing::SOURCE, &["spin_ns"]),
 ];
 

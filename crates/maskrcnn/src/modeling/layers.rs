@@ -338,6 +338,46 @@ impl Norm {
         Some((scale.reshape([-1]), shift.reshape([-1])))
     }
 
+    /// [`forward`](Self::forward) in training where only some rows of the
+    /// batch count: a trainable BatchNorm takes its statistics from (and
+    /// updates its running ones with) the rows `n` of `x` `[N, C, H, W]`
+    /// weighted by `rows` `[N]` (1 counted, 0 not: the padding slots of
+    /// static shapes), exactly as a BatchNorm over the counted rows alone;
+    /// every row is normalized with them. Other norms ignore `rows`.
+    pub fn forward_rows(&self, x: &Tensor, rows: &Tensor) -> Tensor {
+        let Norm::Batch(bn) = self else { return self.forward(x, true) };
+        if !bn.weight.requires_grad() {
+            return self.forward(x, true);
+        }
+        let (n, c) = (x.size()[0], x.size()[1]);
+        let per_row = (x.numel() as i64 / (n * c).max(1)) as f64; // H·W
+                                                                  // In float64 throughout: the backward pass subtracts the mean
+                                                                  // gradient from each gradient, and float32 sums over ~10^5 values
+                                                                  // there lose ~1e-3 of the result (torch's own CPU BatchNorm
+                                                                  // accumulates in float64 too).
+        let xd = x.to_kind(Kind::Double);
+        let weights = rows.to_kind(Kind::Double).reshape([-1, 1, 1, 1]);
+        let count = rows.to_kind(Kind::Double).sum(Kind::Double) * per_row;
+        let denominator = count.clamp_min(1.0);
+        let channel_sum = |t: &Tensor| (t * &weights).sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Double);
+        let mean = channel_sum(&xd) / &denominator;
+        let centered = &xd - mean.reshape([1, -1, 1, 1]);
+        let var = channel_sum(&centered.square()) / &denominator;
+        let scale = (&var + 1e-5).rsqrt() * bn.weight.to_kind(Kind::Double);
+        let y = centered * scale.reshape([1, -1, 1, 1]) + bn.bias.to_kind(Kind::Double).reshape([1, -1, 1, 1]);
+        // Running statistics (momentum 0.1, unbiased variance), unchanged
+        // when no row counts: no host sync either way.
+        tch::no_grad(|| {
+            let counted = count.gt(0.0);
+            let unbiased = &var * &count / (&count - 1.0).clamp_min(1.0);
+            for (running, batch) in [(&bn.running_mean, &mean), (&bn.running_var, &unbiased)] {
+                let updated = running * 0.9 + batch.detach().to_kind(running.kind()) * 0.1;
+                running.shallow_clone().copy_(&updated.where_self(&counted, running));
+            }
+        });
+        y.to_kind(x.kind())
+    }
+
     /// `[N, C, H, W]` → same shape. In training, BatchNorm uses (and updates)
     /// batch statistics; FrozenBatchNorm never does.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
@@ -358,5 +398,54 @@ impl Norm {
                 normalize_with_statistics(x, &bn.weight, &bn.bias, &bn.running_mean, &bn.running_var, 1e-5)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    /// BatchNorm over the counted rows of a batch equals torch's BatchNorm
+    /// over those rows alone: outputs, input and affine gradients, running
+    /// statistics; uncounted rows, whose outputs the loss ignores, get no
+    /// gradient.
+    #[test]
+    fn row_weighted_batch_norm_equals_batch_norm_of_the_counted_rows() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let layer = norm(&vs.root(), 6, crate::config::NormKind::Bn, true);
+        let Norm::Batch(bn) = &layer else { unreachable!() };
+        tch::no_grad(|| {
+            bn.weight.shallow_clone().copy_(&(Tensor::rand([6], (Kind::Float, Device::Cpu)) + 0.5));
+            bn.bias.shallow_clone().copy_(&Tensor::randn([6], (Kind::Float, Device::Cpu)));
+        });
+        let x = (Tensor::randn([10, 6, 5, 5], (Kind::Float, Device::Cpu)) * 3.0 + 1.0).set_requires_grad(true);
+        let rows = Tensor::from_slice(&[1.0f32, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]);
+        let counted = rows.nonzero().squeeze_dim(1);
+        // Uncounted rows' outputs do not reach the loss (the heads' padding).
+        let upstream = Tensor::randn([10, 6, 5, 5], (Kind::Float, Device::Cpu)) * rows.reshape([-1, 1, 1, 1]);
+        let ours = layer.forward_rows(&x, &rows);
+        (&ours * &upstream).sum(Kind::Float).backward();
+        let (our_grad, our_gamma, our_beta) = (x.grad().copy(), bn.weight.grad().copy(), bn.bias.grad().copy());
+        let our_running = (bn.running_mean.copy(), bn.running_var.copy());
+        // The reference: torch's BatchNorm on the counted rows only.
+        let (rm, rv) = (Tensor::zeros([6], (Kind::Float, Device::Cpu)), Tensor::ones([6], (Kind::Float, Device::Cpu)));
+        let weight = bn.weight.detach().copy().set_requires_grad(true);
+        let bias = bn.bias.detach().copy().set_requires_grad(true);
+        let xs = x.detach().index_select(0, &counted).set_requires_grad(true);
+        let theirs = Tensor::batch_norm(&xs, Some(&weight), Some(&bias), Some(&rm), Some(&rv), true, 0.1, 1e-5, true);
+        (&theirs * upstream.index_select(0, &counted)).sum(Kind::Float).backward();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d <= 1e-5, "{what}: max |Δ| {d}");
+        };
+        close(&ours.index_select(0, &counted), &theirs, "output");
+        close(&our_grad.index_select(0, &counted), &xs.grad(), "input gradient");
+        assert_eq!(our_grad.index_select(0, &rows.eq(0.0).nonzero().squeeze_dim(1)).abs().max().double_value(&[]), 0.0);
+        close(&our_gamma, &weight.grad(), "weight gradient");
+        close(&our_beta, &bias.grad(), "bias gradient");
+        close(&our_running.0, &rm, "running mean");
+        close(&our_running.1, &rv, "running variance");
     }
 }

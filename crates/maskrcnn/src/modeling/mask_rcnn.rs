@@ -2,6 +2,7 @@
 //! detections with pasted masks, as torchvision's `MaskRCNN` in eval mode.
 
 use super::backbone::BackboneWithFpn;
+use super::graphs::BackboneGraphs;
 use super::roi_heads::{Detections, HeadArch, RoiHeads};
 use super::rpn::{Rpn, RpnOutput};
 use super::transform::{resize_target, ImageList, Transform};
@@ -27,6 +28,8 @@ pub struct MaskRcnn {
     /// The dataset categories of labels 1..=K, when known (set by training,
     /// stored in and read from the weights file).
     pub categories: Option<Categories>,
+    /// The backbone's CUDA graphs for inference (`precision.cuda_graphs`).
+    graphs: BackboneGraphs,
 }
 
 /// The five training losses, named as torchvision names them.
@@ -107,6 +110,7 @@ impl MaskRcnn {
             roi_heads,
             config: config.clone(),
             categories: None,
+            graphs: BackboneGraphs::default(),
         })
     }
 
@@ -179,7 +183,10 @@ impl MaskRcnn {
     }
 
     /// Runs inference on `images` (each `[3, H, W]` float RGB in [0, 1] on the
-    /// model's device) and keeps every intermediate result.
+    /// model's device) and keeps every intermediate result. With CUDA graphs
+    /// (`precision.cuda_graphs`) the trace's feature maps are the graph's
+    /// outputs, rewritten by a later call with images of the same padded
+    /// shape: use them before the next call.
     pub fn trace(&self, images: &[Tensor]) -> InferenceTrace {
         let input = &self.config.input;
         let list =
@@ -187,10 +194,26 @@ impl MaskRcnn {
         self.trace_prepared(list)
     }
 
+    /// The FPN's feature maps P2..P6 of a padded batch `[B, 3, H, W]` in
+    /// inference: replayed from a CUDA graph when `precision.cuda_graphs`
+    /// is on (see [`trace`](Self::trace) for how long they stay valid).
+    pub fn inference_features(&self, batch: &Tensor) -> Vec<Tensor> {
+        if self.config.precision.cuda_graphs && batch.device().is_cuda() {
+            self.graphs.forward(&self.backbone, batch)
+        } else {
+            self.backbone.forward(batch, false)
+        }
+    }
+
+    /// CUDA graphs recorded for inference so far (one per padded shape).
+    pub fn recorded_graphs(&self) -> usize {
+        self.graphs.recorded()
+    }
+
     /// The inference forward pass over an already prepared batch.
     fn trace_prepared(&self, list: ImageList) -> InferenceTrace {
         tch::no_grad(|| {
-            let features = self.backbone.forward(&list.tensors, false);
+            let features = self.inference_features(&list.tensors);
             let size = list.tensors.size();
             let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
             let (proposals, _) = rpn.proposals.per_image();

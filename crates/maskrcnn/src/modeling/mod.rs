@@ -2,6 +2,7 @@
 //! assembles them with the input transform.
 
 pub mod backbone;
+pub mod graphs;
 pub mod layers;
 pub mod mask_rcnn;
 pub mod poolers;

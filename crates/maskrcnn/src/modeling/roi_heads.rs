@@ -8,7 +8,9 @@ use crate::modeling::layers::{
 };
 use crate::modeling::poolers::{rois_of_slots, rois_with_batch_index, MultiScaleRoiAlign};
 use crate::modeling::rpn::Proposals;
+use crate::ops::boxes::{boxes_at_least, clip_boxes_to_sizes};
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
+use crate::ops::nms::batched_nms_per_category;
 use crate::ops::sampler::{FgBgSampler, SampleStage};
 use crate::ops::{batched_nms, clip_boxes_to_image, remove_small_boxes, BoxCoder};
 use crate::structures::masks::{polygon_mask_targets, project_masks_on_boxes};
@@ -100,12 +102,15 @@ impl ConvNorm {
         }
     }
 
-    /// `relu(norm(conv(x)))` `[K, cout, S, S]`; BatchNorm uses the RoIs'
-    /// statistics when `train`.
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        match &self.norm {
-            Some(norm) => conv_norm_relu(&self.conv, norm, x, train),
-            None => self.conv.forward_act(x, None, true),
+    /// `relu(norm(conv(x)))` `[K, cout, S, S]`; in training (`rows`: the
+    /// `[K]` weights of the RoIs that count, 1 sampled, 0 padding) a
+    /// BatchNorm uses the statistics of the counted RoIs only, as
+    /// torchvision's heads see only those.
+    fn forward(&self, x: &Tensor, rows: Option<&Tensor>) -> Tensor {
+        match (&self.norm, rows) {
+            (Some(norm), Some(rows)) => norm.forward_rows(&self.conv.forward(x), rows).relu(),
+            (Some(norm), None) => conv_norm_relu(&self.conv, norm, x, false),
+            (None, _) => self.conv.forward_act(x, None, true),
         }
     }
 }
@@ -137,23 +142,24 @@ impl BoxBranch {
     /// Class logits `[K, num_classes]` and deltas `[K, 4 * num_classes]`
     /// for `proposals` (one `[K_i, 4]` per image), in inference.
     pub fn forward(&self, features: &[Tensor], proposals: &[Tensor], image_sizes: &[(i64, i64)]) -> (Tensor, Tensor) {
-        self.forward_rois(features, &rois_with_batch_index(proposals), image_sizes, false)
+        self.forward_rois(features, &rois_with_batch_index(proposals), image_sizes, None)
     }
 
-    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); `train`:
-    /// a BatchNorm in the head uses the RoIs' statistics.
+    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); in
+    /// training `rows` `[K]` weighs the RoIs (1 sampled, 0 padding) whose
+    /// statistics a BatchNorm in the head uses.
     pub fn forward_rois(
         &self,
         features: &[Tensor],
         rois: &Tensor,
         image_sizes: &[(i64, i64)],
-        train: bool,
+        rows: Option<&Tensor>,
     ) -> (Tensor, Tensor) {
         let x = self.pooler.pool(features, rois, image_sizes);
         let x = match &self.head {
             BoxHead::TwoMlp { fc6, fc7 } => fc7.forward(&fc6.forward(&x.flatten(1, -1)).relu()).relu(),
             BoxHead::ConvFc { convs, fc } => {
-                let x = convs.iter().fold(x, |x, c| c.forward(&x, train));
+                let x = convs.iter().fold(x, |x, c| c.forward(&x, rows));
                 fc.forward(&x.flatten(1, -1)).relu()
             }
         };
@@ -195,15 +201,22 @@ impl MaskBranch {
     /// Mask logits `[K, num_classes, 2S, 2S]` for `boxes` (one `[K_i, 4]`
     /// per image), in inference.
     pub fn forward(&self, features: &[Tensor], boxes: &[Tensor], image_sizes: &[(i64, i64)]) -> Tensor {
-        self.forward_rois(features, &rois_with_batch_index(boxes), image_sizes, false)
+        self.forward_rois(features, &rois_with_batch_index(boxes), image_sizes, None)
     }
 
-    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); `train`:
-    /// a BatchNorm in the head uses the RoIs' statistics.
-    pub fn forward_rois(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)], train: bool) -> Tensor {
+    /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); in
+    /// training `rows` `[K]` weighs the RoIs (1 positive, 0 not) whose
+    /// statistics a BatchNorm in the head uses.
+    pub fn forward_rois(
+        &self,
+        features: &[Tensor],
+        rois: &Tensor,
+        image_sizes: &[(i64, i64)],
+        rows: Option<&Tensor>,
+    ) -> Tensor {
         let mut x = self.pooler.pool(features, rois, image_sizes);
         for conv in &self.convs {
-            x = conv.forward(&x, train);
+            x = conv.forward(&x, rows);
         }
         self.mask_fcn_logits.forward(&self.conv5_mask.forward_act(&x, true))
     }
@@ -261,7 +274,10 @@ impl RoiHeads {
     }
 
     /// Softmax scores, per-class boxes, clipping, score threshold, small-box
-    /// removal, per-class NMS and top-`detections_per_img`, per image.
+    /// removal, per-class NMS and top-`detections_per_img`, per image. On
+    /// CUDA every image is handled at once
+    /// ([`postprocess_batched`](Self::postprocess_batched)); on the CPU
+    /// image by image, as torchvision (the same NMS calls, bit for bit).
     pub fn postprocess_detections(
         &self,
         logits: &Tensor,
@@ -270,6 +286,9 @@ impl RoiHeads {
         image_sizes: &[(i64, i64)],
     ) -> Vec<Detections> {
         let device = logits.device();
+        if device.is_cuda() {
+            return self.postprocess_batched(logits, deltas, proposals, image_sizes);
+        }
         let num_classes = logits.size()[1];
         let all_proposals = Tensor::cat(proposals, 0);
         let pred_boxes = self.box_coder.decode(&deltas.to_kind(Kind::Float), &all_proposals); // [K, C, 4]
@@ -293,6 +312,63 @@ impl RoiHeads {
             out.push(d.select(&keep));
         }
         out
+    }
+
+    /// [`postprocess_detections`](Self::postprocess_detections) for all
+    /// images at once, in a fixed handful of host round trips whatever the
+    /// batch size: candidates of every image are filtered together, NMS runs
+    /// per (image, class) in one device pass (IoUs of the boxes' own
+    /// coordinates, as torchvision's per-class NMS for many candidates), and
+    /// each image keeps its `detections_per_img` best.
+    fn postprocess_batched(
+        &self,
+        logits: &Tensor,
+        deltas: &Tensor,
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+    ) -> Vec<Detections> {
+        let device = logits.device();
+        let (num_images, num_classes) = (proposals.len() as i64, logits.size()[1]);
+        let all_proposals = Tensor::cat(proposals, 0);
+        let rows = all_proposals.size()[0];
+        let pred_boxes = self.box_coder.decode(&deltas.to_kind(Kind::Float), &all_proposals); // [K, C, 4]
+        let pred_scores = logits.softmax(-1, Kind::Float);
+        // Each candidate row's image, and that image's size for clipping.
+        let image_of_row: Vec<i64> = proposals
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| std::iter::repeat_n(i as i64, p.size()[0] as usize))
+            .collect();
+        let image_of_row = Tensor::from_slice(&image_of_row).to_device(device);
+        let sizes: Vec<f32> = image_sizes.iter().flat_map(|&(h, w)| [h as f32, w as f32]).collect();
+        let sizes = Tensor::from_slice(&sizes).reshape([num_images, 2]).to_device(device);
+        let boxes = clip_boxes_to_sizes(&pred_boxes, &sizes.index_select(0, &image_of_row));
+        // Every (row, class > 0) pair is a candidate.
+        let foreground = num_classes - 1;
+        let boxes = boxes.narrow(1, 1, foreground).reshape([-1, 4]);
+        let scores = pred_scores.narrow(1, 1, foreground).reshape([-1]);
+        let labels = Tensor::arange_start(1, num_classes, (Kind::Int64, device)).repeat([rows]);
+        let images = image_of_row.unsqueeze(1).expand([rows, foreground], false).reshape([-1]);
+        let candidates =
+            scores.gt(self.cfg.score_thresh).logical_and(&boxes_at_least(&boxes, 1e-2)).nonzero().squeeze_dim(1);
+        let d = Detections::candidates(boxes, scores, labels).select(&candidates);
+        let images = images.index_select(0, &candidates);
+        // Kept by decreasing score, then grouped by image (stably).
+        let keep =
+            batched_nms_per_category(&d.boxes, &d.scores, &(&images * num_classes + &d.labels), self.cfg.nms_thresh);
+        let (kept_images, by_image) = images.index_select(0, &keep).sort_stable(true, 0, false);
+        let keep = keep.index_select(0, &by_image);
+        let per_image = crate::ops::boxes::to_vec_i64(&kept_images.bincount::<Tensor>(None, num_images));
+        let mut start = 0;
+        per_image
+            .iter()
+            .map(|&n| {
+                let take = n.min(self.cfg.detections_per_img as i64);
+                let det = d.select(&keep.narrow(0, start, take));
+                start += n;
+                det
+            })
+            .collect()
     }
 }
 
@@ -416,7 +492,8 @@ impl RoiHeads {
             .reshape([b, slots, 4])
             .where_scalarother(&sampled.positive.unsqueeze(2), 0.0);
         let rois = rois_of_slots(&sampled.boxes);
-        let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes, true);
+        let rows = sampled.weight.reshape([-1]);
+        let (logits, deltas) = self.box_branch.forward_rois(features, &rois, image_sizes, Some(&rows));
         fastrcnn_loss(&logits, &deltas, &sampled.labels, &targets, &sampled.weight, &sampled.positive)
     }
 
@@ -437,9 +514,11 @@ impl RoiHeads {
         let device = boxes.device();
         let targets = mask_targets(gt, &boxes, &sampled.matched.narrow(1, 0, quota), &positive, resolution, device);
         crate::host_timing::mark("mask_targets");
-        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), image_sizes, true);
+        let positive = positive.reshape([-1]);
+        let rows = positive.to_kind(Kind::Float);
+        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), image_sizes, Some(&rows));
         let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
-        maskrcnn_loss(&logits, &labels, &targets, &positive.reshape([-1]))
+        maskrcnn_loss(&logits, &labels, &targets, &positive)
     }
 }
 

@@ -113,7 +113,11 @@ fn batched_nms_coordinate_trick(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, 
     nms(&shifted, scores, iou_threshold)
 }
 
-fn batched_nms_per_category(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold: f64) -> Tensor {
+/// [`batched_nms`] as separate NMS calls per category (torchvision's
+/// `_batched_nms_vanilla`): the IoUs of the boxes' own coordinates, without
+/// the coordinate trick's offsets, whatever the number of categories. On
+/// CUDA all categories are suppressed in one device pass.
+pub fn batched_nms_per_category(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold: f64) -> Tensor {
     let mut keep_mask = Tensor::zeros_like(scores).to_kind(Kind::Bool);
     if boxes.device() == Device::Cpu {
         let (categories, _, _) = idxs.unique_dim(0, true, false, false);

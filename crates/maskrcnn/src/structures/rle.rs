@@ -30,18 +30,31 @@ pub struct MaskWindow {
     pub pixels: Vec<u8>,
 }
 
+impl MaskWindow {
+    /// A mask with no foreground (an empty window).
+    pub fn empty() -> Self {
+        MaskWindow { x0: 0, y0: 0, width: 0, height: 0, pixels: Vec::new() }
+    }
+}
+
 /// Encodes `windows` of masks of an `h`×`w` image, spread over the CPU's cores.
 pub fn encode_windows_parallel(windows: &[MaskWindow], h: usize, w: usize) -> Vec<CompressedRle> {
-    let encode = |m: &MaskWindow| encode_window(&m.pixels, m.x0, m.y0, m.width, m.height, h, w);
+    map_parallel(windows, |m| encode_window(&m.pixels, m.x0, m.y0, m.width, m.height, h, w))
+}
+
+/// `items.iter().map(f)` spread over the CPU's cores in contiguous chunks
+/// (in order; on one thread for fewer than 8 items).
+pub fn map_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if threads <= 1 || windows.len() < 8 {
-        return windows.iter().map(encode).collect();
+    if threads <= 1 || items.len() < 8 {
+        return items.iter().map(f).collect();
     }
-    let chunk = windows.len().div_ceil(threads);
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|s| {
         let handles: Vec<_> =
-            windows.chunks(chunk).map(|part| s.spawn(move || part.iter().map(encode).collect::<Vec<_>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+            items.chunks(chunk).map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("an encoding thread panicked")).collect()
     })
 }
 

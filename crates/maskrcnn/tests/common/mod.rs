@@ -107,6 +107,14 @@ pub fn to_vec_i64(t: &Tensor) -> Vec<i64> {
     v
 }
 
+#[allow(dead_code)]
+pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
+    let t = t.to_kind(tch::Kind::Double).to_device(Device::Cpu).contiguous();
+    let mut v = vec![0f64; t.numel()];
+    t.copy_data(&mut v, t.numel());
+    v
+}
+
 /// The `maskrcnn` binary: `MASKRCNN_BIN` where the tests run away from the
 /// build tree (the GPU machine), else the one cargo built.
 #[allow(dead_code)]

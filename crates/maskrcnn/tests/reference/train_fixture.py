@@ -3,9 +3,12 @@ seeded model, with every sample its two BalancedPositiveNegativeSamplers drew
 recorded so the Rust side can replay them.
 
 Usage: python train_fixture.py OUT_DIR [--depth 50] [--classes 7] [--min-size 320]
-           [--max-size 512] [--device cpu|cuda]
+           [--max-size 512] [--device cpu|cuda] [--arch v1|v2]
+--arch v2: torchvision's maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None),
+whose BatchNorm layers train with batch statistics.
 Writes OUT_DIR/weights.safetensors and OUT_DIR/train.safetensors with
-image.{i}, boxes.{i}, labels.{i}, masks.{i}; loss.<name>; grad.<param>;
+image.{i}, boxes.{i}, labels.{i}, masks.{i}; loss.<name>; grad.<param> (and
+grad2.<param>: a second identical pass; grad64.<param>: the pass in float64);
 sample.{call}.{stage}.{image}.pos/neg (stage 0 = RPN, 1 = RoI heads).
 """
 import argparse
@@ -23,6 +26,7 @@ ap.add_argument("--min-size", type=int, default=256)
 ap.add_argument("--max-size", type=int, default=512)
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--seed", type=int, default=3)
+ap.add_argument("--arch", default="v1", choices=["v1", "v2"])
 args = ap.parse_args()
 os.makedirs(args.out, exist_ok=True)
 torch.manual_seed(args.seed)
@@ -32,7 +36,7 @@ dev = torch.device(args.device)
 # differences of two correct implementations into 1e-3-level ones.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
-model = build(args.depth, args.classes, args.min_size, args.max_size, gen).to(dev)
+model = build(args.depth, args.classes, args.min_size, args.max_size, gen, arch=args.arch).to(dev)
 model.train()
 
 # Images: two with instances, one with none (a negative); all 256x384, a
@@ -91,6 +95,32 @@ out = {}
 for n, p in model.named_parameters():
     if n in first_grads:
         out[f"grad2.{n}"] = p.grad
+# The same pass in float64 (same samples): how far torchvision's own
+# float32 gradients are from exact ones. Chains of BatchNorm layers in
+# training (v2's heads) amplify float32 rounding in the backward pass.
+import copy
+model64 = copy.deepcopy(model).double()
+del model64.rpn.forward  # the recording wrapper calls the float32 model's RPN
+rpn64_forward = model64.rpn.forward
+
+
+def float32_proposals(*a, **kw):
+    # The RPN's losses in float64, but the float32 pass's proposals: the
+    # replayed samples index them, and float64 scores would order and
+    # suppress some proposals differently.
+    _, rpn_losses = rpn64_forward(*a, **kw)
+    return [b.double() for b in rpn_boxes], rpn_losses
+
+
+model64.rpn.forward = float32_proposals
+model64.zero_grad()
+replay = list(recorded)
+sum(model64([im.double() for im in images],
+            [{k: (v.double() if v.is_floating_point() else v) for k, v in t.items()} for t in targets]).values()).backward()
+for n, p in model64.named_parameters():
+    if n in first_grads:
+        out[f"grad64.{n}"] = p.grad.float()
+del model64
 # On CUDA: torchvision's CPU arithmetic on the same inputs and samples, to
 # measure how far torchvision's own CPU and CUDA gradients are apart.
 if dev.type == "cuda":

@@ -3,7 +3,7 @@ project builds its model (ResNet-FPN, FrozenBatchNorm2d with plausible random
 statistics, trainable_layers=3) and synthetic shape images with targets."""
 import torch
 from torchvision.models import resnet
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
@@ -25,15 +25,24 @@ def randomize_statistics(module, gen):
 
 
 def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_depth=1, box_head="2mlp",
-          head_norm="none"):
+          head_norm="none", arch="v1", trainable_layers=3):
     """v1 by default; `fpn_norm` ("frozen_bn", "bn") puts that norm in the FPN
     (`_resnet_fpn_extractor(..., norm_layer=...)`), `rpn_conv_depth` 2 is
     v2's RPN head, `box_head` "4conv1fc" v2's FastRCNNConvFCHead and
-    `head_norm` "bn" v2's BatchNorm in the box and mask heads."""
+    `head_norm` "bn" v2's BatchNorm in the box and mask heads. `arch="v2"`
+    is torchvision's own `maskrcnn_resnet50_fpn_v2(weights=None,
+    weights_backbone=None)` (BatchNorm2d everywhere, every stage trainable;
+    the part options are ignored)."""
+    if arch == "v2":
+        assert depth == 50, "torchvision's v2 builder is ResNet-50 only"
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=classes,
+                                         min_size=min_size, max_size=max_size)
+        randomize_statistics(model, gen)
+        return model
     body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
     randomize_statistics(body, gen)
     norm_layer = {"none": None, "frozen_bn": FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}[fpn_norm]
-    backbone = _resnet_fpn_extractor(body, trainable_layers=3, norm_layer=norm_layer)
+    backbone = _resnet_fpn_extractor(body, trainable_layers=trainable_layers, norm_layer=norm_layer)
     randomize_statistics(backbone.fpn, gen)
     # v1 lets MaskRCNN build its RPN head (the same random init order as before).
     rpn_head = None if rpn_conv_depth == 1 else RPNHead(backbone.out_channels, 3, conv_depth=rpn_conv_depth)

@@ -54,12 +54,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let device = args.device.resolve()?;
     match args.what {
         BenchWhat::Infer => {
+            let mut config = args.config.resolve()?;
+            // The peer's benchmark keeps every detection (score threshold 0)
+            // unless the threshold is set here.
+            if !args.config.set.iter().any(|s| s.trim_start().starts_with("roi_heads.score_thresh")) {
+                config.roi_heads.score_thresh = 0.0;
+            }
             let opts = InferBench {
                 batch: args.batch.max(1),
                 iters: args.iters.max(1),
                 warmup: 5,
                 amp: args.amp.into(),
                 device,
+                config,
             };
             let r = run_infer_bench(&opts)?;
             report(&r, args.json)?;
@@ -73,6 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 amp: args.amp.into(),
                 channels_last: config.precision.channels_last,
                 device,
+                config,
                 profile_range: args.profile_range,
             };
             let r = maskrcnn::engine::train_bench::run_train_bench(&opts)?;
