@@ -248,6 +248,8 @@ fn match_detections(ours: &HashMap<&str, Tensor>, theirs: &HashMap<&str, Tensor>
 }
 
 fn check(case: &Case, device: Device) {
+    // As the oracle: full float32, no TF32 (see inference_fixture.py).
+    maskrcnn::shim::set_tf32(false);
     let dir = fixture(case, device);
     let out = load(&dir.join("outputs.safetensors"), device);
     let model = model_for(case, &dir, device);

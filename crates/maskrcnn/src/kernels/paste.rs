@@ -66,17 +66,18 @@ __device__ __noinline__ bool pasted(const void* masks, int kind, long long base,
 // image's column-major order), bit 1 where a foreground run ends right after
 // it (at the bottom of a window column whose next image pixel is outside
 // the window).
-// windows [D, 8] int32 per detection: x0, y0, w, h (the expanded integer
+// windows [D, 9] int32 per detection: x0, y0, w, h (the expanded integer
 // box: resize target w x h at image (x0, y0)), px0, py0, pw, ph (the part
-// inside the image); offsets [D] int64: where its pw*ph bytes start in out.
+// inside the image), im_h (its image's rows); offsets [D] int64: where its
+// pw*ph bytes start in out.
 // masks [D, m, m] of kind 0 float32, 1 float16, 2 bfloat16.
 // Grid: (blocks per detection, D).
 extern "C" __global__ void paste_masks_run_edges(const void* masks, int kind, int m, const int* windows,
-    const long long* offsets, int im_h, unsigned char* out) {
+    const long long* offsets, unsigned char* out) {
   const int d = blockIdx.y;
-  const int* wd = windows + 8 * d;
+  const int* wd = windows + 9 * d;
   const int x0 = wd[0], y0 = wd[1], w = wd[2], h = wd[3];
-  const int px0 = wd[4], py0 = wd[5], pw = wd[6], ph = wd[7];
+  const int px0 = wd[4], py0 = wd[5], pw = wd[6], ph = wd[7], im_h = wd[8];
   const long long n = (long long)pw * ph;
   const long long base = (long long)d * m * m;
   // area_pixel_compute_scale<float>(in, out, align_corners=false, no scale)
@@ -101,7 +102,7 @@ extern "C" __global__ void paste_masks_run_edges(const void* masks, int kind, in
 
 /// One detection's pasted window: its expanded integer box at (`x0`, `y0`)
 /// of `w`×`h` pixels (the size its mask is resized to) and the part of it
-/// inside the image at (`px0`, `py0`) of `pw`×`ph` pixels
+/// inside its `im_h`×`im_w` image at (`px0`, `py0`) of `pw`×`ph` pixels
 /// (`structures::masks::paste_windows` computes them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PasteWindow {
@@ -113,6 +114,8 @@ pub struct PasteWindow {
     pub py0: i64,
     pub pw: i64,
     pub ph: i64,
+    pub im_h: i64,
+    pub im_w: i64,
 }
 
 impl PasteWindow {
@@ -123,13 +126,13 @@ impl PasteWindow {
 }
 
 /// The run edges of detections `masks` `[D, 1, M, M]` (f32, f16 or bf16
-/// probabilities on a CUDA device) pasted at `windows` (one per detection)
-/// into an image of `im_h` rows and thresholded at 0.5: one byte per window
+/// probabilities on a CUDA device) pasted at `windows` (one per detection,
+/// each into its own image) and thresholded at 0.5: one byte per window
 /// pixel, the windows one after another, each column-major; bit 0 marks a
 /// run starting at the pixel (COCO's column-major order over the image),
 /// bit 1 a foreground run ending right after it. `[Σ pw·ph]` uint8 on the
 /// device; `None` off CUDA or when the kernel is unavailable.
-pub fn paste_run_edges(masks: &Tensor, windows: &[PasteWindow], im_h: i64) -> Option<Tensor> {
+pub fn paste_run_edges(masks: &Tensor, windows: &[PasteWindow]) -> Option<Tensor> {
     let Device::Cuda(index) = masks.device() else { return None };
     let kind = match masks.kind() {
         Kind::Float => 0i32,
@@ -145,12 +148,12 @@ pub fn paste_run_edges(masks: &Tensor, windows: &[PasteWindow], im_h: i64) -> Op
     let f = kernels.function("paste_masks_run_edges")?;
     let m = masks.size()[3] as i32;
     let masks = masks.contiguous();
-    let mut table = Vec::with_capacity(8 * windows.len());
+    let mut table = Vec::with_capacity(9 * windows.len());
     let mut offsets = Vec::with_capacity(windows.len());
     let mut total = 0i64;
     let mut largest = 0i64;
     for w in windows {
-        table.extend([w.x0, w.y0, w.w, w.h, w.px0, w.py0, w.pw, w.ph].map(|v| v as i32));
+        table.extend([w.x0, w.y0, w.w, w.h, w.px0, w.py0, w.pw, w.ph, w.im_h].map(|v| v as i32));
         offsets.push(total);
         total += w.pw * w.ph;
         largest = largest.max(w.pw * w.ph);
@@ -165,13 +168,12 @@ pub fn paste_run_edges(masks: &Tensor, windows: &[PasteWindow], im_h: i64) -> Op
     // Enough blocks that the largest window has a few pixels per thread.
     let blocks = (largest / (THREADS * 4)).clamp(1, 1024) as u32;
     let ptrs = [&masks, &table, &offsets, &out].map(|t| t.data_ptr() as u64);
-    let im_h = im_h as i32;
     let cfg = LaunchConfig { grid_dim: (blocks, d as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
     let stream = kernels.stream();
     let mut l = stream.launch_builder(f);
-    l.arg(&ptrs[0]).arg(&kind).arg(&m).arg(&ptrs[1]).arg(&ptrs[2]).arg(&im_h).arg(&ptrs[3]);
+    l.arg(&ptrs[0]).arg(&kind).arg(&m).arg(&ptrs[1]).arg(&ptrs[2]).arg(&ptrs[3]);
     // SAFETY: contiguous tensors on this device: masks [D, 1, M, M] of the
-    // dtype `kind` names, table [D, 8] i32 windows inside the image,
+    // dtype `kind` names, table [D, 9] i32 windows inside their images,
     // offsets [D] i64 with offsets[i] + pw·ph ≤ total, out [total] u8;
     // alive until later work on this stream.
     super::launched("paste_masks_run_edges", unsafe { l.launch(cfg) })?;

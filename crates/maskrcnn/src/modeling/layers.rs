@@ -350,21 +350,20 @@ impl Norm {
             return self.forward(x, true);
         }
         let (n, c) = (x.size()[0], x.size()[1]);
-        let per_row = (x.numel() as i64 / (n * c).max(1)) as f64; // H·W
-                                                                  // In float64 throughout: the backward pass subtracts the mean
-                                                                  // gradient from each gradient, and float32 sums over ~10^5 values
-                                                                  // there lose ~1e-3 of the result (torch's own CPU BatchNorm
-                                                                  // accumulates in float64 too).
-        let xd = x.to_kind(Kind::Double);
-        let weights = rows.to_kind(Kind::Double).reshape([-1, 1, 1, 1]);
-        let count = rows.to_kind(Kind::Double).sum(Kind::Double) * per_row;
+        // H·W values per row and channel.
+        let per_row = (x.numel() as i64 / (n * c).max(1)) as f64;
+        // In float32, as torch's CUDA BatchNorm (float64 here changed the
+        // gradients by less than their float32 error, see train_parity).
+        let xf = x.to_kind(Kind::Float);
+        let weights = rows.to_kind(Kind::Float).reshape([-1, 1, 1, 1]);
+        let count = rows.to_kind(Kind::Float).sum(Kind::Float) * per_row;
         let denominator = count.clamp_min(1.0);
-        let channel_sum = |t: &Tensor| (t * &weights).sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Double);
-        let mean = channel_sum(&xd) / &denominator;
-        let centered = &xd - mean.reshape([1, -1, 1, 1]);
+        let channel_sum = |t: &Tensor| (t * &weights).sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Float);
+        let mean = channel_sum(&xf) / &denominator;
+        let centered = &xf - mean.reshape([1, -1, 1, 1]);
         let var = channel_sum(&centered.square()) / &denominator;
-        let scale = (&var + 1e-5).rsqrt() * bn.weight.to_kind(Kind::Double);
-        let y = centered * scale.reshape([1, -1, 1, 1]) + bn.bias.to_kind(Kind::Double).reshape([1, -1, 1, 1]);
+        let scale = (&var + 1e-5).rsqrt() * &bn.weight;
+        let y = centered * scale.reshape([1, -1, 1, 1]) + bn.bias.reshape([1, -1, 1, 1]);
         // Running statistics (momentum 0.1, unbiased variance), unchanged
         // when no row counts: no host sync either way.
         tch::no_grad(|| {

@@ -10,7 +10,7 @@ use super::{weights, ModelError};
 use crate::config::Config;
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
-use crate::structures::masks::paste_masks_as_rle;
+use crate::structures::masks::paste_masks_as_rle_batch;
 use crate::structures::{Categories, Target, TargetBatch};
 use std::path::Path;
 use tch::nn::VarStore;
@@ -293,17 +293,24 @@ impl MaskRcnn {
     /// largest box, whatever the image size).
     pub fn postprocess(&self, trace: InferenceTrace, original_sizes: &[(i64, i64)]) -> Vec<Detections> {
         tch::no_grad(|| {
-            trace
+            let mut detections: Vec<Detections> = trace
                 .detections
                 .into_iter()
                 .zip(&trace.images.image_sizes)
                 .zip(original_sizes)
-                .map(|((d, &resized), &original)| {
-                    let boxes = resize_boxes(&d.boxes, resized, original);
-                    let segmentations = d.masks.as_ref().map(|m| paste_masks_as_rle(m, &boxes, original));
-                    Detections { boxes, scores: d.scores, labels: d.labels, masks: d.masks, segmentations }
-                })
-                .collect()
+                .map(|((d, &resized), &original)| Detections { boxes: resize_boxes(&d.boxes, resized, original), ..d })
+                .collect();
+            // Every image's masks pasted together (one launch on CUDA).
+            let with_masks: Vec<usize> = (0..detections.len()).filter(|&i| detections[i].masks.is_some()).collect();
+            let batch: Vec<(&Tensor, &Tensor, (i64, i64))> = with_masks
+                .iter()
+                .filter_map(|&i| detections[i].masks.as_ref().map(|m| (m, &detections[i].boxes, original_sizes[i])))
+                .collect();
+            let rles = paste_masks_as_rle_batch(&batch);
+            for (i, r) in with_masks.into_iter().zip(rles) {
+                detections[i].segmentations = Some(r);
+            }
+            detections
         })
     }
 }

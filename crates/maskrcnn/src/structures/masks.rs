@@ -33,6 +33,30 @@ pub fn paste_masks_as_rle(masks: &Tensor, boxes: &Tensor, image_size: (i64, i64)
     paste_masks_as_rle_pending(masks, boxes, image_size, WINDOW_PIXELS_PENDING)
 }
 
+/// [`paste_masks_as_rle`] for the detections of several images at once
+/// (`(masks, boxes, image size)` each): on CUDA one pasting launch, one
+/// compaction and one copy serve the whole batch. Returns each image's RLEs.
+pub fn paste_masks_as_rle_batch(images: &[(&Tensor, &Tensor, (i64, i64))]) -> Vec<Vec<CompressedRle>> {
+    let on_device = !images.is_empty() && images.iter().all(|(m, _, _)| m.device().is_cuda());
+    if on_device {
+        let m = images[0].0.size()[3];
+        let boxes = Tensor::cat(&images.iter().map(|(_, b, _)| *b).collect::<Vec<_>>(), 0);
+        let coords = expanded_integer_boxes(&boxes, m);
+        let sizes = images.iter().flat_map(|(masks, _, size)| std::iter::repeat_n(*size, masks.size()[0] as usize));
+        let windows: Vec<PasteWindow> = coords.iter().zip(sizes).map(|(c, size)| window_or_empty(*c, size)).collect();
+        let masks = Tensor::cat(&images.iter().map(|(m, _, _)| *m).collect::<Vec<_>>(), 0);
+        if let Some(mut all) = paste_as_rle_on_device(&masks, &windows, WINDOW_PIXELS_PENDING) {
+            let mut out = Vec::with_capacity(images.len());
+            for (masks, _, _) in images.iter().rev() {
+                out.push(all.split_off(all.len() - masks.size()[0] as usize));
+            }
+            out.reverse();
+            return out;
+        }
+    }
+    images.iter().map(|(masks, boxes, size)| paste_masks_as_rle(masks, boxes, *size)).collect()
+}
+
 /// [`paste_masks_as_rle`] encoding whenever `budget` window pixels wait.
 fn paste_masks_as_rle_pending(
     masks: &Tensor,
@@ -42,7 +66,8 @@ fn paste_masks_as_rle_pending(
 ) -> Vec<CompressedRle> {
     let windows = paste_windows(boxes, masks.size()[3], image_size);
     if masks.device().is_cuda() {
-        if let Some(rles) = paste_as_rle_on_device(masks, &windows, image_size, budget) {
+        let all: Vec<PasteWindow> = windows.iter().map(|w| w.unwrap_or(empty_window(image_size))).collect();
+        if let Some(rles) = paste_as_rle_on_device(masks, &all, budget) {
             return rles;
         }
     }
@@ -70,19 +95,11 @@ fn paste_masks_as_rle_pending(
 }
 
 /// [`paste_masks_as_rle_pending`] with the pasting kernel: groups of
-/// detections whose windows hold at most `budget` pixels (at least one
-/// detection each) are pasted in one launch into run edges, of which only
-/// the marked pixels come to the host. `None` when the kernel is
-/// unavailable.
-fn paste_as_rle_on_device(
-    masks: &Tensor,
-    windows: &[Option<PasteWindow>],
-    image_size: (i64, i64),
-    budget: usize,
-) -> Option<Vec<CompressedRle>> {
-    let (h, w) = image_size;
-    let empty = PasteWindow { x0: 0, y0: 0, w: 1, h: 1, px0: 0, py0: 0, pw: 0, ph: 0 };
-    let windows: Vec<PasteWindow> = windows.iter().map(|w| w.unwrap_or(empty)).collect();
+/// detections (`windows`, one per mask, each in its own image) whose
+/// windows hold at most `budget` pixels (at least one detection each) are
+/// pasted in one launch into run edges, of which only the marked pixels
+/// come to the host. `None` when the kernel is unavailable.
+fn paste_as_rle_on_device(masks: &Tensor, windows: &[PasteWindow], budget: usize) -> Option<Vec<CompressedRle>> {
     let mut out = Vec::with_capacity(windows.len());
     let mut start = 0usize;
     while start < windows.len() {
@@ -93,8 +110,7 @@ fn paste_as_rle_on_device(
             end += 1;
         }
         let group = &windows[start..end];
-        let edges =
-            crate::kernels::paste::paste_run_edges(&masks.narrow(0, start as i64, group.len() as i64), group, h)?;
+        let edges = crate::kernels::paste::paste_run_edges(&masks.narrow(0, start as i64, group.len() as i64), group)?;
         let marked = edges.nonzero().squeeze_dim(1);
         let codes = bytes_of(&edges.index_select(0, &marked).to_device(tch::Device::Cpu));
         let marked = crate::ops::boxes::to_vec_i64(&marked);
@@ -112,6 +128,7 @@ fn paste_as_rle_on_device(
             })
             .collect();
         out.extend(crate::structures::rle::map_parallel(&spans, |(win, range, offset)| {
+            let h = win.im_h;
             let mut transitions = Vec::with_capacity(range.len() + 1);
             for (&p, &code) in marked[range.clone()].iter().zip(&codes[range.clone()]) {
                 let q = p - offset;
@@ -123,7 +140,7 @@ fn paste_as_rle_on_device(
                     transitions.push(position + 1);
                 }
             }
-            rle_from_transitions(&transitions, h, w)
+            rle_from_transitions(&transitions, h, win.im_w)
         }));
         start = end;
     }
@@ -175,21 +192,37 @@ fn mask_window(window: &PasteWindow, pixels: Vec<u8>) -> MaskWindow {
 /// scale `(M + 2) / M`, truncated to integers, at least 1×1; `None` where
 /// it lies wholly outside the image.
 pub fn paste_windows(boxes: &Tensor, m: i64, image_size: (i64, i64)) -> Vec<Option<PasteWindow>> {
-    let (im_h, im_w) = image_size;
+    expanded_integer_boxes(boxes, m).into_iter().map(|c| window_of(c, image_size)).collect()
+}
+
+/// `boxes` `[D, 4]` expanded by `(M + 2) / M` about their centers and
+/// truncated to integers (torchvision's `expand_boxes(...).to(int64)`), on
+/// the host.
+fn expanded_integer_boxes(boxes: &Tensor, m: i64) -> Vec<[i64; 4]> {
     let padding = 1;
     let scale = (m + 2 * padding) as f64 / m as f64;
     let boxes = expand_boxes(&boxes.to_kind(Kind::Float), scale).to_kind(Kind::Int64);
     let coords = crate::ops::boxes::to_vec_i64(&boxes.reshape([-1]));
-    coords
-        .chunks(4)
-        .map(|c| {
-            let [x0, y0, x1, y1] = [c[0], c[1], c[2], c[3]];
-            let (w, h) = ((x1 - x0 + 1).max(1), (y1 - y0 + 1).max(1));
-            let (px0, px1) = (x0.max(0), (x1 + 1).min(im_w));
-            let (py0, py1) = (y0.max(0), (y1 + 1).min(im_h));
-            (px1 > px0 && py1 > py0).then_some(PasteWindow { x0, y0, w, h, px0, py0, pw: px1 - px0, ph: py1 - py0 })
-        })
-        .collect()
+    coords.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+}
+
+/// The window of the expanded integer box `[x0, y0, x1, y1]` in an image of
+/// `(im_h, im_w)`; `None` when it lies wholly outside.
+fn window_of([x0, y0, x1, y1]: [i64; 4], (im_h, im_w): (i64, i64)) -> Option<PasteWindow> {
+    let (w, h) = ((x1 - x0 + 1).max(1), (y1 - y0 + 1).max(1));
+    let (px0, px1) = (x0.max(0), (x1 + 1).min(im_w));
+    let (py0, py1) = (y0.max(0), (y1 + 1).min(im_h));
+    (px1 > px0 && py1 > py0).then_some(PasteWindow { x0, y0, w, h, px0, py0, pw: px1 - px0, ph: py1 - py0, im_h, im_w })
+}
+
+/// [`window_of`], with an empty window (no pixels) for a box outside.
+fn window_or_empty(coords: [i64; 4], image_size: (i64, i64)) -> PasteWindow {
+    window_of(coords, image_size).unwrap_or(empty_window(image_size))
+}
+
+/// A window of no pixels in an image of `(im_h, im_w)`: an empty mask.
+fn empty_window((im_h, im_w): (i64, i64)) -> PasteWindow {
+    PasteWindow { x0: 0, y0: 0, w: 1, h: 1, px0: 0, py0: 0, pw: 0, ph: 0, im_h, im_w }
 }
 
 /// Detection `i`'s mask of `masks` `[D, 1, M, M]`, zero-padded by one pixel,
@@ -343,6 +376,15 @@ mod paste_tests {
             // Probabilities crowded around the threshold, so rounding matters.
             let masks = (Tensor::rand([d, 1, 28, 28], (Kind::Float, device)) * 0.2 + 0.4).to_kind(kind);
             let (dense, expected) = dense_rles(&masks, &boxes, (h, w));
+            // Also as two images of one batch, of different sizes.
+            let half = d / 2;
+            let parts = [(0, half, (h, w)), (half, d - half, (300, 500))];
+            let batch: Vec<(Tensor, Tensor, (i64, i64))> =
+                parts.iter().map(|&(s, n, size)| (masks.narrow(0, s, n), boxes.narrow(0, s, n), size)).collect();
+            let refs: Vec<(&Tensor, &Tensor, (i64, i64))> = batch.iter().map(|(m, b, s)| (m, b, *s)).collect();
+            for ((m, b, size), got) in batch.iter().zip(paste_masks_as_rle_batch(&refs)) {
+                assert_eq!(got, paste_masks_as_rle(m, b, *size), "{kind:?} {size:?}: batched pasting differs");
+            }
             for budget in [WINDOW_PIXELS_PENDING, 1] {
                 let rles = paste_masks_as_rle_pending(&masks, &boxes, (h, w), budget);
                 let differing = rles.iter().zip(&expected).filter(|(a, b)| a != b).count();
