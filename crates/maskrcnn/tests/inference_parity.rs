@@ -257,6 +257,17 @@ fn check(case: &Case, device: Device) {
     let images: Vec<Tensor> = (0..n).map(|i| out[&format!("image.{i}")].shallow_clone()).collect();
     let originals: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
     let trace = model.trace(&images);
+    if device != Device::Cpu {
+        // The third call with these images replays the backbone's CUDA graph
+        // (recorded at the second): the same feature maps, bit for bit.
+        for _ in 0..2 {
+            let again = model.trace(&images);
+            for (l, (a, b)) in again.features.iter().zip(&trace.features).enumerate() {
+                assert!(a.equal(b), "{}: FPN level {l} differs when replayed from the CUDA graph", case.name);
+            }
+        }
+        assert_eq!(model.recorded_graphs(), 1, "{}: the backbone was not replayed from a graph", case.name);
+    }
 
     // Transform: the same resized sizes and padded batch.
     let sizes = to_vec_i64(&out["image_sizes"]);

@@ -133,3 +133,35 @@ fn integer_or_non_finite_weights_are_refused_with_the_tensor_named() {
     assert!(e.contains("NaN or infinite") && e.contains("backbone.fpn.layer_blocks.0.0.weight"), "{e}");
     assert!(!e.contains('\n'), "{e}");
 }
+
+/// Fine-tuning from torchvision's v2 model (`maskrcnn_resnet50_fpn_v2`, COCO's
+/// 91 classes, `save_file(model.state_dict())`, BatchNorm buffers with
+/// `num_batches_tracked`) with the v2 preset and 7 classes: every tensor but
+/// the class-dependent predictors comes from the file, the predictors start
+/// fresh at the new size.
+#[test]
+fn a_v2_checkpoint_fine_tunes_with_another_class_count() {
+    let file = common::fixture_dir().join("maskrcnn_r50_fpn_v2_91.safetensors");
+    common::run_reference("detection_weights.py", &["50", "91", file.to_str().unwrap(), "--v2"], &file);
+    let preset = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/maskrcnn_r50_fpn_v2.toml");
+    let sets = ["model.num_classes=7".to_string(), format!("model.weights='{}'", file.display())];
+    let config = Config::load(Some(&preset), &sets).unwrap();
+    let model = MaskRcnn::new(&config, Device::Cpu).unwrap();
+    let classes = maskrcnn::modeling::weights::load_pretrained_model(&model.vs, &file).unwrap();
+    assert_eq!(classes, 91);
+    let stored: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&file).unwrap().into_iter().collect();
+    let vars = model.vs.variables();
+    let mut copied = 0;
+    for (name, t) in &vars {
+        if name.contains("box_predictor") || name.contains("mask_fcn_logits") {
+            assert_eq!(t.size()[0], if name.contains("bbox_pred") { 28 } else { 7 }, "{name}");
+        } else {
+            assert!(t.equal(&stored[name]), "{name} not copied");
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, vars.len() - 6);
+    assert!(vars.contains_key("backbone.fpn.inner_blocks.0.1.running_var"), "the FPN's BatchNorm is loaded");
+    assert!(vars.contains_key("roi_heads.box_head.5.weight"), "the 4conv1fc box head is loaded");
+}
