@@ -34,6 +34,11 @@ struct Case {
     arch: &'static str,
     /// Trainable backbone stages of the oracle's `_resnet_fpn_extractor`.
     trainable_layers: usize,
+    /// Whether the fixture also writes the PNG/COCO files that predict_cli
+    /// reads from the same folder (its cases: R101 and v2).
+    files: bool,
+    /// SGD steps that sharpen the oracle's random model (`--steps`).
+    steps: usize,
 }
 
 const R101_SMALL: Case = Case {
@@ -49,6 +54,8 @@ const R101_SMALL: Case = Case {
     head_norm: "none",
     arch: "v1",
     trainable_layers: 3,
+    files: true,
+    steps: 10,
 };
 const R50_DEFAULT: Case = Case {
     name: "r50_c91",
@@ -56,13 +63,17 @@ const R50_DEFAULT: Case = Case {
     classes: 91,
     min_size: 800,
     max_size: 1333,
-    sizes: "480x640,40x50,1600x2400",
+    // One image larger than max_size (a tiny one and a batch of several
+    // sizes are R101_SMALL's and R50_V2's cases).
+    sizes: "1600x2400",
     fpn_norm: "none",
     rpn_conv_depth: 1,
     box_head: "2mlp",
     head_norm: "none",
     arch: "v1",
     trainable_layers: 3,
+    files: false,
+    steps: 10,
 };
 /// torchvision's `maskrcnn_resnet50_fpn_v2(weights=None,
 /// weights_backbone=None)`, briefly trained: BatchNorm (running statistics
@@ -81,6 +92,8 @@ const R50_V2: Case = Case {
     head_norm: "bn",
     arch: "v2",
     trainable_layers: 5,
+    files: true,
+    steps: 6,
 };
 /// v1 with a frozen-BatchNorm FPN: the backbone of
 /// `_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 5,
@@ -98,6 +111,8 @@ const R50_FPN_FROZEN_BN: Case = Case {
     head_norm: "none",
     arch: "v1",
     trainable_layers: 5,
+    files: false,
+    steps: 10,
 };
 
 fn fixture(case: &Case, device: Device) -> PathBuf {
@@ -107,7 +122,8 @@ fn fixture(case: &Case, device: Device) -> PathBuf {
         (case.depth.to_string(), case.classes.to_string(), case.min_size.to_string(), case.max_size.to_string());
     let rpn_depth = case.rpn_conv_depth.to_string();
     let trainable = case.trainable_layers.to_string();
-    let args = [
+    let steps = case.steps.to_string();
+    let mut args = [
         dir.to_str().unwrap(),
         "--depth",
         &depth,
@@ -133,7 +149,13 @@ fn fixture(case: &Case, device: Device) -> PathBuf {
         case.arch,
         "--trainable-layers",
         &trainable,
-    ];
+        "--steps",
+        &steps,
+    ]
+    .to_vec();
+    if !case.files {
+        args.push("--no-files");
+    }
     run_reference("inference_fixture.py", &args, &dir.join("outputs.safetensors"));
     dir
 }

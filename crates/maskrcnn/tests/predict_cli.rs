@@ -51,6 +51,8 @@ fn fixture_v2() -> PathBuf {
             "v2",
             "--trainable-layers",
             "5",
+            "--steps",
+            "6",
         ],
     )
 }

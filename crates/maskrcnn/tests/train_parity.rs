@@ -157,8 +157,10 @@ fn check(case: &Case, device: Device) {
         let norm = reference.to_kind(Kind::Double).norm().double_value(&[]);
         let rel = if norm == 0.0 { diff } else { diff / norm };
         // torchvision's own spread between two identical passes on this device.
-        let again = &t[&format!("grad2.{name}")];
-        let noise = (again - reference).to_kind(Kind::Double).norm().double_value(&[]) / norm.max(1e-30);
+        // (On the CPU torchvision repeats itself exactly: no second pass.)
+        let noise = t
+            .get(&format!("grad2.{name}"))
+            .map_or(0.0, |again| (again - reference).to_kind(Kind::Double).norm().double_value(&[]) / norm.max(1e-30));
         if rel > worst.0 {
             worst = (rel, name.clone());
         }
@@ -175,10 +177,15 @@ fn check(case: &Case, device: Device) {
         // Against exact (float64) gradients: ours within twice torchvision's
         // own float32 error (the BatchNorm chains of v2's heads amplify
         // float32 rounding in the backward pass).
-        let exact = &t[&format!("grad64.{name}")];
-        let exact_norm = exact.to_kind(Kind::Double).norm().double_value(&[]).max(1e-30);
-        let error_of = |g: &Tensor| (g - exact).to_kind(Kind::Double).norm().double_value(&[]) / exact_norm;
-        let (ours64, theirs64) = (error_of(&g), error_of(reference));
+        // (The oracle runs the float64 pass for v2 only.)
+        let (ours64, theirs64) = match t.get(&format!("grad64.{name}")) {
+            Some(exact) => {
+                let exact_norm = exact.to_kind(Kind::Double).norm().double_value(&[]).max(1e-30);
+                let error_of = |g: &Tensor| (g - exact).to_kind(Kind::Double).norm().double_value(&[]) / exact_norm;
+                (error_of(&g), error_of(reference))
+            }
+            None => (f64::INFINITY, 0.0),
+        };
         if rel > 1e-4 {
             eprintln!(
                 "{name}: rel L2 {rel:.2e}; torchvision vs itself {noise:.2e}; torchvision CPU vs CUDA {cpu_spread:.2e}; vs float64: ours {ours64:.2e}, torchvision {theirs64:.2e}"

@@ -22,8 +22,9 @@ pub struct PrecisionConfig {
     pub cudnn_benchmark: bool,
     /// Inference on CUDA replays the backbone and FPN as a CUDA graph per
     /// padded input shape (recorded the second time a shape is seen; at
-    /// most `modeling::graphs::MAX_GRAPHS` shapes): one launch instead of
-    /// hundreds, which is most of a batch of one's time. Off: always eager.
+    /// most `modeling::graphs::MAX_GRAPHS` shapes, freed after each
+    /// dataset evaluation): one launch instead of hundreds, which is most
+    /// of a batch of one's time. Off: always eager.
     #[serde(default = "default_cuda_graphs")]
     pub cuda_graphs: bool,
     /// fp16 dynamic loss scaling: initial scale (doubles after

@@ -128,6 +128,8 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
         Ok(())
     })?;
     bar.finish_and_clear();
+    // The graphs' memory goes back (to training, when it evaluates).
+    model.clear_graphs();
     Ok(out)
 }
 

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 /// The most shapes recorded: each holds its activations' memory (a few
-/// hundred MB at 800×1333); further shapes run eagerly.
-pub const MAX_GRAPHS: usize = 24;
+/// hundred MB per image at 800×1333); further shapes run eagerly.
+pub const MAX_GRAPHS: usize = 8;
 
 /// One recorded shape: the static input the graph reads and the feature
 /// maps it writes.
@@ -93,6 +93,13 @@ impl BackboneGraphs {
             shapes.insert(key, ShapeState::Eager);
             backbone.forward(images, false)
         })
+    }
+
+    /// Drops every graph and its memory (the next calls record again). A
+    /// graph reads the tensors it was recorded with: clear after replacing
+    /// the model's tensors (not after in-place updates such as SGD steps).
+    pub fn clear(&self) {
+        self.shapes.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Shapes replayed from a graph.

@@ -205,6 +205,12 @@ impl MaskRcnn {
         }
     }
 
+    /// Frees the inference CUDA graphs and their memory (evaluation during
+    /// training does this after each pass, so training keeps the memory).
+    pub fn clear_graphs(&self) {
+        self.graphs.clear();
+    }
+
     /// CUDA graphs recorded for inference so far (one per padded shape).
     pub fn recorded_graphs(&self) -> usize {
         self.graphs.recorded()

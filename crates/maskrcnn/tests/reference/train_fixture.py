@@ -7,8 +7,9 @@ Usage: python train_fixture.py OUT_DIR [--depth 50] [--classes 7] [--min-size 32
 --arch v2: torchvision's maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None),
 whose BatchNorm layers train with batch statistics.
 Writes OUT_DIR/weights.safetensors and OUT_DIR/train.safetensors with
-image.{i}, boxes.{i}, labels.{i}, masks.{i}; loss.<name>; grad.<param> (and
-grad2.<param>: a second identical pass; grad64.<param>: the pass in float64);
+image.{i}, boxes.{i}, labels.{i}, masks.{i}; loss.<name>; grad.<param> (and on
+CUDA grad2.<param>: a second identical pass; for v2 grad64.<param>: the pass
+in float64);
 sample.{call}.{stage}.{image}.pos/neg (stage 0 = RPN, 1 = RoI heads).
 """
 import argparse
@@ -88,39 +89,42 @@ def replaying_call(self, matched_idxs):
 
 
 det_utils.BalancedPositiveNegativeSampler.__call__ = replaying_call
-model.zero_grad()
-sum(model(images, targets).values()).backward()
-
 out = {}
-for n, p in model.named_parameters():
-    if n in first_grads:
-        out[f"grad2.{n}"] = p.grad
+if dev.type == "cuda":
+    model.zero_grad()
+    sum(model(images, targets).values()).backward()
+    for n, p in model.named_parameters():
+        if n in first_grads:
+            out[f"grad2.{n}"] = p.grad
+# (On the CPU torchvision repeats itself exactly: no second pass there.)
+
 # The same pass in float64 (same samples): how far torchvision's own
 # float32 gradients are from exact ones. Chains of BatchNorm layers in
 # training (v2's heads) amplify float32 rounding in the backward pass.
-import copy
-model64 = copy.deepcopy(model).double()
-del model64.rpn.forward  # the recording wrapper calls the float32 model's RPN
-rpn64_forward = model64.rpn.forward
+if args.arch == "v2":  # (v1 matches within 1e-4 without it)
+    import copy
+    model64 = copy.deepcopy(model).double()
+    del model64.rpn.forward  # the recording wrapper calls the float32 model's RPN
+    rpn64_forward = model64.rpn.forward
 
 
-def float32_proposals(*a, **kw):
-    # The RPN's losses in float64, but the float32 pass's proposals: the
-    # replayed samples index them, and float64 scores would order and
-    # suppress some proposals differently.
-    _, rpn_losses = rpn64_forward(*a, **kw)
-    return [b.double() for b in rpn_boxes], rpn_losses
+    def float32_proposals(*a, **kw):
+        # The RPN's losses in float64, but the float32 pass's proposals: the
+        # replayed samples index them, and float64 scores would order and
+        # suppress some proposals differently.
+        _, rpn_losses = rpn64_forward(*a, **kw)
+        return [b.double() for b in rpn_boxes], rpn_losses
 
 
-model64.rpn.forward = float32_proposals
-model64.zero_grad()
-replay = list(recorded)
-sum(model64([im.double() for im in images],
-            [{k: (v.double() if v.is_floating_point() else v) for k, v in t.items()} for t in targets]).values()).backward()
-for n, p in model64.named_parameters():
-    if n in first_grads:
-        out[f"grad64.{n}"] = p.grad.float()
-del model64
+    model64.rpn.forward = float32_proposals
+    model64.zero_grad()
+    replay = list(recorded)
+    sum(model64([im.double() for im in images],
+                [{k: (v.double() if v.is_floating_point() else v) for k, v in t.items()} for t in targets]).values()).backward()
+    for n, p in model64.named_parameters():
+        if n in first_grads:
+            out[f"grad64.{n}"] = p.grad.float()
+    del model64
 # On CUDA: torchvision's CPU arithmetic on the same inputs and samples, to
 # measure how far torchvision's own CPU and CUDA gradients are apart.
 if dev.type == "cuda":
