@@ -94,7 +94,7 @@ if [[ $what == infer || $what == all ]]; then
     "$B" bench infer --batch "$1" --amp "$2" --json
   done
   # What users run: detections above 0.05 only; and without CUDA graphs.
-  "$B" bench infer --batch 8 --amp fp16 --set roi_heads.score_thresh=0.05 --json
+  "$B" bench infer --batch 8 --amp fp16 --score-thresh 0.05 --json
   "$B" bench infer --batch 1 --amp fp16 --set precision.cuda_graphs=false --json
   echo "== peer_torchvision.py infer"
   python3 .peer/peer_torchvision.py infer

@@ -41,7 +41,8 @@ struct Case {
     steps: usize,
 }
 
-const R101_SMALL: Case = Case {
+/// v1 at 320 px, 7 classes; the cases below change what they test.
+const V1_320: Case = Case {
     name: "r101_c7",
     depth: 101,
     classes: 7,
@@ -57,6 +58,7 @@ const R101_SMALL: Case = Case {
     files: true,
     steps: 10,
 };
+const R101_SMALL: Case = V1_320;
 const R50_DEFAULT: Case = Case {
     name: "r50_c91",
     depth: 50,
@@ -66,14 +68,8 @@ const R50_DEFAULT: Case = Case {
     // One image larger than max_size (a tiny one and a batch of several
     // sizes are R101_SMALL's and R50_V2's cases).
     sizes: "1600x2400",
-    fpn_norm: "none",
-    rpn_conv_depth: 1,
-    box_head: "2mlp",
-    head_norm: "none",
-    arch: "v1",
-    trainable_layers: 3,
     files: false,
-    steps: 10,
+    ..V1_320
 };
 /// torchvision's `maskrcnn_resnet50_fpn_v2(weights=None,
 /// weights_backbone=None)`, briefly trained: BatchNorm (running statistics
@@ -82,18 +78,14 @@ const R50_DEFAULT: Case = Case {
 const R50_V2: Case = Case {
     name: "r50_c7_v2",
     depth: 50,
-    classes: 7,
-    min_size: 320,
-    max_size: 512,
-    sizes: "300x200,30x20,1000x1500",
     fpn_norm: "bn",
     rpn_conv_depth: 2,
     box_head: "4conv1fc",
     head_norm: "bn",
     arch: "v2",
     trainable_layers: 5,
-    files: true,
     steps: 6,
+    ..V1_320
 };
 /// v1 with a frozen-BatchNorm FPN: the backbone of
 /// `_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 5,
@@ -101,18 +93,11 @@ const R50_V2: Case = Case {
 const R50_FPN_FROZEN_BN: Case = Case {
     name: "r50_c7_fpn_frozen_bn",
     depth: 50,
-    classes: 7,
-    min_size: 320,
-    max_size: 512,
     sizes: "300x200",
     fpn_norm: "frozen_bn",
-    rpn_conv_depth: 1,
-    box_head: "2mlp",
-    head_norm: "none",
-    arch: "v1",
     trainable_layers: 5,
     files: false,
-    steps: 10,
+    ..V1_320
 };
 
 fn fixture(case: &Case, device: Device) -> PathBuf {

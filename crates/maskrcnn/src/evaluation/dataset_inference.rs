@@ -124,7 +124,10 @@ pub fn infer_dataset(model: &MaskRcnn, gt: &Path, images_dir: &Path) -> Result<V
                 eprintln!("eval: {n}/{} images ({rate:.1} img/s)", images.len());
             }
         }
-        reader.join().expect("the image reader panicked");
+        // A panic of the reader goes on here, as its own.
+        if let Err(panic) = reader.join() {
+            std::panic::resume_unwind(panic);
+        }
         Ok(())
     })?;
     bar.finish_and_clear();

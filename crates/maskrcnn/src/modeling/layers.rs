@@ -355,8 +355,9 @@ impl Norm {
         // In float32, as torch's CUDA BatchNorm (float64 here changed the
         // gradients by less than their float32 error, see train_parity).
         let xf = x.to_kind(Kind::Float);
-        let weights = rows.to_kind(Kind::Float).reshape([-1, 1, 1, 1]);
-        let count = rows.to_kind(Kind::Float).sum(Kind::Float) * per_row;
+        let rows = rows.to_kind(Kind::Float);
+        let weights = rows.reshape([-1, 1, 1, 1]);
+        let count = rows.sum(Kind::Float) * per_row;
         let denominator = count.clamp_min(1.0);
         let channel_sum = |t: &Tensor| (t * &weights).sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Float);
         let mean = channel_sum(&xf) / &denominator;

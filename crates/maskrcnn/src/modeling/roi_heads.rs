@@ -12,7 +12,7 @@ use crate::ops::boxes::{boxes_at_least, clip_boxes_to_sizes};
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::ops::nms::batched_nms_per_category;
 use crate::ops::sampler::{FgBgSampler, SampleStage};
-use crate::ops::{batched_nms, clip_boxes_to_image, remove_small_boxes, BoxCoder};
+use crate::ops::{batched_nms, BoxCoder};
 use crate::structures::masks::{polygon_mask_targets, project_masks_on_boxes};
 use crate::structures::{InstanceMasks, TargetBatch};
 use tch::nn::{Init, Path};
@@ -274,10 +274,12 @@ impl RoiHeads {
     }
 
     /// Softmax scores, per-class boxes, clipping, score threshold, small-box
-    /// removal, per-class NMS and top-`detections_per_img`, per image. On
-    /// CUDA every image is handled at once
-    /// ([`postprocess_batched`](Self::postprocess_batched)); on the CPU
-    /// image by image, as torchvision (the same NMS calls, bit for bit).
+    /// removal, per-class NMS and top-`detections_per_img`, per image. The
+    /// candidates of every image are built and filtered together; NMS runs
+    /// per image on the CPU, as torchvision calls it (bit for bit), and on
+    /// CUDA per (image, class) for the whole batch in one device pass (IoUs
+    /// of the boxes' own coordinates, as torchvision's per-class NMS for many
+    /// candidates): a fixed handful of host round trips whatever the batch.
     pub fn postprocess_detections(
         &self,
         logits: &Tensor,
@@ -285,55 +287,55 @@ impl RoiHeads {
         proposals: &[Tensor],
         image_sizes: &[(i64, i64)],
     ) -> Vec<Detections> {
-        let device = logits.device();
-        if device.is_cuda() {
-            return self.postprocess_batched(logits, deltas, proposals, image_sizes);
+        let (d, images) = self.candidates(logits, deltas, proposals, image_sizes);
+        let num_images = proposals.len() as i64;
+        let per_image = |images: &Tensor| {
+            crate::ops::boxes::to_vec_i64(&images.bincount::<Tensor>(None, num_images)).into_iter().scan(
+                0,
+                |start, n| {
+                    let range = (*start, n);
+                    *start += n;
+                    Some(range)
+                },
+            )
+        };
+        let top = |n: i64| n.min(self.cfg.detections_per_img as i64);
+        if !logits.device().is_cuda() {
+            return per_image(&images)
+                .map(|(start, n)| {
+                    let d = d.select(&Tensor::arange_start(start, start + n, (Kind::Int64, logits.device())));
+                    let keep = batched_nms(&d.boxes, &d.scores, &d.labels, self.cfg.nms_thresh);
+                    d.select(&keep.narrow(0, 0, top(keep.size()[0])))
+                })
+                .collect();
         }
         let num_classes = logits.size()[1];
-        let all_proposals = Tensor::cat(proposals, 0);
-        let pred_boxes = self.box_coder.decode(&deltas.to_kind(Kind::Float), &all_proposals); // [K, C, 4]
-        let pred_scores = logits.softmax(-1, Kind::Float);
-        let mut out = Vec::with_capacity(proposals.len());
-        let mut start = 0;
-        for (p, &size) in proposals.iter().zip(image_sizes) {
-            let n = p.size()[0];
-            let boxes = clip_boxes_to_image(&pred_boxes.narrow(0, start, n), size);
-            let scores = pred_scores.narrow(0, start, n);
-            start += n;
-            let labels = Tensor::arange(num_classes, (Kind::Int64, device)).reshape([1, -1]).expand_as(&scores);
-            let boxes = boxes.narrow(1, 1, num_classes - 1).reshape([-1, 4]);
-            let scores = scores.narrow(1, 1, num_classes - 1).reshape([-1]);
-            let labels = labels.narrow(1, 1, num_classes - 1).reshape([-1]);
-            let inds = scores.gt(self.cfg.score_thresh).nonzero().squeeze_dim(1);
-            let d = Detections::candidates(boxes, scores, labels).select(&inds);
-            let d = d.select(&remove_small_boxes(&d.boxes, 1e-2));
-            let keep = batched_nms(&d.boxes, &d.scores, &d.labels, self.cfg.nms_thresh);
-            let keep = keep.narrow(0, 0, (self.cfg.detections_per_img as i64).min(keep.size()[0]));
-            out.push(d.select(&keep));
-        }
-        out
+        // Kept by decreasing score, then grouped by image (stably).
+        let keep =
+            batched_nms_per_category(&d.boxes, &d.scores, &(&images * num_classes + &d.labels), self.cfg.nms_thresh);
+        let (kept_images, by_image) = images.index_select(0, &keep).sort_stable(true, 0, false);
+        let keep = keep.index_select(0, &by_image);
+        per_image(&kept_images).map(|(start, n)| d.select(&keep.narrow(0, start, top(n)))).collect()
     }
 
-    /// [`postprocess_detections`](Self::postprocess_detections) for all
-    /// images at once, in a fixed handful of host round trips whatever the
-    /// batch size: candidates of every image are filtered together, NMS runs
-    /// per (image, class) in one device pass (IoUs of the boxes' own
-    /// coordinates, as torchvision's per-class NMS for many candidates), and
-    /// each image keeps its `detections_per_img` best.
-    fn postprocess_batched(
+    /// Every (proposal, class > 0) pair of all images above the score
+    /// threshold and at least 0.01 pixels wide and high: boxes decoded and
+    /// clipped to their image, softmax scores, labels, in torchvision's
+    /// order (image, proposal, class); with each candidate's image `[N]`.
+    fn candidates(
         &self,
         logits: &Tensor,
         deltas: &Tensor,
         proposals: &[Tensor],
         image_sizes: &[(i64, i64)],
-    ) -> Vec<Detections> {
+    ) -> (Detections, Tensor) {
         let device = logits.device();
         let (num_images, num_classes) = (proposals.len() as i64, logits.size()[1]);
         let all_proposals = Tensor::cat(proposals, 0);
         let rows = all_proposals.size()[0];
         let pred_boxes = self.box_coder.decode(&deltas.to_kind(Kind::Float), &all_proposals); // [K, C, 4]
         let pred_scores = logits.softmax(-1, Kind::Float);
-        // Each candidate row's image, and that image's size for clipping.
+        // Each row's image, and that image's size for clipping.
         let image_of_row: Vec<i64> = proposals
             .iter()
             .enumerate()
@@ -343,32 +345,13 @@ impl RoiHeads {
         let sizes: Vec<f32> = image_sizes.iter().flat_map(|&(h, w)| [h as f32, w as f32]).collect();
         let sizes = Tensor::from_slice(&sizes).reshape([num_images, 2]).to_device(device);
         let boxes = clip_boxes_to_sizes(&pred_boxes, &sizes.index_select(0, &image_of_row));
-        // Every (row, class > 0) pair is a candidate.
         let foreground = num_classes - 1;
         let boxes = boxes.narrow(1, 1, foreground).reshape([-1, 4]);
         let scores = pred_scores.narrow(1, 1, foreground).reshape([-1]);
         let labels = Tensor::arange_start(1, num_classes, (Kind::Int64, device)).repeat([rows]);
         let images = image_of_row.unsqueeze(1).expand([rows, foreground], false).reshape([-1]);
-        let candidates =
-            scores.gt(self.cfg.score_thresh).logical_and(&boxes_at_least(&boxes, 1e-2)).nonzero().squeeze_dim(1);
-        let d = Detections::candidates(boxes, scores, labels).select(&candidates);
-        let images = images.index_select(0, &candidates);
-        // Kept by decreasing score, then grouped by image (stably).
-        let keep =
-            batched_nms_per_category(&d.boxes, &d.scores, &(&images * num_classes + &d.labels), self.cfg.nms_thresh);
-        let (kept_images, by_image) = images.index_select(0, &keep).sort_stable(true, 0, false);
-        let keep = keep.index_select(0, &by_image);
-        let per_image = crate::ops::boxes::to_vec_i64(&kept_images.bincount::<Tensor>(None, num_images));
-        let mut start = 0;
-        per_image
-            .iter()
-            .map(|&n| {
-                let take = n.min(self.cfg.detections_per_img as i64);
-                let det = d.select(&keep.narrow(0, start, take));
-                start += n;
-                det
-            })
-            .collect()
+        let kept = scores.gt(self.cfg.score_thresh).logical_and(&boxes_at_least(&boxes, 1e-2)).nonzero().squeeze_dim(1);
+        (Detections::candidates(boxes, scores, labels).select(&kept), images.index_select(0, &kept))
     }
 }
 

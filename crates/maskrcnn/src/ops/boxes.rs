@@ -24,19 +24,9 @@ pub fn box_iou(a: &Tensor, b: &Tensor) -> Tensor {
     inter / union
 }
 
-/// Clamps `boxes` `[..., 4]` into an image of `(height, width)`.
-pub fn clip_boxes_to_image(boxes: &Tensor, size: (i64, i64)) -> Tensor {
-    let (h, w) = (size.0 as f64, size.1 as f64);
-    let x1 = boxes.select(-1, 0).clamp(0.0, w);
-    let y1 = boxes.select(-1, 1).clamp(0.0, h);
-    let x2 = boxes.select(-1, 2).clamp(0.0, w);
-    let y2 = boxes.select(-1, 3).clamp(0.0, h);
-    Tensor::stack(&[x1, y1, x2, y2], -1)
-}
-
-/// [`clip_boxes_to_image`] for a batch: `boxes` `[B, K, 4]` each into its
-/// image of `sizes` `[B, 2]` (height, width; float, on the boxes' device),
-/// the same arithmetic, no host values needed.
+/// Boxes `[B, K, 4]` clipped each into its image of `sizes` `[B, 2]`
+/// (height, width; float, on the boxes' device), as torchvision's
+/// `clip_boxes_to_image`, no host values needed.
 pub fn clip_boxes_to_sizes(boxes: &Tensor, sizes: &Tensor) -> Tensor {
     let (h, w) = (sizes.narrow(1, 0, 1), sizes.narrow(1, 1, 1));
     let clip = |i: i64, limit: &Tensor| boxes.select(2, i).clamp_min(0.0).minimum(limit);
@@ -44,17 +34,11 @@ pub fn clip_boxes_to_sizes(boxes: &Tensor, sizes: &Tensor) -> Tensor {
 }
 
 /// `[...]` bool: the boxes `[..., 4]` whose width and height are both
-/// `>= min_size`.
+/// `>= min_size` (torchvision's `remove_small_boxes` keeps these).
 pub fn boxes_at_least(boxes: &Tensor, min_size: f64) -> Tensor {
     let ws = boxes.select(-1, 2) - boxes.select(-1, 0);
     let hs = boxes.select(-1, 3) - boxes.select(-1, 1);
     ws.ge(min_size).logical_and(&hs.ge(min_size))
-}
-
-/// Indices `[K]` (int64) of the boxes `[N, 4]` whose width and height are
-/// both `>= min_size` (torchvision's `remove_small_boxes`).
-pub fn remove_small_boxes(boxes: &Tensor, min_size: f64) -> Tensor {
-    boxes_at_least(boxes, min_size).nonzero().squeeze_dim(1)
 }
 
 /// Scales boxes from an image of `from` `(h, w)` to one of `to` `(h, w)`,

@@ -8,9 +8,7 @@ pub mod nms;
 pub mod roi_align;
 pub mod sampler;
 
-pub use boxes::{
-    box_area, box_iou, boxes_at_least, clip_boxes_to_image, clip_boxes_to_sizes, remove_small_boxes, BoxCoder,
-};
+pub use boxes::{box_area, box_iou, boxes_at_least, clip_boxes_to_sizes, BoxCoder};
 pub use matcher::Matcher;
 pub use nms::{batched_nms, nms};
 pub use roi_align::roi_align;

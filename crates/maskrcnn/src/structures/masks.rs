@@ -30,13 +30,18 @@ pub fn paste_masks_in_image(masks: &Tensor, boxes: &Tensor, image_size: (i64, i6
 /// memory stays bounded by the largest box, whatever the image size and
 /// the number of detections.
 pub fn paste_masks_as_rle(masks: &Tensor, boxes: &Tensor, image_size: (i64, i64)) -> Vec<CompressedRle> {
-    paste_masks_as_rle_pending(masks, boxes, image_size, WINDOW_PIXELS_PENDING)
+    paste_masks_as_rle_batch(&[(masks, boxes, image_size)]).pop().unwrap_or_default()
 }
 
 /// [`paste_masks_as_rle`] for the detections of several images at once
 /// (`(masks, boxes, image size)` each): on CUDA one pasting launch, one
 /// compaction and one copy serve the whole batch. Returns each image's RLEs.
 pub fn paste_masks_as_rle_batch(images: &[(&Tensor, &Tensor, (i64, i64))]) -> Vec<Vec<CompressedRle>> {
+    paste_batch_pending(images, WINDOW_PIXELS_PENDING)
+}
+
+/// [`paste_masks_as_rle_batch`] encoding whenever `budget` window pixels wait.
+fn paste_batch_pending(images: &[(&Tensor, &Tensor, (i64, i64))], budget: usize) -> Vec<Vec<CompressedRle>> {
     let on_device = !images.is_empty() && images.iter().all(|(m, _, _)| m.device().is_cuda());
     if on_device {
         let m = images[0].0.size()[3];
@@ -45,32 +50,18 @@ pub fn paste_masks_as_rle_batch(images: &[(&Tensor, &Tensor, (i64, i64))]) -> Ve
         let sizes = images.iter().flat_map(|(masks, _, size)| std::iter::repeat_n(*size, masks.size()[0] as usize));
         let windows: Vec<PasteWindow> = coords.iter().zip(sizes).map(|(c, size)| window_or_empty(*c, size)).collect();
         let masks = Tensor::cat(&images.iter().map(|(m, _, _)| *m).collect::<Vec<_>>(), 0);
-        if let Some(mut all) = paste_as_rle_on_device(&masks, &windows, WINDOW_PIXELS_PENDING) {
-            let mut out = Vec::with_capacity(images.len());
-            for (masks, _, _) in images.iter().rev() {
-                out.push(all.split_off(all.len() - masks.size()[0] as usize));
-            }
-            out.reverse();
-            return out;
+        if let Some(all) = paste_as_rle_on_device(&masks, &windows, budget) {
+            let mut all = all.into_iter();
+            return images.iter().map(|(m, _, _)| all.by_ref().take(m.size()[0] as usize).collect()).collect();
         }
     }
-    images.iter().map(|(masks, boxes, size)| paste_masks_as_rle(masks, boxes, *size)).collect()
+    images.iter().map(|(masks, boxes, size)| paste_on_host(masks, boxes, *size, budget)).collect()
 }
 
-/// [`paste_masks_as_rle`] encoding whenever `budget` window pixels wait.
-fn paste_masks_as_rle_pending(
-    masks: &Tensor,
-    boxes: &Tensor,
-    image_size: (i64, i64),
-    budget: usize,
-) -> Vec<CompressedRle> {
+/// One image's [`paste_masks_as_rle`] with libtorch's resize, window by
+/// window (the CPU path, and CUDA's when the kernel is unavailable).
+fn paste_on_host(masks: &Tensor, boxes: &Tensor, image_size: (i64, i64), budget: usize) -> Vec<CompressedRle> {
     let windows = paste_windows(boxes, masks.size()[3], image_size);
-    if masks.device().is_cuda() {
-        let all: Vec<PasteWindow> = windows.iter().map(|w| w.unwrap_or(empty_window(image_size))).collect();
-        if let Some(rles) = paste_as_rle_on_device(masks, &all, budget) {
-            return rles;
-        }
-    }
     let (h, w) = (image_size.0 as usize, image_size.1 as usize);
     let mut out = Vec::with_capacity(windows.len());
     let mut pending: Vec<MaskWindow> = Vec::new();
@@ -94,7 +85,7 @@ fn paste_masks_as_rle_pending(
     out
 }
 
-/// [`paste_masks_as_rle_pending`] with the pasting kernel: groups of
+/// [`paste_batch_pending`] with the pasting kernel: groups of
 /// detections (`windows`, one per mask, each in its own image) whose
 /// windows hold at most `budget` pixels (at least one detection each) are
 /// pasted in one launch into run edges, of which only the marked pixels
@@ -215,14 +206,21 @@ fn window_of([x0, y0, x1, y1]: [i64; 4], (im_h, im_w): (i64, i64)) -> Option<Pas
     (px1 > px0 && py1 > py0).then_some(PasteWindow { x0, y0, w, h, px0, py0, pw: px1 - px0, ph: py1 - py0, im_h, im_w })
 }
 
-/// [`window_of`], with an empty window (no pixels) for a box outside.
-fn window_or_empty(coords: [i64; 4], image_size: (i64, i64)) -> PasteWindow {
-    window_of(coords, image_size).unwrap_or(empty_window(image_size))
-}
-
-/// A window of no pixels in an image of `(im_h, im_w)`: an empty mask.
-fn empty_window((im_h, im_w): (i64, i64)) -> PasteWindow {
-    PasteWindow { x0: 0, y0: 0, w: 1, h: 1, px0: 0, py0: 0, pw: 0, ph: 0, im_h, im_w }
+/// [`window_of`], with a window of no pixels (an empty mask) for a box
+/// outside.
+fn window_or_empty(coords: [i64; 4], (im_h, im_w): (i64, i64)) -> PasteWindow {
+    window_of(coords, (im_h, im_w)).unwrap_or(PasteWindow {
+        x0: 0,
+        y0: 0,
+        w: 1,
+        h: 1,
+        px0: 0,
+        py0: 0,
+        pw: 0,
+        ph: 0,
+        im_h,
+        im_w,
+    })
 }
 
 /// Detection `i`'s mask of `masks` `[D, 1, M, M]`, zero-padded by one pixel,
@@ -338,7 +336,7 @@ mod paste_tests {
         .reshape([5, 4]);
         let (dense, expected) = dense_rles(&masks, &boxes, (h, w));
         for budget in [WINDOW_PIXELS_PENDING, 1] {
-            let rles = paste_masks_as_rle_pending(&masks, &boxes, (h, w), budget);
+            let rles = paste_batch_pending(&[(&masks, &boxes, (h, w))], budget).remove(0);
             assert_eq!(rles, expected, "budget {budget}");
         }
         let decoded = decode_rles(&expected).unwrap();
@@ -386,7 +384,7 @@ mod paste_tests {
                 assert_eq!(got, paste_masks_as_rle(m, b, *size), "{kind:?} {size:?}: batched pasting differs");
             }
             for budget in [WINDOW_PIXELS_PENDING, 1] {
-                let rles = paste_masks_as_rle_pending(&masks, &boxes, (h, w), budget);
+                let rles = paste_batch_pending(&[(&masks, &boxes, (h, w))], budget).remove(0);
                 let differing = rles.iter().zip(&expected).filter(|(a, b)| a != b).count();
                 let pixels = decode_rles(&rles).unwrap().ne_tensor(&dense).sum(Kind::Int64).int64_value(&[]);
                 let foreground = dense.sum(Kind::Int64).int64_value(&[]);

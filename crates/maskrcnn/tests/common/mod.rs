@@ -121,3 +121,23 @@ pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
 pub fn maskrcnn_bin() -> String {
     std::env::var("MASKRCNN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_maskrcnn").to_string())
 }
+
+/// Fine-tuning from the whole model in `file`: every variable of `vs` equals
+/// the file's tensor of that name, except the six class-dependent predictor
+/// tensors, which have `classes` rows (`4 × classes` for `bbox_pred`).
+#[allow(dead_code)]
+pub fn assert_all_but_predictors_copied(vs: &tch::nn::VarStore, file: &Path, classes: i64) {
+    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(file).unwrap().into_iter().collect();
+    let vars = vs.variables();
+    let mut copied = 0;
+    for (name, t) in &vars {
+        if name.contains("box_predictor") || name.contains("mask_fcn_logits") {
+            let rows = if name.contains("bbox_pred") { 4 * classes } else { classes };
+            assert_eq!(t.size()[0], rows, "{name}");
+        } else {
+            assert!(t.equal(&stored[name]), "{name} not copied");
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, vars.len() - 6);
+}

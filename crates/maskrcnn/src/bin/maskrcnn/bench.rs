@@ -36,6 +36,11 @@ pub struct BenchArgs {
     /// (`ncu --profile-from-start off`, `nsys --capture-range=cudaProfilerApi`).
     #[arg(long)]
     pub profile_range: bool,
+    /// bench infer: the RoI heads' score threshold (replaces
+    /// `roi_heads.score_thresh`); 0, the peer's, keeps 100 detections per
+    /// image; users typically run 0.05.
+    #[arg(long, default_value_t = 0.0)]
+    pub score_thresh: f64,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -55,11 +60,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchWhat::Infer => {
             let mut config = args.config.resolve()?;
-            // The peer's benchmark keeps every detection (score threshold 0)
-            // unless the threshold is set here.
-            if !args.config.set.iter().any(|s| s.trim_start().starts_with("roi_heads.score_thresh")) {
-                config.roi_heads.score_thresh = 0.0;
-            }
+            let t = args.score_thresh;
+            anyhow::ensure!((0.0..=1.0).contains(&t), "--score-thresh must be in 0..=1, got {t}");
+            config.roi_heads.score_thresh = t;
             let opts = InferBench {
                 batch: args.batch.max(1),
                 iters: args.iters.max(1),
