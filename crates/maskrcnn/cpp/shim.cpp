@@ -175,8 +175,11 @@ struct MultiLevelRoiAlignFunction : public torch::autograd::Function<MultiLevelR
     std::vector<at::ScalarType> dtypes;
     for (size_t i = 0; i + 5 < dims.size() + 1; i += 6) {
       auto format = dims[i + 4] ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-      grad_in.push_back(at::zeros({dims[i], dims[i + 1], dims[i + 2], dims[i + 3]},
-                                  g.options().dtype(at::kFloat).memory_format(format)));
+      // In the features' memory format (at::zeros ignores one in its
+      // options): a channels-last gradient in NCHW made autograd's sum with
+      // the convolutions' gradients a strided pass plus a layout copy.
+      grad_in.push_back(
+          at::empty({dims[i], dims[i + 1], dims[i + 2], dims[i + 3]}, g.options().dtype(at::kFloat), format).zero_());
       dtypes.push_back(static_cast<at::ScalarType>(dims[i + 5]));
     }
     std::vector<at::Tensor*> ptrs;
@@ -214,27 +217,39 @@ int mrcnn_multilevel_roi_align(at::Tensor** features, int n, at::Tensor* rois, a
 // (scale, residual, rscale/rshift optional; act ReLU or the identity) as an
 // autograd function whose forward and backward launch the NVRTC kernels of
 // src/kernels/epilogue.rs through these callbacks:
-//   forward(y, scale, shift, residual, rscale, rshift, out, relu)
+//   forward(y, scale, shift, residual, rscale, rshift, out, relu | 2·upsampled)
 //   backward(grad, out (null without ReLU), scale, rscale, grad_y, grad_residual)
-// Optional tensors are null. The shift (a convolution's bias) may need a
+//   sum2x2(grad, grad_residual): the gradient of a 2× nearest upsampling
+// Optional tensors are null. An upsampled residual is [N, C, H/2, W/2],
+// read at (h/2, w/2) (an FPN's top-down path without the upsampled copy). The shift (a convolution's bias) may need a
 // gradient; scale, rscale and rshift (fixed normalizations) may not.
 typedef int (*mrcnn_epilogue_forward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*,
                                          at::Tensor*, int);
 typedef int (*mrcnn_epilogue_backward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*,
                                           at::Tensor*);
+typedef int (*mrcnn_sum2x2_cb)(at::Tensor*, at::Tensor*);
 static mrcnn_epilogue_forward_cb epilogue_forward_cb = nullptr;
 static mrcnn_epilogue_backward_cb epilogue_backward_cb = nullptr;
+static mrcnn_sum2x2_cb sum2x2_cb = nullptr;
 
-void mrcnn_set_epilogue_callbacks(mrcnn_epilogue_forward_cb forward, mrcnn_epilogue_backward_cb backward) {
+void mrcnn_set_epilogue_callbacks(mrcnn_epilogue_forward_cb forward, mrcnn_epilogue_backward_cb backward,
+                                  mrcnn_sum2x2_cb sum2x2) {
   epilogue_forward_cb = forward;
   epilogue_backward_cb = backward;
+  sum2x2_cb = sum2x2;
 }
 
 static at::Tensor* opt_ptr(at::Tensor& t) { return t.defined() ? &t : nullptr; }
 
 // Which optional epilogue inputs are present (autograd functions take no
 // undefined tensors: absent ones are passed as the shift and ignored).
-enum { EPILOGUE_SCALE = 1, EPILOGUE_RESIDUAL = 2, EPILOGUE_RESIDUAL_AFFINE = 4, EPILOGUE_RELU = 8 };
+enum {
+  EPILOGUE_SCALE = 1,
+  EPILOGUE_RESIDUAL = 2,
+  EPILOGUE_RESIDUAL_AFFINE = 4,
+  EPILOGUE_RELU = 8,
+  EPILOGUE_RESIDUAL_UPSAMPLED = 16
+};
 
 struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y, const at::Tensor& scale,
@@ -242,13 +257,16 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
                             const at::Tensor& rshift, int64_t flags) {
     auto pick = [&](const at::Tensor& t, int flag) { return (flags & flag) ? t : at::Tensor(); };
     bool relu = flags & EPILOGUE_RELU;
+    bool upsampled = flags & EPILOGUE_RESIDUAL_UPSAMPLED;
     at::Tensor yy = y, b = shift, s = pick(scale, EPILOGUE_SCALE), r = pick(residual, EPILOGUE_RESIDUAL);
     at::Tensor rs = pick(rscale, EPILOGUE_RESIDUAL_AFFINE), rb = pick(rshift, EPILOGUE_RESIDUAL_AFFINE);
     at::Tensor out = at::empty_like(y);
-    if (epilogue_forward_cb(&yy, opt_ptr(s), &b, opt_ptr(r), opt_ptr(rs), opt_ptr(rb), &out, relu ? 1 : 0) != 0)
+    int mode = (relu ? 1 : 0) | (upsampled ? 2 : 0);
+    if (epilogue_forward_cb(&yy, opt_ptr(s), &b, opt_ptr(r), opt_ptr(rs), opt_ptr(rb), &out, mode) != 0)
       throw std::runtime_error("convolution epilogue kernel does not apply to these tensors");
     ctx->save_for_backward({relu ? out : shift, scale, rscale});
     ctx->saved_data["flags"] = flags;
+    if (upsampled) ctx->saved_data["residual_size"] = residual.sizes().vec();
     return out;
   }
 
@@ -281,6 +299,14 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
         if (has_residual) gr = rscale.defined() ? (m * per_channel(rscale)).to(g.scalar_type()) : m;
       }
     }
+    if (has_residual && (flags & EPILOGUE_RESIDUAL_UPSAMPLED)) {
+      // Each residual value was read by a 2×2 block of outputs.
+      auto size = ctx->saved_data["residual_size"].toIntVector();
+      at::Tensor full = gr;
+      gr = at::empty(size, full.options(), full.suggest_memory_format());
+      if (sum2x2_cb(&full, &gr) != 0)
+        gr = at::upsample_nearest2d_backward(full, {full.size(2), full.size(3)}, size, std::nullopt, std::nullopt);
+    }
     at::Tensor gshift;
     if (ctx->needs_input_grad(2)) {
       if (!masked.defined()) masked = relu ? at::threshold_backward(g, out, 0) : g;
@@ -293,12 +319,14 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
 // Differentiable epilogue through the callbacks (optional tensors null).
 // Returns 0, or -1 (see mrcnn_last_error).
 int mrcnn_epilogue(at::Tensor* y, at::Tensor* scale, at::Tensor* shift, at::Tensor* residual, at::Tensor* rscale,
-                   at::Tensor* rshift, int relu, at::Tensor** out) {
+                   at::Tensor* rshift, int relu, int upsampled, at::Tensor** out) {
   try {
-    if (!epilogue_forward_cb || !epilogue_backward_cb) throw std::runtime_error("epilogue callbacks not set");
+    if (!epilogue_forward_cb || !epilogue_backward_cb || !sum2x2_cb)
+      throw std::runtime_error("epilogue callbacks not set");
     auto opt = [&](at::Tensor* t) { return t ? *t : *shift; };
     int64_t flags = (scale ? EPILOGUE_SCALE : 0) | (residual ? EPILOGUE_RESIDUAL : 0) |
-                    (rscale && rshift ? EPILOGUE_RESIDUAL_AFFINE : 0) | (relu ? EPILOGUE_RELU : 0);
+                    (rscale && rshift ? EPILOGUE_RESIDUAL_AFFINE : 0) | (relu ? EPILOGUE_RELU : 0) |
+                    (residual && upsampled ? EPILOGUE_RESIDUAL_UPSAMPLED : 0);
     *out = new at::Tensor(
         EpilogueFunction::apply(*y, opt(scale), *shift, opt(residual), opt(rscale), opt(rshift), flags));
     return 0;

@@ -33,7 +33,7 @@ extern "C" {
         aligned: c_int,
         out: *mut Handle,
     ) -> c_int;
-    fn mrcnn_set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward);
+    fn mrcnn_set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward, sum2x2: Sum2x2);
     fn mrcnn_epilogue(
         y: Handle,
         scale: Handle,
@@ -42,6 +42,7 @@ extern "C" {
         rscale: Handle,
         rshift: Handle,
         relu: c_int,
+        upsampled: c_int,
         out: *mut Handle,
     ) -> c_int;
     fn mrcnn_foreach_zero(ts: *const Handle, n: c_int) -> c_int;
@@ -124,22 +125,27 @@ pub fn multilevel_roi_align_autograd(
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
-/// `(y, scale, shift, residual, rscale, rshift, out, relu)`, optional ones null.
+/// `(y, scale, shift, residual, rscale, rshift, out, mode)`, optional ones
+/// null; `mode` bit 0: ReLU, bit 1: the residual is upsampled 2× (nearest).
 pub type EpilogueForward = extern "C" fn(Handle, Handle, Handle, Handle, Handle, Handle, Handle, c_int) -> c_int;
 /// `(grad, out, scale, rscale, grad_y, grad_residual)`, optional ones null.
 pub type EpilogueBackward = extern "C" fn(Handle, Handle, Handle, Handle, Handle, Handle) -> c_int;
+/// `(grad [N, C, H, W], grad_small [N, C, H/2, W/2])`: sums of 2×2 blocks
+/// (the gradient of a 2× nearest upsampling).
+pub type Sum2x2 = extern "C" fn(Handle, Handle) -> c_int;
 
 /// Registers the kernels that the shim's convolution-epilogue autograd
 /// function launches (`kernels::epilogue` does, before its first use).
-pub fn set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward) {
-    // SAFETY: stores two function pointers that live for the whole program.
-    unsafe { mrcnn_set_epilogue_callbacks(forward, backward) }
+pub fn set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward, sum2x2: Sum2x2) {
+    // SAFETY: stores function pointers that live for the whole program.
+    unsafe { mrcnn_set_epilogue_callbacks(forward, backward, sum2x2) }
 }
 
 /// `act(y·scale + shift + (residual·rscale + rshift))` through the shim's
 /// autograd function (kernels registered with [`set_epilogue_callbacks`]);
-/// gradients for `y`, `residual` and `shift`. Fails when the kernel
-/// rejects the tensors.
+/// gradients for `y`, `residual` and `shift`. With `upsampled` the
+/// residual is `[N, C, H/2, W/2]`, read 2× nearest-upsampled. Fails when
+/// the kernel rejects the tensors.
 #[allow(clippy::too_many_arguments)]
 pub fn epilogue_autograd(
     y: &Tensor,
@@ -149,6 +155,7 @@ pub fn epilogue_autograd(
     rscale: Option<&Tensor>,
     rshift: Option<&Tensor>,
     relu: bool,
+    upsampled: bool,
 ) -> Result<Tensor, ShimError> {
     let mut out: Handle = std::ptr::null_mut();
     let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as Handle);
@@ -163,6 +170,7 @@ pub fn epilogue_autograd(
             opt(rscale),
             opt(rshift),
             c_int::from(relu),
+            c_int::from(upsampled),
             &mut out,
         )
     })?;

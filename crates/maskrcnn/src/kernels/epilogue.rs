@@ -30,79 +30,211 @@ pub(crate) const SOURCE: &str = concat!(
 // is still noticed.
 __device__ __forceinline__ float act(float v, int relu) { return relu && !(v != v) ? fmaxf(v, 0.0f) : v; }
 
-// Values of one memory layout: the channel of value i is (i / inner) %
-// channels (inner 1 for channels-last, H·W for contiguous NCHW). With
-// `vec`, each thread takes 16-byte vectors of VEC values: of one pixel on
-// channels-last, of one channel plane on NCHW (the host checks that
-// channels resp. H·W is a multiple of VEC and the pointers are aligned).
-// BODY(k, c) handles value k of the vector (or 0 in the scalar tail) of
-// channel c; LOADS and STORES move the vectors.
-#define FOR_EACH_VALUE(T, VEC, LOADS, BODY, STORES)                                                          \
-  long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;                                      \
-  long long stride = (long long)blockDim.x * gridDim.x;                                                    \
-  long long nv = vec ? n / VEC : 0;                                                                        \
-  int step = inner == 1 ? 1 : 0;                                                                           \
-  for (long long v = first; v < nv; v += stride) {                                                         \
-    const int width = VEC;                                                                                 \
-    int c0 = (int)((v * VEC / inner) % channels);                                                          \
-    LOADS                                                                                                  \
-    _Pragma("unroll") for (int k = 0; k < VEC; ++k) { int c = c0 + k * step; BODY }                        \
-    STORES                                                                                                 \
-  }                                                                                                        \
-  for (long long v = nv * VEC + first; v < n; v += stride) {                                               \
-    const int width = 1;                                                                                   \
-    int c0 = (int)((v / inner) % channels);                                                                \
-    LOADS                                                                                                  \
-    { const int k = 0; int c = c0; BODY }                                                                  \
-    STORES                                                                                                 \
-  }
+template <typename T> __device__ __forceinline__ float ld(const T* p, int bf16);
+template <> __device__ __forceinline__ float ld<float>(const float* p, int) { return *p; }
+template <> __device__ __forceinline__ float ld<unsigned short>(const unsigned short* p, int bf16) {
+  return load_val(p, bf16);
+}
+template <typename T> __device__ __forceinline__ T st(float v, int bf16);
+template <> __device__ __forceinline__ float st<float>(float v, int) { return v; }
+template <> __device__ __forceinline__ unsigned short st<unsigned short>(float v, int bf16) {
+  return store_half(v, bf16);
+}
 
-// Moves `width` values at index v·width (one vector, or one value in the
-// tail); a null source loads nothing.
-#define LOAD_VALUES(T, VEC, buf, src)                                                                      \
-  union { uint4 u; T t[VEC]; } buf;                                                                        \
-  if (src) { if (width == VEC) buf.u = ((const uint4*)(src))[v]; else buf.t[0] = (src)[v]; }
-#define STORE_VALUES(T, VEC, buf, dst)                                                                     \
-  if (width == VEC) ((uint4*)(dst))[v] = buf.u; else (dst)[v] = buf.t[0];
+// VEC values moved as one 16-byte vector, or (width 1) value t[0] alone.
+template <typename T, int VEC> union Values {
+  uint4 u;
+  T t[VEC];
+  __device__ __forceinline__ void load(const T* src, long long v, int width) {
+    if (width == VEC) u = ((const uint4*)src)[v]; else t[0] = src[v];
+  }
+  __device__ __forceinline__ void store(T* dst, long long v, int width) const {
+    if (width == VEC) ((uint4*)dst)[v] = u; else dst[v] = t[0];
+  }
+};
+
+// The per-channel factors of the `count` values of a vector: channels c0,
+// c0 + step, ... (step 1 on channels-last, 0 on an NCHW plane). Absent
+// tensors give 1 and 0, which the kernels do not use.
+template <int VEC> struct Factors {
+  float s[VEC], b[VEC], rs[VEC], rb[VEC];
+  __device__ __forceinline__ void load(const float* scale, const float* shift, const float* rscale,
+                                       const float* rshift, int c0, int step, int count) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < count) {
+        int c = c0 + k * step;
+        s[k] = scale ? scale[c] : 1.0f;
+        b[k] = shift ? shift[c] : 0.0f;
+        rs[k] = rscale ? rscale[c] : 1.0f;
+        rb[k] = rshift ? rshift[c] : 0.0f;
+      }
+    }
+  }
+};
+
+// Calls step(v, width, factors, c) for every vector v (width VEC) of the
+// `n` values, then for every value of the scalar tail (width 1). Values of
+// one memory layout: the channel of value i is (i / inner) % channels
+// (inner 1 for channels-last, H·W for contiguous NCHW); with `vec` a vector
+// is VEC channels of one pixel (channels-last) or VEC values of one
+// channel plane (NCHW) -- the host checks channels resp. H·W is a multiple
+// of VEC and the pointers are aligned. Per-channel factors are read when a
+// thread's channels change: on channels-last the grid stride is a whole
+// number of pixels for the usual channel counts, so a thread reads them
+// once (reading them per value made the kernel bound by L1 requests).
+// `c` is the channel of the vector's first value.
+template <int VEC, typename Step>
+__device__ __forceinline__ void for_each_vector(long long n, int channels, long long inner, int vec,
+                                                const float* scale, const float* shift, const float* rscale,
+                                                const float* rshift, Step step) {
+  long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  long long stride = (long long)blockDim.x * gridDim.x;
+  long long nv = vec ? n / VEC : 0;
+  Factors<VEC> f;
+  int cached = -1;
+  int c0 = (int)((first * VEC) % channels);
+  int advance = (int)((stride * VEC) % channels);
+  for (long long v = first; v < nv; v += stride) {
+    int c = inner == 1 ? c0 : (int)((v * VEC / inner) % channels);
+    if (c != cached) {
+      f.load(scale, shift, rscale, rshift, c, inner == 1 ? 1 : 0, VEC);
+      cached = c;
+    }
+    step(v, VEC, f, c);
+    c0 += advance;
+    if (c0 >= channels) c0 -= channels;
+  }
+  for (long long v = nv * VEC + first; v < n; v += stride) {
+    int c = (int)((v / inner) % channels);
+    f.load(scale, shift, rscale, rshift, c, 0, 1);
+    step(v, 1, f, c);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void epilogue_forward(const T* __restrict__ y, const T* __restrict__ residual,
+                                                 T* __restrict__ out, const float* __restrict__ scale,
+                                                 const float* __restrict__ shift, const float* __restrict__ rscale,
+                                                 const float* __restrict__ rshift, long long n, int channels,
+                                                 long long inner, int vec, int relu, int bf16, int up_h, int up_w) {
+  for_each_vector<VEC>(n, channels, inner, vec, scale, shift, rscale, rshift,
+                       [&](long long v, int width, const Factors<VEC>& f, int c) {
+    Values<T, VEC> a, b, o;
+    a.load(y, v, width);
+    if (residual) {
+      long long r = v;
+      if (up_w) {
+        // Channels-last output [N, up_h, up_w, C] reading the residual
+        // [N, up_h/2, up_w/2, C] at (h/2, w/2): nearest 2× upsampling.
+        unsigned int pixel = (unsigned int)(v * width / channels);
+        unsigned int x = pixel % up_w, rest = pixel / up_w, y2 = rest % up_h, b2 = rest / up_h;
+        long long source = ((long long)b2 * (up_h / 2) + y2 / 2) * (up_w / 2) + x / 2;
+        r = (source * channels + c) / width;
+      }
+      b.load(residual, r, width);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < width) {
+        float s = ld<T>(&a.t[k], bf16);
+        s = scale ? __fadd_rn(__fmul_rn(s, f.s[k]), f.b[k]) : __fadd_rn(s, f.b[k]);
+        if (residual) {
+          float r = ld<T>(&b.t[k], bf16);
+          if (rscale) r = __fadd_rn(__fmul_rn(r, f.rs[k]), f.rb[k]);
+          s = __fadd_rn(s, r);
+        }
+        o.t[k] = st<T>(act(s, relu), bf16);
+      }
+    }
+    o.store(out, v, width);
+  });
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void epilogue_backward(const T* __restrict__ grad, const T* __restrict__ out,
+                                                  T* __restrict__ grad_y, T* __restrict__ grad_residual,
+                                                  const float* __restrict__ scale, const float* __restrict__ rscale,
+                                                  long long n, int channels, long long inner, int vec, int bf16) {
+  for_each_vector<VEC>(n, channels, inner, vec, scale, nullptr, rscale, nullptr,
+                       [&](long long v, int width, const Factors<VEC>& f, int) {
+    Values<T, VEC> g, o, gy, gr;
+    g.load(grad, v, width);
+    if (out) o.load(out, v, width);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < width) {
+        float m = ld<T>(&g.t[k], bf16);
+        if (out && ld<T>(&o.t[k], bf16) <= 0.0f) m = 0.0f;
+        gy.t[k] = st<T>(scale ? __fmul_rn(m, f.s[k]) : m, bf16);
+        gr.t[k] = st<T>(rscale ? __fmul_rn(m, f.rs[k]) : m, bf16);
+      }
+    }
+    gy.store(grad_y, v, width);
+    if (grad_residual) gr.store(grad_residual, v, width);
+  });
+}
+
+// grad_small [N, H/2, W/2, C] = sums of grad [N, H, W, C]'s 2×2 blocks
+// (channels-last; `vec`: VEC channels per thread), added in libtorch's
+// order for upsample_nearest2d_backward (rows, then columns, from 0).
+template <typename T, int VEC>
+__device__ __forceinline__ void sum2x2(const T* __restrict__ grad, T* __restrict__ grad_small, long long pixels,
+                                       int channels, int h, int w, int vec, int bf16) {
+  int width = vec ? VEC : 1;
+  int groups = channels / width;
+  long long total = pixels * groups;
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+       t += (long long)blockDim.x * gridDim.x) {
+    long long p = t / groups;
+    int c = (int)(t % groups) * width;
+    long long x = p % (w / 2), rest = p / (w / 2), y = rest % (h / 2), b = rest / (h / 2);
+    float acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
+    for (int dy = 0; dy < 2; ++dy) {
+      for (int dx = 0; dx < 2; ++dx) {
+        long long i = ((b * h + 2 * y + dy) * w + 2 * x + dx) * channels + c;
+        Values<T, VEC> g;
+        g.load(grad, i / width, width);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          if (k < width) acc[k] = __fadd_rn(acc[k], ld<T>(&g.t[k], bf16));
+        }
+      }
+    }
+    Values<T, VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < width) o.t[k] = st<T>(acc[k], bf16);
+    }
+    o.store(grad_small, (p * channels + c) / width, width);
+  }
+}
 
 #define EPILOGUE_ARGS                                                                                       \
   const float* __restrict__ scale, const float* __restrict__ shift, const float* __restrict__ rscale,      \
       const float* __restrict__ rshift, long long n, int channels, long long inner, int vec, int relu, int bf16
 
-#define EPILOGUE(NAME, T, VEC, LOAD, STORE)                                                                  \
+#define EPILOGUE(NAME, T, VEC)                                                                               \
   extern "C" __global__ void NAME##_forward(const T* __restrict__ y, const T* __restrict__ residual,        \
-      T* __restrict__ out, EPILOGUE_ARGS) {                                                                \
-    FOR_EACH_VALUE(T, VEC,                                                                                 \
-      LOAD_VALUES(T, VEC, a, y) LOAD_VALUES(T, VEC, b, residual) union { uint4 u; T t[VEC]; } o;, \
-      float s = LOAD(&a.t[k]);                                                                             \
-      s = scale ? __fadd_rn(__fmul_rn(s, scale[c]), shift[c]) : __fadd_rn(s, shift[c]);                   \
-      if (residual) {                                                                                      \
-        float r = LOAD(&b.t[k]);                                                                           \
-        if (rscale) r = __fadd_rn(__fmul_rn(r, rscale[c]), rshift[c]);                                     \
-        s = __fadd_rn(s, r);                                                                               \
-      }                                                                                                    \
-      o.t[k] = STORE(act(s, relu));,                                                                       \
-      STORE_VALUES(T, VEC, o, out))                                                                        \
+                                            T* __restrict__ out, EPILOGUE_ARGS, int up_h, int up_w) {      \
+    epilogue_forward<T, VEC>(y, residual, out, scale, shift, rscale, rshift, n, channels, inner, vec, relu, bf16, \
+                             up_h, up_w);                                                                  \
+  }                                                                                                        \
+  extern "C" __global__ void NAME##_sum2x2(const T* __restrict__ grad, T* __restrict__ grad_small,          \
+                                           long long pixels, int channels, int h, int w, int vec, int bf16) { \
+    sum2x2<T, VEC>(grad, grad_small, pixels, channels, h, w, vec, bf16);                                   \
   }                                                                                                        \
   extern "C" __global__ void NAME##_backward(const T* __restrict__ grad, const T* __restrict__ out,         \
-      T* __restrict__ grad_y, T* __restrict__ grad_residual, EPILOGUE_ARGS) {                              \
-    FOR_EACH_VALUE(T, VEC,                                                                                 \
-      LOAD_VALUES(T, VEC, g, grad) LOAD_VALUES(T, VEC, o, out)                               \
-      union { uint4 u; T t[VEC]; } gy; union { uint4 u; T t[VEC]; } gr;,                                   \
-      float m = LOAD(&g.t[k]);                                                                             \
-      if (out && LOAD(&o.t[k]) <= 0.0f) m = 0.0f;                                                         \
-      gy.t[k] = STORE(scale ? __fmul_rn(m, scale[c]) : m);                                                 \
-      gr.t[k] = STORE(rscale ? __fmul_rn(m, rscale[c]) : m);,                                              \
-      STORE_VALUES(T, VEC, gy, grad_y) if (grad_residual) { STORE_VALUES(T, VEC, gr, grad_residual) })     \
+                                             T* __restrict__ grad_y, T* __restrict__ grad_residual,        \
+                                             EPILOGUE_ARGS) {                                              \
+    epilogue_backward<T, VEC>(grad, out, grad_y, grad_residual, scale, rscale, n, channels, inner, vec, bf16); \
   }
 
-#define LOAD_F32(p) load_val(p)
-#define LOAD_HALF(p) load_val(p, bf16)
-#define STORE_F32(v) (v)
-#define STORE_HALF(v) store_half(v, bf16)
-EPILOGUE(epilogue_f32, float, 4, LOAD_F32, STORE_F32)
-EPILOGUE(epilogue_f16, unsigned short, 8, LOAD_HALF, STORE_HALF)
-EPILOGUE(epilogue_bf16, unsigned short, 8, LOAD_HALF, STORE_HALF)
+EPILOGUE(epilogue_f32, float, 4)
+EPILOGUE(epilogue_f16, unsigned short, 8)
+EPILOGUE(epilogue_bf16, unsigned short, 8)
 "#
 );
 
@@ -115,8 +247,13 @@ pub struct Epilogue<'a> {
     pub scale: Option<&'a Tensor>,
     /// Added to `y·scale` (bias or normalization shift).
     pub shift: &'a Tensor,
-    /// Shaped as `y`: added after its own `rscale`/`rshift`.
+    /// Shaped as `y` (or `[N, C, H/2, W/2]` with `residual_upsampled`):
+    /// added after its own `rscale`/`rshift`.
     pub residual: Option<&'a Tensor>,
+    /// The residual is added 2× nearest-upsampled (an FPN's top-down
+    /// path): on channels-last CUDA tensors read in place, without the
+    /// upsampled copy.
+    pub residual_upsampled: bool,
     /// The residual's fixed normalization (`scale`, `shift`), if any.
     pub residual_affine: Option<(&'a Tensor, &'a Tensor)>,
     /// ReLU at the end (else the identity).
@@ -148,6 +285,29 @@ fn layout(t: &Tensor) -> Option<i64> {
     (s[1] == 1 && s[3] == c && s[2] == w * c && (size[0] == 1 || s[0] == size[2] * w * c)).then_some(1)
 }
 
+/// `r` `[N, C, h, w]` nearest-upsampled to `like`'s spatial size
+/// (torchvision's `F.interpolate(mode="nearest")`), outside autocast:
+/// autocast would upsample in float32 and make the whole top-down path
+/// float32, and nearest upsampling is exact in any dtype.
+pub fn upsampled_like(r: &Tensor, like: &Tensor) -> Tensor {
+    crate::shim::without_autocast(|| r.upsample_nearest2d(&like.size()[2..], None, None))
+}
+
+/// Whether the kernels can read `residual` as `y`'s residual upsampled 2×
+/// in place: both channels-last, `residual` `[N, C, H/2, W/2]` of `y`'s
+/// dtype and device.
+fn upsampled_residual_fits(y: &Tensor, residual: &Tensor) -> bool {
+    let (ys, rs) = (y.size(), residual.size());
+    ys.len() == 4
+        && ys[2] % 2 == 0
+        && ys[3] % 2 == 0
+        && rs == [ys[0], ys[1], ys[2] / 2, ys[3] / 2]
+        && layout(y) == Some(1)
+        && layout(residual) == Some(1)
+        && residual.kind() == y.kind()
+        && residual.device() == y.device()
+}
+
 /// Why the kernel cannot run on these tensors, if it cannot.
 fn unsupported(y: &Tensor, values: &[&Tensor], channels_tensors: &[&Tensor]) -> Option<&'static str> {
     if !y.device().is_cuda() {
@@ -174,7 +334,15 @@ fn unsupported(y: &Tensor, values: &[&Tensor], channels_tensors: &[&Tensor]) -> 
 }
 
 /// One launch of `epilogue_<dtype>_<forward|backward>` over `like`'s values.
-fn launch(backward: bool, like: &Tensor, pointers: [u64; 4], affine: [Option<&Tensor>; 4], relu: bool) -> Option<()> {
+/// `up`: the output's (H, W) when the residual is read 2× upsampled, else (0, 0).
+fn launch(
+    backward: bool,
+    like: &Tensor,
+    pointers: [u64; 4],
+    affine: [Option<&Tensor>; 4],
+    relu: bool,
+    up: (i64, i64),
+) -> Option<()> {
     let Device::Cuda(index) = like.device() else { return None };
     let inner = layout(like)?;
     let (suffix, bf16, vec_len) = match like.kind() {
@@ -207,13 +375,18 @@ fn launch(backward: bool, like: &Tensor, pointers: [u64; 4], affine: [Option<&Te
     }
     l.arg(&scale).arg(&shift).arg(&rscale).arg(&rshift);
     l.arg(&n).arg(&ci).arg(&inner).arg(&vec).arg(&relu).arg(&bf16);
+    let (up_h, up_w) = (up.0 as i32, up.1 as i32);
+    if !backward {
+        l.arg(&up_h).arg(&up_w);
+    }
     // SAFETY: the four value pointers (null where optional) address live
     // CUDA tensors of `n` values with `like`'s dtype, shape and strides,
     // dense in the layout `inner` describes (checked by `unsupported`);
     // per-channel pointers (null where optional) hold `channels` float32
-    // values. Vectors are used only on 16-byte aligned pointers with whole
-    // vectors per pixel or plane. All stay alive until later work on this
-    // stream.
+    // values; with `up`, the residual is channels-last [N, C, H/2, W/2]
+    // (checked by `upsampled_residual_fits`). Vectors are used only on
+    // 16-byte aligned pointers with whole vectors per pixel or plane. All
+    // stay alive until later work on this stream.
     super::launched(&name, unsafe { l.launch(cfg) }).map(|_| ())
 }
 
@@ -239,22 +412,33 @@ pub(crate) extern "C" fn forward_callback(
     rscale: *mut torch_sys::C_tensor,
     rshift: *mut torch_sys::C_tensor,
     out: *mut torch_sys::C_tensor,
-    relu: i32,
+    mode: i32,
 ) -> i32 {
     std::panic::catch_unwind(|| {
         // SAFETY: the shim lends live tensors (the optional ones may be null).
         let [y, scale, shift, residual, rscale, rshift, out] =
             [y, scale, shift, residual, rscale, rshift, out].map(|p| unsafe { lent(p) });
         let (y, out) = (y?, out?);
-        let values: Vec<&Tensor> = [residual.as_deref(), Some(&*out)].into_iter().flatten().collect();
+        let (relu, upsampled) = (mode & 1 != 0, mode & 2 != 0);
+        let same_shape = residual.as_deref().filter(|_| !upsampled);
+        let values: Vec<&Tensor> = [same_shape, Some(&*out)].into_iter().flatten().collect();
         let per_channel: Vec<&Tensor> =
             [scale.as_deref(), shift.as_deref(), rscale.as_deref(), rshift.as_deref()].into_iter().flatten().collect();
         if shift.is_none() || unsupported(&y, &values, &per_channel).is_some() {
             return None;
         }
+        let up = match residual.as_deref() {
+            Some(r) if upsampled => {
+                if !upsampled_residual_fits(&y, r) {
+                    return None;
+                }
+                (y.size()[2], y.size()[3])
+            }
+            _ => (0, 0),
+        };
         let affine = [scale.as_deref(), shift.as_deref(), rscale.as_deref(), rshift.as_deref()];
         let pointers = [y.data_ptr() as u64, ptr(residual.as_deref()), out.data_ptr() as u64, 0];
-        launch(false, &y, pointers, affine, relu != 0)
+        launch(false, &y, pointers, affine, relu, up)
     })
     .ok()
     .flatten()
@@ -285,7 +469,54 @@ pub(crate) extern "C" fn backward_callback(
         }
         let pointers =
             [grad.data_ptr() as u64, ptr(out.as_deref()), grad_y.data_ptr() as u64, ptr(grad_residual.as_deref())];
-        launch(true, &grad, pointers, [scale.as_deref(), None, rscale.as_deref(), None], false)
+        launch(true, &grad, pointers, [scale.as_deref(), None, rscale.as_deref(), None], false, (0, 0))
+    })
+    .ok()
+    .flatten()
+    .map_or(-1, |()| 0)
+}
+
+/// The gradient of a 2× nearest upsampling for the shim's autograd
+/// function: `grad_small` `[N, C, H/2, W/2]` = sums of `grad` `[N, C, H, W]`'s
+/// 2×2 blocks (both channels-last). 0 on success.
+pub(crate) extern "C" fn sum2x2_callback(grad: *mut torch_sys::C_tensor, grad_small: *mut torch_sys::C_tensor) -> i32 {
+    std::panic::catch_unwind(|| {
+        // SAFETY: as in the forward.
+        let [grad, small] = [grad, grad_small].map(|p| unsafe { lent(p) });
+        let (grad, small) = (grad?, small?);
+        if !upsampled_residual_fits(&grad, &small) {
+            return None;
+        }
+        let Device::Cuda(index) = grad.device() else { return None };
+        let (suffix, bf16, vec_len) = match grad.kind() {
+            Kind::Float => ("f32", 0i32, 4i64),
+            Kind::Half => ("f16", 0, 8),
+            Kind::BFloat16 => ("bf16", 1, 8),
+            _ => return None,
+        };
+        let name = format!("epilogue_{suffix}_sum2x2");
+        let kernels = super::device_kernels(index)?;
+        let f = kernels.function(&name)?;
+        let size = grad.size();
+        let (channels, h, w) = (size[1], size[2], size[3]);
+        let pixels = small.numel() as i64 / channels.max(1);
+        if pixels == 0 {
+            return Some(());
+        }
+        let aligned = [grad.data_ptr() as u64, small.data_ptr() as u64].iter().all(|&p| p % 16 == 0);
+        let vec = i32::from(aligned && channels % vec_len == 0);
+        let work = pixels * if vec == 1 { channels / vec_len } else { channels };
+        let blocks = ((work + 255) / 256).clamp(1, 132 * 32) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (g, o) = (grad.data_ptr() as u64, small.data_ptr() as u64);
+        let (ci, hi, wi) = (channels as i32, h as i32, w as i32);
+        let stream = kernels.stream();
+        let mut l = stream.launch_builder(f);
+        l.arg(&g).arg(&o).arg(&pixels).arg(&ci).arg(&hi).arg(&wi).arg(&vec).arg(&bf16);
+        // SAFETY: `grad` [N, C, H, W] and `small` [N, C, H/2, W/2] are live
+        // channels-last CUDA tensors of one dtype (checked above); vectors
+        // only on 16-byte aligned pointers with C a multiple of the vector.
+        super::launched(&name, unsafe { l.launch(cfg) }).map(|_| ())
     })
     .ok()
     .flatten()
@@ -297,7 +528,15 @@ pub(crate) extern "C" fn backward_callback(
 /// caller then uses tensor ops). Differentiable for `y`, the residual and
 /// a shift that needs a gradient; the affine tensors must not need one.
 pub fn apply(y: &Tensor, e: &Epilogue) -> Option<Tensor> {
-    let values: Vec<&Tensor> = e.residual.into_iter().collect();
+    if let (true, Some(r)) = (e.residual_upsampled, e.residual) {
+        if !upsampled_residual_fits(y, r) {
+            // Not readable in place: upsample first, add as it is.
+            let up = upsampled_like(r, y);
+            return apply(y, &Epilogue { residual: Some(&up), residual_upsampled: false, ..*e });
+        }
+    }
+    let upsampled = e.residual_upsampled && e.residual.is_some();
+    let values: Vec<&Tensor> = e.residual.filter(|_| !upsampled).into_iter().collect();
     let mut channels_tensors: Vec<&Tensor> = vec![e.shift];
     channels_tensors.extend(e.scale);
     if let Some((s, b)) = e.residual_affine {
@@ -321,13 +560,14 @@ pub fn apply(y: &Tensor, e: &Epilogue) -> Option<Tensor> {
     let (rscale, rshift) = e.residual_affine.unzip();
     let needs_grad = y.requires_grad() || e.shift.requires_grad() || e.residual.is_some_and(|r| r.requires_grad());
     let out = if needs_grad {
-        crate::shim::set_epilogue_callbacks(forward_callback, backward_callback);
-        crate::shim::epilogue_autograd(y, e.scale, e.shift, e.residual, rscale, rshift, e.relu)
+        crate::shim::set_epilogue_callbacks(forward_callback, backward_callback, sum2x2_callback);
+        crate::shim::epilogue_autograd(y, e.scale, e.shift, e.residual, rscale, rshift, e.relu, upsampled)
             .map_err(|err| err.to_string())
     } else {
         let out = y.empty_like();
         let pointers = [y.data_ptr() as u64, ptr(e.residual), out.data_ptr() as u64, 0];
-        launch(false, y, pointers, [e.scale, Some(e.shift), rscale, rshift], e.relu)
+        let up = if upsampled { (y.size()[2], y.size()[3]) } else { (0, 0) };
+        launch(false, y, pointers, [e.scale, Some(e.shift), rscale, rshift], e.relu, up)
             .map(|()| out)
             .ok_or_else(|| "the kernel launch failed".to_string())
     };
@@ -404,6 +644,7 @@ mod tests {
                             scale: scaled.then_some(&scale),
                             shift: &shift,
                             residual: with_residual.then_some(&r),
+                            residual_upsampled: false,
                             residual_affine: residual_affine.then_some((&rscale, &rshift)),
                             relu,
                         };
@@ -429,6 +670,7 @@ mod tests {
                                 scale: scaled.then_some(&sc),
                                 shift: &bc,
                                 residual: with_residual.then_some(&rc),
+                                residual_upsampled: false,
                                 residual_affine: residual_affine.then_some((&rsc, &rbc)),
                                 relu,
                             };
@@ -471,6 +713,63 @@ mod tests {
                             assert!(max_abs(&(gb - &want_b)) <= tol, "{what}: d bias");
                         }
                     }
+                }
+            }
+        }
+        assert_eq!(fallback_count(), before, "every case ran on the kernels");
+    }
+
+    /// A residual read 2× nearest-upsampled in place (the FPN's top-down
+    /// sum) gives exactly libtorch's `upsample_nearest2d` + the op-by-op
+    /// arithmetic, and its gradient exactly libtorch's
+    /// `upsample_nearest2d_backward` of the full-size residual gradient:
+    /// float32/fp16/bf16, vectorized and scalar channel counts, with and
+    /// without a scale; NCHW tensors and odd sizes take an explicit
+    /// upsampling first (still the kernels).
+    #[test]
+    fn gpu_upsampled_residual_equals_libtorch_upsample() {
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_upsampled_residual_equals_libtorch_upsample") else {
+            return;
+        };
+        tch::manual_seed(5);
+        let before = fallback_count();
+        for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+            for (shape, channels_last) in
+                [([2i64, 64, 10, 12], true), ([2, 5, 6, 8], true), ([2, 16, 8, 6], false), ([1, 8, 7, 9], true)]
+            {
+                for scaled in [false, true] {
+                    let what = format!("{kind:?} {shape:?} channels_last={channels_last} scale={scaled}");
+                    let small = [shape[0], shape[1], shape[2] / 2, (shape[3] + 1) / 2];
+                    let make = |size: [i64; 4]| {
+                        let t = Tensor::randn(size, (Kind::Float, device)).to_kind(kind);
+                        let t = if channels_last { nhwc(&t) } else { t };
+                        t.set_requires_grad(true)
+                    };
+                    let (y, r) = (make(shape), make(small));
+                    let c = shape[1];
+                    let scale = Tensor::randn([c], (Kind::Float, device));
+                    let shift = Tensor::randn([c], (Kind::Float, device)).set_requires_grad(!scaled);
+                    let e = Epilogue {
+                        scale: scaled.then_some(&scale),
+                        shift: &shift,
+                        residual: Some(&r),
+                        residual_upsampled: true,
+                        residual_affine: None,
+                        relu: false,
+                    };
+                    let out = apply(&y, &e).expect("the kernel applies");
+                    let pc = |t: &Tensor| t.detach().reshape([1, -1, 1, 1]);
+                    let yf = y.detach().to_kind(Kind::Float);
+                    let up = upsampled_like(&r.detach(), &y).to_kind(Kind::Float);
+                    let want = if scaled { yf * pc(&scale) + pc(&shift) } else { yf + pc(&shift) } + up;
+                    let want = want.to_kind(kind).to_kind(Kind::Float);
+                    assert_eq!(max_abs(&(out.to_kind(Kind::Float) - &want)), 0.0, "{what}: values");
+                    let g = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
+                    let grads = Tensor::run_backward(&[(&out * &g).sum(Kind::Float)], &[&r], false, false);
+                    let want_r = Tensor::upsample_nearest2d_backward(&g, &shape[2..], small, None, None);
+                    let d = max_abs(&(grads[0].to_kind(Kind::Float) - want_r.to_kind(Kind::Float)));
+                    assert_eq!(d, 0.0, "{what}: d residual");
+                    assert_eq!(grads[0].size(), small, "{what}: residual gradient shape");
                 }
             }
         }

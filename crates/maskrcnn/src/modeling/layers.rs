@@ -4,7 +4,7 @@
 //! frozen (its tensors are buffers: no gradient, not in the optimizer) and
 //! so each forward is exactly the libtorch call torchvision makes.
 
-pub use crate::kernels::epilogue::Epilogue;
+pub use crate::kernels::epilogue::{upsampled_like, Epilogue};
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -67,6 +67,17 @@ impl Conv2d {
     /// `act(conv(x) (+ residual))`, `act` ReLU when `relu`, else the
     /// identity; `residual` shaped as the output. See [`conv_epilogue`].
     pub fn forward_act(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Tensor {
+        self.forward_epilogue(x, residual, false, relu)
+    }
+
+    /// `conv(x) + upsample(coarser)`: an FPN's lateral plus its top-down
+    /// path, `coarser` `[N, out, H'/2, W'/2]` nearest-upsampled to the
+    /// output's size (read in place on CUDA).
+    pub fn forward_top_down(&self, x: &Tensor, coarser: &Tensor) -> Tensor {
+        self.forward_epilogue(x, Some(coarser), true, false)
+    }
+
+    fn forward_epilogue(&self, x: &Tensor, residual: Option<&Tensor>, upsampled: bool, relu: bool) -> Tensor {
         let conv = |bias: Option<&Tensor>| {
             x.conv2d(
                 &self.weight,
@@ -77,27 +88,31 @@ impl Conv2d {
                 1,
             )
         };
-        conv_epilogue(conv, self.bias.as_ref(), residual, relu, x.device().is_cuda())
+        conv_epilogue(conv, self.bias.as_ref(), residual, upsampled, relu, x.device().is_cuda())
     }
 }
 
 /// `act(conv(bias) (+ residual))` for a convolution `conv` given the bias
-/// it should add itself (or `None`). On CUDA a biased convolution runs
-/// without its bias and [`epilogue`] adds bias and residual and applies
-/// the ReLU in one pass; elsewhere torchvision's own ops run (bias inside
-/// the convolution, then add, then ReLU), keeping CPU results identical.
+/// it should add itself (or `None`), the residual nearest-upsampled 2×
+/// first when `upsampled`. On CUDA a biased convolution runs without its
+/// bias and [`epilogue`] adds bias and residual and applies the ReLU in one
+/// pass; elsewhere torchvision's own ops run (bias inside the convolution,
+/// then upsample and add, then ReLU), keeping CPU results identical.
 fn conv_epilogue(
     conv: impl FnOnce(Option<&Tensor>) -> Tensor,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
+    upsampled: bool,
     relu: bool,
     cuda: bool,
 ) -> Tensor {
     if let (true, Some(shift)) = (cuda, bias) {
-        return epilogue(&conv(None), &Epilogue { scale: None, shift, residual, residual_affine: None, relu });
+        let e = Epilogue { scale: None, shift, residual, residual_upsampled: upsampled, residual_affine: None, relu };
+        return epilogue(&conv(None), &e);
     }
     let y = conv(bias);
     let y = match residual {
+        Some(r) if upsampled => &y + upsampled_like(r, &y),
         Some(r) => y + r,
         None => y,
     };
@@ -125,7 +140,8 @@ pub fn epilogue(y: &Tensor, e: &Epilogue) -> Tensor {
         None => x + per_channel(shift),
     };
     let mut out = affine(y, e.scale, e.shift);
-    if let Some(r) = e.residual {
+    let upsampled = e.residual.filter(|_| e.residual_upsampled).map(|r| upsampled_like(r, y));
+    if let Some(r) = upsampled.as_ref().or(e.residual) {
         out = match e.residual_affine {
             Some((s, b)) => out + affine(r, Some(s), b),
             None => out + r,
@@ -140,7 +156,14 @@ pub fn epilogue(y: &Tensor, e: &Epilogue) -> Tensor {
 pub fn conv_norm_relu(conv: &Conv2d, norm: &Norm, x: &Tensor, train: bool) -> Tensor {
     match norm.fixed_affine(train) {
         Some((scale, shift)) => {
-            let e = Epilogue { scale: Some(&scale), shift: &shift, residual: None, residual_affine: None, relu: true };
+            let e = Epilogue {
+                scale: Some(&scale),
+                shift: &shift,
+                residual: None,
+                residual_upsampled: false,
+                residual_affine: None,
+                relu: true,
+            };
             epilogue(&conv.forward(x), &e)
         }
         None => norm.forward(&conv.forward(x), train).relu(),
@@ -175,7 +198,7 @@ impl ConvTranspose2d {
         let conv = |bias: Option<&Tensor>| {
             x.conv_transpose2d(&self.weight, bias, [self.stride, self.stride], [0, 0], [0, 0], 1, [1, 1])
         };
-        conv_epilogue(conv, Some(&self.bias), None, relu, x.device().is_cuda())
+        conv_epilogue(conv, Some(&self.bias), None, false, relu, x.device().is_cuda())
     }
 }
 

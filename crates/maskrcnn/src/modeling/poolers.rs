@@ -207,6 +207,9 @@ mod tests {
             assert!(d <= tol, "{kind:?} nhwc={nhwc} C={channels} sr={sampling_ratio}: pooled values differ by {d}");
             (out.to_kind(Kind::Float) * weights.to_device(dev)).sum(Kind::Float).backward();
             for (l, (f, r)) in leaves.iter().zip(&reference_grads).enumerate() {
+                // The gradient has the features' layout (autograd adds it to
+                // the convolutions' channels-last gradients without a copy).
+                assert_eq!(f.grad().stride(), f.stride(), "{kind:?} nhwc={nhwc}: level {l} gradient layout");
                 let g = f.grad().to_kind(Kind::Float).to_device(Device::Cpu);
                 let d = (&g - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-6);
                 assert!(

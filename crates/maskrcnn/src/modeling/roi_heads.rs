@@ -198,10 +198,16 @@ impl MaskBranch {
         }
     }
 
-    /// Mask logits `[K, num_classes, 2S, 2S]` for `boxes` (one `[K_i, 4]`
-    /// per image), in inference.
-    pub fn forward(&self, features: &[Tensor], boxes: &[Tensor], image_sizes: &[(i64, i64)]) -> Tensor {
-        self.forward_rois(features, &rois_with_batch_index(boxes), image_sizes, None)
+    /// Mask logits `[K, 2S, 2S]` of each box's class `labels` `[K]` for
+    /// `boxes` (one `[K_i, 4]` per image), in inference.
+    pub fn forward(
+        &self,
+        features: &[Tensor],
+        boxes: &[Tensor],
+        labels: &Tensor,
+        image_sizes: &[(i64, i64)],
+    ) -> Tensor {
+        self.forward_rois(features, &rois_with_batch_index(boxes), labels, image_sizes, None)
     }
 
     /// The same for `rois` `[K, 5]` (`batch_index, x1, y1, x2, y2`); in
@@ -211,6 +217,7 @@ impl MaskBranch {
         &self,
         features: &[Tensor],
         rois: &Tensor,
+        labels: &Tensor,
         image_sizes: &[(i64, i64)],
         rows: Option<&Tensor>,
     ) -> Tensor {
@@ -218,7 +225,32 @@ impl MaskBranch {
         for conv in &self.convs {
             x = conv.forward(&x, rows);
         }
-        self.mask_fcn_logits.forward(&self.conv5_mask.forward_act(&x, true))
+        logits_of_labels(&self.conv5_mask.forward_act(&x, true), &self.mask_fcn_logits, labels)
+    }
+}
+
+/// The 1×1 predictor `predictor` (`[C, Cin, 1, 1]`, bias `[C]`) applied to
+/// `x` `[K, Cin, H, W]` for class `labels[k]` of RoI `k` only → `[K, H, W]`.
+/// torchvision computes every class's logits and keeps the label's (for the
+/// loss and for the detections' masks): the same values, without C − 1 of
+/// every C output planes (on COCO most of the mask head's predictor time
+/// and memory). One batched matrix product per RoI; its operands are views
+/// of `x` in either memory format, so the gradient has `x`'s layout.
+fn logits_of_labels(x: &Tensor, predictor: &Conv2d, labels: &Tensor) -> Tensor {
+    let size = x.size();
+    let (k, cin, h, w) = (size[0], size[1], size[2], size[3]);
+    let weight = predictor.weight.reshape([-1, cin]).index_select(0, labels);
+    let logits = if x.stride()[1] == 1 {
+        // Channels-last: [K, H·W, Cin] × [K, Cin, 1].
+        x.permute([0, 2, 3, 1]).reshape([k, h * w, cin]).bmm(&weight.unsqueeze(2))
+    } else {
+        // NCHW: [K, 1, Cin] × [K, Cin, H·W].
+        weight.unsqueeze(1).bmm(&x.reshape([k, cin, h * w]))
+    };
+    let logits = logits.reshape([k, h, w]);
+    match &predictor.bias {
+        Some(bias) => logits + bias.index_select(0, labels).reshape([k, 1, 1]),
+        None => logits,
     }
 }
 
@@ -258,12 +290,10 @@ impl RoiHeads {
         let (logits, deltas) = self.box_branch.forward(features, proposals, image_sizes);
         let mut dets = self.postprocess_detections(&logits, &deltas, proposals, image_sizes);
         let boxes: Vec<Tensor> = dets.iter().map(|d| d.boxes.shallow_clone()).collect();
-        let mask_logits = self.mask_branch.forward(features, &boxes, image_sizes);
-        // The predicted class's channel of each detection.
+        // The predicted class's mask of each detection.
         let labels = Tensor::cat(&dets.iter().map(|d| d.labels.shallow_clone()).collect::<Vec<_>>(), 0);
-        let k = labels.size()[0];
-        let index = Tensor::arange(k, (Kind::Int64, labels.device()));
-        let probs = mask_logits.to_kind(Kind::Float).sigmoid().index(&[Some(index), Some(labels)]).unsqueeze(1);
+        let mask_logits = self.mask_branch.forward(features, &boxes, &labels, image_sizes);
+        let probs = mask_logits.to_kind(Kind::Float).sigmoid().unsqueeze(1);
         let mut start = 0;
         for d in &mut dets {
             let n = d.boxes.size()[0];
@@ -499,9 +529,10 @@ impl RoiHeads {
         crate::host_timing::mark("mask_targets");
         let positive = positive.reshape([-1]);
         let rows = positive.to_kind(Kind::Float);
-        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), image_sizes, Some(&rows));
         let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
-        maskrcnn_loss(&logits, &labels, &targets, &positive)
+        let logits =
+            self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), &labels, image_sizes, Some(&rows));
+        maskrcnn_loss(&logits, &targets, &positive)
     }
 }
 
@@ -582,18 +613,15 @@ fn fastrcnn_loss(
 }
 
 /// Binary cross-entropy between each positive slot's mask logits for its
-/// class (`mask_logits` `[K, C, M, M]`, `labels` `[K]`) and its target
-/// `[K, M, M]`, averaged over the positives' pixels (`positive` `[K]`); zero,
-/// with a graph, when there are none.
-fn maskrcnn_loss(mask_logits: &Tensor, labels: &Tensor, targets: &Tensor, positive: &Tensor) -> Tensor {
-    let k = labels.size()[0];
-    let (h, w) = (mask_logits.size()[2], mask_logits.size()[3]);
-    let logits = mask_logits
-        .gather(1, &labels.reshape([k, 1, 1, 1]).expand([k, 1, h, w], false), false)
-        .squeeze_dim(1)
-        .to_kind(Kind::Float);
+/// class (`mask_logits` `[K, M, M]`) and its target `[K, M, M]`, averaged
+/// over the positives' pixels (`positive` `[K]`); zero, with a graph, when
+/// there are none.
+fn maskrcnn_loss(mask_logits: &Tensor, targets: &Tensor, positive: &Tensor) -> Tensor {
+    let size = mask_logits.size();
+    let (k, h, w) = (size[0], size[1], size[2]);
     let pixels = positive.to_kind(Kind::Float).sum(Kind::Float).clamp_min(1.0) * (h * w) as f64;
-    logits
+    mask_logits
+        .to_kind(Kind::Float)
         .binary_cross_entropy_with_logits::<Tensor>(targets, None, None, tch::Reduction::None)
         .where_scalarother(&positive.reshape([k, 1, 1]), 0.0)
         .sum(Kind::Float)

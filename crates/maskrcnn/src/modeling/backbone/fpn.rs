@@ -4,7 +4,7 @@
 //! `norm_layer`).
 
 use crate::config::NormKind;
-use crate::modeling::layers::{conv2d, epilogue, norm, Conv2d, ConvOpts, Epilogue, Norm};
+use crate::modeling::layers::{conv2d, epilogue, norm, upsampled_like, Conv2d, ConvOpts, Epilogue, Norm};
 use tch::nn::Path;
 use tch::Tensor;
 
@@ -32,20 +32,33 @@ impl FpnConv {
         }
     }
 
-    /// `norm(conv(x)) (+ residual)` `[N, cout, H, W]`; with fixed statistics
-    /// (or no norm) one epilogue on CUDA.
-    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, train: bool) -> Tensor {
-        let Some(norm) = &self.norm else { return self.conv.forward_act(x, residual, false) };
+    /// `norm(conv(x))` `[N, cout, H, W]`, plus the coarser level `top_down`
+    /// `[N, cout, H/2, W/2]` nearest-upsampled when given; with fixed
+    /// statistics (or no norm) one epilogue on CUDA.
+    fn forward(&self, x: &Tensor, top_down: Option<&Tensor>, train: bool) -> Tensor {
+        let Some(norm) = &self.norm else {
+            return match top_down {
+                Some(t) => self.conv.forward_top_down(x, t),
+                None => self.conv.forward(x),
+            };
+        };
         let y = self.conv.forward(x);
         match norm.fixed_affine(train) {
             Some((scale, shift)) => {
-                let e = Epilogue { scale: Some(&scale), shift: &shift, residual, residual_affine: None, relu: false };
+                let e = Epilogue {
+                    scale: Some(&scale),
+                    shift: &shift,
+                    residual: top_down,
+                    residual_upsampled: true,
+                    residual_affine: None,
+                    relu: false,
+                };
                 epilogue(&y, &e)
             }
             None => {
                 let y = norm.forward(&y, train);
-                match residual {
-                    Some(r) => y + r,
+                match top_down {
+                    Some(t) => &y + upsampled_like(t, &y),
                     None => y,
                 }
             }
@@ -83,12 +96,9 @@ impl Fpn {
         let mut last_inner = self.inner_blocks[n - 1].forward(&feats[n - 1], None, train);
         let mut results = vec![self.layer_blocks[n - 1].forward(&last_inner, None, train)];
         for idx in (0..n - 1).rev() {
-            let size = &feats[idx].size()[2..];
-            // Autocast would upsample in float32 and make the whole top-down
-            // path float32; nearest upsampling is exact in any dtype.
-            let top_down = crate::shim::without_autocast(|| last_inner.upsample_nearest2d(size, None, None));
-            // lateral + top_down, the sum fused with the lateral's bias or norm on CUDA.
-            last_inner = self.inner_blocks[idx].forward(&feats[idx], Some(&top_down), train);
+            // lateral + upsampled top-down path, fused with the lateral's
+            // bias or norm on CUDA (the coarser level read in place).
+            last_inner = self.inner_blocks[idx].forward(&feats[idx], Some(&last_inner), train);
             results.insert(0, self.layer_blocks[idx].forward(&last_inner, None, train));
         }
         let p6 = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);

@@ -59,6 +59,7 @@ impl Block {
                     scale: Some(&scale),
                     shift: &shift,
                     residual: Some(&residual),
+                    residual_upsampled: false,
                     residual_affine: affine.as_ref().map(|(s, b)| (s, b)),
                     relu: true,
                 };
