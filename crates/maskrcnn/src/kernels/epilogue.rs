@@ -95,6 +95,9 @@ __device__ __forceinline__ void for_each_vector(long long n, int channels, long 
   int cached = -1;
   int c0 = (int)((first * VEC) % channels);
   int advance = (int)((stride * VEC) % channels);
+  // Two vectors in flight per thread: the loads of the next iteration
+  // issue before the stores of this one.
+#pragma unroll 2
   for (long long v = first; v < nv; v += stride) {
     int c = inner == 1 ? c0 : (int)((v * VEC / inner) % channels);
     if (c != cached) {

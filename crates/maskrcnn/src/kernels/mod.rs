@@ -36,6 +36,7 @@ pub(crate) use half_conversions;
 
 pub mod epilogue;
 pub mod matcher;
+pub mod max_pool;
 pub mod nms;
 pub mod paste;
 pub mod polygon;
@@ -102,6 +103,7 @@ const SOURCES: &[(&str, &[&str])] = &[
         ],
     ),
     (matcher::SOURCE, &["match_best_per_gt", "match_assign"]),
+    (max_pool::SOURCE, &["max_pool_3x3s2_f32", "max_pool_3x3s2_half"]),
     (polygon::SOURCE, &["polygon_mask_targets"]),
     (paste::SOURCE, &["paste_masks_run_edges"]),
     (timing::SOURCE, &["spin_ns"]),

@@ -222,6 +222,21 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, Some(&self.bias))
     }
+
+    /// `x` `[N, C, H, W]` flattened in torchvision's (C, H, W) order →
+    /// `[N, out]`. On channels-last `x` the weight's columns are put in
+    /// (H, W, C) order instead and `x` is flattened as it lies: a copy of
+    /// the weight per call rather than of the (much larger) pooled
+    /// features.
+    pub fn forward_flattened(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        if size.len() == 4 && size[1] > 1 && x.stride()[1] == 1 && !x.is_contiguous() {
+            let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
+            let weight = self.weight.reshape([-1, c, h, w]).permute([0, 2, 3, 1]).reshape([-1, c * h * w]);
+            return x.permute([0, 2, 3, 1]).reshape([n, -1]).linear(&weight, Some(&self.bias));
+        }
+        self.forward(&x.flatten(1, -1))
+    }
 }
 
 /// BatchNorm with fixed statistics and affine parameters, as torchvision's

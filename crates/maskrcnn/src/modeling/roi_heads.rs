@@ -157,10 +157,10 @@ impl BoxBranch {
     ) -> (Tensor, Tensor) {
         let x = self.pooler.pool(features, rois, image_sizes);
         let x = match &self.head {
-            BoxHead::TwoMlp { fc6, fc7 } => fc7.forward(&fc6.forward(&x.flatten(1, -1)).relu()).relu(),
+            BoxHead::TwoMlp { fc6, fc7 } => fc7.forward(&fc6.forward_flattened(&x).relu()).relu(),
             BoxHead::ConvFc { convs, fc } => {
                 let x = convs.iter().fold(x, |x, c| c.forward(&x, rows));
-                fc.forward(&x.flatten(1, -1)).relu()
+                fc.forward_flattened(&x).relu()
             }
         };
         (self.cls_score.forward(&x), self.bbox_pred.forward(&x))

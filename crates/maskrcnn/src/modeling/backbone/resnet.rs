@@ -170,7 +170,10 @@ impl ResNet {
     /// `[N, 3, H, W]` → the four stage outputs C2..C5 (strides 4, 8, 16, 32).
     pub fn forward(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
         let mut x = conv_norm_relu(&self.conv1, &self.bn1, x, train);
-        x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        // Without a gradient to the stem (frozen, or inference) one kernel
+        // on CUDA; libtorch's (with its backward) otherwise.
+        let pooled = if x.requires_grad() { None } else { crate::kernels::max_pool::max_pool_3x3_stride2(&x) };
+        x = pooled.unwrap_or_else(|| x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false));
         let mut outs = Vec::with_capacity(4);
         for layer in &self.layers {
             for block in layer {
