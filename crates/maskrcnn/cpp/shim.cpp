@@ -220,6 +220,8 @@ int mrcnn_multilevel_roi_align(at::Tensor** features, int n, at::Tensor* rois, a
 //   forward(y, scale, shift, residual, rscale, rshift, out, relu | 2·upsampled)
 //   backward(grad, out (null without ReLU), scale, rscale, grad_y, grad_residual)
 //   sum2x2(grad, grad_residual): the gradient of a 2× nearest upsampling
+//   bias_backward(grad, out, masked, grad_shift): without scales, the ReLU
+//     mask (out, masked null without ReLU) and the bias gradient in one pass
 // Optional tensors are null. An upsampled residual is [N, C, H/2, W/2],
 // read at (h/2, w/2) (an FPN's top-down path without the upsampled copy). The shift (a convolution's bias) may need a
 // gradient; scale, rscale and rshift (fixed normalizations) may not.
@@ -228,15 +230,18 @@ typedef int (*mrcnn_epilogue_forward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, 
 typedef int (*mrcnn_epilogue_backward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*,
                                           at::Tensor*);
 typedef int (*mrcnn_sum2x2_cb)(at::Tensor*, at::Tensor*);
+typedef int (*mrcnn_bias_backward_cb)(at::Tensor*, at::Tensor*, at::Tensor*, at::Tensor*);
 static mrcnn_epilogue_forward_cb epilogue_forward_cb = nullptr;
 static mrcnn_epilogue_backward_cb epilogue_backward_cb = nullptr;
 static mrcnn_sum2x2_cb sum2x2_cb = nullptr;
+static mrcnn_bias_backward_cb bias_backward_cb = nullptr;
 
 void mrcnn_set_epilogue_callbacks(mrcnn_epilogue_forward_cb forward, mrcnn_epilogue_backward_cb backward,
-                                  mrcnn_sum2x2_cb sum2x2) {
+                                  mrcnn_sum2x2_cb sum2x2, mrcnn_bias_backward_cb bias_backward) {
   epilogue_forward_cb = forward;
   epilogue_backward_cb = backward;
   sum2x2_cb = sum2x2;
+  bias_backward_cb = bias_backward;
 }
 
 static at::Tensor* opt_ptr(at::Tensor& t) { return t.defined() ? &t : nullptr; }
@@ -280,10 +285,19 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
     at::Tensor scale = (flags & EPILOGUE_SCALE) ? saved[1] : at::Tensor();
     at::Tensor rscale = (flags & EPILOGUE_RESIDUAL_AFFINE) ? saved[2] : at::Tensor();
     at::Tensor g = grads[0];
-    at::Tensor gy, gr, masked;
+    at::Tensor gy, gr, masked, gshift;
     if (!scale.defined() && !rscale.defined()) {
-      // No scales: both gradients are the masked output gradient itself.
-      masked = relu ? at::threshold_backward(g, out, 0) : g;
+      // No scales: both gradients are the masked output gradient itself;
+      // with a trainable bias, mask and bias gradient in one kernel.
+      if (ctx->needs_input_grad(2)) {
+        at::Tensor m = relu ? at::empty_like(g) : at::Tensor();
+        at::Tensor gs = at::empty({g.size(1)}, g.options().dtype(at::kFloat));
+        if (bias_backward_cb(&g, opt_ptr(out), opt_ptr(m), &gs) == 0) {
+          masked = relu ? m : g;
+          gshift = gs;
+        }
+      }
+      if (!masked.defined()) masked = relu ? at::threshold_backward(g, out, 0) : g;
       gy = masked;
       gr = has_residual ? masked : at::Tensor();
     } else {
@@ -307,8 +321,7 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
       if (sum2x2_cb(&full, &gr) != 0)
         gr = at::upsample_nearest2d_backward(full, {full.size(2), full.size(3)}, size, std::nullopt, std::nullopt);
     }
-    at::Tensor gshift;
-    if (ctx->needs_input_grad(2)) {
+    if (ctx->needs_input_grad(2) && !gshift.defined()) {
       if (!masked.defined()) masked = relu ? at::threshold_backward(g, out, 0) : g;
       gshift = masked.sum({0, 2, 3}, false, at::kFloat);
     }
@@ -321,7 +334,7 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
 int mrcnn_epilogue(at::Tensor* y, at::Tensor* scale, at::Tensor* shift, at::Tensor* residual, at::Tensor* rscale,
                    at::Tensor* rshift, int relu, int upsampled, at::Tensor** out) {
   try {
-    if (!epilogue_forward_cb || !epilogue_backward_cb || !sum2x2_cb)
+    if (!epilogue_forward_cb || !epilogue_backward_cb || !sum2x2_cb || !bias_backward_cb)
       throw std::runtime_error("epilogue callbacks not set");
     auto opt = [&](at::Tensor* t) { return t ? *t : *shift; };
     int64_t flags = (scale ? EPILOGUE_SCALE : 0) | (residual ? EPILOGUE_RESIDUAL : 0) |

@@ -33,7 +33,12 @@ extern "C" {
         aligned: c_int,
         out: *mut Handle,
     ) -> c_int;
-    fn mrcnn_set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward, sum2x2: Sum2x2);
+    fn mrcnn_set_epilogue_callbacks(
+        forward: EpilogueForward,
+        backward: EpilogueBackward,
+        sum2x2: Sum2x2,
+        bias_backward: BiasBackward,
+    );
     fn mrcnn_epilogue(
         y: Handle,
         scale: Handle,
@@ -133,12 +138,20 @@ pub type EpilogueBackward = extern "C" fn(Handle, Handle, Handle, Handle, Handle
 /// `(grad [N, C, H, W], grad_small [N, C, H/2, W/2])`: sums of 2×2 blocks
 /// (the gradient of a 2× nearest upsampling).
 pub type Sum2x2 = extern "C" fn(Handle, Handle) -> c_int;
+/// `(grad, out, masked, grad_shift)`: a bias's gradient (`out`, `masked`
+/// null without ReLU).
+pub type BiasBackward = extern "C" fn(Handle, Handle, Handle, Handle) -> c_int;
 
 /// Registers the kernels that the shim's convolution-epilogue autograd
 /// function launches (`kernels::epilogue` does, before its first use).
-pub fn set_epilogue_callbacks(forward: EpilogueForward, backward: EpilogueBackward, sum2x2: Sum2x2) {
+pub fn set_epilogue_callbacks(
+    forward: EpilogueForward,
+    backward: EpilogueBackward,
+    sum2x2: Sum2x2,
+    bias_backward: BiasBackward,
+) {
     // SAFETY: stores function pointers that live for the whole program.
-    unsafe { mrcnn_set_epilogue_callbacks(forward, backward, sum2x2) }
+    unsafe { mrcnn_set_epilogue_callbacks(forward, backward, sum2x2, bias_backward) }
 }
 
 /// `act(y·scale + shift + (residual·rscale + rshift))` through the shim's

@@ -215,6 +215,52 @@ __device__ __forceinline__ void sum2x2(const T* __restrict__ grad, T* __restrict
   }
 }
 
+// A bias's gradient for an epilogue without scales: per-channel sums of
+// the output gradient, masked by ReLU when `out` is given (and then also
+// written to `masked`, libtorch's threshold_backward), in one pass.
+// Channels-last, VEC channels per thread; 256·VEC is a multiple of C (host
+// check), so each thread keeps the same channels over the grid stride and
+// sums them in registers, then the threads of a block sharing channels
+// are added in a fixed order into partial[block][C]: deterministic.
+template <typename T, int VEC>
+__device__ __forceinline__ void bias_backward(const T* __restrict__ grad, const T* __restrict__ out,
+                                              T* __restrict__ masked, float* __restrict__ partial, long long n,
+                                              int channels, int bf16) {
+  __shared__ float sums[256 * VEC];
+  long long stride = (long long)blockDim.x * gridDim.x;
+  float acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
+  for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < n / VEC; v += stride) {
+    Values<T, VEC> g, o, m;
+    g.load(grad, v, VEC);
+    if (out) o.load(out, v, VEC);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float x = ld<T>(&g.t[k], bf16);
+      if (out && ld<T>(&o.t[k], bf16) <= 0.0f) x = 0.0f;
+      acc[k] = __fadd_rn(acc[k], x);
+      m.t[k] = st<T>(x, bf16);
+    }
+    if (masked) m.store(masked, v, VEC);
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) sums[threadIdx.x * VEC + k] = acc[k];
+  __syncthreads();
+  int groups = channels / VEC;
+  for (int t = threadIdx.x; t < groups; t += blockDim.x) {
+    float total[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) total[k] = 0.0f;
+    for (int j = t; j < blockDim.x; j += groups) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) total[k] = __fadd_rn(total[k], sums[j * VEC + k]);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) partial[(long long)blockIdx.x * channels + t * VEC + k] = total[k];
+  }
+}
+
 #define EPILOGUE_ARGS                                                                                       \
   const float* __restrict__ scale, const float* __restrict__ shift, const float* __restrict__ rscale,      \
       const float* __restrict__ rshift, long long n, int channels, long long inner, int vec, int relu, int bf16
@@ -224,6 +270,11 @@ __device__ __forceinline__ void sum2x2(const T* __restrict__ grad, T* __restrict
                                             T* __restrict__ out, EPILOGUE_ARGS, int up_h, int up_w) {      \
     epilogue_forward<T, VEC>(y, residual, out, scale, shift, rscale, rshift, n, channels, inner, vec, relu, bf16, \
                              up_h, up_w);                                                                  \
+  }                                                                                                        \
+  extern "C" __global__ void NAME##_bias_backward(const T* __restrict__ grad, const T* __restrict__ out,    \
+                                                  T* __restrict__ masked, float* __restrict__ partial,     \
+                                                  long long n, int channels, int bf16) {                   \
+    bias_backward<T, VEC>(grad, out, masked, partial, n, channels, bf16);                                  \
   }                                                                                                        \
   extern "C" __global__ void NAME##_sum2x2(const T* __restrict__ grad, T* __restrict__ grad_small,          \
                                            long long pixels, int channels, int h, int w, int vec, int bf16) { \
@@ -479,6 +530,65 @@ pub(crate) extern "C" fn backward_callback(
     .map_or(-1, |()| 0)
 }
 
+/// The bias gradient of the shim's autograd function without scales:
+/// `grad_shift` `[C]` float32 = per-channel sums of `grad` masked by ReLU
+/// where `out` (nullable) is given, the masked gradient also written to
+/// `masked` (nullable). One pass (libtorch's threshold_backward and sum
+/// read the gradient twice). 0 on success.
+pub(crate) extern "C" fn bias_backward_callback(
+    grad: *mut torch_sys::C_tensor,
+    out: *mut torch_sys::C_tensor,
+    masked: *mut torch_sys::C_tensor,
+    grad_shift: *mut torch_sys::C_tensor,
+) -> i32 {
+    std::panic::catch_unwind(|| {
+        // SAFETY: as in the forward.
+        let [grad, out, masked, grad_shift] = [grad, out, masked, grad_shift].map(|p| unsafe { lent(p) });
+        let (grad, mut grad_shift) = (grad?, grad_shift?);
+        let values: Vec<&Tensor> = [out.as_deref(), masked.as_deref()].into_iter().flatten().collect();
+        if unsupported(&grad, &values, &[]).is_some() || layout(&grad) != Some(1) || out.is_some() != masked.is_some()
+        {
+            return None;
+        }
+        let Device::Cuda(index) = grad.device() else { return None };
+        let (suffix, bf16, vec_len) = match grad.kind() {
+            Kind::Float => ("f32", 0i32, 4i64),
+            Kind::Half => ("f16", 0, 8),
+            Kind::BFloat16 => ("bf16", 1, 8),
+            _ => return None,
+        };
+        let (n, channels) = (grad.numel() as i64, grad.size()[1]);
+        let pointers = [Some(&*grad), out.as_deref(), masked.as_deref()].map(|t| t.map_or(0, |t| t.data_ptr() as u64));
+        // Each thread keeps its channels: 256·VEC a multiple of C.
+        if n == 0 || channels % vec_len != 0 || (256 * vec_len) % channels != 0 || pointers.iter().any(|p| p % 16 != 0)
+        {
+            return None;
+        }
+        let name = format!("epilogue_{suffix}_bias_backward");
+        let kernels = super::device_kernels(index)?;
+        let f = kernels.function(&name)?;
+        let blocks = ((n / vec_len + 255) / 256).clamp(1, 132 * 32);
+        let partial = Tensor::empty([blocks, channels], (Kind::Float, grad.device()));
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let ci = channels as i32;
+        let p = partial.data_ptr() as u64;
+        let stream = kernels.stream();
+        let mut l = stream.launch_builder(f);
+        l.arg(&pointers[0]).arg(&pointers[1]).arg(&pointers[2]).arg(&p).arg(&n).arg(&ci).arg(&bf16);
+        // SAFETY: `grad` (and `out`, `masked` where given) are live
+        // channels-last CUDA tensors of one dtype, shape and strides
+        // (checked), 16-byte aligned with C a multiple of the vector;
+        // `partial` was just allocated as [blocks, C] float32. All stay
+        // alive until later work on this stream.
+        super::launched(&name, unsafe { l.launch(cfg) })?;
+        let _ = grad_shift.copy_(&partial.sum_dim_intlist([0i64].as_slice(), false, Kind::Float));
+        Some(())
+    })
+    .ok()
+    .flatten()
+    .map_or(-1, |()| 0)
+}
+
 /// The gradient of a 2× nearest upsampling for the shim's autograd
 /// function: `grad_small` `[N, C, H/2, W/2]` = sums of `grad` `[N, C, H, W]`'s
 /// 2×2 blocks (both channels-last). 0 on success.
@@ -563,7 +673,7 @@ pub fn apply(y: &Tensor, e: &Epilogue) -> Option<Tensor> {
     let (rscale, rshift) = e.residual_affine.unzip();
     let needs_grad = y.requires_grad() || e.shift.requires_grad() || e.residual.is_some_and(|r| r.requires_grad());
     let out = if needs_grad {
-        crate::shim::set_epilogue_callbacks(forward_callback, backward_callback, sum2x2_callback);
+        crate::shim::set_epilogue_callbacks(forward_callback, backward_callback, sum2x2_callback, bias_backward_callback);
         crate::shim::epilogue_autograd(y, e.scale, e.shift, e.residual, rscale, rshift, e.relu, upsampled)
             .map_err(|err| err.to_string())
     } else {
