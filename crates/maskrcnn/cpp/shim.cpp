@@ -349,6 +349,22 @@ int mrcnn_epilogue(at::Tensor* y, at::Tensor* scale, at::Tensor* shift, at::Tens
   }
 }
 
+// Makes `grad` (same shape, dtype and device) the gradient tensor of
+// `param`: backward then accumulates into it in place (a view into one flat
+// buffer that the ranks all-reduce without concatenating or copying back).
+int mrcnn_set_grad(at::Tensor* param, at::Tensor* grad) {
+  try {
+    if (!grad->defined() || grad->sizes() != param->sizes() || grad->scalar_type() != param->scalar_type() ||
+        grad->device() != param->device())
+      throw std::runtime_error("set_grad: the gradient's shape, dtype or device differs from the parameter's");
+    param->mutable_grad() = *grad;
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
 // Sets every tensor of the list to zero with one multi-tensor kernel.
 int mrcnn_foreach_zero(at::Tensor** ts, int n) {
   try {

@@ -50,6 +50,7 @@ extern "C" {
         upsampled: c_int,
         out: *mut Handle,
     ) -> c_int;
+    fn mrcnn_set_grad(param: Handle, grad: Handle) -> c_int;
     fn mrcnn_foreach_zero(ts: *const Handle, n: c_int) -> c_int;
     fn mrcnn_foreach_total_norm(ts: *const Handle, n: c_int, out: *mut Handle) -> c_int;
     fn mrcnn_foreach_mul(ts: *const Handle, n: c_int, factor: Handle) -> c_int;
@@ -188,6 +189,13 @@ pub fn epilogue_autograd(
         )
     })?;
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Makes `grad` (shaped as `param`, same dtype and device) the gradient
+/// tensor of `param`: backward accumulates into it in place from then on.
+pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), ShimError> {
+    // SAFETY: live tensors borrowed for the call.
+    check(unsafe { mrcnn_set_grad(param.as_ptr() as Handle, grad.as_ptr() as Handle) })
 }
 
 /// Sets every tensor of `ts` to zero (one multi-tensor kernel per device

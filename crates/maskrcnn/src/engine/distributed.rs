@@ -390,6 +390,7 @@ fn connect_to_root(
 const NCCL_UNIQUE_ID_BYTES: usize = 128;
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
+const NCCL_AVG: c_int = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -552,6 +553,17 @@ impl ProcessGroup {
     /// crate's NVRTC kernels rely on), so no host synchronization is needed
     /// before or after.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
+        self.all_reduce(t, NCCL_SUM)
+    }
+
+    /// Averages the contiguous float32 tensor `t` over all ranks, in place
+    /// (NCCL's `ncclAvg`: no separate scaling pass on the GPU).
+    pub fn all_reduce_mean_in_place(&self, t: &mut Tensor) -> Result<(), DistError> {
+        self.all_reduce(t, NCCL_AVG)
+    }
+
+    /// `t` reduced in place over the ranks by `op` (`NCCL_SUM` or `NCCL_AVG`).
+    fn all_reduce(&self, t: &mut Tensor, op: c_int) -> Result<(), DistError> {
         if t.kind() != Kind::Float || !t.is_contiguous() || t.device() != self.device() {
             return Err(DistError::Nccl(format!(
                 "all-reduce needs a contiguous float32 tensor on {:?}",
@@ -568,12 +580,16 @@ impl ProcessGroup {
                 // rank's GPU, alive until the call returns and ordered on the
                 // null stream.
                 api.check("ncclAllReduce", unsafe {
-                    (api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, NCCL_SUM, *comm, std::ptr::null_mut())
+                    (api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, op, *comm, std::ptr::null_mut())
                 })
             }
             Transport::Tcp(links) => {
                 let mut values = Vec::<f32>::try_from(&*t).map_err(DistError::Tensor)?;
                 tcp_sum(links, &mut values).map_err(|(peer, source)| DistError::Tcp { peer, source })?;
+                if op == NCCL_AVG {
+                    let n = self.env.world_size as f32;
+                    values.iter_mut().for_each(|v| *v /= n);
+                }
                 tch::no_grad(|| t.copy_(&Tensor::from_slice(&values).view_as(t)));
                 Ok(())
             }
@@ -589,8 +605,7 @@ impl ProcessGroup {
         }
         let flat: Vec<Tensor> = tensors.iter().map(|t| t.detach().to_kind(Kind::Float).reshape([-1])).collect();
         let mut buffer = Tensor::cat(&flat, 0);
-        self.all_reduce_sum(&mut buffer)?;
-        let _ = buffer.g_mul_scalar_(1.0 / self.env.world_size as f64);
+        self.all_reduce_mean_in_place(&mut buffer)?;
         let mut offset = 0;
         tch::no_grad(|| {
             for t in tensors {

@@ -308,14 +308,18 @@ impl Trainer<'_> {
     }
 }
 
-/// What one training step exchanges over several GPUs, prepared once: every
-/// trainable parameter in a rank-independent order (by name), each with a
-/// gradient tensor from the start (zeros, accumulated into by backward) so
-/// every rank all-reduces the same tensors even when a step leaves one
-/// unreached, and the two stop flags on the device.
+/// What one training step exchanges over several GPUs, prepared once: one
+/// flat float32 buffer holding every trainable parameter's gradient (in a
+/// rank-independent order, by name; each parameter's `.grad` is a view into
+/// it from the start, so backward accumulates straight into the buffer and
+/// every rank reduces the same values even when a step leaves a parameter
+/// unreached), then the step's five losses and the two stop flags: one
+/// all-reduce in place per step, nothing concatenated or copied back.
 pub struct GroupStep {
-    trainable: Vec<Tensor>,
-    /// `[2]`: Ctrl-C, time budget (1.0 = set) on this rank.
+    flat: Tensor,
+    /// `[5]` view of `flat`: the step's losses.
+    losses: Tensor,
+    /// `[2]` view of `flat`: Ctrl-C, time budget (1.0 = set) on this rank.
     flags: Tensor,
 }
 
@@ -332,13 +336,21 @@ impl GroupStep {
             model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
-        let untouched: Vec<&Tensor> = trainable.iter().filter(|p| !p.grad().defined()).collect();
-        if !untouched.is_empty() {
-            let zero: Tensor = untouched.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
-            zero.backward();
-        }
         let device = model.vs.device();
-        Ok(GroupStep { trainable, flags: Tensor::zeros([2], (Kind::Float, device)) })
+        let total: i64 = trainable.iter().map(|p| p.numel() as i64).sum();
+        let flat = Tensor::zeros([total + 7], (Kind::Float, device));
+        let mut offset = 0;
+        for p in &trainable {
+            let grad = dense_view(&flat, offset, p);
+            let current = p.grad();
+            if current.defined() {
+                tch::no_grad(|| grad.shallow_clone().copy_(&current));
+            }
+            crate::shim::set_grad(p, &grad)?;
+            offset += p.numel() as i64;
+        }
+        let (losses, flags) = (flat.narrow(0, total, 5), flat.narrow(0, total + 5, 2));
+        Ok(GroupStep { flat, losses, flags })
     }
 
     /// One all-reduce (mean over ranks) of the gradients, the step's `losses`
@@ -356,16 +368,30 @@ impl GroupStep {
     ) -> Result<(bool, bool), TrainError> {
         let _ = self.flags.get(0).fill_(f64::from(u8::from(stop)));
         let _ = self.flags.get(1).fill_(f64::from(u8::from(time_up)));
-        let mut tensors: Vec<Tensor> = self.trainable.iter().map(Tensor::grad).collect();
-        tensors.push(losses.shallow_clone());
-        tensors.push(self.flags.shallow_clone());
-        group.all_reduce_mean(&tensors)?;
+        tch::no_grad(|| {
+            self.losses.shallow_clone().copy_(losses);
+        });
+        group.all_reduce_mean_in_place(&mut self.flat.shallow_clone())?;
+        tch::no_grad(|| losses.shallow_clone().copy_(&self.losses));
         if !read_flags {
             return Ok((false, false));
         }
         let any: Vec<f32> =
             Vec::try_from(crate::host_sync::to_host(&self.flags.gt(0.0).to_kind(Kind::Float))).unwrap_or_default();
         Ok((any.first() == Some(&1.0), any.get(1) == Some(&1.0)))
+    }
+}
+
+/// `p.numel()` values of `flat` from `offset`, shaped as `p` with `p`'s
+/// strides where they are dense (a channels-last weight keeps its layout,
+/// so accumulating its gradient is not a strided pass), else contiguous.
+fn dense_view(flat: &Tensor, offset: i64, p: &Tensor) -> Tensor {
+    let (size, stride) = (p.size(), p.stride());
+    let span: i64 = 1 + size.iter().zip(&stride).map(|(&n, &s)| (n - 1).max(0) * s).sum::<i64>();
+    if span == p.numel() as i64 {
+        flat.as_strided(size.as_slice(), stride.as_slice(), offset)
+    } else {
+        flat.narrow(0, offset, p.numel() as i64).view(size.as_slice())
     }
 }
 
