@@ -388,6 +388,20 @@ fn unsupported(y: &Tensor, values: &[&Tensor], channels_tensors: &[&Tensor]) -> 
 }
 
 /// One launch of `epilogue_<dtype>_<forward|backward>` over `like`'s values.
+/// The device's kernels, the name `epilogue_<dtype>_<what>` of the one for
+/// `like`'s dtype, its bf16 flag and its vector length (`None` off CUDA or
+/// for another dtype).
+fn kernel_for(like: &Tensor, what: &str) -> Option<(std::sync::Arc<super::DeviceKernels>, String, i32, i64)> {
+    let Device::Cuda(index) = like.device() else { return None };
+    let (suffix, bf16, vec_len) = match like.kind() {
+        Kind::Float => ("f32", 0i32, 4i64),
+        Kind::Half => ("f16", 0, 8),
+        Kind::BFloat16 => ("bf16", 1, 8),
+        _ => return None,
+    };
+    Some((super::device_kernels(index)?, format!("epilogue_{suffix}_{what}"), bf16, vec_len))
+}
+
 /// `up`: the output's (H, W) when the residual is read 2× upsampled, else (0, 0).
 fn launch(
     backward: bool,
@@ -397,16 +411,8 @@ fn launch(
     relu: bool,
     up: (i64, i64),
 ) -> Option<()> {
-    let Device::Cuda(index) = like.device() else { return None };
     let inner = layout(like)?;
-    let (suffix, bf16, vec_len) = match like.kind() {
-        Kind::Float => ("f32", 0i32, 4i64),
-        Kind::Half => ("f16", 0, 8),
-        Kind::BFloat16 => ("bf16", 1, 8),
-        _ => return None,
-    };
-    let name = format!("epilogue_{suffix}_{}", if backward { "backward" } else { "forward" });
-    let kernels = super::device_kernels(index)?;
+    let (kernels, name, bf16, vec_len) = kernel_for(like, if backward { "backward" } else { "forward" })?;
     let f = kernels.function(&name)?;
     let n = like.numel() as i64;
     if n == 0 {
@@ -546,17 +552,10 @@ pub(crate) extern "C" fn bias_backward_callback(
         let [grad, out, masked, grad_shift] = [grad, out, masked, grad_shift].map(|p| unsafe { lent(p) });
         let (grad, mut grad_shift) = (grad?, grad_shift?);
         let values: Vec<&Tensor> = [out.as_deref(), masked.as_deref()].into_iter().flatten().collect();
-        if unsupported(&grad, &values, &[]).is_some() || layout(&grad) != Some(1) || out.is_some() != masked.is_some()
-        {
+        if unsupported(&grad, &values, &[]).is_some() || layout(&grad) != Some(1) || out.is_some() != masked.is_some() {
             return None;
         }
-        let Device::Cuda(index) = grad.device() else { return None };
-        let (suffix, bf16, vec_len) = match grad.kind() {
-            Kind::Float => ("f32", 0i32, 4i64),
-            Kind::Half => ("f16", 0, 8),
-            Kind::BFloat16 => ("bf16", 1, 8),
-            _ => return None,
-        };
+        let (kernels, name, bf16, vec_len) = kernel_for(&grad, "bias_backward")?;
         let (n, channels) = (grad.numel() as i64, grad.size()[1]);
         let pointers = [Some(&*grad), out.as_deref(), masked.as_deref()].map(|t| t.map_or(0, |t| t.data_ptr() as u64));
         // Each thread keeps its channels: 256·VEC a multiple of C.
@@ -564,8 +563,6 @@ pub(crate) extern "C" fn bias_backward_callback(
         {
             return None;
         }
-        let name = format!("epilogue_{suffix}_bias_backward");
-        let kernels = super::device_kernels(index)?;
         let f = kernels.function(&name)?;
         let blocks = ((n / vec_len + 255) / 256).clamp(1, 132 * 32);
         let partial = Tensor::empty([blocks, channels], (Kind::Float, grad.device()));
@@ -581,7 +578,7 @@ pub(crate) extern "C" fn bias_backward_callback(
         // `partial` was just allocated as [blocks, C] float32. All stay
         // alive until later work on this stream.
         super::launched(&name, unsafe { l.launch(cfg) })?;
-        let _ = grad_shift.copy_(&partial.sum_dim_intlist([0i64].as_slice(), false, Kind::Float));
+        grad_shift.copy_(&partial.sum_dim_intlist([0i64].as_slice(), false, Kind::Float));
         Some(())
     })
     .ok()
@@ -600,15 +597,7 @@ pub(crate) extern "C" fn sum2x2_callback(grad: *mut torch_sys::C_tensor, grad_sm
         if !upsampled_residual_fits(&grad, &small) {
             return None;
         }
-        let Device::Cuda(index) = grad.device() else { return None };
-        let (suffix, bf16, vec_len) = match grad.kind() {
-            Kind::Float => ("f32", 0i32, 4i64),
-            Kind::Half => ("f16", 0, 8),
-            Kind::BFloat16 => ("bf16", 1, 8),
-            _ => return None,
-        };
-        let name = format!("epilogue_{suffix}_sum2x2");
-        let kernels = super::device_kernels(index)?;
+        let (kernels, name, bf16, vec_len) = kernel_for(&grad, "sum2x2")?;
         let f = kernels.function(&name)?;
         let size = grad.size();
         let (channels, h, w) = (size[1], size[2], size[3]);
@@ -673,7 +662,12 @@ pub fn apply(y: &Tensor, e: &Epilogue) -> Option<Tensor> {
     let (rscale, rshift) = e.residual_affine.unzip();
     let needs_grad = y.requires_grad() || e.shift.requires_grad() || e.residual.is_some_and(|r| r.requires_grad());
     let out = if needs_grad {
-        crate::shim::set_epilogue_callbacks(forward_callback, backward_callback, sum2x2_callback, bias_backward_callback);
+        crate::shim::set_epilogue_callbacks(
+            forward_callback,
+            backward_callback,
+            sum2x2_callback,
+            bias_backward_callback,
+        );
         crate::shim::epilogue_autograd(y, e.scale, e.shift, e.residual, rscale, rshift, e.relu, upsampled)
             .map_err(|err| err.to_string())
     } else {

@@ -93,7 +93,7 @@ pub fn max_pool_3x3_stride2(x: &Tensor) -> Option<Tensor> {
         Kind::BFloat16 => ("max_pool_3x3s2_half", 8, 1),
         _ => return None,
     };
-    if !channels_last || c % vec != 0 || x.data_ptr() as usize % 16 != 0 || n * h * w * c == 0 {
+    if !channels_last || c % vec != 0 || !(x.data_ptr() as usize).is_multiple_of(16) || n * h * w * c == 0 {
         return None;
     }
     let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);

@@ -530,8 +530,7 @@ impl RoiHeads {
         let positive = positive.reshape([-1]);
         let rows = positive.to_kind(Kind::Float);
         let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
-        let logits =
-            self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), &labels, image_sizes, Some(&rows));
+        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), &labels, image_sizes, Some(&rows));
         maskrcnn_loss(&logits, &targets, &positive)
     }
 }
