@@ -1067,17 +1067,8 @@ fn a_rank_killed_on_one_node_ends_every_node_within_a_minute() {
         }
     };
     // Wait for training to run (rank 0 logs iterations), then kill node 1's rank.
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
-        if started.elapsed().as_secs() > 180 {
-            kill_groups(&launches);
-            panic!("training did not start within 180 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let id = launches[1].0.id();
-    let rank = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap();
-    let pid = rank.split_whitespace().next().unwrap().to_string();
+    wait_for_training(&out, || kill_groups(&launches));
+    let pid = rank_pids(launches[1].0.id())[0].clone();
     assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
     let killed = std::time::Instant::now();
     let mut statuses = vec![None, None];
@@ -1100,6 +1091,80 @@ fn a_rank_killed_on_one_node_ends_every_node_within_a_minute() {
     assert!(logs[0].contains("lost rank 1"), "node 0 does not name the lost rank:\n{}", logs[0]);
     assert!(logs[1].contains("rank 1 failed"), "node 1 does not name its killed rank:\n{}", logs[1]);
     eprintln!("both nodes exited {:.1} s after rank 1 was killed", killed.elapsed().as_secs_f64());
+}
+
+/// One of two CPU ranks stops (SIGSTOP: alive, holding its sockets, making
+/// no progress — a hung GPU or a deadlock): the other rank ends itself once
+/// its training has made no progress for the collective timeout
+/// (`MASKRCNN_COLLECTIVE_TIMEOUT`), saying so, and the launch exits
+/// non-zero instead of waiting forever.
+#[test]
+fn a_hung_rank_ends_the_group_after_the_collective_timeout() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(&tmp.path().join("data"));
+    let mut sets = plain_sgd_sets(&data);
+    sets.extend(["solver.max_iter=100000".into(), "solver.log_period=1".into()]);
+    let out = tmp.path().join("out");
+    let log = tmp.path().join("launch.log");
+    let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), "2".into(), "train".into()];
+    args.extend(["--device".into(), "cpu".into(), "--output".into(), out.display().to_string()]);
+    for s in &sets {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    let timeout_s = 15;
+    let mut launch = std::process::Command::new(maskrcnn_bin())
+        .args(&args)
+        .env("MASKRCNN_COLLECTIVE_TIMEOUT", timeout_s.to_string())
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let kill_group = |pid: u32| {
+        let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+    };
+    let id = launch.id();
+    wait_for_training(&out, || kill_group(id));
+    let pid = rank_pids(id).pop().unwrap();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = launch.try_wait().unwrap() {
+            break status;
+        }
+        if stopped.elapsed().as_secs() > timeout_s + 60 {
+            kill_group(id);
+            panic!("the launch was still running {} s after a rank hung", timeout_s + 60);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "the launch exited 0:\n{text}");
+    assert!(text.contains("MASKRCNN_COLLECTIVE_TIMEOUT"), "no rank named the collective timeout:\n{text}");
+    let waited = stopped.elapsed().as_secs_f64();
+    assert!(waited >= timeout_s as f64 - 1.0, "ended after {waited:.1} s, before the timeout:\n{text}");
+    eprintln!("the launch exited {waited:.1} s after a rank hung (timeout {timeout_s} s)");
+}
+
+/// Waits until rank 0 has logged two iterations to `out`; after 180 s
+/// calls `give_up` (which stops the launches) and fails.
+fn wait_for_training(out: &std::path::Path, give_up: impl Fn()) {
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
+        if started.elapsed().as_secs() > 180 {
+            give_up();
+            panic!("training did not start within 180 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The process ids of the ranks a `launch` process started.
+fn rank_pids(launch: u32) -> Vec<String> {
+    let children = std::fs::read_to_string(format!("/proc/{launch}/task/{launch}/children")).unwrap();
+    children.split_whitespace().map(str::to_string).collect()
 }
 
 /// The iteration in every `… at iteration N` line of `log`.

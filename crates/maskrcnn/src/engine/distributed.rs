@@ -58,6 +58,10 @@ pub struct DistEnv {
     pub run_id: u64,
     /// How long the rendezvous waits (`MASKRCNN_RENDEZVOUS_TIMEOUT`, seconds).
     pub timeout: Duration,
+    /// How long a training step may go without progress before the rank
+    /// ends itself (`MASKRCNN_COLLECTIVE_TIMEOUT`, seconds; see
+    /// [`crate::engine::watchdog`]).
+    pub collective_timeout: Duration,
 }
 
 impl DistEnv {
@@ -80,17 +84,18 @@ impl DistEnv {
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let master_port: u16 = parse("MASTER_PORT", &need("MASTER_PORT")?)?;
         let run_id = var("MASKRCNN_RUN_ID").or_else(|| var("TORCHELASTIC_RUN_ID")).map_or(0, |id| fnv1a(id.as_bytes()));
-        let timeout = match var("MASKRCNN_RENDEZVOUS_TIMEOUT") {
-            Some(v) => {
-                let s: f64 = parse("MASKRCNN_RENDEZVOUS_TIMEOUT", &v)?;
-                if !(s > 0.0 && s.is_finite()) {
-                    return Err(DistError::Env(format!("MASKRCNN_RENDEZVOUS_TIMEOUT={v:?} must be > 0 seconds")));
-                }
-                Duration::from_secs_f64(s)
-            }
-            None => DEFAULT_RENDEZVOUS_TIMEOUT,
-        };
-        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port, run_id, timeout }))
+        let timeout = seconds(&var, "MASKRCNN_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT)?;
+        let collective_timeout = seconds(&var, "MASKRCNN_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT)?;
+        Ok(Some(DistEnv {
+            rank,
+            world_size,
+            local_rank,
+            master_addr,
+            master_port,
+            run_id,
+            timeout,
+            collective_timeout,
+        }))
     }
 
     /// The group of this process's environment.
@@ -108,6 +113,16 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// A duration in seconds (> 0) from variable `name`, else `default`.
+fn seconds(var: &impl Fn(&str) -> Option<String>, name: &str, default: Duration) -> Result<Duration, DistError> {
+    let Some(v) = var(name) else { return Ok(default) };
+    let s: f64 = parse(name, &v)?;
+    if !(s > 0.0 && s.is_finite()) {
+        return Err(DistError::Env(format!("{name}={v:?} must be > 0 seconds")));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, DistError> {
     value.trim().parse().map_err(|_| DistError::Env(format!("{name}={value:?} is not a valid number")))
 }
@@ -115,6 +130,11 @@ fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, DistError> 
 /// How long ranks wait for each other at the rendezvous unless
 /// `MASKRCNN_RENDEZVOUS_TIMEOUT` (seconds) says otherwise.
 const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a training step may make no progress unless
+/// `MASKRCNN_COLLECTIVE_TIMEOUT` (seconds) says otherwise: above any
+/// step and rank 0's evaluation of a COCO-sized validation set.
+const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// How often a waiting rank says what it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(15);
@@ -459,6 +479,7 @@ fn sym(e: libloading::Error) -> DistError {
 pub struct ProcessGroup {
     pub env: DistEnv,
     transport: Transport,
+    watchdog: crate::engine::watchdog::Watchdog,
 }
 
 /// How the group sums tensors.
@@ -493,9 +514,21 @@ impl ProcessGroup {
     /// self-test.
     pub fn join(env: DistEnv, cuda: bool) -> Result<ProcessGroup, DistError> {
         let transport = if cuda { Self::join_nccl(&env)? } else { Transport::Tcp(rendezvous(&env, Some(&[1]), 1)?) };
-        let group = ProcessGroup { env, transport };
+        let watchdog = crate::engine::watchdog::Watchdog::start(env.rank, env.collective_timeout, None);
+        let group = ProcessGroup { env, transport, watchdog };
         group.self_test()?;
         Ok(group)
+    }
+
+    /// Training progressed (a step starts): the next beat must come within
+    /// the collective timeout, or this rank ends itself.
+    pub fn heartbeat(&self) {
+        self.watchdog.beat();
+    }
+
+    /// No more steps to watch (training ended).
+    pub fn pause_watchdog(&self) {
+        self.watchdog.pause();
     }
 
     fn join_nccl(env: &DistEnv) -> Result<Transport, DistError> {
@@ -691,6 +724,11 @@ mod tests {
         assert_eq!((e.run_id, e.timeout), (fnv1a(b"job-7"), Duration::from_millis(2500)));
         let zero = env_of(&[&vars[..3], &[("MASKRCNN_RENDEZVOUS_TIMEOUT", "0")]].concat()).unwrap_err();
         assert!(zero.to_string().contains("must be > 0"), "{zero}");
+        assert_eq!(e.collective_timeout, DEFAULT_COLLECTIVE_TIMEOUT);
+        let e = env_of(&[&vars[..3], &[("MASKRCNN_COLLECTIVE_TIMEOUT", "90")]].concat()).unwrap().unwrap();
+        assert_eq!(e.collective_timeout, Duration::from_secs(90));
+        let bad = env_of(&[&vars[..3], &[("MASKRCNN_COLLECTIVE_TIMEOUT", "-1")]].concat()).unwrap_err();
+        assert!(bad.to_string().contains("MASKRCNN_COLLECTIVE_TIMEOUT"), "{bad}");
     }
 
     /// A test group's environment: rank `rank` of `world` at `port`.
@@ -703,6 +741,7 @@ mod tests {
             master_port: port,
             run_id: 42,
             timeout: Duration::from_secs_f64(timeout_s),
+            collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
         }
     }
 

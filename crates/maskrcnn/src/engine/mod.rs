@@ -16,3 +16,4 @@ pub mod train_bench;
 pub mod train_log;
 pub mod train_loop;
 pub mod trainer;
+pub mod watchdog;

@@ -232,6 +232,9 @@ impl Trainer<'_> {
         let max_iter = self.config.solver.max_iter as u64;
         let mut stop = Stop::Done;
         while self.iteration < max_iter {
+            if let Some(g) = &self.group {
+                g.heartbeat();
+            }
             let request = hooks.iter_mut().fold(StopRequest::default(), |r, h| r.or(h.stop_request(self)));
             let mut step = self.run_step(request)?;
             for hook in hooks.iter_mut() {
@@ -243,6 +246,9 @@ impl Trainer<'_> {
             }
         }
         self.bar.finish_and_clear();
+        if let Some(g) = &self.group {
+            g.pause_watchdog();
+        }
         for hook in hooks.iter_mut() {
             hook.after_train(self, stop)?;
         }
