@@ -1126,7 +1126,18 @@ fn a_hung_rank_ends_the_group_after_the_collective_timeout() {
     };
     let id = launch.id();
     wait_for_training(&out, || kill_group(id));
-    let pid = rank_pids(id).pop().unwrap();
+    let pids = rank_pids(id);
+    // Each rank runs on its own share of the CPUs (launch --cpu-affinity auto).
+    let cpus_of = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string()
+    };
+    let (a, b) = (cpus_of(&pids[0]), cpus_of(&pids[1]));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores >= 2 {
+        assert_ne!(a, b, "both ranks may run on CPUs {a}");
+    }
+    let pid = pids[1].clone();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let stopped = std::time::Instant::now();
     let status = loop {

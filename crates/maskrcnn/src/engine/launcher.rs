@@ -71,6 +71,57 @@ pub fn rank_env(place: RankPlace, master_addr: &str, port: u16, run_id: u64) -> 
     env
 }
 
+/// The CPUs this process may run on (its affinity mask), ascending; empty
+/// when the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // fills at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Local rank `local_rank`'s share of `cpus` among `ranks` ranks: equal
+/// contiguous runs (the first `len % ranks` one CPU longer), so neighbouring
+/// cores (and their caches) go to one rank; empty when there are fewer CPUs
+/// than ranks (then nobody is pinned).
+pub fn cpu_share(cpus: &[usize], local_rank: usize, ranks: usize) -> Vec<usize> {
+    if ranks == 0 || cpus.len() < ranks || local_rank >= ranks {
+        return Vec::new();
+    }
+    let (base, extra) = (cpus.len() / ranks, cpus.len() % ranks);
+    let start = local_rank * base + local_rank.min(extra);
+    cpus[start..start + base + usize::from(local_rank < extra)].to_vec()
+}
+
+/// Restricts the process `cmd` starts to `cpus` (its loader workers and
+/// libtorch threads then stay on them, and `available_parallelism` counts
+/// them); nothing for an empty list.
+pub fn pin_to(cmd: &mut Command, cpus: Vec<usize>) {
+    use std::os::unix::process::CommandExt;
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // fills a stack cpu_set_t and calls sched_setaffinity (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in &cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The run id every node of a multi-node launch derives alike: from the
 /// user's `--rdzv-id` when given, else from the rendezvous address (only
 /// one run can hold it at a time). FNV-1a, so it is the same on every
@@ -168,6 +219,20 @@ fn wait_all(children: &mut [(usize, Option<Child>)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ranks get equal contiguous runs of the CPUs, together all of them,
+    /// the first ones one longer when they do not divide; nobody is pinned
+    /// with fewer CPUs than ranks.
+    #[test]
+    fn cpus_are_shared_out_in_contiguous_runs() {
+        let cpus: Vec<usize> = (0..10).collect();
+        let shares: Vec<Vec<usize>> = (0..4).map(|r| cpu_share(&cpus, r, 4)).collect();
+        assert_eq!(shares, [vec![0, 1, 2], vec![3, 4, 5], vec![6, 7], vec![8, 9]]);
+        assert_eq!(cpu_share(&[4, 5, 6, 7], 1, 2), [6, 7]);
+        assert!(cpu_share(&[0], 0, 2).is_empty());
+        assert!(cpu_share(&cpus, 4, 4).is_empty());
+        assert!(!allowed_cpus().is_empty(), "this process's affinity mask");
+    }
 
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");

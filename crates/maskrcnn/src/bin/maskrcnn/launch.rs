@@ -30,13 +30,20 @@ pub struct LaunchArgs {
     /// rendezvous address); ranks of another run are refused.
     #[arg(long, value_name = "ID")]
     pub rdzv_id: Option<String>,
+    /// `auto`: each rank runs on its own contiguous share of this node's
+    /// CPUs (loader workers and libtorch threads of one rank stay off the
+    /// others' cores); `none`: the ranks share every CPU.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "none"])]
+    pub cpu_affinity: String,
     /// `train` and its arguments, as for `maskrcnn train`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "train ARGS")]
     pub command: Vec<std::ffi::OsString>,
 }
 
 pub fn run(args: LaunchArgs) -> Result<()> {
-    use maskrcnn::engine::launcher::{free_port, rank_env, run_ranks, shared_run_id, RankPlace};
+    use maskrcnn::engine::launcher::{
+        allowed_cpus, cpu_share, free_port, pin_to, rank_env, run_ranks, shared_run_id, RankPlace,
+    };
     use std::sync::atomic::{AtomicBool, Ordering};
     let n = args.nproc_per_node;
     if args.command.first().map(|c| c != "train").unwrap_or(true) {
@@ -104,12 +111,25 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         nodes * n,
         args.master_addr
     );
+    let cpus = if args.cpu_affinity == "auto" { allowed_cpus() } else { Vec::new() };
+    if cpu_share(&cpus, 0, n).is_empty() {
+        eprintln!("launch: ranks share every CPU");
+    } else {
+        let spans: Vec<String> = (0..n)
+            .map(|i| {
+                let share = cpu_share(&cpus, i, n);
+                format!("rank {}: CPUs {}-{}", first + i, share[0], share[share.len() - 1])
+            })
+            .collect();
+        eprintln!("launch: {} (--cpu-affinity none to share them)", spans.join(", "));
+    }
     run_ranks(
         first..first + n,
         |rank| {
             let place = RankPlace::of(node, nodes, n, rank - first);
             let mut cmd = std::process::Command::new(&exe);
             cmd.args(&args.command).envs(rank_env(place, &args.master_addr, port, run_id));
+            pin_to(&mut cmd, cpu_share(&cpus, rank - first, n));
             cmd
         },
         interrupt,
