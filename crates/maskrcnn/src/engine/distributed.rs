@@ -132,8 +132,8 @@ fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, DistError> 
 const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long a training step may make no progress unless
-/// `MASKRCNN_COLLECTIVE_TIMEOUT` (seconds) says otherwise: above any
-/// step and rank 0's evaluation of a COCO-sized validation set.
+/// `MASKRCNN_COLLECTIVE_TIMEOUT` (seconds) says otherwise: far above any
+/// step (evaluations are not timed: the watchdog pauses for them).
 const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// How often a waiting rank says what it waits for.
@@ -526,7 +526,8 @@ impl ProcessGroup {
         self.watchdog.beat();
     }
 
-    /// No more steps to watch (training ended).
+    /// Nothing to watch until the next step's beat (an evaluation runs, or
+    /// training ended).
     pub fn pause_watchdog(&self) {
         self.watchdog.pause();
     }

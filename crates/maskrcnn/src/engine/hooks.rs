@@ -139,6 +139,11 @@ impl Hook for Evaluation {
         }
         let iteration = step.iteration;
         let mut reached = false;
+        // Evaluation takes as long as the validation set needs (rank 0
+        // evaluates, the others wait for its decision): not a hang.
+        if let Some(g) = &trainer.group {
+            g.pause_watchdog();
+        }
         if trainer.is_main() {
             let started = Instant::now();
             let (model, config, output) = (&trainer.model, trainer.config, &trainer.opts.output);

@@ -3,7 +3,8 @@
 //! forever (NCCL's kernels spin on the GPU; the host blocks at its next
 //! read). The training loop beats once per step; when no beat came for
 //! the collective timeout (`MASKRCNN_COLLECTIVE_TIMEOUT`, seconds), a
-//! thread prints why and ends the process with exit code 1, without
+//! thread prints why and ends the process with exit code 1 (evaluations
+//! pause the watch: they take as long as the validation set needs), without
 //! running exit handlers (they could wait on the stuck GPU work). The
 //! launcher then stops the rest of the node's ranks and names this one.
 
@@ -74,7 +75,7 @@ impl Watchdog {
         self.state.beat_ms.store(self.state.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Stops watching until the next beat (after training).
+    /// Stops watching until the next beat (an evaluation, the end).
     pub fn pause(&self) {
         self.state.beat_ms.store(IDLE, Ordering::Relaxed);
     }
