@@ -76,6 +76,15 @@ pub enum TargetError {
     NoImages,
 }
 
+/// A training batch prepared on the host for the device step
+/// ([`MaskRcnn::prepare_train`]): the resized, normalized, padded images
+/// with their sizes, and the ground truth padded to `[B, G]`.
+#[derive(Debug)]
+pub struct TrainInputs {
+    pub images: ImageList,
+    pub targets: TargetBatch,
+}
+
 /// Everything inference computes for a batch, for inspection and tests.
 #[derive(Debug)]
 pub struct InferenceTrace {
@@ -234,13 +243,23 @@ impl MaskRcnn {
     /// are checked and padded without a GPU sync). The
     /// short side is drawn from `input.min_size` per batch; `sampler` chooses
     /// the anchors and proposals that enter the losses. Images without
-    /// instances train as negatives.
+    /// instances train as negatives. [`prepare_train`](Self::prepare_train)
+    /// then [`forward_prepared`](Self::forward_prepared).
     pub fn forward_train(
         &self,
         images: &[Tensor],
         targets: &[Target],
         sampler: &mut dyn FgBgSampler,
     ) -> Result<Losses, TargetError> {
+        let inputs = self.prepare_train(images, targets)?;
+        Ok(self.forward_prepared(&inputs, sampler))
+    }
+
+    /// The host's part of a training step: targets checked, the short side
+    /// drawn, images resized, normalized and padded into one batch, targets
+    /// resized and padded to `[B, G]` and sent to the device without
+    /// blocking.
+    pub fn prepare_train(&self, images: &[Tensor], targets: &[Target]) -> Result<TrainInputs, TargetError> {
         // Checked where they are (on the host for the data loader's targets:
         // no GPU sync).
         validate_targets(images, targets, self.config.model.num_classes)?;
@@ -262,17 +281,25 @@ impl MaskRcnn {
             .zip(&list.image_sizes)
             .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size, device))
             .collect();
-        let gt = TargetBatch::new(resized, device);
+        let targets = TargetBatch::new(resized, device);
         crate::host_timing::mark("targets");
+        Ok(TrainInputs { images: list, targets })
+    }
+
+    /// The device's part of a training step: backbone, RPN and its losses,
+    /// RoI sampling, box and mask heads and their losses for prepared
+    /// `inputs`. Static shapes for given input shapes, no host reads.
+    pub fn forward_prepared(&self, inputs: &TrainInputs, sampler: &mut dyn FgBgSampler) -> Losses {
+        let (list, gt) = (&inputs.images, &inputs.targets);
         let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
         crate::host_timing::mark("backbone");
         let size = list.tensors.size();
         let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
         crate::host_timing::mark("rpn");
-        let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, &gt, sampler);
+        let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, gt, sampler);
         crate::host_timing::mark("rpn_losses");
-        let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, &gt, sampler);
-        Ok(Losses { objectness, rpn_box_reg, classifier: roi.classifier, box_reg: roi.box_reg, mask: roi.mask })
+        let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, gt, sampler);
+        Losses { objectness, rpn_box_reg, classifier: roi.classifier, box_reg: roi.box_reg, mask: roi.mask }
     }
 
     /// Detections per image in original-image pixels: boxes `[D, 4]`, scores,
