@@ -344,7 +344,8 @@ impl GroupStep {
         let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
         let device = model.vs.device();
         let total: i64 = trainable.iter().map(|p| p.numel() as i64).sum();
-        let flat = Tensor::zeros([total + 7], (Kind::Float, device));
+        let losses_len = LOSS_NAMES.len() as i64;
+        let flat = Tensor::zeros([total + losses_len + 2], (Kind::Float, device));
         let mut offset = 0;
         for p in &trainable {
             let grad = dense_view(&flat, offset, p);
@@ -355,7 +356,7 @@ impl GroupStep {
             crate::shim::set_grad(p, &grad)?;
             offset += p.numel() as i64;
         }
-        let (losses, flags) = (flat.narrow(0, total, 5), flat.narrow(0, total + 5, 2));
+        let (losses, flags) = (flat.narrow(0, total, losses_len), flat.narrow(0, total + losses_len, 2));
         Ok(GroupStep { flat, losses, flags })
     }
 

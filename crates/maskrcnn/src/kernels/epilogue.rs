@@ -314,6 +314,14 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
+impl<'a> Epilogue<'a> {
+    /// `y·scale + shift` (without a scale `y + shift`) and nothing else:
+    /// the base call sites complete with struct update syntax.
+    pub fn affine(scale: Option<&'a Tensor>, shift: &'a Tensor) -> Self {
+        Epilogue { scale, shift, residual: None, residual_upsampled: false, residual_affine: None, relu: false }
+    }
+}
+
 /// Times a CUDA epilogue fell back to tensor ops, with the last reason
 /// (tests check that the model's epilogues all take the kernel).
 static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
@@ -333,10 +341,7 @@ fn layout(t: &Tensor) -> Option<i64> {
     if t.is_contiguous() {
         return Some(size[2] * size[3]);
     }
-    let s = t.stride();
-    // Channels-last: strides (H·W·C, 1, W·C, C).
-    let (c, w) = (size[1], size[3]);
-    (s[1] == 1 && s[3] == c && s[2] == w * c && (size[0] == 1 || s[0] == size[2] * w * c)).then_some(1)
+    super::is_channels_last(t).then_some(1)
 }
 
 /// `r` `[N, C, h, w]` nearest-upsampled to `like`'s spatial size
@@ -393,12 +398,7 @@ fn unsupported(y: &Tensor, values: &[&Tensor], channels_tensors: &[&Tensor]) -> 
 /// for another dtype).
 fn kernel_for(like: &Tensor, what: &str) -> Option<(std::sync::Arc<super::DeviceKernels>, String, i32, i64)> {
     let Device::Cuda(index) = like.device() else { return None };
-    let (suffix, bf16, vec_len) = match like.kind() {
-        Kind::Float => ("f32", 0i32, 4i64),
-        Kind::Half => ("f16", 0, 8),
-        Kind::BFloat16 => ("bf16", 1, 8),
-        _ => return None,
-    };
+    let (suffix, bf16, vec_len) = super::dtype_suffix(like.kind())?;
     Some((super::device_kernels(index)?, format!("epilogue_{suffix}_{what}"), bf16, vec_len))
 }
 

@@ -7,7 +7,7 @@
 //! (NaN wins), so the result is exact in every dtype.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 pub(crate) const SOURCE: &str = r#"
 // max(a, b) as libtorch's max-pool takes it: a NaN wins.
@@ -85,15 +85,10 @@ pub fn max_pool_3x3_stride2(x: &Tensor) -> Option<Tensor> {
         return None;
     }
     let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
-    let s = x.stride();
-    let channels_last = s[1] == 1 && s[3] == c && s[2] == w * c && s[0] == h * w * c;
-    let (name, vec, bf16) = match x.kind() {
-        Kind::Float => ("max_pool_3x3s2_f32", 4, 0i32),
-        Kind::Half => ("max_pool_3x3s2_half", 8, 0),
-        Kind::BFloat16 => ("max_pool_3x3s2_half", 8, 1),
-        _ => return None,
-    };
-    if !channels_last || c % vec != 0 || !(x.data_ptr() as usize).is_multiple_of(16) || n * h * w * c == 0 {
+    let (suffix, bf16, vec) = super::dtype_suffix(x.kind())?;
+    let name = if suffix == "f32" { "max_pool_3x3s2_f32" } else { "max_pool_3x3s2_half" };
+    if !super::is_channels_last(x) || c % vec != 0 || !(x.data_ptr() as usize).is_multiple_of(16) || n * h * w * c == 0
+    {
         return None;
     }
     let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
@@ -123,6 +118,7 @@ pub fn max_pool_3x3_stride2(x: &Tensor) -> Option<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     /// Equal to libtorch's max_pool2d (3×3, stride 2, padding 1) bit for
     /// bit, NaN included, for float32/fp16/bf16 and even and odd sizes.

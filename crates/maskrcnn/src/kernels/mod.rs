@@ -47,6 +47,29 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+/// The kernels' name suffix for `kind`, their `bf16` flag (half types share
+/// one 16-bit code path) and how many values fill a 16-byte vector.
+pub(crate) fn dtype_suffix(kind: tch::Kind) -> Option<(&'static str, i32, i64)> {
+    match kind {
+        tch::Kind::Float => Some(("f32", 0, 4)),
+        tch::Kind::Half => Some(("f16", 0, 8)),
+        tch::Kind::BFloat16 => Some(("bf16", 1, 8)),
+        _ => None,
+    }
+}
+
+/// Whether `t` is a dense 4-D channels-last (NHWC) tensor: strides
+/// (H·W·C, 1, W·C, C). A tensor with one channel or one pixel is also
+/// contiguous; callers that care check that first.
+pub fn is_channels_last(t: &tch::Tensor) -> bool {
+    let size = t.size();
+    if size.len() != 4 {
+        return false;
+    }
+    let (s, c, h, w) = (t.stride(), size[1], size[2], size[3]);
+    s[1] == 1 && s[3] == c && s[2] == w * c && (size[0] == 1 || s[0] == h * w * c)
+}
+
 /// The compiled kernels of one device.
 pub(crate) struct DeviceKernels {
     context: Arc<CudaContext>,

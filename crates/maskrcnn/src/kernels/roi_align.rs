@@ -388,16 +388,6 @@ fn channel_rows_aligned(t: &Tensor, c: i64) -> bool {
         && (t.data_ptr() as usize).is_multiple_of(16)
 }
 
-/// The kernel name suffix for a dtype, and whether it is bfloat16.
-fn dtype_suffix(kind: Kind) -> Option<(&'static str, i32)> {
-    match kind {
-        Kind::Float => Some(("f32", 0)),
-        Kind::Half => Some(("f16", 0)),
-        Kind::BFloat16 => Some(("bf16", 1)),
-        _ => None,
-    }
-}
-
 /// One launch of the forward (`grad` = false: `values` is the output) or
 /// backward (`values` is the output gradient, `maps` the float32 gradient
 /// buffers) kernel.
@@ -415,7 +405,7 @@ fn launch(
 ) -> Option<()> {
     let Device::Cuda(index) = rois.device() else { return None };
     let kernels = super::device_kernels(index)?;
-    let (suffix, bf16) = dtype_suffix(values.kind())?;
+    let (suffix, bf16, _) = super::dtype_suffix(values.kind())?;
     let c = maps[0].size()[1];
     let x8 = !backward
         && bf16_or_f16(values.kind())
@@ -550,7 +540,7 @@ pub fn multilevel_roi_align(
 ) -> Option<Tensor> {
     let Device::Cuda(index) = rois.device() else { return None };
     super::device_kernels(index)?;
-    dtype_suffix(features.first()?.kind())?;
+    super::dtype_suffix(features.first()?.kind())?;
     if features.iter().any(|f| f.kind() != features[0].kind() || f.dim() != 4) {
         return None;
     }
@@ -570,7 +560,7 @@ pub fn multilevel_roi_align(
         .ok();
     }
     let f0 = features[0];
-    let format_nhwc = f0.dim() == 4 && f0.stride()[1] == 1 && f0.size()[1] > 1;
+    let format_nhwc = super::is_channels_last(f0) && !f0.is_contiguous();
     let shape = [rois.size()[0], f0.size()[1], output_size.0, output_size.1];
     let out = if format_nhwc {
         Tensor::empty([shape[0], shape[2], shape[3], shape[1]], (f0.kind(), f0.device())).permute([0, 3, 1, 2])

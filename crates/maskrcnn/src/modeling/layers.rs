@@ -107,7 +107,7 @@ fn conv_epilogue(
     cuda: bool,
 ) -> Tensor {
     if let (true, Some(shift)) = (cuda, bias) {
-        let e = Epilogue { scale: None, shift, residual, residual_upsampled: upsampled, residual_affine: None, relu };
+        let e = Epilogue { residual, residual_upsampled: upsampled, relu, ..Epilogue::affine(None, shift) };
         return epilogue(&conv(None), &e);
     }
     let y = conv(bias);
@@ -156,14 +156,7 @@ pub fn epilogue(y: &Tensor, e: &Epilogue) -> Tensor {
 pub fn conv_norm_relu(conv: &Conv2d, norm: &Norm, x: &Tensor, train: bool) -> Tensor {
     match norm.fixed_affine(train) {
         Some((scale, shift)) => {
-            let e = Epilogue {
-                scale: Some(&scale),
-                shift: &shift,
-                residual: None,
-                residual_upsampled: false,
-                residual_affine: None,
-                relu: true,
-            };
+            let e = Epilogue { relu: true, ..Epilogue::affine(Some(&scale), &shift) };
             epilogue(&conv.forward(x), &e)
         }
         None => norm.forward(&conv.forward(x), train).relu(),
@@ -230,7 +223,7 @@ impl Linear {
     /// features.
     pub fn forward_flattened(&self, x: &Tensor) -> Tensor {
         let size = x.size();
-        if size.len() == 4 && size[1] > 1 && x.stride()[1] == 1 && !x.is_contiguous() {
+        if crate::kernels::is_channels_last(x) && !x.is_contiguous() {
             let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
             let weight = self.weight.reshape([-1, c, h, w]).permute([0, 2, 3, 1]).reshape([-1, c * h * w]);
             return x.permute([0, 2, 3, 1]).reshape([n, -1]).linear(&weight, Some(&self.bias));

@@ -240,7 +240,7 @@ fn logits_of_labels(x: &Tensor, predictor: &Conv2d, labels: &Tensor) -> Tensor {
     let size = x.size();
     let (k, cin, h, w) = (size[0], size[1], size[2], size[3]);
     let weight = predictor.weight.reshape([-1, cin]).index_select(0, labels);
-    let logits = if x.stride()[1] == 1 {
+    let logits = if crate::kernels::is_channels_last(x) && !x.is_contiguous() {
         // Channels-last: [K, H·W, Cin] × [K, Cin, 1].
         x.permute([0, 2, 3, 1]).reshape([k, h * w, cin]).bmm(&weight.unsqueeze(2))
     } else {

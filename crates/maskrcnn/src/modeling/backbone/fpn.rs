@@ -45,14 +45,8 @@ impl FpnConv {
         let y = self.conv.forward(x);
         match norm.fixed_affine(train) {
             Some((scale, shift)) => {
-                let e = Epilogue {
-                    scale: Some(&scale),
-                    shift: &shift,
-                    residual: top_down,
-                    residual_upsampled: true,
-                    residual_affine: None,
-                    relu: false,
-                };
+                let e =
+                    Epilogue { residual: top_down, residual_upsampled: true, ..Epilogue::affine(Some(&scale), &shift) };
                 epilogue(&y, &e)
             }
             None => {

@@ -35,20 +35,22 @@ impl BlockKind {
 
 #[derive(Debug)]
 struct Block {
-    convs: Vec<(Conv2d, Norm)>,
+    /// The convolutions before the last (each followed by its norm and ReLU).
+    inner: Vec<(Conv2d, Norm)>,
+    /// The last convolution, whose ReLU follows the shortcut's sum.
+    last: (Conv2d, Norm),
     downsample: Option<(Conv2d, Norm)>,
 }
 
 impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
         let mut out = x.shallow_clone();
-        for (conv, norm) in inner {
+        for (conv, norm) in &self.inner {
             out = conv_norm_relu(conv, norm, &out, train);
         }
         // The shortcut joins before the last ReLU. With fixed statistics
         // the normalizations, the sum and the ReLU are one epilogue.
-        let (conv, norm) = last;
+        let (conv, norm) = &self.last;
         if let Some((scale, shift)) = norm.fixed_affine(train) {
             let shortcut = match &self.downsample {
                 Some((dconv, dnorm)) => dnorm.fixed_affine(train).map(|affine| (dconv.forward(x), Some(affine))),
@@ -56,12 +58,10 @@ impl Block {
             };
             if let Some((residual, affine)) = shortcut {
                 let e = Epilogue {
-                    scale: Some(&scale),
-                    shift: &shift,
                     residual: Some(&residual),
-                    residual_upsampled: false,
                     residual_affine: affine.as_ref().map(|(s, b)| (s, b)),
                     relu: true,
+                    ..Epilogue::affine(Some(&scale), &shift)
                 };
                 return epilogue(&conv.forward(&out), &e);
             }
@@ -125,31 +125,33 @@ impl ResNet {
                 let bp = &lp / bi;
                 let s = if bi == 0 { stride } else { 1 };
                 let out = planes * kind.expansion();
-                let convs = match kind {
-                    BlockKind::Basic => vec![
-                        (
+                let (inner, last) = match kind {
+                    BlockKind::Basic => (
+                        vec![(
                             conv2d(&(&bp / "conv1"), inplanes, planes, 3, opts(s, 1, stage)),
                             norm(&(&bp / "bn1"), planes, norm_kind, trains(stage)),
-                        ),
+                        )],
                         (
                             conv2d(&(&bp / "conv2"), planes, planes, 3, opts(1, 1, stage)),
                             norm(&(&bp / "bn2"), planes, norm_kind, trains(stage)),
                         ),
-                    ],
-                    BlockKind::Bottleneck => vec![
-                        (
-                            conv2d(&(&bp / "conv1"), inplanes, planes, 1, opts(1, 0, stage)),
-                            norm(&(&bp / "bn1"), planes, norm_kind, trains(stage)),
-                        ),
-                        (
-                            conv2d(&(&bp / "conv2"), planes, planes, 3, opts(s, 1, stage)),
-                            norm(&(&bp / "bn2"), planes, norm_kind, trains(stage)),
-                        ),
+                    ),
+                    BlockKind::Bottleneck => (
+                        vec![
+                            (
+                                conv2d(&(&bp / "conv1"), inplanes, planes, 1, opts(1, 0, stage)),
+                                norm(&(&bp / "bn1"), planes, norm_kind, trains(stage)),
+                            ),
+                            (
+                                conv2d(&(&bp / "conv2"), planes, planes, 3, opts(s, 1, stage)),
+                                norm(&(&bp / "bn2"), planes, norm_kind, trains(stage)),
+                            ),
+                        ],
                         (
                             conv2d(&(&bp / "conv3"), planes, out, 1, opts(1, 0, stage)),
                             norm(&(&bp / "bn3"), out, norm_kind, trains(stage)),
                         ),
-                    ],
+                    ),
                 };
                 let downsample = (bi == 0 && (s != 1 || inplanes != out)).then(|| {
                     let dp = &bp / "downsample";
@@ -158,7 +160,7 @@ impl ResNet {
                         norm(&(&dp / 1), out, norm_kind, trains(stage)),
                     )
                 });
-                blocks.push(Block { convs, downsample });
+                blocks.push(Block { inner, last, downsample });
                 inplanes = out;
             }
             out_channels[li] = inplanes;
