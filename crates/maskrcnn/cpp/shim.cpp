@@ -502,7 +502,10 @@ void* mrcnn_graph_new() {
   }
 }
 
-int mrcnn_graph_capture_begin(void* g, int device) {
+// `share` (nullable): a recorded graph whose memory pool this one shares
+// (graphs replayed one at a time on one stream never need their private
+// memory at the same time; what a graph keeps, its outputs, stays theirs).
+int mrcnn_graph_capture_begin(void* g, int device, void* share) {
   auto* graph = static_cast<MrcnnGraph*>(g);
   try {
     // (The caller has synchronized the device: queued work is done.)
@@ -512,7 +515,9 @@ int mrcnn_graph_capture_begin(void* g, int device) {
     graph->cache_was_enabled = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
     // Thread-local: other threads (loader workers pinning memory) go on.
-    graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    decltype(graph->graph.pool()) pool = {0, 0};
+    if (share) pool = static_cast<MrcnnGraph*>(share)->graph.pool();
+    graph->graph.capture_begin(pool, cudaStreamCaptureModeThreadLocal);
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();
@@ -554,7 +559,7 @@ void* mrcnn_graph_new() {
   last_error = "built without CUDA";
   return nullptr;
 }
-int mrcnn_graph_capture_begin(void*, int) { return -1; }
+int mrcnn_graph_capture_begin(void*, int, void*) { return -1; }
 int mrcnn_graph_capture_end(void*) { return -1; }
 int mrcnn_graph_replay(void*) { return -1; }
 void mrcnn_graph_free(void*) {}

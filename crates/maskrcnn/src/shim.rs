@@ -73,7 +73,7 @@ extern "C" {
     fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
     fn mrcnn_tensor_version(t: Handle) -> i64;
     fn mrcnn_graph_new() -> *mut std::ffi::c_void;
-    fn mrcnn_graph_capture_begin(g: *mut std::ffi::c_void, device: c_int) -> c_int;
+    fn mrcnn_graph_capture_begin(g: *mut std::ffi::c_void, device: c_int, share: *mut std::ffi::c_void) -> c_int;
     fn mrcnn_graph_capture_end(g: *mut std::ffi::c_void) -> c_int;
     fn mrcnn_graph_replay(g: *mut std::ffi::c_void) -> c_int;
     fn mrcnn_graph_free(g: *mut std::ffi::c_void);
@@ -259,8 +259,15 @@ impl CudaGraph {
     /// Records the device work of `f` on CUDA device `device`: it runs on
     /// the host once, on a side stream in capture mode, so nothing executes
     /// (call [`replay`](Self::replay) for that). `f` must not synchronize
-    /// with the host. Errors carry libtorch's message.
-    pub fn capture<R>(device: usize, f: impl FnOnce() -> R) -> Result<(CudaGraph, R), ShimError> {
+    /// with the host. With `share`, the new graph records into that graph's
+    /// memory pool (graphs replayed one at a time then need the memory of
+    /// the largest, not the sum; each keeps its outputs). Errors carry
+    /// libtorch's message.
+    pub fn capture<R>(
+        device: usize,
+        share: Option<&CudaGraph>,
+        f: impl FnOnce() -> R,
+    ) -> Result<(CudaGraph, R), ShimError> {
         // SAFETY: creates a graph object owned by the returned value.
         let raw = unsafe { mrcnn_graph_new() };
         let Some(raw) = std::ptr::NonNull::new(raw) else {
@@ -269,9 +276,10 @@ impl CudaGraph {
         let graph = CudaGraph(raw);
         // Work already queued (the static inputs' copies) finishes first.
         tch::Cuda::synchronize(device as i64);
-        // SAFETY: a live graph; the capture stream stays current on this
-        // thread until capture_end.
-        check(unsafe { mrcnn_graph_capture_begin(graph.0.as_ptr(), device as c_int) })?;
+        let share = share.map_or(std::ptr::null_mut(), |g| g.0.as_ptr());
+        // SAFETY: live graphs (`share` recorded, or null); the capture
+        // stream stays current on this thread until capture_end.
+        check(unsafe { mrcnn_graph_capture_begin(graph.0.as_ptr(), device as c_int, share) })?;
         // A libtorch error while recording (tch panics on it) ends the
         // capture too, as an error.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
@@ -333,7 +341,7 @@ pub fn cuda_peak_allocated(index: usize) -> Option<u64> {
 /// A libtorch call of the shim failed.
 #[derive(Debug, thiserror::Error)]
 #[error("libtorch: {0}")]
-pub struct ShimError(String);
+pub struct ShimError(pub(crate) String);
 
 fn check(code: c_int) -> Result<(), ShimError> {
     if code == 0 {

@@ -117,8 +117,7 @@ fn check(case: &Case, device: Device) {
     {
         let list = model.transform.prepare(&images, 256, 512);
         let features = tch::no_grad(|| model.backbone.forward(&list.tensors, true));
-        let size = list.tensors.size();
-        let rpn = tch::no_grad(|| model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true));
+        let rpn = tch::no_grad(|| model.rpn.forward(&features, &list, true));
         for (i, ours) in rpn.proposals.per_image().0.iter().enumerate() {
             let theirs = &t[&format!("proposals.{i}")];
             assert_eq!(ours.size(), theirs.size(), "image {i}: proposal count");

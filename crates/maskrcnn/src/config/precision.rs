@@ -34,7 +34,7 @@ pub struct PrecisionConfig {
 }
 
 /// Mixed-precision mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AmpMode {
     Off,

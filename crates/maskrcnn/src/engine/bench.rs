@@ -149,8 +149,7 @@ fn stage_breakdown(model: &MaskRcnn, images: &[Tensor], device: Device, reps: us
             lap(0, &mut samples, &mut issued);
             let features = model.inference_features(&list.tensors);
             lap(1, &mut samples, &mut issued);
-            let size = list.tensors.size();
-            let rpn = model.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
+            let rpn = model.rpn.forward(&features, &list, false);
             lap(2, &mut samples, &mut issued);
             let (proposals, _) = rpn.proposals.per_image();
             let detections = model.roi_heads.detect(&features[..4], &proposals, &list.image_sizes);

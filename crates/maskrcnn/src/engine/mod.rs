@@ -11,6 +11,7 @@ pub mod launcher;
 pub mod lr_schedule;
 pub mod optimizer;
 pub mod predictor;
+pub mod step_graphs;
 pub mod tensorboard;
 pub mod train_bench;
 pub mod train_log;

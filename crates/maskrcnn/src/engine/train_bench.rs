@@ -9,10 +9,11 @@
 use crate::config::{AmpMode, Config, NormKind};
 use crate::engine::amp::GradScaler;
 use crate::engine::optimizer::Sgd;
+use crate::engine::step_graphs::StepGraphs;
 use crate::engine::trainer::{apply_update, forward_backward, MicroBatch, TrainError};
 use crate::modeling::MaskRcnn;
 use crate::ops::BalancedSampler;
-use crate::structures::{InstanceMasks, Target};
+use crate::structures::{InstanceMasks, Target, TargetPadding};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -59,6 +60,9 @@ pub struct TrainBenchResult {
     pub gpu_ms: Option<f64>,
     /// `gpu_ms` / the median wall time of a step.
     pub gpu_busy_fraction: Option<f64>,
+    /// Steps whose forward and backward were replayed from a CUDA graph
+    /// (`precision.cuda_graphs`; 0 when off or on the CPU).
+    pub graph_replays: u64,
     /// Host time per stage of the timed steps (median ms, in step order;
     /// `crate::host_timing` marks). With 0 syncs per step a stage waits for
     /// the GPU only when the launch queue is full (the GPU-bound case);
@@ -81,7 +85,11 @@ impl std::fmt::Display for TrainBenchResult {
             r.split_ms[0], r.split_ms[1], r.split_ms[2]
         )?;
         let gpu = r.gpu_ms.map_or("n/a".to_string(), |g| format!("{g:.1} ms"));
-        writeln!(f, "  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}", r.syncs_per_step)?;
+        writeln!(
+            f,
+            "  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}; {} steps replayed from CUDA graphs",
+            r.syncs_per_step, r.graph_replays
+        )?;
         let host: Vec<String> = r.host_split_ms.iter().map(|(s, ms)| format!("{s} {ms:.1}")).collect();
         writeln!(f, "  host ms per stage: {}", host.join(", "))?;
         Ok(())
@@ -121,6 +129,29 @@ fn synthetic_batch(n: usize, device: Device) -> (Vec<Tensor>, Vec<Target>) {
     (images, targets)
 }
 
+/// One timed training step: forward and backward (replayed from a CUDA
+/// graph once recorded, when `graphs`), then the SGD update.
+fn bench_step(
+    model: &MaskRcnn,
+    sgd: &mut Sgd,
+    scaler: &mut Option<GradScaler>,
+    graphs: &mut Option<StepGraphs>,
+    amp: AmpMode,
+    (images, targets): &(Vec<Tensor>, Vec<Target>),
+) -> Result<(), TrainError> {
+    match graphs {
+        Some(g) => {
+            let inputs = model.prepare_train(images, targets, TargetPadding::Buckets)?;
+            let _ = g.forward_backward(model, inputs, 1, scaler.as_ref(), amp, &mut BalancedSampler);
+        }
+        None => {
+            let _ =
+                forward_backward(model, MicroBatch { images, targets }, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
+        }
+    }
+    apply_update(sgd, scaler.as_mut(), 0.02, 0.0)
+}
+
 /// Runs the benchmark with a randomly initialized model of `opts.config`.
 pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError> {
     let mut config = opts.config.clone();
@@ -152,14 +183,12 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     sync();
     let mut times = Vec::with_capacity(opts.iters);
     let mut host_stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
+    let mut graphs = (cuda && config.precision.cuda_graphs).then(StepGraphs::default);
     for it in 0..opts.warmup + opts.iters {
-        let (images, targets) = &batches[it % batches.len()];
+        let batch = &batches[it % batches.len()];
         let t0 = Instant::now();
-        let step = MicroBatch { images, targets };
-        let (result, stages) = crate::host_timing::record(|| {
-            let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
-            apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)
-        });
+        let (result, stages) =
+            crate::host_timing::record(|| bench_step(&model, &mut sgd, &mut scaler, &mut graphs, amp, batch));
         result?;
         sync();
         if it >= opts.warmup {
@@ -202,16 +231,14 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     let mut gpu = Vec::new();
     let mut counter = crate::host_sync::SyncCounter::start(cuda);
     for it in 0..opts.iters.clamp(1, 6) {
-        let (images, targets) = &batches[it % batches.len()];
+        let batch = &batches[it % batches.len()];
         let queued = match opts.device {
             Device::Cuda(i) => crate::kernels::timing::spin(i, 0.5),
             _ => false,
         };
         let mut span = crate::kernels::timing::GpuSpan::start(opts.device);
         counter.take();
-        let step = MicroBatch { images, targets };
-        let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
-        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        bench_step(&model, &mut sgd, &mut scaler, &mut graphs, amp, batch)?;
         syncs.push(counter.take() as f64);
         if let Some(span) = span.as_mut().filter(|_| queued) {
             span.stop();
@@ -221,11 +248,8 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     }
     crate::shim::enable_sync_counter(false);
     if let (true, Device::Cuda(i)) = (opts.profile_range, opts.device) {
-        let (images, targets) = &batches[0];
         crate::kernels::timing::profiler_range(i, true);
-        let step = MicroBatch { images, targets };
-        let _ = forward_backward(&model, step, 1, scaler.as_ref(), amp, &mut BalancedSampler)?;
-        apply_update(&mut sgd, scaler.as_mut(), 0.02, 0.0)?;
+        bench_step(&model, &mut sgd, &mut scaler, &mut graphs, amp, &batches[0])?;
         sync();
         crate::kernels::timing::profiler_range(i, false);
     }
@@ -260,6 +284,7 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         syncs_per_step: median(syncs).unwrap_or(0.0),
         gpu_ms,
         gpu_busy_fraction: gpu_ms.map(|g| g / (med * 1e3)),
+        graph_replays: graphs.as_ref().map_or(0, StepGraphs::replays),
         host_split_ms,
     })
 }

@@ -13,10 +13,11 @@ use crate::engine::checkpoint;
 use crate::engine::distributed::{DistError, ProcessGroup};
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
+use crate::engine::step_graphs::{forward_backward_prepared, StepGraphs};
 use crate::engine::train_log::{EvalPoint, TrainLog};
 use crate::modeling::MaskRcnn;
 use crate::ops::BalancedSampler;
-use crate::shim::AutocastGuard;
+use crate::structures::TargetPadding;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -202,6 +203,8 @@ pub struct Trainer<'a> {
     /// The other ranks, under `maskrcnn launch`.
     pub group: Option<ProcessGroup>,
     pub group_step: Option<GroupStep>,
+    /// CUDA graphs of the step (`precision.cuda_graphs` on CUDA).
+    pub step_graphs: Option<StepGraphs>,
     pub log: TrainLog,
     pub bar: indicatif::ProgressBar,
     pub clock: TrainClock,
@@ -281,16 +284,17 @@ impl Trainer<'_> {
             let seed =
                 micro_batch_seed(self.config.seed, iteration * solver.accumulate_steps as u64 + micro, self.rank);
             tch::manual_seed(seed);
-            let step = MicroBatch { images: &batch.images, targets: &batch.targets };
-            let sampler = &mut BalancedSampler;
-            sums.push(forward_backward(
-                &self.model,
-                step,
-                solver.accumulate_steps,
-                self.scaler.as_ref(),
-                self.amp,
-                sampler,
-            )?);
+            let (accumulate, scaler, sampler) = (solver.accumulate_steps, self.scaler.as_ref(), &mut BalancedSampler);
+            sums.push(match &mut self.step_graphs {
+                Some(graphs) => {
+                    let inputs = self.model.prepare_train(&batch.images, &batch.targets, TargetPadding::Buckets)?;
+                    graphs.forward_backward(&self.model, inputs, accumulate, scaler, self.amp, sampler)
+                }
+                None => {
+                    let step = MicroBatch { images: &batch.images, targets: &batch.targets };
+                    forward_backward(&self.model, step, accumulate, scaler, self.amp, sampler)?
+                }
+            });
         }
         let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
         let mut request = request;
@@ -419,11 +423,10 @@ pub struct MicroBatch<'a> {
     pub targets: &'a [crate::structures::Target],
 }
 
-/// Forward and backward of one micro-batch: the loss sum divided by
-/// `accumulate` (so `accumulate` micro-batches add up to the gradient of
-/// their mean), scaled by the loss scaler when there is one, under autocast
-/// per `amp`. Gradients accumulate into the parameters' `.grad`. Returns the
-/// five unscaled loss values `[5]` (device, not synced).
+/// Forward and backward of one micro-batch, eagerly:
+/// [`MaskRcnn::prepare_train`] (exact padding) then
+/// [`forward_backward_prepared`]. Returns the five unscaled loss values
+/// `[5]` (device, not synced).
 pub fn forward_backward(
     model: &MaskRcnn,
     batch: MicroBatch<'_>,
@@ -432,19 +435,8 @@ pub fn forward_backward(
     amp: AmpMode,
     sampler: &mut dyn crate::ops::FgBgSampler,
 ) -> Result<Tensor, TrainError> {
-    let losses = {
-        let _autocast = AutocastGuard::new(amp.autocast_dtype());
-        model.forward_train(batch.images, batch.targets, sampler)?
-    };
-    let total = losses.total() / accumulate as f64;
-    let total = match scaler {
-        Some(s) => s.scale_loss(&total),
-        None => total,
-    };
-    crate::host_timing::mark("loss_sum");
-    total.backward();
-    crate::host_timing::mark("backward");
-    Ok(Tensor::stack(&losses.named().iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0))
+    let inputs = model.prepare_train(batch.images, batch.targets, TargetPadding::Exact)?;
+    Ok(forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler))
 }
 
 /// The optimizer step after the micro-batches' backward passes: unscale

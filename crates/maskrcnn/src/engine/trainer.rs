@@ -28,6 +28,7 @@ use crate::engine::distributed::{DistEnv, ProcessGroup};
 use crate::engine::hooks;
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
+use crate::engine::step_graphs::StepGraphs;
 use crate::engine::train_log::{EvalPoint, TrainLog};
 pub use crate::engine::train_loop::{
     apply_update, forward_backward, micro_batch_seed, MicroBatch, TrainError, TrainOptions, LOSS_NAMES,
@@ -168,6 +169,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         loader,
         group,
         group_step,
+        step_graphs: (config.precision.cuda_graphs && opts.device.is_cuda()).then(StepGraphs::default),
         log,
         bar: progress_bar(opts.progress, start, solver.max_iter as u64),
         clock: TrainClock::start(),

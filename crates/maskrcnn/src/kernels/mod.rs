@@ -108,6 +108,7 @@ const SOURCES: &[(&str, &[&str])] = &[
             "roi_align_multilevel_backward_f32",
             "roi_align_multilevel_backward_f16",
             "roi_align_multilevel_backward_bf16",
+            "bitmap_mask_targets",
         ],
     ),
     (nms::SOURCE, &["nms_suppression_bits", "nms_greedy"]),

@@ -229,7 +229,8 @@ mod tests {
         let use_slot = Tensor::from_slice(&(0..q).map(|k| k % 7 != 3).collect::<Vec<bool>>());
         let expected = on_host(&instances, &boxes, &matched, 28, tch::Device::Cpu)
             * use_slot.to_kind(Kind::Float).reshape([q, 1, 1]);
-        // Packed as TargetBatch packs one image of 6 instances.
+        // Packed as TargetBatch packs one image of 6 instances, padded to
+        // buckets (padded storage is never read).
         let target = crate::structures::Target {
             boxes: Tensor::zeros([6, 4], (Kind::Float, Device::Cpu)),
             labels: Tensor::ones([6], (Kind::Int64, Device::Cpu)),
@@ -237,7 +238,8 @@ mod tests {
             iscrowd: None,
         };
         let gpu = device;
-        let batch = crate::structures::TargetBatch::new(vec![target], gpu);
+        let padding = crate::structures::TargetPadding::Buckets;
+        let batch = crate::structures::TargetBatch::new(vec![target], gpu, (256, 256), padding);
         let p = batch.polygons.expect("packed polygons");
         let got = polygon_mask_targets(
             &p.coords,

@@ -300,6 +300,37 @@ ML_FORWARD(roi_align_multilevel_forward_bf16, unsigned short, LOAD_HALF, STORE_H
 ML_BACKWARD(roi_align_multilevel_backward_f32, float, LOAD_F32)
 ML_BACKWARD(roi_align_multilevel_backward_f16, unsigned short, LOAD_HALF)
 ML_BACKWARD(roi_align_multilevel_backward_bf16, unsigned short, LOAD_HALF)
+
+// Mask targets from bitmaps: out[slot] (M×M float, row-major) for each slot
+// of B×Q RoIs where use_slot[slot] and image b = slot / Q has bitmaps
+// (others untouched) is torchvision's
+// roi_align(mask, box, (M, M), spatial_scale 1, sampling_ratio 0, aligned
+// False) of the uint8 plane (b, matched[slot]) of masks [B, G, H, W], read
+// as a sizes[b] = (height, width) map in its top-left corner (the padding
+// beyond is outside the map, as for the unpadded bitmap). The accumulation
+// of roi_align_multilevel_forward_f32: the same values.
+extern "C" __global__ void bitmap_mask_targets(const unsigned char* masks, const int* sizes, int G, int H, int W,
+    int Q, const float* boxes, const long long* matched, const unsigned char* use_slot, int m, long long n,
+    float* out) {
+  for (long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x; index < n;
+       index += (long long)blockDim.x * gridDim.x) {
+    const long long slot = index / (m * m);
+    if (!use_slot[slot]) continue;
+    const int pix = (int)(index % (m * m)), ph = pix / m, pw = pix % m;
+    const long long b = slot / Q;
+    if (sizes[2 * b] <= 0 || sizes[2 * b + 1] <= 0) continue;  // an image without bitmaps
+    const float r[5] = {(float)b, boxes[slot * 4], boxes[slot * 4 + 1], boxes[slot * 4 + 2], boxes[slot * 4 + 3]};
+    MlBin bin;
+    bin.cell = bin_grid(r, 1.0f, ph, pw, m, m, 0, 0);
+    bin.L.height = sizes[2 * b];
+    bin.L.width = sizes[2 * b + 1];
+    const unsigned char* in = masks + (b * G + matched[slot]) * (long long)H * W;
+    float acc = 0.0f;
+    FOR_EACH_SAMPLE(bin, acc += (w[0] * (float)in[ys[0] * W + xs[0]] + w[1] * (float)in[ys[0] * W + xs[1]]
+                                 + w[2] * (float)in[ys[1] * W + xs[0]] + w[3] * (float)in[ys[1] * W + xs[1]]);)
+    out[index] = acc / bin.cell.count;
+  }
+}
 "#
 );
 
@@ -569,4 +600,136 @@ pub fn multilevel_roi_align(
     };
     launch(false, features, scales, &rois, &levels, &out, output_size, sampling_ratio, aligned)?;
     Some(out)
+}
+
+/// Writes the mask targets of bitmap images into `out` `[K, M, M]` (K =
+/// B × `per_image` RoI slots `boxes` `[K, 4]`, resized-image pixels): slot
+/// `k` of image `b = k / per_image` where `use_slot[k]` and `sizes[b]` is
+/// not `(0, 0)` gets torchvision's
+/// `project_masks_on_boxes` of instance `matched[k]` of `masks` `[B, G, H,
+/// W]` uint8, image `b`'s bitmaps being its `sizes[b]` = `(h, w)` corner
+/// (`[B, 2]` int32); other slots are left as they are. CUDA only; `None`
+/// (nothing written) when the kernel is unavailable.
+#[allow(clippy::too_many_arguments)]
+pub fn bitmap_mask_targets(
+    masks: &Tensor,
+    sizes: &Tensor,
+    boxes: &Tensor,
+    matched: &Tensor,
+    use_slot: &Tensor,
+    per_image: i64,
+    out: &Tensor,
+) -> Option<()> {
+    let Device::Cuda(index) = boxes.device() else { return None };
+    let kernels = super::device_kernels(index)?;
+    let f = kernels.function("bitmap_mask_targets")?;
+    let (masks, sizes) = (masks.to_kind(Kind::Uint8).contiguous(), sizes.to_kind(Kind::Int).contiguous());
+    let boxes = boxes.to_kind(Kind::Float).contiguous();
+    let matched = matched.to_kind(Kind::Int64).contiguous();
+    let use_slot = use_slot.to_kind(Kind::Bool).contiguous();
+    if out.kind() != Kind::Float || !out.is_contiguous() {
+        return None;
+    }
+    let (k, m) = (out.size()[0], out.size()[1]);
+    let n = k * m * m;
+    if n == 0 {
+        return Some(());
+    }
+    let dims = masks.size();
+    let (g, h, w) = (dims[1] as i32, dims[2] as i32, dims[3] as i32);
+    let (q, mi) = (per_image as i32, m as i32);
+    let ptrs = [&masks, &sizes, &boxes, &matched, &use_slot, out].map(|t| t.data_ptr() as u64);
+    let blocks = ((n + 255) / 256).min(65_535 * 8) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let stream = kernels.stream();
+    let mut l = stream.launch_builder(f);
+    l.arg(&ptrs[0]).arg(&ptrs[1]).arg(&g).arg(&h).arg(&w).arg(&q).arg(&ptrs[2]).arg(&ptrs[3]).arg(&ptrs[4]);
+    l.arg(&mi).arg(&n).arg(&ptrs[5]);
+    // SAFETY: contiguous tensors of the documented dtypes on this device:
+    // masks [B, G, H, W] u8, sizes [B, 2] i32 within (H, W), boxes [K, 4]
+    // f32, matched [K] i64 in 0..G, use_slot [K] bool, out [K, M, M] f32;
+    // alive until later work on this stream.
+    super::launched("bitmap_mask_targets", unsafe { l.launch(cfg) }).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::structures::{InstanceMasks, Target, TargetBatch, TargetPadding};
+    use tch::{Device, Kind, Tensor};
+
+    /// The bitmap kernel's targets equal `project_masks_on_boxes` (RoIAlign
+    /// of each image's own, unpadded bitmaps) for two images of different
+    /// sizes packed in one padded canvas: RoIs inside, across and beyond the
+    /// images' borders (where the padding must read as outside the map),
+    /// slots left out untouched, a polygon image's slots untouched.
+    #[test]
+    fn gpu_bitmap_targets_equal_project_masks_on_boxes() {
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_bitmap_targets_equal_project_masks_on_boxes") else {
+            return;
+        };
+        tch::manual_seed(3);
+        let sizes = [(70i64, 90i64), (96, 64)];
+        let (g, q, m) = (3i64, 40i64, 28i64);
+        let mut targets: Vec<Target> = sizes
+            .iter()
+            .map(|&(h, w)| Target {
+                boxes: Tensor::ones([g, 4], (Kind::Float, Device::Cpu)),
+                labels: Tensor::ones([g], (Kind::Int64, Device::Cpu)),
+                masks: InstanceMasks::Bitmaps(
+                    Tensor::rand([g, h, w], (Kind::Float, Device::Cpu)).gt(0.6).to_kind(Kind::Uint8),
+                ),
+                iscrowd: None,
+            })
+            .collect();
+        targets.push(Target {
+            boxes: Tensor::ones([1, 4], (Kind::Float, Device::Cpu)),
+            labels: Tensor::ones([1], (Kind::Int64, Device::Cpu)),
+            masks: InstanceMasks::Polygons(vec![vec![vec![1.0, 1.0, 30.0, 1.0, 30.0, 30.0]]]),
+            iscrowd: None,
+        });
+        let host: Vec<Tensor> = targets
+            .iter()
+            .map(|t| match &t.masks {
+                InstanceMasks::Bitmaps(b) => b.shallow_clone(),
+                InstanceMasks::Polygons(_) => Tensor::zeros([0], (Kind::Uint8, Device::Cpu)),
+            })
+            .collect();
+        let batch = TargetBatch::new(std::mem::take(&mut targets), device, (128, 128), TargetPadding::Buckets);
+        let bitmaps = batch.bitmaps.expect("bitmap batch");
+        let b = host.len() as i64;
+        let xy = Tensor::rand([b, q, 2], (Kind::Float, Device::Cpu)) * 120.0 - 15.0;
+        let wh = Tensor::rand([b, q, 2], (Kind::Float, Device::Cpu)) * 60.0 + 0.3;
+        let boxes = Tensor::cat(&[&xy, &(&xy + &wh)], 2);
+        let matched = Tensor::randint(g, [b, q], (Kind::Int64, Device::Cpu));
+        let use_slot = Tensor::rand([b, q], (Kind::Float, Device::Cpu)).gt(0.2);
+        let out = Tensor::full([b * q, m, m], -1.0, (Kind::Float, device));
+        super::bitmap_mask_targets(
+            &bitmaps.masks,
+            &bitmaps.sizes,
+            &boxes.reshape([-1, 4]).to_device(device),
+            &matched.reshape([-1]).to_device(device),
+            &use_slot.reshape([-1]).to_device(device),
+            q,
+            &out,
+        )
+        .expect("kernel available");
+        let out = out.to_device(Device::Cpu).reshape([b, q, m, m]);
+        for i in 0..b {
+            let written = use_slot.get(i).reshape([q, 1, 1]);
+            let expected = if host[i as usize].numel() > 0 {
+                let reference = crate::structures::masks::project_masks_on_boxes(
+                    &host[i as usize].to_device(device),
+                    &boxes.get(i).to_device(device),
+                    &matched.get(i).to_device(device),
+                    m,
+                )
+                .to_device(Device::Cpu);
+                reference.where_self(&written, &Tensor::full([1], -1.0, (Kind::Float, Device::Cpu)))
+            } else {
+                Tensor::full([q, m, m], -1.0, (Kind::Float, Device::Cpu))
+            };
+            let d = (out.get(i) - expected).abs().max().double_value(&[]);
+            assert!(d <= 1e-6, "image {i}: max |Δ| {d}");
+        }
+    }
 }

@@ -1,59 +1,186 @@
-//! CUDA graphs of the inference network: the backbone and FPN recorded once
-//! per padded input shape and replayed, so a batch costs one launch there
-//! instead of hundreds (at batch 1 the host's launches, not the GPU, set
-//! the pace). A shape is run eagerly the first time (cuDNN picks its
-//! algorithms, autocast caches its weight casts), recorded the second, and
-//! replayed from then on; a shape whose recording fails stays eager.
+//! CUDA graphs by key: a computation whose host-side decisions depend only
+//! on a key (input shapes, dtypes, autocast mode, ...) is run eagerly the
+//! first time a key is seen (cuDNN picks its algorithms, lazily built
+//! constants and kernels come into being), recorded the second time, and
+//! replayed from then on with one launch instead of hundreds; a key whose
+//! recording or replay fails stays eager. [`GraphCache`] is that rule;
+//! [`BackboneGraphs`] applies it to the inference backbone and FPN, and
+//! `engine::step_graphs` to the training step.
 
 use crate::modeling::backbone::BackboneWithFpn;
-use crate::shim::CudaGraph;
+use crate::shim::{CudaGraph, ShimError};
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
-/// The most shapes recorded: each holds its activations' memory (a few
-/// hundred MB per image at 800×1333); further shapes run eagerly.
+/// The most shapes the inference backbone records: with a shared memory
+/// pool their activations take the largest one's memory, but each keeps
+/// its outputs (a few hundred MB per image at 800×1333).
 pub const MAX_GRAPHS: usize = 8;
 
-/// One recorded shape: the static input the graph reads and the feature
-/// maps it writes.
-struct Recorded {
-    graph: CudaGraph,
-    input: Tensor,
-    features: Vec<Tensor>,
+/// Inputs of a recorded computation: a recording reads copies that outlive
+/// it (its static inputs), refilled with each later call's values.
+pub trait GraphInputs: Sized {
+    /// Copies of `self` in new device memory, allocated before recording.
+    fn to_static(&self) -> Self;
+    /// Copies `values` (of the same key, hence the same shapes) into `self`.
+    fn refill(&self, values: &Self);
 }
 
-impl Recorded {
-    /// Copies `images` into the recorded input and replays: the features.
-    fn replay(&self, images: &Tensor) -> Result<Vec<Tensor>, crate::shim::ShimError> {
-        let mut input = self.input.shallow_clone();
-        input.copy_(images);
-        self.graph.replay()?;
-        Ok(self.features.iter().map(Tensor::shallow_clone).collect())
+impl GraphInputs for Tensor {
+    fn to_static(&self) -> Tensor {
+        self.copy()
+    }
+
+    fn refill(&self, values: &Tensor) {
+        tch::no_grad(|| self.shallow_clone().copy_(values));
     }
 }
 
-enum ShapeState {
+/// One recorded key: the graph, its static inputs and the tensors it
+/// writes (rewritten by every replay).
+struct Recorded<S, O> {
+    graph: CudaGraph,
+    inputs: S,
+    outputs: O,
+}
+
+enum Entry<S, O> {
     /// Run eagerly once; recorded at the next call.
     Seen,
-    Recorded(Recorded),
-    /// Recording failed (logged): eager from now on.
+    Recorded(Recorded<S, O>),
+    /// Recording or replay failed (logged), or too many keys: eager.
     Eager,
+}
+
+/// Graphs of one computation by key, at most `max` recorded, all in one
+/// memory pool (calls run one at a time on one stream, so recorded graphs
+/// never need their working memory at once).
+pub struct GraphCache<K, S, O> {
+    entries: HashMap<K, Entry<S, O>>,
+    max: usize,
+    /// What the computation is, for log lines.
+    what: &'static str,
+    replays: u64,
+}
+
+impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S, O> {
+    pub fn new(what: &'static str, max: usize) -> GraphCache<K, S, O> {
+        GraphCache { entries: HashMap::new(), max, what, replays: 0 }
+    }
+
+    /// `read(&f(&inputs))` for a key on CUDA device `device`: eager the first
+    /// time `key` is seen, else recorded (`f` on static copies of `inputs`,
+    /// captured; nothing runs until the replay) and replayed. `f` must issue
+    /// the same device work for every call with the same key and must not
+    /// synchronize with the host; `read` takes what the caller keeps from
+    /// the outputs before the next call of this key overwrites them.
+    pub fn run<T>(
+        &mut self,
+        device: usize,
+        key: K,
+        inputs: S,
+        mut f: impl FnMut(&S) -> O,
+        read: impl Fn(&O) -> T,
+    ) -> T {
+        let fresh = match self.entries.get(&key) {
+            None => {
+                let limited = self.entries.len() >= self.max;
+                self.entries.insert(key, if limited { Entry::Eager } else { Entry::Seen });
+                return read(&f(&inputs));
+            }
+            Some(Entry::Eager) => return read(&f(&inputs)),
+            Some(Entry::Seen) => match self.record(device, &key, &inputs, &mut f) {
+                // The static inputs hold this call's values already.
+                Ok(r) => {
+                    self.entries.insert(key.clone(), Entry::Recorded(r));
+                    true
+                }
+                Err(e) => return self.fall_back(key, e, read(&f(&inputs))),
+            },
+            Some(Entry::Recorded(_)) => false,
+        };
+        let replayed = match self.entries.get(&key) {
+            Some(Entry::Recorded(r)) => {
+                if !fresh {
+                    r.inputs.refill(&inputs);
+                }
+                r.graph.replay().map(|()| read(&r.outputs))
+            }
+            _ => Err(ShimError("no graph recorded".into())),
+        };
+        match replayed {
+            Ok(out) => {
+                self.replays += 1;
+                out
+            }
+            Err(e) => self.fall_back(key, e, read(&f(&inputs))),
+        }
+    }
+
+    /// Logs why `key`'s graph failed and keeps it eager from now on;
+    /// `eager` is the call's result computed eagerly.
+    fn fall_back<T>(&mut self, key: K, e: ShimError, eager: T) -> T {
+        tracing::warn!("CUDA graph of the {} failed ({e}); running it eagerly for {key:?}", self.what);
+        self.entries.insert(key, Entry::Eager);
+        eager
+    }
+
+    /// Records `f` on static copies of `inputs`, in the pool of the graphs
+    /// already recorded.
+    fn record(
+        &self,
+        device: usize,
+        key: &K,
+        inputs: &S,
+        f: &mut impl FnMut(&S) -> O,
+    ) -> Result<Recorded<S, O>, ShimError> {
+        let share = self.entries.values().find_map(|e| match e {
+            Entry::Recorded(r) => Some(&r.graph),
+            _ => None,
+        });
+        let statics = inputs.to_static();
+        let (graph, outputs) = CudaGraph::capture(device, share, || f(&statics))?;
+        tracing::debug!("recorded a CUDA graph of the {} for {key:?}", self.what);
+        Ok(Recorded { graph, inputs: statics, outputs })
+    }
+
+    /// Drops every graph and its memory (the next calls record again). A
+    /// graph reads the tensors it was recorded with: clear after replacing
+    /// tensors the computation reads (not after in-place updates).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Keys replayed from a graph.
+    pub fn recorded(&self) -> usize {
+        self.entries.values().filter(|e| matches!(e, Entry::Recorded(_))).count()
+    }
+
+    /// Calls answered by a replay so far.
+    pub fn replays(&self) -> u64 {
+        self.replays
+    }
 }
 
 /// An input's shape, dtype and autocast state (`shim::autocast_state`).
 type ShapeKey = (Vec<i64>, Kind, i32);
 
-/// The backbone's graphs by input shape, dtype and autocast mode.
-#[derive(Default)]
+/// The inference backbone's graphs by input shape, dtype and autocast mode.
 pub struct BackboneGraphs {
-    shapes: Mutex<HashMap<ShapeKey, ShapeState>>,
+    cache: Mutex<GraphCache<ShapeKey, Tensor, Vec<Tensor>>>,
+}
+
+impl Default for BackboneGraphs {
+    fn default() -> BackboneGraphs {
+        BackboneGraphs { cache: Mutex::new(GraphCache::new("backbone", MAX_GRAPHS)) }
+    }
 }
 
 impl std::fmt::Debug for BackboneGraphs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.shapes.lock().map(|s| s.len()).unwrap_or(0);
-        write!(f, "BackboneGraphs({n} shapes)")
+        write!(f, "BackboneGraphs({} recorded)", self.recorded())
     }
 }
 
@@ -66,46 +193,24 @@ impl BackboneGraphs {
     pub fn forward(&self, backbone: &BackboneWithFpn, images: &Tensor) -> Vec<Tensor> {
         let Device::Cuda(index) = images.device() else { return backbone.forward(images, false) };
         let key = (images.size(), images.kind(), crate::shim::autocast_state());
-        let mut shapes = self.shapes.lock().unwrap_or_else(|e| e.into_inner());
-        let replayed = match shapes.get(&key) {
-            None => {
-                let state = if shapes.len() < MAX_GRAPHS { ShapeState::Seen } else { ShapeState::Eager };
-                shapes.insert(key, state);
-                return backbone.forward(images, false);
-            }
-            Some(ShapeState::Eager) => return backbone.forward(images, false),
-            Some(ShapeState::Recorded(r)) => r.replay(images),
-            Some(ShapeState::Seen) => {
-                let input = images.copy();
-                match CudaGraph::capture(index, || backbone.forward(&input, false)) {
-                    Ok((graph, features)) => {
-                        let r = Recorded { graph, input, features };
-                        let out = r.replay(images);
-                        shapes.insert(key.clone(), ShapeState::Recorded(r));
-                        out
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        replayed.unwrap_or_else(|e| {
-            tracing::warn!("CUDA graph of the backbone failed ({e}); running it eagerly for {:?}", key.0);
-            shapes.insert(key, ShapeState::Eager);
-            backbone.forward(images, false)
-        })
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.run(
+            index,
+            key,
+            images.shallow_clone(),
+            |input| backbone.forward(input, false),
+            |features| features.iter().map(Tensor::shallow_clone).collect(),
+        )
     }
 
-    /// Drops every graph and its memory (the next calls record again). A
-    /// graph reads the tensors it was recorded with: clear after replacing
-    /// the model's tensors (not after in-place updates such as SGD steps).
+    /// Drops every graph and its memory (see [`GraphCache::clear`]).
     pub fn clear(&self) {
-        self.shapes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Shapes replayed from a graph.
     pub fn recorded(&self) -> usize {
-        let shapes = self.shapes.lock().unwrap_or_else(|e| e.into_inner());
-        shapes.values().filter(|s| matches!(s, ShapeState::Recorded(_))).count()
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).recorded()
     }
 }
 

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
 use crate::structures::masks::paste_masks_as_rle_batch;
-use crate::structures::{Categories, Target, TargetBatch};
+use crate::structures::{Categories, Target, TargetBatch, TargetPadding};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -229,8 +229,7 @@ impl MaskRcnn {
     fn trace_prepared(&self, list: ImageList) -> InferenceTrace {
         tch::no_grad(|| {
             let features = self.inference_features(&list.tensors);
-            let size = list.tensors.size();
-            let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, false);
+            let rpn = self.rpn.forward(&features, &list, false);
             let (proposals, _) = rpn.proposals.per_image();
             let detections = self.roi_heads.detect(&features[..4], &proposals, &list.image_sizes);
             InferenceTrace { images: list, features, rpn, detections }
@@ -251,15 +250,20 @@ impl MaskRcnn {
         targets: &[Target],
         sampler: &mut dyn FgBgSampler,
     ) -> Result<Losses, TargetError> {
-        let inputs = self.prepare_train(images, targets)?;
+        let inputs = self.prepare_train(images, targets, TargetPadding::Exact)?;
         Ok(self.forward_prepared(&inputs, sampler))
     }
 
     /// The host's part of a training step: targets checked, the short side
     /// drawn, images resized, normalized and padded into one batch, targets
-    /// resized and padded to `[B, G]` and sent to the device without
-    /// blocking.
-    pub fn prepare_train(&self, images: &[Tensor], targets: &[Target]) -> Result<TrainInputs, TargetError> {
+    /// resized and padded to `[B, G]` (or further, per `padding`) and sent
+    /// to the device without blocking.
+    pub fn prepare_train(
+        &self,
+        images: &[Tensor],
+        targets: &[Target],
+        padding: TargetPadding,
+    ) -> Result<TrainInputs, TargetError> {
         // Checked where they are (on the host for the data loader's targets:
         // no GPU sync).
         validate_targets(images, targets, self.config.model.num_classes)?;
@@ -281,7 +285,8 @@ impl MaskRcnn {
             .zip(&list.image_sizes)
             .map(|((t, im), &size)| resize_target(t, (im.size()[1], im.size()[2]), size, device))
             .collect();
-        let targets = TargetBatch::new(resized, device);
+        let size = list.tensors.size();
+        let targets = TargetBatch::new(resized, device, (size[2], size[3]), padding);
         crate::host_timing::mark("targets");
         Ok(TrainInputs { images: list, targets })
     }
@@ -293,8 +298,7 @@ impl MaskRcnn {
         let (list, gt) = (&inputs.images, &inputs.targets);
         let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
         crate::host_timing::mark("backbone");
-        let size = list.tensors.size();
-        let rpn = self.rpn.forward(&features, (size[2], size[3]), &list.image_sizes, true);
+        let rpn = self.rpn.forward(&features, list, true);
         crate::host_timing::mark("rpn");
         let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, gt, sampler);
         crate::host_timing::mark("rpn_losses");

@@ -34,14 +34,8 @@ impl MultiScaleRoiAlign {
     /// in place (the level of each RoI chosen on the device); on the CPU
     /// each level's RoIs are pooled in turn.
     pub fn pool(&self, features: &[Tensor], rois: &Tensor, image_sizes: &[(i64, i64)]) -> Tensor {
-        let max_h = image_sizes.iter().map(|s| s.0).max().unwrap_or(1);
-        let scales: Vec<f64> = features
-            .iter()
-            .map(|f| {
-                let approx = f.size()[2] as f64 / max_h as f64;
-                2f64.powf((approx as f32).log2().round() as f64)
-            })
-            .collect();
+        let heights: Vec<i64> = features.iter().map(|f| f.size()[2]).collect();
+        let scales = level_scales(&heights, image_sizes);
         let lvl_min = -(scales[0] as f32).log2() as i64;
         let lvl_max = -(scales[scales.len() - 1] as f32).log2() as i64;
         let s = self.output_size;
@@ -86,6 +80,20 @@ impl MultiScaleRoiAlign {
         let target = target.clamp(k_min as f64, k_max as f64);
         target.to_kind(Kind::Int64) - k_min
     }
+}
+
+/// The spatial scale of each level (feature maps `heights` rows high) as
+/// torchvision infers it: the power of two nearest the ratio of the level's
+/// height to the tallest image of `image_sizes`.
+pub fn level_scales(heights: &[i64], image_sizes: &[(i64, i64)]) -> Vec<f64> {
+    let max_h = image_sizes.iter().map(|s| s.0).max().unwrap_or(1);
+    heights
+        .iter()
+        .map(|&h| {
+            let approx = h as f64 / max_h as f64;
+            2f64.powf((approx as f32).log2().round() as f64)
+        })
+        .collect()
 }
 
 /// `[B, S, 4]` boxes (a fixed number of slots per image) → `[B·S, 5]` RoIs

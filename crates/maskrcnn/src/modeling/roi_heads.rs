@@ -14,7 +14,7 @@ use crate::ops::nms::batched_nms_per_category;
 use crate::ops::sampler::{FgBgSampler, SampleStage};
 use crate::ops::{batched_nms, BoxCoder};
 use crate::structures::masks::{polygon_mask_targets, project_masks_on_boxes};
-use crate::structures::{InstanceMasks, TargetBatch};
+use crate::structures::TargetBatch;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -538,7 +538,8 @@ impl RoiHeads {
 /// `[B·Q, M, M]` float targets for the mask slots `boxes` `[B, Q, 4]` matched
 /// to instances `matched` `[B, Q]` (only `positive` slots matter): bitmaps
 /// cropped by RoIAlign as torchvision's `project_masks_on_boxes`, polygons
-/// rasterized per RoI (on the GPU, one kernel for the batch).
+/// rasterized per RoI. On CUDA one kernel for each kind and the whole batch;
+/// elsewhere (or where a kernel is unavailable) image by image.
 fn mask_targets(
     gt: &TargetBatch,
     boxes: &Tensor,
@@ -548,31 +549,57 @@ fn mask_targets(
     device: tch::Device,
 ) -> Tensor {
     let (b, q) = (boxes.size()[0], boxes.size()[1]);
-    // The kernel fills the polygon images' slots (zeros elsewhere); bitmap
-    // images (and polygons where the kernel is unavailable) are written in.
-    let from_kernel = gt.polygons.as_ref().and_then(|p| {
-        crate::kernels::polygon::polygon_mask_targets(
+    let (flat_boxes, flat_matched, flat_positive) =
+        (boxes.reshape([-1, 4]), matched.reshape([-1]), positive.reshape([-1]));
+    // The polygon kernel writes every slot (zeros outside polygon images),
+    // the bitmap kernel then the bitmap images' slots.
+    let from_polygons = match &gt.polygons {
+        Some(p) => crate::kernels::polygon::polygon_mask_targets(
             &p.coords,
             &p.starts,
             &p.instances,
-            &boxes.reshape([-1, 4]),
-            &matched.reshape([-1]),
-            &positive.reshape([-1]),
+            &flat_boxes,
+            &flat_matched,
+            &flat_positive,
             q,
             m,
+        ),
+        None => Some(Tensor::zeros([b * q, m, m], (Kind::Float, device))),
+    };
+    let targets = from_polygons
+        .as_ref()
+        .map_or_else(|| Tensor::zeros([b * q, m, m], (Kind::Float, device)), Tensor::shallow_clone);
+    let bitmaps_done = match &gt.bitmaps {
+        Some(bm) => crate::kernels::roi_align::bitmap_mask_targets(
+            &bm.masks,
+            &bm.sizes,
+            &flat_boxes,
+            &flat_matched,
+            &flat_positive,
+            q,
+            &targets,
         )
-    });
-    let polygons_done = from_kernel.is_some();
-    let targets = from_kernel.unwrap_or_else(|| Tensor::zeros([b * q, m, m], (Kind::Float, device)));
-    for (i, masks) in gt.masks.iter().enumerate() {
-        let count = masks.len();
-        let i = i as i64;
-        let instance = || matched.get(i).clamp_max(count - 1);
-        let image_targets = match masks {
-            _ if count == 0 => continue,
-            InstanceMasks::Bitmaps(bitmaps) => project_masks_on_boxes(bitmaps, &boxes.get(i), &instance(), m),
-            InstanceMasks::Polygons(_) if polygons_done => continue,
-            InstanceMasks::Polygons(polys) => polygon_mask_targets(polys, &boxes.get(i), &instance(), m, device),
+        .is_some(),
+        None => true,
+    };
+    if from_polygons.is_some() && bitmaps_done {
+        return targets;
+    }
+    // Image by image on the host's path.
+    for i in 0..b {
+        let bitmap_size = gt.bitmaps.as_ref().map_or((0, 0), |bm| bm.host_sizes[i as usize]);
+        let image_targets = if bitmap_size != (0, 0) {
+            let bm = gt.bitmaps.as_ref().map(|bm| &bm.masks);
+            let Some(masks) = bm.filter(|_| !bitmaps_done) else { continue };
+            let planes = masks.get(i).narrow(1, 0, bitmap_size.0).narrow(2, 0, bitmap_size.1);
+            project_masks_on_boxes(&planes, &boxes.get(i), &matched.get(i), m)
+        } else {
+            match (&gt.polygons, from_polygons.is_some()) {
+                (Some(p), false) => {
+                    polygon_mask_targets(&p.image_polygons(i), &boxes.get(i), &matched.get(i), m, device)
+                }
+                _ => continue,
+            }
         };
         targets.narrow(0, i * q, q).copy_(&image_targets);
     }

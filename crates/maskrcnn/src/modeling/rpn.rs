@@ -5,6 +5,7 @@
 
 use crate::config::{RpnConfig, TopNScope};
 use crate::modeling::layers::{conv2d, Conv2d, ConvOpts};
+use crate::modeling::transform::ImageList;
 use crate::ops::matcher::{Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
 use crate::ops::nms::grouped_nms_keep;
 use crate::ops::sampler::{FgBgSampler, SampleStage};
@@ -240,16 +241,12 @@ impl Rpn {
         }
     }
 
-    /// Runs the head on P2..P6 and selects proposals for a batch padded to
-    /// `batch_size` `(H, W)` holding images of `image_sizes`: `post_nms_top_n`
-    /// slots per image (train or test setting).
-    pub fn forward(
-        &self,
-        features: &[Tensor],
-        batch_size: (i64, i64),
-        image_sizes: &[(i64, i64)],
-        train: bool,
-    ) -> RpnOutput {
+    /// Runs the head on P2..P6 and selects proposals for the padded batch
+    /// `images` (its padded size and image sizes): `post_nms_top_n` slots
+    /// per image (train or test setting).
+    pub fn forward(&self, features: &[Tensor], images: &ImageList, train: bool) -> RpnOutput {
+        let size = images.tensors.size();
+        let batch_size = (size[2], size[3]);
         let (obj, reg) = self.head.forward(features);
         let grid_sizes: Vec<(i64, i64)> = features.iter().map(|f| (f.size()[2], f.size()[3])).collect();
         let device = features[0].device();
@@ -269,7 +266,7 @@ impl Rpn {
                 &objectness.detach(),
                 &deltas.detach(),
                 &anchors,
-                image_sizes,
+                &images.sizes,
                 &num_anchors_per_level,
                 (pre_n as i64, post_n as i64),
                 train && self.cfg.post_nms_top_n_scope == TopNScope::Batch,
@@ -291,7 +288,7 @@ impl Rpn {
         objectness: &Tensor,
         deltas: &Tensor,
         anchors: &Tensor,
-        image_sizes: &[(i64, i64)],
+        sizes: &Tensor,
         num_anchors_per_level: &[i64],
         (pre_n, post_n): (i64, i64),
         batch_scope: bool,
@@ -315,9 +312,7 @@ impl Rpn {
         let a = anchors.index_select(0, &top.reshape([-1]));
         let boxes = self.box_coder.decode(&d.reshape([-1, 4]), &a).reshape([n, k, 4]);
 
-        let sizes: Vec<f32> = image_sizes.iter().flat_map(|&(h, w)| [h as f32, w as f32]).collect();
-        let sizes = crate::host_sync::upload(&Tensor::from_slice(&sizes).reshape([n, 2]), device);
-        let boxes = clip_boxes_to_sizes(&boxes, &sizes);
+        let boxes = clip_boxes_to_sizes(&boxes, sizes);
         let valid = boxes_at_least(&boxes, self.cfg.min_box_size).logical_and(&scores.ge(self.cfg.score_thresh));
 
         let layout = self.layout(&per_level, device);

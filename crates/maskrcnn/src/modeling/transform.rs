@@ -16,6 +16,9 @@ pub struct ImageList {
     pub tensors: Tensor,
     /// `(height, width)` of each resized image.
     pub image_sizes: Vec<(i64, i64)>,
+    /// `[N, 2]` float32: `image_sizes` on the batch's device (sent without
+    /// blocking), for the device work that clips to them.
+    pub sizes: Tensor,
 }
 
 /// The preprocessing parameters of one model.
@@ -97,8 +100,11 @@ impl Transform {
     }
 
     fn batched(&self, resized: Vec<Tensor>) -> ImageList {
-        let image_sizes = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
-        ImageList { tensors: self.batch(&resized), image_sizes }
+        let image_sizes: Vec<(i64, i64)> = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
+        let tensors = self.batch(&resized);
+        let flat: Vec<f32> = image_sizes.iter().flat_map(|&(h, w)| [h as f32, w as f32]).collect();
+        let sizes = crate::host_sync::upload(&Tensor::from_slice(&flat).reshape([-1, 2]), tensors.device());
+        ImageList { tensors, image_sizes, sizes }
     }
 
     /// Zero-pads `images` to a common size rounded up to `size_divisibility`.

@@ -82,9 +82,48 @@ pub struct PackedPolygons {
     pub instances: Tensor,
 }
 
+/// Bitmap masks of a batch in one tensor: what the mask-target kernel reads.
+#[derive(Debug)]
+pub struct BitmapBatch {
+    /// `[B, G, H, W]` uint8 on the model's device (`H`, `W`: the padded
+    /// image batch's): image `b`'s bitmaps in the top-left `sizes[b]`
+    /// corner of its first instances' planes, zeros elsewhere.
+    pub masks: Tensor,
+    /// `[B, 2]` int32 on the device: each image's bitmap `(height, width)`,
+    /// `(0, 0)` for an image without bitmaps (polygons, or no masks).
+    pub sizes: Tensor,
+    /// `sizes` on the host.
+    pub host_sizes: Vec<(i64, i64)>,
+}
+
+/// How far a batch's ground truth is padded. A padded instance is invalid
+/// and padded polygon storage is never read, so padding does not change
+/// any loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TargetPadding {
+    /// To the batch's largest instance count (at least 1); polygons as
+    /// they are.
+    #[default]
+    Exact,
+    /// Instance count, polygon vertices and polygon count rounded up to
+    /// powers of two (at least 8, 1024 and 64): batches then share a few
+    /// shapes, so a CUDA graph recorded for one serves the next.
+    Buckets,
+}
+
+impl TargetPadding {
+    fn pad(self, n: i64, minimum: i64) -> i64 {
+        match self {
+            TargetPadding::Exact => n,
+            TargetPadding::Buckets => (n.max(minimum) as u64).next_power_of_two() as i64,
+        }
+    }
+}
+
 /// The ground truth of a batch padded to `G` instances per image (the
-/// largest count, at least 1), in resized-image pixels on the model's
-/// device: what the batched matchers and loss functions read.
+/// largest count, at least 1, or more per [`TargetPadding`]), in
+/// resized-image pixels on the model's device: what the batched matchers
+/// and loss functions read.
 #[derive(Debug)]
 pub struct TargetBatch {
     /// `[B, G, 4]` float32 xyxy boxes (zeros on padding).
@@ -95,19 +134,20 @@ pub struct TargetBatch {
     pub valid: Tensor,
     /// `[B, G]` bool: a crowd region.
     pub crowd: Tensor,
-    /// Each image's masks, resized (bitmaps on the device).
-    pub masks: Vec<InstanceMasks>,
     /// The polygon images' polygons, packed (`None` when no image has any).
     pub polygons: Option<PackedPolygons>,
+    /// The bitmap images' masks (`None` when no image has bitmaps).
+    pub bitmaps: Option<BitmapBatch>,
 }
 
 impl TargetBatch {
     /// Pads `targets` (already resized, boxes and polygons on the host,
-    /// bitmaps anywhere) and moves them to `device` without blocking the
-    /// host (from page-locked memory).
-    pub fn new(targets: Vec<Target>, device: tch::Device) -> TargetBatch {
+    /// bitmaps anywhere, at most `canvas` `(H, W)`: the padded image batch)
+    /// per `padding` and moves them to `device` without blocking the host
+    /// (from page-locked memory).
+    pub fn new(targets: Vec<Target>, device: tch::Device, canvas: (i64, i64), padding: TargetPadding) -> TargetBatch {
         use tch::Kind;
-        let g = targets.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let g = padding.pad(targets.iter().map(|t| t.len()).max().unwrap_or(0).max(1), 8);
         // Padded on the host (a no-op move for the loader's targets).
         let host = |t: &Tensor| t.to_device(tch::Device::Cpu);
         // Zeros after each image's rows (constant_pad_nd lists the last dimension first).
@@ -136,7 +176,7 @@ impl TargetBatch {
                 .collect::<Vec<_>>(),
             0,
         );
-        let polygons = pack_polygons(&targets, g);
+        let polygons = pack_polygons(&targets, g, padding);
         let up = |t: &Tensor| crate::host_sync::upload(t, device);
         TargetBatch {
             boxes: up(&boxes),
@@ -148,13 +188,7 @@ impl TargetBatch {
                 starts: up(&p.starts),
                 instances: up(&p.instances),
             }),
-            masks: targets
-                .into_iter()
-                .map(|t| match t.masks {
-                    InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(crate::host_sync::upload(&m, device)),
-                    polygons => polygons,
-                })
-                .collect(),
+            bitmaps: pack_bitmaps(targets, g, canvas, device),
         }
     }
 
@@ -166,11 +200,64 @@ impl TargetBatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Instance slots per image (`G`).
+    pub fn slots(&self) -> i64 {
+        self.boxes.size()[1]
+    }
+}
+
+impl PackedPolygons {
+    /// Image `b`'s polygons per instance slot, on the host (a device read
+    /// when they are on the GPU: for the host rasterizer only).
+    pub fn image_polygons(&self, b: i64) -> Vec<Vec<Vec<f64>>> {
+        let coords: Vec<f64> = Vec::try_from(crate::host_sync::to_host(&self.coords).reshape([-1])).unwrap_or_default();
+        let starts: Vec<i32> = Vec::try_from(crate::host_sync::to_host(&self.starts)).unwrap_or_default();
+        let slots: Vec<i32> =
+            Vec::try_from(crate::host_sync::to_host(&self.instances.get(b)).reshape([-1])).unwrap_or_default();
+        slots
+            .chunks(2)
+            .map(|s| {
+                (s[0]..s[0] + s[1])
+                    .map(|p| coords[2 * starts[p as usize] as usize..2 * starts[p as usize + 1] as usize].to_vec())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// The bitmap images' masks of a batch in one `[B, G, H, W]` tensor on
+/// `device` (`None` when no image has bitmaps).
+fn pack_bitmaps(targets: Vec<Target>, g: i64, (h, w): (i64, i64), device: tch::Device) -> Option<BitmapBatch> {
+    use tch::Kind;
+    if !targets.iter().any(|t| matches!(t.masks, InstanceMasks::Bitmaps(_))) {
+        return None;
+    }
+    let masks = Tensor::zeros([targets.len() as i64, g, h, w], (Kind::Uint8, device));
+    let mut host_sizes = Vec::with_capacity(targets.len());
+    for (b, t) in targets.into_iter().enumerate() {
+        let size = match t.masks {
+            InstanceMasks::Bitmaps(m) => {
+                let s = m.size();
+                let (n, mh, mw) = (s[0], s[1].min(h), s[2].min(w));
+                if n > 0 {
+                    let m = crate::host_sync::upload(&m, device).narrow(1, 0, mh).narrow(2, 0, mw);
+                    masks.get(b as i64).narrow(0, 0, n).narrow(1, 0, mh).narrow(2, 0, mw).copy_(&m);
+                }
+                (mh, mw)
+            }
+            InstanceMasks::Polygons(_) => (0, 0),
+        };
+        host_sizes.push(size);
+    }
+    let flat: Vec<i32> = host_sizes.iter().flat_map(|&(a, b)| [a as i32, b as i32]).collect();
+    let sizes = crate::host_sync::upload(&Tensor::from_slice(&flat).reshape([-1, 2]), device);
+    Some(BitmapBatch { masks, sizes, host_sizes })
 }
 
 /// The polygons of the batch's polygon images on the host (`None` when
 /// there are none).
-fn pack_polygons(targets: &[Target], g: i64) -> Option<PackedPolygons> {
+fn pack_polygons(targets: &[Target], g: i64, padding: TargetPadding) -> Option<PackedPolygons> {
     if !targets.iter().any(|t| matches!(&t.masks, InstanceMasks::Polygons(p) if !p.is_empty())) {
         return None;
     }
@@ -190,6 +277,11 @@ fn pack_polygons(targets: &[Target], g: i64) -> Option<PackedPolygons> {
             instances.extend([first, inst.len() as i32]);
         }
     }
+    // Padding: vertices never read, empty polygons after the last.
+    let vertices = padding.pad((coords.len() / 2) as i64, 1024) as usize;
+    coords.resize(2 * vertices, 0.0);
+    let polygons = padding.pad((starts.len() - 1) as i64, 64) as usize;
+    starts.resize(polygons + 1, *starts.last().unwrap_or(&0));
     Some(PackedPolygons {
         coords: Tensor::from_slice(&coords).reshape([-1, 2]),
         starts: Tensor::from_slice(&starts),
