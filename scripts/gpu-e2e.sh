@@ -55,7 +55,7 @@ last = steps[-1] if steps else {}
 evals = [r for r in rows if "bbox_ap" in r]
 print(json.dumps(dict(iterations=s.get("iterations"), images_per_s=round(s.get("images_per_s", 0), 1),
                       data_wait_ms=last.get("data_wait_ms"), step_ms=last.get("step_ms"),
-                      syncs_per_step=last.get("syncs_per_step"), final_eval=evals[-1] if evals else None)))
+                      syncs_per_step=last.get("syncs_per_step"), graph_replays=last.get("graph_replays"), final_eval=evals[-1] if evals else None)))
 for e in evals:
     print(f"ours iter {e['iteration']} train_s {round(e['seconds'], 1)} bbox_ap {round(e['bbox_ap'], 4)} segm_ap {round(e['segm_ap'], 4)}")
 PY

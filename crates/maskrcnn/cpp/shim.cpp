@@ -14,6 +14,8 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>
 #include <optional>
+#include <mutex>
+#include <unordered_map>
 #endif
 
 // tch's tensor handles are `at::Tensor*` (torch-sys's `tensor` type).
@@ -493,6 +495,19 @@ struct MrcnnGraph {
   }
 };
 
+// One capture stream per device for every graph, as torch.cuda.graph's
+// default: the caching allocator reuses a freed block only on the stream it
+// was used on, so graphs sharing a memory pool must be recorded on one
+// stream for one graph's freed working memory to serve the next.
+static c10::cuda::CUDAStream capture_stream(c10::DeviceIndex index) {
+  static std::mutex lock;
+  static std::unordered_map<int, c10::cuda::CUDAStream> streams;
+  std::lock_guard<std::mutex> guard(lock);
+  auto it = streams.find(index);
+  if (it == streams.end()) it = streams.emplace(index, c10::cuda::getStreamFromPool(false, index)).first;
+  return it->second;
+}
+
 void* mrcnn_graph_new() {
   try {
     return new MrcnnGraph();
@@ -511,7 +526,7 @@ int mrcnn_graph_capture_begin(void* g, int device, void* share) {
     // (The caller has synchronized the device: queued work is done.)
     auto index = static_cast<c10::DeviceIndex>(device);
     graph->previous.emplace(c10::cuda::getCurrentCUDAStream(index));
-    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+    c10::cuda::setCurrentCUDAStream(capture_stream(index));
     graph->cache_was_enabled = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
     // Thread-local: other threads (loader workers pinning memory) go on.
@@ -585,13 +600,20 @@ int mrcnn_pin(at::Tensor* t, at::Tensor** out) {
   }
 }
 
-// Peak bytes allocated by libtorch's CUDA caching allocator on `device`
-// since start (or -1 when unavailable).
-int64_t mrcnn_cuda_peak_allocated(int device) {
+// libtorch's CUDA caching allocator on `device`: what = 0 the peak bytes
+// allocated since start, 1 the bytes allocated now, 2 the bytes reserved
+// now (-1 when unavailable).
+int64_t mrcnn_cuda_memory(int device, int what) {
   try {
     // The device-generic allocator interface: no CUDA headers needed here.
     auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(static_cast<c10::DeviceIndex>(device));
-    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    switch (what) {
+      case 0: return stats.allocated_bytes[all].peak;
+      case 1: return stats.allocated_bytes[all].current;
+      case 2: return stats.reserved_bytes[all].current;
+      default: return -1;
+    }
   } catch (...) {
     return -1;
   }

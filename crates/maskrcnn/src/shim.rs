@@ -69,7 +69,7 @@ extern "C" {
     fn mrcnn_sync_counter_enable(enabled: c_int) -> c_int;
     fn mrcnn_sync_count() -> i64;
     fn mrcnn_current_cuda_stream(device: c_int) -> *mut std::ffi::c_void;
-    fn mrcnn_cuda_peak_allocated(device: c_int) -> i64;
+    fn mrcnn_cuda_memory(device: c_int, what: c_int) -> i64;
     fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
     fn mrcnn_tensor_version(t: Handle) -> i64;
     fn mrcnn_graph_new() -> *mut std::ffi::c_void;
@@ -333,8 +333,18 @@ pub fn pinned(t: &Tensor) -> Tensor {
 
 /// Peak bytes libtorch has allocated on CUDA device `index` (None without CUDA).
 pub fn cuda_peak_allocated(index: usize) -> Option<u64> {
+    cuda_memory(index, 0)
+}
+
+/// Bytes libtorch's caching allocator holds on CUDA device `index` now:
+/// `(allocated, reserved)` (None without CUDA).
+pub fn cuda_memory_now(index: usize) -> Option<(u64, u64)> {
+    Some((cuda_memory(index, 1)?, cuda_memory(index, 2)?))
+}
+
+fn cuda_memory(index: usize, what: c_int) -> Option<u64> {
     // SAFETY: reads allocator statistics; the C side catches exceptions.
-    let v = unsafe { mrcnn_cuda_peak_allocated(index as c_int) };
+    let v = unsafe { mrcnn_cuda_memory(index as c_int, what) };
     u64::try_from(v).ok()
 }
 

@@ -105,6 +105,7 @@ impl Hook for LossLog {
             seconds: trainer.clock.elapsed(),
             scale: trainer.scaler.as_ref().map(|s| s.state()),
             max_memory_gib: device.is_cuda().then(|| crate::environment::cuda_peak_memory_gib(device)),
+            graph_replays: trainer.step_graphs.as_ref().map(|g| g.replays()),
         });
         if trainer.is_main() && trainer.bar.is_hidden() {
             tracing::info!("iter {}/{} {msg}", step.iteration, solver.max_iter);

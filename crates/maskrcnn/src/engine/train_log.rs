@@ -53,6 +53,8 @@ pub struct StepValues<'a> {
     pub scale: Option<ScalerState>,
     /// Peak GPU memory (GiB) on CUDA.
     pub max_memory_gib: Option<f64>,
+    /// Micro-batches replayed from CUDA graphs so far (when they are on).
+    pub graph_replays: Option<u64>,
 }
 
 /// The training logs of one process.
@@ -209,6 +211,9 @@ impl TrainLog {
         }
         if let Some(m) = v.max_memory_gib {
             record.insert("max_memory_gib".into(), m.into());
+        }
+        if let Some(n) = v.graph_replays {
+            record.insert("graph_replays".into(), n.into());
         }
         if let Some(w) = self.board.as_mut() {
             for (tag, x) in &record {

@@ -142,7 +142,14 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
         });
         let statics = inputs.to_static();
         let (graph, outputs) = CudaGraph::capture(device, share, || f(&statics))?;
-        tracing::debug!("recorded a CUDA graph of the {} for {key:?}", self.what);
+        let (allocated, reserved) = crate::shim::cuda_memory_now(device).unwrap_or_default();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        tracing::debug!(
+            "recorded a CUDA graph of the {} for {key:?}; CUDA memory now {:.2} GiB allocated, {:.2} GiB reserved",
+            self.what,
+            gib(allocated),
+            gib(reserved)
+        );
         Ok(Recorded { graph, inputs: statics, outputs })
     }
 
