@@ -386,14 +386,21 @@ mod tests {
                 for (k, (x, y)) in a.iter().zip(&b).enumerate() {
                     assert!(x.is_finite() && y.is_finite(), "{amp} step {step} loss {k}: eager {x}, replayed {y}");
                     let rel = (x - y).abs() / x.abs().max(1e-3);
-                    worst = worst.max(rel);
+                    // fp16 rounding can flip which proposals rank first, which
+                    // moves a small loss (few positives) by percents in eager
+                    // runs too: there, the total is compared.
+                    if amp == AmpMode::Off {
+                        worst = worst.max(rel);
+                    }
                     eprintln!("{amp} step {step} loss {k}: eager {x:.6} replayed {y:.6} (rel {rel:.1e})");
                 }
+                let (x, y) = (a.iter().sum::<f64>(), b.iter().sum::<f64>());
+                worst = worst.max((x - y).abs() / x.abs());
             }
             // Eager runs differ from each other by as much (atomic sums in
             // some backward kernels); a stale input or random draw in a
             // replay moves losses by far more.
-            let tolerance = if amp == AmpMode::Off { 5e-3 } else { 2e-2 };
+            let tolerance = if amp == AmpMode::Off { 5e-3 } else { 1e-2 };
             assert!(worst <= tolerance, "{amp}: losses differ by {worst:.2e} (relative), above {tolerance:.0e}");
             assert_eq!((graphs.recorded(), graphs.replays()), (2, 5), "{amp}: graphs recorded, steps replayed");
             // The second graph records into the first one's memory: it
@@ -421,7 +428,10 @@ mod tests {
             }
             let rel = (distance / moved).sqrt();
             eprintln!("{amp}: weights differ by {rel:.2e} of the distance training moved them");
-            assert!(moved > 0.0 && rel <= tolerance, "{amp}: weights differ by {rel:.2e} of their update");
+            // (fp16: a flipped proposal ranking changes one step's gradient
+            // by percents, in eager runs too.)
+            let weight_tolerance = if amp == AmpMode::Off { tolerance } else { 5e-2 };
+            assert!(moved > 0.0 && rel <= weight_tolerance, "{amp}: weights differ by {rel:.2e} of their update");
         }
         crate::shim::set_tf32(true);
     }
