@@ -20,11 +20,13 @@ pub struct PrecisionConfig {
     /// with fixed sizes; with multi-scale training every new padded size is
     /// tuned again, which can dominate short runs.
     pub cudnn_benchmark: bool,
-    /// Inference on CUDA replays the backbone and FPN as a CUDA graph per
-    /// padded input shape (recorded the second time a shape is seen; at
-    /// most `modeling::graphs::MAX_GRAPHS` shapes, freed after each
-    /// dataset evaluation): one launch instead of hundreds, which is most
-    /// of a batch of one's time. Off: always eager.
+    /// CUDA graphs on CUDA: inference replays the backbone and FPN per
+    /// padded input shape (at most `modeling::graphs::MAX_GRAPHS` shapes,
+    /// freed after each dataset evaluation), training replays each
+    /// micro-batch's forward and backward per padded batch and target
+    /// bucket (at most `engine::step_graphs::MAX_STEP_GRAPHS`), each
+    /// recorded the second time it is seen: one launch instead of hundreds
+    /// or thousands. Off: always eager.
     #[serde(default = "default_cuda_graphs")]
     pub cuda_graphs: bool,
     /// fp16 dynamic loss scaling: initial scale (doubles after
