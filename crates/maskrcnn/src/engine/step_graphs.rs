@@ -100,6 +100,8 @@ pub fn forward_backward_prepared(
 /// The training step's graphs by [`StepKey`].
 pub struct StepGraphs {
     cache: GraphCache<StepKey, TrainInputs, Tensor>,
+    /// Every trainable parameter has a `.grad` (made before the first step).
+    grads_defined: bool,
 }
 
 impl std::fmt::Debug for StepGraphs {
@@ -110,7 +112,7 @@ impl std::fmt::Debug for StepGraphs {
 
 impl Default for StepGraphs {
     fn default() -> StepGraphs {
-        StepGraphs { cache: GraphCache::new("training step", MAX_STEP_GRAPHS) }
+        StepGraphs { cache: GraphCache::new("training step", MAX_STEP_GRAPHS), grads_defined: false }
     }
 }
 
@@ -131,6 +133,19 @@ impl StepGraphs {
         let Device::Cuda(index) = model.device() else {
             return forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler);
         };
+        if !self.grads_defined {
+            // A recorded backward must add into gradients that exist: one
+            // made during recording would be the graph's own buffer,
+            // overwritten (not accumulated) by each replay.
+            for (_, p) in model.vs.variables() {
+                if p.requires_grad() && !p.grad().defined() {
+                    if let Err(e) = crate::shim::set_grad(&p, &p.zeros_like()) {
+                        tracing::warn!("could not make a gradient before recording the training step: {e}");
+                    }
+                }
+            }
+            self.grads_defined = true;
+        }
         let key = StepKey::of(&inputs, amp, scaler.is_some(), accumulate);
         self.cache.run(
             index,
