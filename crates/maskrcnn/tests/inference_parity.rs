@@ -56,7 +56,7 @@ const V1_320: Case = Case {
     arch: "v1",
     trainable_layers: 3,
     files: true,
-    steps: 10,
+    steps: 3,
 };
 const R101_SMALL: Case = V1_320;
 const R50_DEFAULT: Case = Case {

@@ -5,7 +5,7 @@ runs it on a batch of images (non-square, tiny, larger than max_size) and saves
 weights, inputs, intermediate stages and detections.
 
 Usage: python inference_fixture.py OUT_DIR --depth 50 --classes 91 --min-size 800
-           --max-size 1333 [--device cpu|cuda] [--steps 30] [--sizes 480x640,40x50,...]
+           --max-size 1333 [--device cpu|cuda] [--steps 3] [--sizes 480x640,40x50,...]
            [--fpn-norm none|frozen_bn|bn] [--rpn-conv-depth N] [--box-head 2mlp|4conv1fc]
            [--head-norm none|bn] [--arch v1|v2] [--trainable-layers N] [--no-files]
 --arch v2 builds torchvision's maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).
@@ -26,7 +26,7 @@ ap.add_argument("--classes", type=int, default=91)
 ap.add_argument("--min-size", type=int, default=800)
 ap.add_argument("--max-size", type=int, default=1333)
 ap.add_argument("--device", default="cpu")
-ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--sharpen", type=float, default=30.0)
 ap.add_argument("--train-size", type=int, default=224)
 ap.add_argument("--sizes", default="480x640,40x50,1600x2400")
