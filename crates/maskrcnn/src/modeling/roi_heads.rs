@@ -553,8 +553,8 @@ fn mask_targets(
         (boxes.reshape([-1, 4]), matched.reshape([-1]), positive.reshape([-1]));
     // The polygon kernel writes every slot (zeros outside polygon images),
     // the bitmap kernel then the bitmap images' slots.
-    let from_polygons = match &gt.polygons {
-        Some(p) => crate::kernels::polygon::polygon_mask_targets(
+    let from_polygons = gt.polygons.as_ref().map(|p| {
+        crate::kernels::polygon::polygon_mask_targets(
             &p.coords,
             &p.starts,
             &p.instances,
@@ -563,43 +563,33 @@ fn mask_targets(
             &flat_positive,
             q,
             m,
-        ),
-        None => Some(Tensor::zeros([b * q, m, m], (Kind::Float, device))),
-    };
-    let targets = from_polygons
-        .as_ref()
-        .map_or_else(|| Tensor::zeros([b * q, m, m], (Kind::Float, device)), Tensor::shallow_clone);
-    let bitmaps_done = match &gt.bitmaps {
-        Some(bm) => crate::kernels::roi_align::bitmap_mask_targets(
-            &bm.masks,
-            &bm.sizes,
-            &flat_boxes,
-            &flat_matched,
-            &flat_positive,
-            q,
-            &targets,
         )
-        .is_some(),
-        None => true,
-    };
-    if from_polygons.is_some() && bitmaps_done {
+    });
+    let polygons_done = !matches!(from_polygons, Some(None));
+    let targets = from_polygons.flatten().unwrap_or_else(|| Tensor::zeros([b * q, m, m], (Kind::Float, device)));
+    let bitmaps_done = gt.bitmaps.as_ref().is_none_or(|bm| {
+        let kernel = crate::kernels::roi_align::bitmap_mask_targets;
+        kernel(&bm.masks, &bm.sizes, &flat_boxes, &flat_matched, &flat_positive, q, &targets).is_some()
+    });
+    if polygons_done && bitmaps_done {
         return targets;
     }
     // Image by image on the host's path.
     for i in 0..b {
-        let bitmap_size = gt.bitmaps.as_ref().map_or((0, 0), |bm| bm.host_sizes[i as usize]);
-        let image_targets = if bitmap_size != (0, 0) {
-            let bm = gt.bitmaps.as_ref().map(|bm| &bm.masks);
-            let Some(masks) = bm.filter(|_| !bitmaps_done) else { continue };
-            let planes = masks.get(i).narrow(1, 0, bitmap_size.0).narrow(2, 0, bitmap_size.1);
-            project_masks_on_boxes(&planes, &boxes.get(i), &matched.get(i), m)
-        } else {
-            match (&gt.polygons, from_polygons.is_some()) {
-                (Some(p), false) => {
+        let image_targets = match gt.bitmaps.as_ref().map(|bm| (&bm.masks, bm.host_sizes[i as usize])) {
+            Some((masks, (h, w))) if (h, w) != (0, 0) => {
+                if bitmaps_done {
+                    continue;
+                }
+                let planes = masks.get(i).narrow(1, 0, h).narrow(2, 0, w);
+                project_masks_on_boxes(&planes, &boxes.get(i), &matched.get(i), m)
+            }
+            _ => match &gt.polygons {
+                Some(p) if !polygons_done => {
                     polygon_mask_targets(&p.image_polygons(i), &boxes.get(i), &matched.get(i), m, device)
                 }
                 _ => continue,
-            }
+            },
         };
         targets.narrow(0, i * q, q).copy_(&image_targets);
     }
