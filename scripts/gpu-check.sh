@@ -11,6 +11,9 @@ source scripts/gpu-env.sh
 export MASKRCNN_PYTHON=${MASKRCNN_PYTHON:-python3}
 export MASKRCNN_BIN=$B
 filter=${1:-}
+# Everything is also written to $OUT/gpu-check.log when the device call sets
+# OUT: a call cut off by its time limit still brings the log back.
+if [[ -n ${OUT:-} ]]; then exec > >(tee "$OUT/gpu-check.log") 2>&1; fi
 echo "== maskrcnn env"
 "$B" env || exit 1
 status=0
