@@ -15,8 +15,7 @@ use maskrcnn::engine::optimizer::Sgd;
 use maskrcnn::engine::predictor::{predict_files, PredictOptions};
 use maskrcnn::engine::trainer::{apply_update, forward_backward, train, MicroBatch, TrainOptions, LOSS_NAMES};
 use maskrcnn::evaluation::dataset_inference::infer_dataset;
-use maskrcnn::ops::sampler::Samples;
-use maskrcnn::ops::{FgBgSampler, SampleStage};
+use maskrcnn::ops::FirstSampler;
 use maskrcnn::structures::{Categories, Category, InstanceMasks, Target};
 use maskrcnn::MaskRcnn;
 use std::path::{Path, PathBuf};
@@ -56,22 +55,6 @@ fn lr_schedule_at_chosen_iterations() {
     }
     let none = LrSchedule::new(&solver(WarmupMethod::Linear, 0.5, 0, vec![]));
     assert!(close(none.lr_at(0), 0.02) && close(none.lr_at(1_000_000), 0.02));
-}
-
-/// Takes the first positives and negatives by index: identical images get
-/// identical samples whatever the batch they are in.
-struct FirstSampler;
-
-impl FgBgSampler for FirstSampler {
-    fn sample(&mut self, _: SampleStage, labels: &Tensor, _: &Tensor, batch: usize, fraction: f64) -> Samples {
-        // The first `n` of each image's positions in `m`, by index.
-        let first = |m: Tensor, n: &Tensor| m.logical_and(&m.cumsum(1, Kind::Int64).le_tensor(n));
-        let quota = Tensor::from((batch as f64 * fraction) as i64).to_device(labels.device());
-        let positive = first(labels.ge(1), &quota);
-        let taken = positive.sum_dim_intlist(1, true, Kind::Int64);
-        let negative = first(labels.eq(0), &(-taken + batch as i64));
-        Samples::from_masks(&positive, &negative, batch)
-    }
 }
 
 fn small_config(extra: &[&str]) -> Config {
@@ -155,7 +138,7 @@ fn accumulation_equals_one_larger_batch() {
             for c in 0..chunks {
                 let mb =
                     MicroBatch { images: &images[c * per..(c + 1) * per], targets: &targets[c * per..(c + 1) * per] };
-                let _ = forward_backward(&model, mb, chunks, None, AmpMode::Off, &mut FirstSampler).unwrap();
+                let _ = forward_backward(&model, mb, chunks, None, AmpMode::Off, &mut FirstSampler, None).unwrap();
             }
             apply_update(&mut sgd, None, 0.01, 0.0).unwrap();
         }
@@ -920,7 +903,7 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         tch::manual_seed(maskrcnn::engine::trainer::micro_batch_seed(cfg.seed, 0, rank));
         let step = MicroBatch { images: &batch.images, targets: &batch.targets };
         let _losses =
-            forward_backward(&model, step, 1, None, AmpMode::Off, &mut maskrcnn::ops::BalancedSampler).unwrap();
+            forward_backward(&model, step, 1, None, AmpMode::Off, &mut maskrcnn::ops::BalancedSampler, None).unwrap();
         grads.push(
             model
                 .vs

@@ -272,32 +272,6 @@ mod tests {
         (images, targets)
     }
 
-    /// The first positives (up to the quota) and then the first negatives
-    /// in position order: samples that padding at the end cannot move (the
-    /// balanced sampler's random keys shift with the number of positions).
-    struct FirstSampler;
-
-    impl crate::ops::FgBgSampler for FirstSampler {
-        fn sample(
-            &mut self,
-            _stage: crate::ops::SampleStage,
-            labels: &Tensor,
-            _exists: &Tensor,
-            batch: usize,
-            fraction: f64,
-        ) -> crate::ops::sampler::Samples {
-            let first = |mask: Tensor, limit: &Tensor| {
-                let rank = mask.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
-                mask.logical_and(&rank.le_tensor(limit))
-            };
-            let quota = Tensor::from((batch as f64 * fraction) as i64);
-            let positive = first(labels.ge(1), &quota);
-            let left = -positive.sum_dim_intlist(1, true, Kind::Int64) + batch as i64;
-            let negative = first(labels.eq(0), &left);
-            crate::ops::sampler::Samples::from_masks(&positive, &negative, batch)
-        }
-    }
-
     /// Padding the ground truth to buckets (more instance slots, polygon
     /// storage never read) gives the losses of exact padding: on the CPU,
     /// with polygon and bitmap images and the same samples.
@@ -309,7 +283,7 @@ mod tests {
         let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160)], 3);
         let losses = |padding| {
             let inputs = model.prepare_train(&images, &targets, padding).expect("inputs");
-            let l = tch::no_grad(|| model.forward_prepared(&inputs, &mut FirstSampler));
+            let l = tch::no_grad(|| model.forward_prepared(&inputs, &mut crate::ops::FirstSampler));
             (inputs.targets.slots(), l.named().map(|(_, t)| t.double_value(&[])))
         };
         let (exact_slots, exact) = losses(TargetPadding::Exact);

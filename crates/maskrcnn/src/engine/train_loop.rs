@@ -284,17 +284,16 @@ impl Trainer<'_> {
             let seed =
                 micro_batch_seed(self.config.seed, iteration * solver.accumulate_steps as u64 + micro, self.rank);
             tch::manual_seed(seed);
-            let (accumulate, scaler, sampler) = (solver.accumulate_steps, self.scaler.as_ref(), &mut BalancedSampler);
-            sums.push(match &mut self.step_graphs {
-                Some(graphs) => {
-                    let inputs = self.model.prepare_train(&batch.images, &batch.targets, TargetPadding::Buckets)?;
-                    graphs.forward_backward(&self.model, inputs, accumulate, scaler, self.amp, sampler)
-                }
-                None => {
-                    let step = MicroBatch { images: &batch.images, targets: &batch.targets };
-                    forward_backward(&self.model, step, accumulate, scaler, self.amp, sampler)?
-                }
-            });
+            let step = MicroBatch { images: &batch.images, targets: &batch.targets };
+            sums.push(forward_backward(
+                &self.model,
+                step,
+                solver.accumulate_steps,
+                self.scaler.as_ref(),
+                self.amp,
+                &mut BalancedSampler,
+                self.step_graphs.as_mut(),
+            )?);
         }
         let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
         let mut request = request;
@@ -423,10 +422,11 @@ pub struct MicroBatch<'a> {
     pub targets: &'a [crate::structures::Target],
 }
 
-/// Forward and backward of one micro-batch, eagerly:
-/// [`MaskRcnn::prepare_train`] (exact padding) then
-/// [`forward_backward_prepared`]. Returns the five unscaled loss values
-/// `[5]` (device, not synced).
+/// Forward and backward of one micro-batch: [`MaskRcnn::prepare_train`]
+/// on the host, then [`forward_backward_prepared`] — replayed from `graphs`
+/// when given (the ground truth then padded to buckets, so batches share
+/// graphs), else eager (exact padding). Returns the five unscaled loss
+/// values `[5]` (device, not synced).
 pub fn forward_backward(
     model: &MaskRcnn,
     batch: MicroBatch<'_>,
@@ -434,9 +434,14 @@ pub fn forward_backward(
     scaler: Option<&GradScaler>,
     amp: AmpMode,
     sampler: &mut dyn crate::ops::FgBgSampler,
+    graphs: Option<&mut StepGraphs>,
 ) -> Result<Tensor, TrainError> {
-    let inputs = model.prepare_train(batch.images, batch.targets, TargetPadding::Exact)?;
-    Ok(forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler))
+    let padding = if graphs.is_some() { TargetPadding::Buckets } else { TargetPadding::Exact };
+    let inputs = model.prepare_train(batch.images, batch.targets, padding)?;
+    Ok(match graphs {
+        Some(g) => g.forward_backward(model, inputs, accumulate, scaler, amp, sampler),
+        None => forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler),
+    })
 }
 
 /// The optimizer step after the micro-batches' backward passes: unscale

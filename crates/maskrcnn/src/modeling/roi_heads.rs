@@ -575,6 +575,7 @@ fn mask_targets(
         return targets;
     }
     // Image by image on the host's path.
+    let polygon_lists = gt.polygons.as_ref().filter(|_| !polygons_done).map(|p| p.to_lists());
     for i in 0..b {
         let image_targets = match gt.bitmaps.as_ref().map(|bm| (&bm.masks, bm.host_sizes[i as usize])) {
             Some((masks, (h, w))) if (h, w) != (0, 0) => {
@@ -584,11 +585,9 @@ fn mask_targets(
                 let planes = masks.get(i).narrow(1, 0, h).narrow(2, 0, w);
                 project_masks_on_boxes(&planes, &boxes.get(i), &matched.get(i), m)
             }
-            _ => match &gt.polygons {
-                Some(p) if !polygons_done => {
-                    polygon_mask_targets(&p.image_polygons(i), &boxes.get(i), &matched.get(i), m, device)
-                }
-                _ => continue,
+            _ => match &polygon_lists {
+                Some(lists) => polygon_mask_targets(&lists[i as usize], &boxes.get(i), &matched.get(i), m, device),
+                None => continue,
             },
         };
         targets.narrow(0, i * q, q).copy_(&image_targets);

@@ -127,6 +127,25 @@ fn compact(index: &Tensor, ok: &Tensor, is_pos: &Tensor, positions: i64, slots: 
     Samples { index, valid }
 }
 
+/// Deterministic samples: each image's first positives (up to the quota)
+/// and then its first negatives, in position order. For tests that need
+/// the same samples whatever the random state, or whatever padding follows
+/// the real positions (the balanced sampler's keys shift with their count).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FirstSampler;
+
+impl FgBgSampler for FirstSampler {
+    fn sample(&mut self, _: SampleStage, labels: &Tensor, _: &Tensor, batch: usize, fraction: f64) -> Samples {
+        // The first `n` of each image's positions in `m`, by index.
+        let first = |m: Tensor, n: &Tensor| m.logical_and(&m.cumsum(1, Kind::Int64).le_tensor(n));
+        let quota = Tensor::from((batch as f64 * fraction) as i64).to_device(labels.device());
+        let positive = first(labels.ge(1), &quota);
+        let taken = positive.sum_dim_intlist(1, true, Kind::Int64);
+        let negative = first(labels.eq(0), &(-taken + batch as i64));
+        Samples::from_masks(&positive, &negative, batch)
+    }
+}
+
 /// Replays recorded selections in call order (for tests that drive
 /// torchvision and this crate with the same samples).
 #[derive(Debug, Default)]

@@ -208,21 +208,18 @@ impl TargetBatch {
 }
 
 impl PackedPolygons {
-    /// Image `b`'s polygons per instance slot, on the host (a device read
-    /// when they are on the GPU: for the host rasterizer only).
-    pub fn image_polygons(&self, b: i64) -> Vec<Vec<Vec<f64>>> {
+    /// Per image, per instance slot, its polygons, on the host (one device
+    /// read when they are on the GPU: for the host rasterizer only).
+    pub fn to_lists(&self) -> Vec<Vec<Vec<Vec<f64>>>> {
         let coords: Vec<f64> = Vec::try_from(crate::host_sync::to_host(&self.coords).reshape([-1])).unwrap_or_default();
         let starts: Vec<i32> = Vec::try_from(crate::host_sync::to_host(&self.starts)).unwrap_or_default();
         let slots: Vec<i32> =
-            Vec::try_from(crate::host_sync::to_host(&self.instances.get(b)).reshape([-1])).unwrap_or_default();
-        slots
-            .chunks(2)
-            .map(|s| {
-                (s[0]..s[0] + s[1])
-                    .map(|p| coords[2 * starts[p as usize] as usize..2 * starts[p as usize + 1] as usize].to_vec())
-                    .collect()
-            })
-            .collect()
+            Vec::try_from(crate::host_sync::to_host(&self.instances).reshape([-1])).unwrap_or_default();
+        let polygon = |p: usize| coords[2 * starts[p] as usize..2 * starts[p + 1] as usize].to_vec();
+        let per_slot: Vec<Vec<Vec<f64>>> =
+            slots.chunks(2).map(|s| (s[0] as usize..(s[0] + s[1]) as usize).map(polygon).collect()).collect();
+        let g = self.instances.size().get(1).copied().unwrap_or(1).max(1) as usize;
+        per_slot.chunks(g).map(<[_]>::to_vec).collect()
     }
 }
 
