@@ -52,10 +52,17 @@ s = json.load(open(f"{out}/summary.json"))
 rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl")]
 steps = [r for r in rows if "data_wait_ms" in r]
 last = steps[-1] if steps else {}
+# Steady state: the log windows after the first (recording, autotuning).
+steady = steps[1:] or steps
+mean = lambda k: round(sum(r.get(k, 0) for r in steady) / max(len(steady), 1), 3)
 evals = [r for r in rows if "bbox_ap" in r]
 print(json.dumps(dict(iterations=s.get("iterations"), images_per_s=round(s.get("images_per_s", 0), 1),
-                      data_wait_ms=last.get("data_wait_ms"), step_ms=last.get("step_ms"),
-                      syncs_per_step=last.get("syncs_per_step"), graph_replays=last.get("graph_replays"), final_eval=evals[-1] if evals else None)))
+                      steady_images_per_s=mean("images_per_s"), step_ms=mean("step_ms"), gpu_ms=mean("gpu_ms"),
+                      gpu_busy=mean("gpu_busy"), data_wait_ms=mean("data_wait_ms"),
+                      loader_ms_per_batch=mean("loader_ms_per_batch"), loader_ready_ahead=mean("loader_ready_ahead"),
+                      syncs_per_step=last.get("syncs_per_step"), graph_replays=last.get("graph_replays"),
+                      steps_redone=last.get("steps_redone"), mask_rows=last.get("mask_rows"),
+                      final_eval=evals[-1] if evals else None)))
 for e in evals:
     print(f"ours iter {e['iteration']} train_s {round(e['seconds'], 1)} bbox_ap {round(e['bbox_ap'], 4)} segm_ap {round(e['segm_ap'], 4)}")
 PY

@@ -151,6 +151,13 @@ impl Default for RoiHeadsConfig {
 }
 
 impl RoiHeadsConfig {
+    /// Sample slots per image that can hold positives (positives come
+    /// first), the mask head's input: `batch_size_per_image ×
+    /// positive_fraction`, rounded down.
+    pub fn positive_slots(&self) -> i64 {
+        ((self.batch_size_per_image as f64 * self.positive_fraction) as i64).min(self.batch_size_per_image as i64)
+    }
+
     /// The section's range and consistency rules (errors name the key).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let h = self;

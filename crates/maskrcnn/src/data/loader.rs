@@ -68,6 +68,13 @@ pub struct Batch {
     /// model validates them there and copies them without blocking.
     pub targets: Vec<Target>,
     pub times: StageTimes,
+    /// Later batches already finished when this one was taken (0: the
+    /// training thread is waiting on, or right behind, the workers).
+    pub ready_ahead: usize,
+    /// Seconds the training thread waited for the workers to finish this
+    /// batch (not counting the upload, whose launches can wait for room in
+    /// a full GPU queue).
+    pub waited: f64,
 }
 
 /// Why loading stopped.
@@ -130,7 +137,7 @@ pub struct Loader {
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     plan: BatchPlan,
-    ready: BTreeMap<u64, Done>,
+    ready: BTreeMap<u64, HostBatch>,
     next_iteration: u64,
     in_flight: usize,
     max_in_flight: usize,
@@ -198,7 +205,7 @@ impl Loader {
     /// (a wrong image folder, say), not a silent endless loop.
     pub fn next_batch(&mut self) -> Result<Batch, LoaderError> {
         loop {
-            let host = self.next_host()?;
+            let (host, waited) = self.next_host()?;
             if host.image_ids.is_empty() {
                 self.empty_streak += 1;
                 if self.empty_streak >= self.epoch_batches {
@@ -207,11 +214,15 @@ impl Loader {
                 continue;
             }
             self.empty_streak = 0;
-            return Ok(self.upload(host));
+            let ready_ahead = self.ready.len();
+            return Ok(self.upload(host, ready_ahead, waited));
         }
     }
 
-    fn next_host(&mut self) -> Result<HostBatch, LoaderError> {
+    /// The next iteration's host batch and the seconds spent waiting for
+    /// it. Every batch the workers have finished is moved into `ready`
+    /// first, so its size says how far ahead the loader is.
+    fn next_host(&mut self) -> Result<(HostBatch, f64), LoaderError> {
         let jobs = self.jobs.as_ref().ok_or(LoaderError::WorkersGone)?;
         while self.in_flight < self.max_in_flight {
             match self.plan.next() {
@@ -222,23 +233,31 @@ impl Loader {
                 None => break,
             }
         }
+        while let Ok(done) = self.done.try_recv() {
+            self.keep(done)?;
+        }
+        let waiting = Instant::now();
         while !self.ready.contains_key(&self.next_iteration) {
             let done = self.done.recv().map_err(|_| LoaderError::WorkersGone)?;
-            let it = match &done {
-                Ok(b) => b.iteration,
-                // Errors stop the run at once, whatever their iteration.
-                Err(_) => return done,
-            };
-            self.ready.insert(it, done);
+            self.keep(done)?;
         }
+        let waited = waiting.elapsed().as_secs_f64();
         self.in_flight -= 1;
         let out = self.ready.remove(&self.next_iteration).ok_or(LoaderError::WorkersGone)?;
         self.next_iteration += 1;
-        out
+        Ok((out, waited))
+    }
+
+    /// Files a finished batch under its iteration; a worker's error stops
+    /// the run at once, whatever its iteration.
+    fn keep(&mut self, done: Done) -> Result<(), LoaderError> {
+        let batch = done?;
+        self.ready.insert(batch.iteration, batch);
+        Ok(())
     }
 
     /// One non-blocking copy of the pinned pixels; per-image float views.
-    fn upload(&self, host: HostBatch) -> Batch {
+    fn upload(&self, host: HostBatch, ready_ahead: usize, waited: f64) -> Batch {
         let pixels = if self.device == Device::Cpu {
             host.pixels
         } else {
@@ -255,7 +274,15 @@ impl Loader {
                 im
             })
             .collect();
-        Batch { iteration: host.iteration, image_ids: host.image_ids, images, targets: host.targets, times: host.times }
+        Batch {
+            iteration: host.iteration,
+            image_ids: host.image_ids,
+            images,
+            targets: host.targets,
+            times: host.times,
+            ready_ahead,
+            waited,
+        }
     }
 }
 

@@ -106,6 +106,8 @@ impl Hook for LossLog {
             scale: trainer.scaler.as_ref().map(|s| s.state()),
             max_memory_gib: device.is_cuda().then(|| crate::environment::cuda_peak_memory_gib(device)),
             graph_replays: trainer.step_graphs.as_ref().map(|g| g.replays()),
+            steps_redone: trainer.step_graphs.as_ref().map(|g| g.redone()),
+            mask_rows: trainer.step_graphs.as_ref().and_then(|g| g.mask_rows()),
         });
         if trainer.is_main() && trainer.bar.is_hidden() {
             tracing::info!("iter {}/{} {msg}", step.iteration, solver.max_iter);

@@ -65,11 +65,17 @@ pub struct TrainBenchResult {
     /// Steps whose forward and backward were replayed from a CUDA graph
     /// (`precision.cuda_graphs`; 0 when off or on the CPU).
     pub graph_replays: u64,
+    /// Steps the graphs ran again because their mask positives exceeded
+    /// the mask head's row budget.
+    pub steps_redone: u64,
     /// Host time per stage of the timed steps (median ms, in step order;
     /// `crate::host_timing` marks). With 0 syncs per step a stage waits for
     /// the GPU only when the launch queue is full (the GPU-bound case);
     /// otherwise these are the host's own costs.
     pub host_split_ms: Vec<(&'static str, f64)>,
+    /// CUDA memory allocated after each stage of one eager step (GiB, in
+    /// step order; `loss_sum` holds every activation the backward needs).
+    pub memory_after_stage_gib: Vec<(&'static str, f64)>,
 }
 
 impl std::fmt::Display for TrainBenchResult {
@@ -89,11 +95,15 @@ impl std::fmt::Display for TrainBenchResult {
         let gpu = r.gpu_ms.map_or("n/a".to_string(), |g| format!("{g:.1} ms"));
         writeln!(
             f,
-            "  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}; {} steps replayed from CUDA graphs",
-            r.syncs_per_step, r.graph_replays
+            "  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}; {} steps replayed from CUDA graphs, {} run again (mask rows)",
+            r.syncs_per_step, r.graph_replays, r.steps_redone
         )?;
         let host: Vec<String> = r.host_split_ms.iter().map(|(s, ms)| format!("{s} {ms:.1}")).collect();
         writeln!(f, "  host ms per stage: {}", host.join(", "))?;
+        let memory: Vec<String> = r.memory_after_stage_gib.iter().map(|(s, g)| format!("{s} {g:.2}")).collect();
+        if !memory.is_empty() {
+            writeln!(f, "  GiB allocated after each stage (eager step): {}", memory.join(", "))?;
+        }
         Ok(())
     }
 }
@@ -192,6 +202,17 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
+    // What each stage keeps allocated: one eager step.
+    let memory_after_stage_gib = match opts.device {
+        Device::Cuda(i) => {
+            let (result, marks) = crate::host_timing::record_memory(i, || {
+                bench_step(&model, &mut sgd, &mut scaler, &mut None, amp, &batches[0])
+            });
+            result?;
+            marks
+        }
+        _ => Vec::new(),
+    };
     // Where the time goes: a few more steps, synchronized between phases.
     let mut phases: [Vec<f64>; 3] = [vec![], vec![], vec![]];
     for it in 0..opts.iters.clamp(1, 6) {
@@ -279,6 +300,8 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         gpu_ms,
         gpu_busy_fraction: gpu_ms.map(|g| g / (med * 1e3)),
         graph_replays: graphs.as_ref().map_or(0, StepGraphs::replays),
+        steps_redone: graphs.as_ref().map_or(0, StepGraphs::redone),
         host_split_ms,
+        memory_after_stage_gib,
     })
 }

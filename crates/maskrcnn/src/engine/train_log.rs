@@ -55,6 +55,10 @@ pub struct StepValues<'a> {
     pub max_memory_gib: Option<f64>,
     /// Micro-batches replayed from CUDA graphs so far (when they are on).
     pub graph_replays: Option<u64>,
+    /// Micro-batches the graphs ran again for want of mask rows, so far.
+    pub steps_redone: Option<u64>,
+    /// The mask head's row budget of recorded steps (once counted).
+    pub mask_rows: Option<i64>,
 }
 
 /// The training logs of one process.
@@ -72,6 +76,17 @@ pub struct TrainLog {
     /// reads, evaluation and checkpoints excluded).
     syncs: crate::host_sync::SyncCounter,
     window_syncs: i64,
+    /// CUDA event pairs of the window's steps, each from the step's first
+    /// model launch (after its batch is prepared on the host) to the last
+    /// launch of its update: the GPU's busy time per step, read at log time.
+    gpu_spans: Vec<crate::kernels::timing::GpuSpan>,
+    /// The current step's span, until its update is issued.
+    open_span: Option<crate::kernels::timing::GpuSpan>,
+    /// The window's batches: loader worker milliseconds (decode, augment,
+    /// collate) and batches already finished behind the taken one.
+    loader_ms: f64,
+    loader_ahead: usize,
+    loader_batches: usize,
 }
 
 /// Rewrites the JSON-lines log at `path` (atomically) without the records
@@ -151,6 +166,11 @@ impl TrainLog {
             reduce_wait: distributed.then_some(0.0),
             syncs: crate::host_sync::SyncCounter::start(cuda),
             window_syncs: 0,
+            gpu_spans: Vec::new(),
+            open_span: None,
+            loader_ms: 0.0,
+            loader_ahead: 0,
+            loader_batches: 0,
         })
     }
 
@@ -160,14 +180,30 @@ impl TrainLog {
         self.syncs.take();
     }
 
-    /// Marks the end of a training step: its synchronizations count.
+    /// Marks the end of a training step: its synchronizations count, and
+    /// its GPU span ends after the work issued so far.
     pub fn end_step(&mut self) {
         self.window_syncs += self.syncs.take();
+        if let Some(mut span) = self.open_span.take() {
+            span.stop();
+            self.gpu_spans.push(span);
+        }
     }
 
-    /// Counts `seconds` spent waiting for the loader.
-    pub fn add_data_wait(&mut self, seconds: f64) {
-        self.data_wait += seconds;
+    /// The step's device work starts now (its batch is on the way and
+    /// prepared): a CUDA event on `device`'s stream (nothing off CUDA).
+    pub fn begin_gpu_work(&mut self, device: tch::Device) {
+        self.open_span = crate::kernels::timing::GpuSpan::start(device);
+    }
+
+    /// Counts a batch taken from the loader: the wait for it, its workers'
+    /// time and how far ahead the loader was.
+    pub fn add_loader_batch(&mut self, batch: &crate::data::loader::Batch) {
+        self.data_wait += batch.waited;
+        let t = &batch.times;
+        self.loader_ms += t.decode + t.augment + t.collate;
+        self.loader_ahead += batch.ready_ahead;
+        self.loader_batches += 1;
     }
 
     /// Counts `seconds` spent in the gradient all-reduce.
@@ -200,6 +236,19 @@ impl TrainLog {
         record.insert("syncs_per_step".into(), (self.window_syncs as f64 / steps).into());
         self.data_wait = 0.0;
         self.window_syncs = 0;
+        if self.loader_batches > 0 {
+            let n = self.loader_batches as f64;
+            record.insert("loader_ms_per_batch".into(), (self.loader_ms / n).into());
+            record.insert("loader_ready_ahead".into(), (self.loader_ahead as f64 / n).into());
+            (self.loader_ms, self.loader_ahead, self.loader_batches) = (0.0, 0, 0);
+        }
+        // Reading the spans waits for the last one: a log-time sync.
+        let gpu: Vec<f64> = self.gpu_spans.drain(..).filter_map(|s| s.elapsed_ms()).collect();
+        if !gpu.is_empty() {
+            let total: f64 = gpu.iter().sum();
+            record.insert("gpu_ms".into(), (total / gpu.len() as f64).into());
+            record.insert("gpu_busy".into(), (total / (1e3 * elapsed).max(1e-9)).into());
+        }
         if let Some(w) = self.reduce_wait.as_mut() {
             record.insert("allreduce_ms".into(), (1e3 * *w / steps).into());
             *w = 0.0;
@@ -214,6 +263,12 @@ impl TrainLog {
         }
         if let Some(n) = v.graph_replays {
             record.insert("graph_replays".into(), n.into());
+        }
+        if let Some(n) = v.steps_redone {
+            record.insert("steps_redone".into(), n.into());
+        }
+        if let Some(n) = v.mask_rows {
+            record.insert("mask_rows".into(), n.into());
         }
         if let Some(w) = self.board.as_mut() {
             for (tag, x) in &record {

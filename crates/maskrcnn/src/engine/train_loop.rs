@@ -15,6 +15,7 @@ use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
 use crate::engine::step_graphs::{forward_backward_prepared, StepGraphs};
 use crate::engine::train_log::{EvalPoint, TrainLog};
+use crate::modeling::mask_rcnn::TrainInputs;
 use crate::modeling::MaskRcnn;
 use crate::ops::BalancedSampler;
 use crate::structures::TargetPadding;
@@ -277,23 +278,27 @@ impl Trainer<'_> {
         self.log.begin_step();
         let mut sums: Vec<Tensor> = Vec::new();
         for micro in 0..solver.accumulate_steps as u64 {
-            let waited = Instant::now();
             let batch = self.loader.next_batch()?;
-            self.log.add_data_wait(waited.elapsed().as_secs_f64());
+            self.log.add_loader_batch(&batch);
             self.images_seen += batch.images.len() as u64;
             let seed =
                 micro_batch_seed(self.config.seed, iteration * solver.accumulate_steps as u64 + micro, self.rank);
             tch::manual_seed(seed);
             let step = MicroBatch { images: &batch.images, targets: &batch.targets };
-            sums.push(forward_backward(
+            let inputs = prepare_micro_batch(&self.model, step, self.step_graphs.is_some())?;
+            if micro == 0 {
+                self.log.begin_gpu_work(device);
+            }
+            sums.push(forward_backward_inputs(
                 &self.model,
-                step,
+                inputs,
                 solver.accumulate_steps,
                 self.scaler.as_ref(),
                 self.amp,
                 &mut BalancedSampler,
                 self.step_graphs.as_mut(),
-            )?);
+                Some(seed),
+            ));
         }
         let losses = Tensor::stack(&sums, 0).mean_dim(0, false, Kind::Float);
         let mut request = request;
@@ -422,11 +427,9 @@ pub struct MicroBatch<'a> {
     pub targets: &'a [crate::structures::Target],
 }
 
-/// Forward and backward of one micro-batch: [`MaskRcnn::prepare_train`]
-/// on the host, then [`forward_backward_prepared`] — replayed from `graphs`
-/// when given (the ground truth then padded to buckets, so batches share
-/// graphs), else eager (exact padding). Returns the five unscaled loss
-/// values `[5]` (device, not synced).
+/// Forward and backward of one micro-batch: [`prepare_micro_batch`] on
+/// the host, then [`forward_backward_inputs`]. Returns the five unscaled
+/// loss values `[5]` (device, not synced).
 pub fn forward_backward(
     model: &MaskRcnn,
     batch: MicroBatch<'_>,
@@ -436,12 +439,37 @@ pub fn forward_backward(
     sampler: &mut dyn crate::ops::FgBgSampler,
     graphs: Option<&mut StepGraphs>,
 ) -> Result<Tensor, TrainError> {
-    let padding = if graphs.is_some() { TargetPadding::Buckets } else { TargetPadding::Exact };
-    let inputs = model.prepare_train(batch.images, batch.targets, padding)?;
-    Ok(match graphs {
-        Some(g) => g.forward_backward(model, inputs, accumulate, scaler, amp, sampler),
+    let inputs = prepare_micro_batch(model, batch, graphs.is_some())?;
+    Ok(forward_backward_inputs(model, inputs, accumulate, scaler, amp, sampler, graphs, None))
+}
+
+/// [`MaskRcnn::prepare_train`] of a micro-batch: its ground truth padded
+/// to buckets when the step is `graphed` (so batches share graphs), else
+/// exactly.
+pub fn prepare_micro_batch(model: &MaskRcnn, batch: MicroBatch<'_>, graphed: bool) -> Result<TrainInputs, TrainError> {
+    let padding = if graphed { TargetPadding::Buckets } else { TargetPadding::Exact };
+    Ok(model.prepare_train(batch.images, batch.targets, padding)?)
+}
+
+/// [`forward_backward_prepared`] of prepared inputs: replayed from
+/// `graphs` when given (`reseed`: the generator's seed for this micro-batch,
+/// for a step the graphs run again), else eager. Returns the five unscaled
+/// loss values `[5]` (device, not synced).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_inputs(
+    model: &MaskRcnn,
+    inputs: TrainInputs,
+    accumulate: usize,
+    scaler: Option<&GradScaler>,
+    amp: AmpMode,
+    sampler: &mut dyn crate::ops::FgBgSampler,
+    graphs: Option<&mut StepGraphs>,
+    reseed: Option<i64>,
+) -> Tensor {
+    match graphs {
+        Some(g) => g.forward_backward(model, inputs, accumulate, scaler, amp, sampler, reseed),
         None => forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler),
-    })
+    }
 }
 
 /// The optimizer step after the micro-batches' backward passes: unscale

@@ -35,6 +35,7 @@ __device__ __forceinline__ unsigned short store_half(float v, int bf16) {
 pub(crate) use half_conversions;
 
 pub mod epilogue;
+pub mod host_value;
 pub mod matcher;
 pub mod max_pool;
 pub mod nms;
@@ -134,6 +135,7 @@ const SOURCES: &[(&str, &[&str])] = &[
     (polygon::SOURCE, &["polygon_mask_targets"]),
     (paste::SOURCE, &["paste_masks_run_edges"]),
     (timing::SOURCE, &["spin_ns"]),
+    (host_value::SOURCE, &["publish_i64"]),
 ];
 
 /// The result of launching kernel `name` as an `Option` for the caller's

@@ -3,7 +3,7 @@
 
 use super::backbone::BackboneWithFpn;
 use super::graphs::BackboneGraphs;
-use super::roi_heads::{Detections, HeadArch, RoiHeads};
+use super::roi_heads::{Detections, HeadArch, MaskRows, RoiHeads};
 use super::rpn::{Rpn, RpnOutput};
 use super::transform::{resize_target, ImageList, Transform};
 use super::{weights, ModelError};
@@ -83,6 +83,9 @@ pub enum TargetError {
 pub struct TrainInputs {
     pub images: ImageList,
     pub targets: TargetBatch,
+    /// How many rows the mask head runs ([`MaskRows::Counted`] from
+    /// [`MaskRcnn::prepare_train`]; a recorded step sets a budget).
+    pub mask_rows: MaskRows,
 }
 
 /// Everything inference computes for a batch, for inspection and tests.
@@ -288,12 +291,13 @@ impl MaskRcnn {
         let size = list.tensors.size();
         let targets = TargetBatch::new(resized, device, (size[2], size[3]), padding);
         crate::host_timing::mark("targets");
-        Ok(TrainInputs { images: list, targets })
+        Ok(TrainInputs { images: list, targets, mask_rows: MaskRows::Counted })
     }
 
     /// The device's part of a training step: backbone, RPN and its losses,
     /// RoI sampling, box and mask heads and their losses for prepared
-    /// `inputs`. Static shapes for given input shapes, no host reads.
+    /// `inputs`. Static shapes for given input shapes; no host reads unless
+    /// `inputs.mask_rows` asks to count the mask positives.
     pub fn forward_prepared(&self, inputs: &TrainInputs, sampler: &mut dyn FgBgSampler) -> Losses {
         let (list, gt) = (&inputs.images, &inputs.targets);
         let features = self.backbone.forward(&self.layout(list.tensors.shallow_clone()), true);
@@ -302,7 +306,8 @@ impl MaskRcnn {
         crate::host_timing::mark("rpn");
         let (objectness, rpn_box_reg) = self.rpn.losses(&rpn, gt, sampler);
         crate::host_timing::mark("rpn_losses");
-        let roi = self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, gt, sampler);
+        let roi =
+            self.roi_heads.losses(&features[..4], &rpn.proposals, &list.image_sizes, gt, sampler, &inputs.mask_rows);
         Losses { objectness, rpn_box_reg, classifier: roi.classifier, box_reg: roi.box_reg, mask: roi.mask }
     }
 

@@ -12,7 +12,7 @@ pub mod transform;
 pub mod weights;
 
 pub use mask_rcnn::{InferenceTrace, Losses, MaskRcnn, TargetError};
-pub use roi_heads::Detections;
+pub use roi_heads::{mask_row_bucket, Detections, MaskRows};
 
 /// Why a model could not be built or its weights loaded.
 #[derive(Debug, thiserror::Error)]

@@ -414,6 +414,48 @@ pub struct RoiLosses {
     pub mask: Tensor,
 }
 
+/// How many rows the mask head runs in training. Its input is the first
+/// `batch_size_per_image × positive_fraction` sample slots of each image,
+/// positives first, `B × Q` slots in all; only the positives matter (the
+/// rest have weight 0), so the positives of every image can be moved to the
+/// front (image order, slot order) and the head run on fewer rows — the
+/// loss and gradients are the same as long as every positive has a row.
+#[derive(Debug, Clone)]
+pub enum MaskRows {
+    /// Every slot (`B × Q` rows): nothing read back.
+    All,
+    /// The positives counted on the host (one device→host read), rounded
+    /// up by [`mask_row_bucket`]: exact, for eager steps.
+    Counted,
+    /// `rows` rows (at most `B × Q`), fixed on the host beforehand, as a
+    /// recorded step needs; the step publishes its positive count to
+    /// `report`, and a caller whose count exceeds `rows` must discard the
+    /// step's gradients and run it again with more rows.
+    Budget { rows: i64, report: std::sync::Arc<crate::kernels::host_value::HostValue> },
+}
+
+impl MaskRows {
+    /// The row count a recorded step depends on (`None`: every slot or counted).
+    pub fn budget(&self) -> Option<i64> {
+        match self {
+            MaskRows::Budget { rows, .. } => Some(*rows),
+            _ => None,
+        }
+    }
+}
+
+/// The mask-head row count for `positives` positives: 32, then steps of a
+/// half octave (48, 64, 96, 128, 192, 256, ...), so few distinct shapes
+/// occur (each new one costs cuDNN a tuning pass and a graph a recording),
+/// at most `slots`.
+pub fn mask_row_bucket(positives: i64, slots: i64) -> i64 {
+    let mut rows: i64 = 32;
+    while rows < positives && rows < slots {
+        rows = if (rows as u64).is_power_of_two() { rows + rows / 2 } else { rows / 3 * 4 };
+    }
+    rows.min(slots)
+}
+
 impl RoiHeads {
     /// Training losses, with static shapes and no host sync: the padded
     /// ground-truth boxes are appended to each image's `proposals`, every
@@ -422,8 +464,9 @@ impl RoiHeads {
     /// strongly is ignored), `sampler` fills `batch_size_per_image` slots per
     /// image (positives first), then cross-entropy + class-specific smooth-L1
     /// (β = 1/9) over the samples and BCE on the positives' `M`×`M` mask
-    /// targets (the first `batch_size_per_image × positive_fraction` slots
-    /// run the mask head), normalized as torchvision's `fastrcnn_loss` /
+    /// targets (the positives among the first `batch_size_per_image ×
+    /// positive_fraction` slots run the mask head, on as many rows as
+    /// `mask_rows` says), normalized as torchvision's `fastrcnn_loss` /
     /// `maskrcnn_loss`. `gt` is in resized-image pixels.
     pub fn losses(
         &self,
@@ -432,12 +475,13 @@ impl RoiHeads {
         image_sizes: &[(i64, i64)],
         gt: &TargetBatch,
         sampler: &mut dyn FgBgSampler,
+        mask_rows: &MaskRows,
     ) -> RoiLosses {
         let sampled = self.label_and_sample_proposals(proposals, gt, sampler);
         crate::host_timing::mark("roi_sampling");
         let (classifier, box_reg) = self.box_losses(features, &sampled, gt, image_sizes);
         crate::host_timing::mark("box_head");
-        let mask = self.mask_loss(features, &sampled, gt, image_sizes);
+        let mask = self.mask_loss(features, &sampled, gt, image_sizes, mask_rows);
         crate::host_timing::mark("mask_head");
         RoiLosses { classifier, box_reg, mask }
     }
@@ -511,16 +555,18 @@ impl RoiHeads {
     }
 
     /// The mask loss on the positives, which fill the first
-    /// `batch_size_per_image × positive_fraction` slots.
+    /// `batch_size_per_image × positive_fraction` slots of each image; the
+    /// head runs on the rows `mask_rows` asks for (see [`MaskRows`]).
     fn mask_loss(
         &self,
         features: &[Tensor],
         sampled: &SampledProposals,
         gt: &TargetBatch,
         image_sizes: &[(i64, i64)],
+        mask_rows: &MaskRows,
     ) -> Tensor {
-        let slots = sampled.labels.size()[1];
-        let quota = ((self.cfg.batch_size_per_image as f64 * self.cfg.positive_fraction) as i64).min(slots);
+        let (b, slots) = (sampled.labels.size()[0], sampled.labels.size()[1]);
+        let quota = self.cfg.positive_slots().min(slots);
         let boxes = sampled.boxes.narrow(1, 0, quota);
         let positive = sampled.positive.narrow(1, 0, quota);
         let resolution = self.cfg.mask_resolution as i64;
@@ -528,9 +574,28 @@ impl RoiHeads {
         let targets = mask_targets(gt, &boxes, &sampled.matched.narrow(1, 0, quota), &positive, resolution, device);
         crate::host_timing::mark("mask_targets");
         let positive = positive.reshape([-1]);
-        let rows = positive.to_kind(Kind::Float);
         let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
-        let logits = self.mask_branch.forward_rois(features, &rois_of_slots(&boxes), &labels, image_sizes, Some(&rows));
+        let rois = rois_of_slots(&boxes);
+        let total = b * quota;
+        let count = || positive.sum(Kind::Int64);
+        let rows = match mask_rows {
+            MaskRows::All => total,
+            MaskRows::Counted => mask_row_bucket(crate::host_sync::to_host(&count()).int64_value(&[]), total),
+            MaskRows::Budget { rows, report } => {
+                report.publish(&count());
+                (*rows).min(total)
+            }
+        };
+        let (rois, labels, targets, positive) = if rows < total {
+            // The positives first, in image and slot order (a stable sort).
+            let order = positive.to_kind(Kind::Int64).argsort_stable(true, 0, true).narrow(0, 0, rows);
+            let pick = |t: &Tensor| t.index_select(0, &order);
+            (pick(&rois), pick(&labels), pick(&targets), pick(&positive))
+        } else {
+            (rois, labels, targets, positive)
+        };
+        let weight = positive.to_kind(Kind::Float);
+        let logits = self.mask_branch.forward_rois(features, &rois, &labels, image_sizes, Some(&weight));
         maskrcnn_loss(&logits, &targets, &positive)
     }
 }
