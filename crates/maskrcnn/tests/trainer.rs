@@ -902,9 +902,9 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         });
         tch::manual_seed(maskrcnn::engine::trainer::micro_batch_seed(cfg.seed, 0, rank));
         let step = MicroBatch { images: &batch.images, targets: &batch.targets };
-        // The ranks' own path (a first step through the step graphs: padded
-        // to buckets, the mask head on its row budget), so both sides run
-        // the same kernels on the same shapes.
+        // The ranks' own path (on CUDA a first step through the step
+        // graphs: padded to buckets, the mask head on its row budget), so
+        // both sides run the same kernels on the same shapes and draws.
         let mut graphs = maskrcnn::engine::step_graphs::StepGraphs::default();
         let _losses = forward_backward(
             &model,
@@ -913,7 +913,7 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
             None,
             AmpMode::Off,
             &mut maskrcnn::ops::BalancedSampler,
-            cfg.precision.cuda_graphs.then_some(&mut graphs),
+            (cfg.precision.cuda_graphs && device.is_cuda()).then_some(&mut graphs),
         )
         .unwrap();
         grads.push(

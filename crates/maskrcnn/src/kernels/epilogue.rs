@@ -19,7 +19,7 @@
 //! batch and positions (in the C++ shim, which runs both kernels inside an
 //! autograd function through [`forward_callback`] / [`backward_callback`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
@@ -423,8 +423,7 @@ fn launch(
     let groups = if inner == 1 { channels } else { inner };
     let vec = i32::from(aligned && groups % vec_len == 0);
     let work = if vec == 1 { n / vec_len } else { n };
-    let blocks = ((work + 255) / 256).clamp(1, 132 * 32) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::launch_1d(super::blocks_for(work, 132 * 32));
     let [scale, shift, rscale, rshift] = affine.map(|t| t.map_or(0u64, |t| t.data_ptr() as u64));
     let (ci, relu) = (channels as i32, i32::from(relu));
     let stream = kernels.stream();
@@ -564,9 +563,9 @@ pub(crate) extern "C" fn bias_backward_callback(
             return None;
         }
         let f = kernels.function(&name)?;
-        let blocks = ((n / vec_len + 255) / 256).clamp(1, 132 * 32);
+        let blocks = super::blocks_for(n / vec_len, 132 * 32);
         let partial = Tensor::empty([blocks, channels], (Kind::Float, grad.device()));
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = super::launch_1d(blocks);
         let ci = channels as i32;
         let p = partial.data_ptr() as u64;
         let stream = kernels.stream();
@@ -608,8 +607,7 @@ pub(crate) extern "C" fn sum2x2_callback(grad: *mut torch_sys::C_tensor, grad_sm
         let aligned = [grad.data_ptr() as u64, small.data_ptr() as u64].iter().all(|&p| p % 16 == 0);
         let vec = i32::from(aligned && channels % vec_len == 0);
         let work = pixels * if vec == 1 { channels / vec_len } else { channels };
-        let blocks = ((work + 255) / 256).clamp(1, 132 * 32) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = super::launch_1d(super::blocks_for(work, 132 * 32));
         let (g, o) = (grad.data_ptr() as u64, small.data_ptr() as u64);
         let (ci, hi, wi) = (channels as i32, h as i32, w as i32);
         let stream = kernels.stream();

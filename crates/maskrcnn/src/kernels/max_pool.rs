@@ -6,7 +6,7 @@
 //! reads its 3×3 window. Values are compared as libtorch compares them
 //! (NaN wins), so the result is exact in every dtype.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 use tch::{Device, Tensor};
 
 pub(crate) const SOURCE: &str = r#"
@@ -96,8 +96,7 @@ pub fn max_pool_3x3_stride2(x: &Tensor) -> Option<Tensor> {
     let f = kernels.function(name)?;
     let out = Tensor::empty([n, oh, ow, c], (x.kind(), x.device())).permute([0, 3, 1, 2]);
     let total = n * oh * ow * (c / vec);
-    let blocks = ((total + 255) / 256).clamp(1, 1 << 20) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::launch_1d(super::blocks_for(total, 1 << 20));
     let dims = [n, h, w, c, oh, ow].map(|d| d as i32);
     let (src, dst) = (x.data_ptr() as u64, out.data_ptr() as u64);
     let stream = kernels.stream();

@@ -59,6 +59,25 @@ pub(crate) fn dtype_suffix(kind: tch::Kind) -> Option<(&'static str, i32, i64)> 
     }
 }
 
+/// Threads per block of the one-dimensional launches.
+pub(crate) const BLOCK_THREADS: i64 = 256;
+
+/// Blocks of [`BLOCK_THREADS`] threads covering `items` work items, at
+/// least 1 and at most `max_blocks` (kernels that loop over a grid stride
+/// take a cap; the others pass one their sizes never reach).
+pub(crate) fn blocks_for(items: i64, max_blocks: i64) -> i64 {
+    ((items + BLOCK_THREADS - 1) / BLOCK_THREADS).clamp(1, max_blocks)
+}
+
+/// A one-dimensional launch of `blocks` blocks of [`BLOCK_THREADS`] threads.
+pub(crate) fn launch_1d(blocks: i64) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (BLOCK_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Whether `t` is a dense 4-D channels-last (NHWC) tensor: strides
 /// (H·W·C, 1, W·C, C). A tensor with one channel or one pixel is also
 /// contiguous; callers that care check that first.

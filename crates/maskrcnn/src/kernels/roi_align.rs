@@ -10,7 +10,7 @@
 //! inside an autograd function of the C++ shim, which calls back into
 //! [`multilevel_forward_callback`] / [`multilevel_backward_callback`].
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 use tch::{Device, Kind, Tensor};
 
 pub(crate) const SOURCE: &str = concat!(
@@ -466,9 +466,9 @@ fn launch(
         (k, u32::try_from(blocks).ok().filter(|&b| b < i32::MAX as u32)?)
     } else {
         let n = if x8 { n / 8 } else { n };
-        (n, ((n + 255) / 256).min(1 << 20) as u32)
+        (n, super::blocks_for(n, 1 << 20) as u32)
     };
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::launch_1d(i64::from(blocks));
     let stream = kernels.stream();
     let tile_pixels = backward_tile_pixels();
     let mut l = stream.launch_builder(f);
@@ -639,8 +639,7 @@ pub fn bitmap_mask_targets(
     let (g, h, w) = (dims[1] as i32, dims[2] as i32, dims[3] as i32);
     let (q, mi) = (per_image as i32, m as i32);
     let ptrs = [&masks, &sizes, &boxes, &matched, &use_slot, out].map(|t| t.data_ptr() as u64);
-    let blocks = ((n + 255) / 256).min(65_535 * 8) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::launch_1d(super::blocks_for(n, 65_535 * 8));
     let stream = kernels.stream();
     let mut l = stream.launch_builder(f);
     l.arg(&ptrs[0]).arg(&ptrs[1]).arg(&g).arg(&h).arg(&w).arg(&q).arg(&ptrs[2]).arg(&ptrs[3]).arg(&ptrs[4]);
