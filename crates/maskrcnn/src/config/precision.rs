@@ -26,7 +26,10 @@ pub struct PrecisionConfig {
     /// micro-batch's forward and backward per padded batch and target
     /// bucket (at most `engine::step_graphs::MAX_STEP_GRAPHS`), each
     /// recorded the second time it is seen: one launch instead of hundreds
-    /// or thousands. Off: always eager.
+    /// or thousands. Recorded training steps run the mask head on a row
+    /// budget and publish their positive count; a step over budget runs
+    /// again (exact losses; see `engine::step_graphs::StepGraphs`). Off:
+    /// always eager, the mask head sized by its counted positives.
     #[serde(default = "default_cuda_graphs")]
     pub cuda_graphs: bool,
     /// fp16 dynamic loss scaling: initial scale (doubles after
