@@ -219,13 +219,11 @@ impl StepGraphs {
                 }
             }
             // Too few rows (or no count): this attempt's gradients are wrong.
-            tch::no_grad(|| {
-                for (_, p) in model.vs.variables() {
-                    if p.requires_grad() && p.grad().defined() {
-                        let _ = p.grad().zero_();
-                    }
-                }
-            });
+            let grads: Vec<Tensor> =
+                model.vs.trainable_variables().iter().map(Tensor::grad).filter(Tensor::defined).collect();
+            if let Err(e) = tch::no_grad(|| crate::shim::foreach_zero(&grads.iter().collect::<Vec<_>>())) {
+                tracing::warn!("could not zero the gradients of a step to run again: {e}");
+            }
             if let Some(seed) = reseed {
                 tch::manual_seed(seed);
             }
@@ -440,6 +438,38 @@ mod tests {
         (images, targets)
     }
 
+    /// Copies `from`'s weights into `into`'s tensors in place (recorded
+    /// graphs read those very tensors).
+    fn copy_weights(from: &MaskRcnn, into: &MaskRcnn) {
+        let into_vars = into.vs.variables();
+        tch::no_grad(|| {
+            for (name, v) in from.vs.variables() {
+                into_vars[&name].shallow_clone().copy_(&v);
+            }
+        });
+    }
+
+    /// The relative L2 distance between the gradients of `a` and `b`
+    /// (over `a`'s trainable parameters with a gradient) and `a`'s
+    /// gradient norm squared.
+    fn gradient_distance(a: &MaskRcnn, b: &MaskRcnn) -> (f64, f64) {
+        let b_vars = b.vs.variables();
+        let sq = |t: Tensor| t.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+        let (mut diff, mut norm) = (0.0, 0.0);
+        for (name, v) in a.vs.variables() {
+            if v.requires_grad() && v.grad().defined() {
+                diff += sq(v.grad() - b_vars[&name].grad());
+                norm += sq(v.grad());
+            }
+        }
+        ((diff / norm).sqrt(), norm)
+    }
+
+    /// A device loss vector's values.
+    fn values(losses: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(losses.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap()
+    }
+
     /// Padding the ground truth to buckets (more instance slots, polygon
     /// storage never read) gives the losses of exact padding: on the CPU,
     /// with polygon and bitmap images and the same samples.
@@ -522,12 +552,7 @@ mod tests {
         let config = config();
         let (eager_model, graph_model) =
             (MaskRcnn::new(&config, device).expect("model"), MaskRcnn::new(&config, device).expect("model"));
-        tch::no_grad(|| {
-            let graph_vars = graph_model.vs.variables();
-            for (name, v) in eager_model.vs.variables() {
-                graph_vars[&name].shallow_clone().copy_(&v);
-            }
-        });
+        copy_weights(&eager_model, &graph_model);
         let mut rng = crate::random::Rng::new(8);
         // Four images with 1-24 instances each: more positives than 32 rows.
         let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160), (150, 150)], 24);
@@ -547,23 +572,11 @@ mod tests {
         assert!(counted > 32, "positives {counted}");
         let budget = graphs.budget();
         assert!(budget > counted + counted / 4 || budget == 512, "budget {budget} for {counted} positives");
-        let (a, b) = (
-            Vec::<f64>::try_from(eager.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap(),
-            Vec::<f64>::try_from(redone.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap(),
-        );
+        let (a, b) = (values(&eager), values(&redone));
         for (k, (x, y)) in a.iter().zip(&b).enumerate() {
             assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "loss {k}: eager {x}, redone {y}");
         }
-        let (mut diff, mut norm) = (0.0, 0.0);
-        let graph_vars = graph_model.vs.variables();
-        for (name, v) in eager_model.vs.variables() {
-            if v.requires_grad() && v.grad().defined() {
-                let g = graph_vars[&name].grad();
-                diff += (&v.grad() - &g).square().sum(Kind::Double).double_value(&[]);
-                norm += v.grad().square().sum(Kind::Double).double_value(&[]);
-            }
-        }
-        let rel = (diff / norm).sqrt();
+        let (rel, _) = gradient_distance(&eager_model, &graph_model);
         eprintln!("{counted} positives, redone; losses {a:?} vs {b:?}; gradients differ by {rel:.1e}");
         assert!(rel <= 1e-4, "gradients differ by {rel:.2e} (relative L2): the discarded attempt's remained?");
         crate::shim::set_tf32(true);
@@ -611,16 +624,8 @@ mod tests {
             let (mut worst_loss, mut worst_grad): (f64, f64) = (0.0, 0.0);
             let mut reserved_after = Vec::new();
             let reserved_before = crate::shim::cuda_memory_now(0).unwrap_or_default().1 as f64;
-            let mut eager_vars: Vec<(String, Tensor)> = eager_model.vs.variables().into_iter().collect();
-            eager_vars.sort_by(|a, b| a.0.cmp(&b.0));
-            let graph_vars = graph_model.vs.variables();
             for (step, sizes) in plan.iter().enumerate() {
-                // In place: the recorded graphs read these very tensors.
-                tch::no_grad(|| {
-                    for (name, v) in &eager_vars {
-                        graph_vars[name].shallow_clone().copy_(v);
-                    }
-                });
+                copy_weights(&eager_model, &graph_model);
                 let (images, targets) = batch(&mut rng, sizes.as_slice(), 5);
                 let images: Vec<Tensor> = images.iter().map(|t| t.to_device(device)).collect();
                 let overflow = amp == AmpMode::Fp16 && step == 4;
@@ -651,14 +656,7 @@ mod tests {
                     Some(100 + step as i64),
                 );
                 // The gradients of this step alone (the previous update zeroed them).
-                let (mut diff, mut norm) = (0.0, 0.0);
-                for (name, v) in eager_vars.iter().filter(|(_, v)| v.requires_grad() && v.grad().defined()) {
-                    let (a, b) = (v.grad(), graph_vars[name].grad());
-                    let sq = |t: Tensor| t.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
-                    diff += sq(&a - &b);
-                    norm += sq(a);
-                }
-                let grad_rel = (diff / norm).sqrt();
+                let (grad_rel, norm) = gradient_distance(&eager_model, &graph_model);
                 if overflow {
                     assert!(!norm.is_finite(), "{amp} step {step}: the forced overflow gives non-finite gradients");
                 } else {
@@ -673,10 +671,7 @@ mod tests {
                         let _ = s.scale.shallow_clone().fill_(1024.0);
                     }
                 }
-                let (a, b) = (
-                    Vec::<f64>::try_from(eager.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap(),
-                    Vec::<f64>::try_from(replayed.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap(),
-                );
+                let (a, b) = (values(&eager), values(&replayed));
                 let (allocated, reserved) = crate::shim::cuda_memory_now(0).unwrap_or_default();
                 eprintln!(
                     "{amp} step {step}: gradients differ by {grad_rel:.1e} (relative L2); {} MiB allocated, {} MiB reserved",
