@@ -905,17 +905,10 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         // The ranks' own path (on CUDA a first step through the step
         // graphs: padded to buckets, the mask head on its row budget), so
         // both sides run the same kernels on the same shapes and draws.
-        let mut graphs = maskrcnn::engine::step_graphs::StepGraphs::default();
-        let _losses = forward_backward(
-            &model,
-            step,
-            1,
-            None,
-            AmpMode::Off,
-            &mut maskrcnn::ops::BalancedSampler,
-            (cfg.precision.cuda_graphs && device.is_cuda()).then_some(&mut graphs),
-        )
-        .unwrap();
+        let mut graphs = maskrcnn::engine::step_graphs::StepGraphs::for_training(&cfg.precision, device);
+        let _losses =
+            forward_backward(&model, step, 1, None, AmpMode::Off, &mut maskrcnn::ops::BalancedSampler, graphs.as_mut())
+                .unwrap();
         grads.push(
             model
                 .vs

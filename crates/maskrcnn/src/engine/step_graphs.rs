@@ -162,6 +162,12 @@ impl Default for StepGraphs {
 }
 
 impl StepGraphs {
+    /// Step graphs for training on `device` with `precision`: on CUDA when
+    /// `precision.cuda_graphs` is on, else none (eager steps).
+    pub fn for_training(precision: &crate::config::PrecisionConfig, device: Device) -> Option<StepGraphs> {
+        (precision.cuda_graphs && device.is_cuda()).then(StepGraphs::default)
+    }
+
     /// [`forward_backward_prepared`] on a CUDA model: eager the first time
     /// a key is seen, recorded the second, replayed after (see
     /// [`GraphCache::run`]), the mask head on a row budget (see

@@ -187,7 +187,7 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     sync();
     let mut times = Vec::with_capacity(opts.iters);
     let mut host_stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
-    let mut graphs = (cuda && config.precision.cuda_graphs).then(StepGraphs::default);
+    let mut graphs = StepGraphs::for_training(&config.precision, opts.device);
     for it in 0..opts.warmup + opts.iters {
         let batch = &batches[it % batches.len()];
         let t0 = Instant::now();

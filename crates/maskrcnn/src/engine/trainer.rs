@@ -169,7 +169,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         loader,
         group,
         group_step,
-        step_graphs: (config.precision.cuda_graphs && opts.device.is_cuda()).then(StepGraphs::default),
+        step_graphs: StepGraphs::for_training(&config.precision, opts.device),
         log,
         bar: progress_bar(opts.progress, start, solver.max_iter as u64),
         clock: TrainClock::start(),
