@@ -44,14 +44,18 @@ for per in $PER_GPU; do
     fi
     echo "== $per per GPU, $n GPU(s): exit $?"
     tail -2 "$run.log"
-    # Steady state: the logged windows after the first two (warm-up).
+    # Steady state: the logged windows after the first two (warm-up); the
+    # last half of the windows (every shape recorded by then).
     rate=$(python3 -c "
 import json
 rows = [json.loads(l) for l in open('$run/metrics.jsonl') if 'images_per_s' in l]
 steady = rows[2:] or rows
-mean = lambda k: round(sum(r.get(k, 0) for r in steady) / len(steady), 2)
+mean = lambda k, rs=steady: round(sum(r.get(k, 0) or 0 for r in rs) / len(rs), 2)
+late = rows[len(rows) // 2:]
 print(mean('images_per_s'), 'img/s, step', mean('step_ms'), 'ms, data wait', mean('data_wait_ms'),
-      'ms, all-reduce', mean('allreduce_ms'), 'ms, loss', round(rows[-1]['loss'], 3))")
+      'ms, all-reduce', mean('allreduce_ms'), 'ms, loss', round(rows[-1]['loss'], 3),
+      '| last half', mean('images_per_s', late), 'img/s, GPU busy', mean('gpu_busy', late),
+      '| replays', rows[-1].get('graph_replays'), 'redone', rows[-1].get('steps_redone'))")
     echo "$per per GPU, $n GPU(s): $rate"
     r=${rate%% *}
     if [[ $n == 1 ]]; then one=$r; elif [[ -n $one ]]; then
@@ -59,3 +63,19 @@ print(mean('images_per_s'), 'img/s, step', mean('step_ms'), 'ms, data wait', mea
     fi
   done
 done
+# Loss curves at the same global batch (1 GPU at N x B against N GPUs at B).
+python3 - "$W" <<'PY'
+import glob, json, os, re, sys
+runs = {}
+for d in glob.glob(os.path.join(sys.argv[1], 'bs*-gpus*')):
+    m = re.search(r'bs(\d+)-gpus(\d+)$', d)
+    if m and os.path.exists(os.path.join(d, 'metrics.jsonl')):
+        rows = [json.loads(l) for l in open(os.path.join(d, 'metrics.jsonl')) if '"loss"' in l]
+        runs[(int(m[1]) * int(m[2]), int(m[2]))] = {r['iteration']: r['loss'] for r in rows}
+for (glob_bs, n), curve in sorted(runs.items()):
+    one = runs.get((glob_bs, 1))
+    if n > 1 and one:
+        its = sorted(set(curve) & set(one))
+        print(f'loss at global batch {glob_bs}, 1 GPU vs {n} GPUs:',
+              ', '.join(f'{i}: {one[i]:.3f}/{curve[i]:.3f}' for i in its))
+PY

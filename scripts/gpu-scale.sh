@@ -7,9 +7,9 @@
 #   2. end to end: the demo recipe at global batch 64 (8 per GPU on 8 GPUs;
 #      learning rate 0.02 x 64/16, warm-up 4x longer), evaluated every EVERY
 #      iterations: AP against time and iterations;
-#   3. faults: one rank SIGKILLed mid-run (every rank must exit within 60 s,
-#      the cause named), and --resume on all GPUs from a checkpoint written
-#      on 2.
+#   3. launch paths and faults (scripts/gpu-faults.sh): two "nodes", one
+#      rank SIGKILLed mid-run (every rank must exit within 60 s, the cause
+#      named), --resume on all GPUs from a checkpoint written on 2.
 #   scripts/gpu-scale.sh [ITERS] [E2E_SECONDS] [EVERY]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,25 +44,5 @@ rates = [r['images_per_s'] for r in rows if 'images_per_s' in r][2:]
 print('steady images/s', round(sum(rates) / max(len(rates), 1), 1))
 PY
 
-echo "== 3a. a rank killed mid-run on $G GPUs"
-"$B" launch --nproc-per-node "$G" train --config configs/demo_gpu.toml "${DATA[@]}" \
-  --set solver.ims_per_batch=$((8 * G)) --set solver.max_iter=100000 --set solver.log_period=10 \
-  --set test.eval_period=0 --output "$W/kill" > "$W/kill.log" 2>&1 &
-launch=$!
-for _ in $(seq 600); do [[ -s $W/kill/metrics.jsonl ]] && break; sleep 0.5; done
-victim=$(cat "/proc/$launch/task/$launch/children" | awk '{print $NF}')
-kill -9 "$victim"; t0=$(date +%s.%N)
-wait "$launch"; code=$?
-echo "launch exit $code, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s after kill -9 of one rank"
-grep -E "failed|lost rank|error" "$W/kill.log" | head -3
-
-echo "== 3b. --resume on $G GPUs from a checkpoint written on 2"
-COMMON=(--config configs/demo_gpu.toml "${DATA[@]}" --set solver.ims_per_batch=16 --set test.eval_period=0
-  --set solver.checkpoint_period=50 --set solver.steps=[])
-"$B" launch --nproc-per-node 2 train "${COMMON[@]}" --set solver.max_iter=100 --output "$W/resume" > "$W/resume2.log" 2>&1
-echo "2 GPUs to iteration 100: exit $?"
-"$B" launch --nproc-per-node "$G" train "${COMMON[@]}" --set solver.max_iter=200 --resume --output "$W/resume" \
-  > "$W/resume$G.log" 2>&1
-echo "$G GPUs resumed to iteration 200: exit $?"
-grep -iE "resum" "$W/resume$G.log" | head -2
-tail -1 "$W/resume/metrics.jsonl"
+echo "== 3. launch paths and faults on $G GPUs"
+WORK="$W/faults" scripts/gpu-faults.sh

@@ -18,20 +18,23 @@
 use crate::config::AmpMode;
 use crate::engine::amp::GradScaler;
 use crate::kernels::host_value::HostValue;
-use crate::modeling::graphs::{GraphCache, GraphInputs};
+use crate::modeling::graphs::{GraphCache, GraphInputs, StaticArena};
 use crate::modeling::mask_rcnn::TrainInputs;
 use crate::modeling::transform::ImageList;
 use crate::modeling::{MaskRcnn, MaskRows};
 use crate::ops::FgBgSampler;
 use crate::shim::AutocastGuard;
-use crate::structures::{BitmapBatch, PackedPolygons, TargetBatch};
+use crate::structures::{BitmapBatch, PackedPolygons, PaddingFloor, TargetBatch, TargetPadding};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 /// The most step shapes recorded (their working memory is shared: one
-/// pool, the largest step's size; each graph keeps only its loss vector).
-pub const MAX_STEP_GRAPHS: usize = 16;
+/// pool, the largest step's size; so are their static inputs: one arena;
+/// each graph keeps only its loss vector). Multi-scale recipes make a few
+/// dozen image shapes (five short sides × the long sides of batches in 32-px
+/// steps × two orientations); keys past this run eagerly.
+pub const MAX_STEP_GRAPHS: usize = 64;
 
 /// Everything host-side a recorded step depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -130,6 +133,8 @@ pub struct StepGraphs {
     slots: i64,
     /// Steps run again because their positives exceeded the budget.
     redone: u64,
+    /// The ground-truth padding so far (see [`StepGraphs::padding`]).
+    floor: PaddingFloor,
 }
 
 /// How long the host waits for a step's positive count before giving up
@@ -157,6 +162,7 @@ impl Default for StepGraphs {
             most: None,
             slots: 0,
             redone: 0,
+            floor: PaddingFloor::default(),
         }
     }
 }
@@ -175,7 +181,7 @@ impl StepGraphs {
     /// earlier micro-batches could not be kept apart from a discarded one).
     /// `reseed`, when given, is the seed libtorch's generator had before
     /// this step: a step run again draws the same samples. Prepare `inputs`
-    /// with `TargetPadding::Buckets`, so batches share keys. On the CPU:
+    /// with [`StepGraphs::padding`], so batches share keys. On the CPU:
     /// eager, counting the positives.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
@@ -191,6 +197,7 @@ impl StepGraphs {
         let Device::Cuda(index) = model.device() else {
             return forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler);
         };
+        self.floor.cover(&inputs.targets);
         if !self.grads_defined {
             // A recorded backward must add into gradients that exist: one
             // made during recording would be the graph's own buffer,
@@ -251,6 +258,13 @@ impl StepGraphs {
                 }
             }
         }
+    }
+
+    /// How to pad the next step's ground truth: to power-of-two buckets, at
+    /// least as far as any earlier step's (so a run's batches share one set
+    /// of target sizes, and keys differ only by their images).
+    pub fn padding(&self) -> TargetPadding {
+        TargetPadding::Buckets(self.floor)
     }
 
     /// The mask rows of the next step: the slots halved up to four times
@@ -328,8 +342,8 @@ impl StepGraphs {
 /// Field by field: every device tensor copied (host fields cloned; they
 /// match within a key).
 impl GraphInputs for TrainInputs {
-    fn to_static(&self) -> TrainInputs {
-        self.map_tensors(Tensor::to_static)
+    fn to_static(&self, arena: &mut StaticArena) -> TrainInputs {
+        self.map_tensors(|t| arena.copy(t))
     }
 
     fn refill(&self, values: &TrainInputs) {
@@ -360,7 +374,7 @@ impl TrainInputs {
     }
 
     /// `self` with `f` applied to every tensor (host fields cloned).
-    fn map_tensors(&self, f: impl Fn(&Tensor) -> Tensor) -> TrainInputs {
+    fn map_tensors(&self, mut f: impl FnMut(&Tensor) -> Tensor) -> TrainInputs {
         let (images, gt) = (&self.images, &self.targets);
         TrainInputs {
             images: ImageList {
@@ -397,7 +411,7 @@ mod tests {
     use crate::engine::train_loop::apply_update;
     use crate::modeling::mask_row_bucket;
     use crate::ops::BalancedSampler;
-    use crate::structures::{InstanceMasks, Target, TargetPadding};
+    use crate::structures::{InstanceMasks, Target};
 
     /// A small training setup: ResNet-18 FPN, frozen BN, 4 classes, images
     /// resized to a short side of 160 (long side at most 240).
@@ -478,25 +492,64 @@ mod tests {
 
     /// Padding the ground truth to buckets (more instance slots, polygon
     /// storage never read) gives the losses of exact padding: on the CPU,
-    /// with polygon and bitmap images and the same samples.
+    /// with polygon and bitmap images and the same samples; also at a
+    /// floor raised by earlier batches, where a batch of bitmap images
+    /// carries an empty polygon pack.
     #[test]
     fn bucketed_targets_give_the_losses_of_exact_ones() {
         let config = config();
         let model = MaskRcnn::new(&config, Device::Cpu).expect("model");
         let mut rng = crate::random::Rng::new(11);
-        let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160)], 3);
-        let losses = |padding| {
-            let inputs = model.prepare_train(&images, &targets, padding).expect("inputs");
+        let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160), (140, 170)], 3);
+        let losses = |images: &[Tensor], targets: &[Target], padding| {
+            let inputs = model.prepare_train(images, targets, None, padding).expect("inputs");
             let l = tch::no_grad(|| model.forward_prepared(&inputs, &mut crate::ops::FirstSampler));
-            (inputs.targets.slots(), l.named().map(|(_, t)| t.double_value(&[])))
+            let polygons = inputs.targets.polygons.as_ref().map(|p| p.coords.size()[0]);
+            (inputs.targets.slots(), polygons, l.named().map(|(_, t)| t.double_value(&[])))
         };
-        let (exact_slots, exact) = losses(TargetPadding::Exact);
-        let (bucket_slots, bucketed) = losses(TargetPadding::Buckets);
-        assert!(exact_slots < 8 && bucket_slots == 8, "instance slots: {exact_slots} exact, {bucket_slots} bucketed");
-        for (k, (a, b)) in exact.iter().zip(&bucketed).enumerate() {
-            assert!(a.is_finite() && *a > 0.0, "loss {k}: {a}");
-            assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {k}: exact {a}, bucketed {b}");
+        let raised =
+            TargetPadding::Buckets(PaddingFloor { slots: 32, vertices: 4096, polygons: 256, pack_polygons: true });
+        let bitmaps: (Vec<Tensor>, Vec<Target>) = (
+            images.iter().skip(1).step_by(2).map(Tensor::shallow_clone).collect(),
+            targets.iter().skip(1).step_by(2).map(|t| t.to_device(Device::Cpu)).collect(),
+        );
+        for (images, targets) in [(&images[..], &targets[..]), (&bitmaps.0[..], &bitmaps.1[..])] {
+            let (exact_slots, exact_polygons, exact) = losses(images, targets, TargetPadding::Exact);
+            assert!(exact_slots < 8, "instance slots: {exact_slots} exact");
+            let mut padded = vec![(8, losses(images, targets, TargetPadding::buckets()))];
+            padded.push((32, losses(images, targets, raised)));
+            for (slots, (bucket_slots, polygons, bucketed)) in padded {
+                assert_eq!(bucket_slots, slots);
+                if slots == 32 {
+                    assert_eq!(polygons, Some(4096), "the raised floor packs (possibly no) polygons");
+                } else {
+                    assert_eq!(polygons.is_some(), exact_polygons.is_some());
+                }
+                for (k, (a, b)) in exact.iter().zip(&bucketed).enumerate() {
+                    assert!(a.is_finite() && *a > 0.0, "loss {k}: {a}");
+                    assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {k}: exact {a}, padded to {slots} slots {b}");
+                }
+            }
         }
+    }
+
+    /// A floor covers what a batch was padded to and never shrinks.
+    #[test]
+    fn padding_floor_only_grows() {
+        let mut rng = crate::random::Rng::new(3);
+        let (_, large) = batch(&mut rng, &[(150, 200), (180, 140)], 12);
+        let (_, small) = batch(&mut rng, &[(150, 200), (180, 140)], 2);
+        let mut floor = PaddingFloor::default();
+        let padded = |targets: Vec<Target>, floor: PaddingFloor| {
+            TargetBatch::new(targets, Device::Cpu, (200, 200), TargetPadding::Buckets(floor))
+        };
+        let big = padded(large, floor);
+        floor.cover(&big);
+        assert_eq!((floor.slots, floor.pack_polygons), (16, true));
+        let after = padded(small, floor);
+        assert_eq!(after.slots(), 16);
+        floor.cover(&after);
+        assert_eq!(floor.slots, 16);
     }
 
     /// The mask head on the counted positives only (moved to the front of
@@ -509,7 +562,7 @@ mod tests {
         let mut rng = crate::random::Rng::new(5);
         let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160)], 6);
         let run = |rows: MaskRows| {
-            let inputs = model.prepare_train(&images, &targets, TargetPadding::Exact).expect("inputs");
+            let inputs = model.prepare_train(&images, &targets, None, TargetPadding::Exact).expect("inputs");
             let inputs = TrainInputs { mask_rows: rows, ..inputs };
             let losses = model.forward_prepared(&inputs, &mut crate::ops::FirstSampler);
             for p in model.vs.trainable_variables() {
@@ -567,10 +620,10 @@ mod tests {
         (graphs.most, graphs.slots) = (Some(1), 4 * 128);
         assert_eq!(graphs.budget(), 32);
         tch::manual_seed(9);
-        let inputs = eager_model.prepare_train(&images, &targets, TargetPadding::Buckets).expect("inputs");
+        let inputs = eager_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
         let eager = forward_backward_prepared(&eager_model, &inputs, 1, None, AmpMode::Off, &mut BalancedSampler);
         tch::manual_seed(9);
-        let inputs = graph_model.prepare_train(&images, &targets, TargetPadding::Buckets).expect("inputs");
+        let inputs = graph_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
         let redone =
             graphs.forward_backward(&graph_model, inputs, 1, None, AmpMode::Off, &mut BalancedSampler, Some(9));
         assert_eq!(graphs.redone(), 1, "the step ran again");
@@ -641,7 +694,8 @@ mod tests {
                     }
                 }
                 tch::manual_seed(100 + step as i64);
-                let inputs = eager_model.prepare_train(&images, &targets, TargetPadding::Buckets).expect("inputs");
+                let inputs =
+                    eager_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
                 let eager = forward_backward_prepared(
                     &eager_model,
                     &inputs,
@@ -651,7 +705,8 @@ mod tests {
                     &mut BalancedSampler,
                 );
                 tch::manual_seed(100 + step as i64);
-                let inputs = graph_model.prepare_train(&images, &targets, TargetPadding::Buckets).expect("inputs");
+                let inputs =
+                    graph_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
                 let replayed = graphs.forward_backward(
                     &graph_model,
                     inputs,

@@ -281,11 +281,12 @@ impl Trainer<'_> {
             let batch = self.loader.next_batch()?;
             self.log.add_loader_batch(&batch);
             self.images_seen += batch.images.len() as u64;
-            let seed =
-                micro_batch_seed(self.config.seed, iteration * solver.accumulate_steps as u64 + micro, self.rank);
+            let global_micro = iteration * solver.accumulate_steps as u64 + micro;
+            let seed = micro_batch_seed(self.config.seed, global_micro, self.rank);
             tch::manual_seed(seed);
-            let step = MicroBatch { images: &batch.images, targets: &batch.targets };
-            let inputs = prepare_micro_batch(&self.model, step, self.step_graphs.is_some())?;
+            let short_side = micro_batch_short_side(&self.config.input.min_size, self.config.seed, global_micro);
+            let step = MicroBatch { images: &batch.images, targets: &batch.targets, short_side: Some(short_side) };
+            let inputs = prepare_micro_batch(&self.model, step, self.step_graphs.as_ref())?;
             if micro == 0 {
                 self.log.begin_gpu_work(device);
             }
@@ -416,6 +417,16 @@ pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
     (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
 }
 
+/// The short side of global micro-batch `micro`'s images: one of
+/// `choices` (`input.min_size`), drawn from the run's `seed` alone, so
+/// every rank resizes to the same one — the global batch has one scale, as
+/// in one process, and the ranks' steps take about as long (each waits for
+/// the slowest at the all-reduce).
+pub fn micro_batch_short_side(choices: &[usize], seed: u64, micro: u64) -> i64 {
+    let mut rng = crate::random::Rng::derive(seed, micro, 0x5CA1E);
+    choices[rng.range(0, choices.len().max(1) as u64 - 1) as usize] as i64
+}
+
 /// The names of the five losses, in [`crate::modeling::Losses::named`] order.
 pub const LOSS_NAMES: [&str; 5] =
     ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"];
@@ -425,6 +436,9 @@ pub const LOSS_NAMES: [&str; 5] =
 pub struct MicroBatch<'a> {
     pub images: &'a [Tensor],
     pub targets: &'a [crate::structures::Target],
+    /// The short side to resize to (`None`: drawn, see
+    /// [`MaskRcnn::prepare_train`]).
+    pub short_side: Option<i64>,
 }
 
 /// Forward and backward of one micro-batch: [`prepare_micro_batch`] on
@@ -439,16 +453,19 @@ pub fn forward_backward(
     sampler: &mut dyn crate::ops::FgBgSampler,
     graphs: Option<&mut StepGraphs>,
 ) -> Result<Tensor, TrainError> {
-    let inputs = prepare_micro_batch(model, batch, graphs.is_some())?;
+    let inputs = prepare_micro_batch(model, batch, graphs.as_deref())?;
     Ok(forward_backward_inputs(model, inputs, accumulate, scaler, amp, sampler, graphs, None))
 }
 
 /// [`MaskRcnn::prepare_train`] of a micro-batch: its ground truth padded
-/// to buckets when the step is `graphed` (so batches share graphs), else
-/// exactly.
-pub fn prepare_micro_batch(model: &MaskRcnn, batch: MicroBatch<'_>, graphed: bool) -> Result<TrainInputs, TrainError> {
-    let padding = if graphed { TargetPadding::Buckets } else { TargetPadding::Exact };
-    Ok(model.prepare_train(batch.images, batch.targets, padding)?)
+/// as `graphs` asks (buckets, so batches share graphs), else exactly.
+pub fn prepare_micro_batch(
+    model: &MaskRcnn,
+    batch: MicroBatch<'_>,
+    graphs: Option<&StepGraphs>,
+) -> Result<TrainInputs, TrainError> {
+    let padding = graphs.map_or(TargetPadding::Exact, StepGraphs::padding);
+    Ok(model.prepare_train(batch.images, batch.targets, batch.short_side, padding)?)
 }
 
 /// [`forward_backward_prepared`] of prepared inputs: replayed from
@@ -517,4 +534,31 @@ pub fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Res
     }
     pending.clear();
     Ok(values.chunks(n).last().map(|r| r.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Micro-batches draw each short side with equal probability (within
+    /// 4σ over 5,000 draws), and the draw depends on the seed and the
+    /// micro-batch only (so every rank resizes to the same one).
+    #[test]
+    fn short_sides_are_uniform_over_the_choices() {
+        let choices = [480usize, 512, 544, 576, 608];
+        let n = 5000u64;
+        let mut counts = [0u64; 5];
+        for micro in 0..n {
+            let side = super::micro_batch_short_side(&choices, 7, micro);
+            assert_eq!(side, super::micro_batch_short_side(&choices, 7, micro));
+            counts[choices.iter().position(|&c| c as i64 == side).expect("a choice")] += 1;
+        }
+        let (mean, sd) = (n as f64 / 5.0, (n as f64 * 0.2 * 0.8).sqrt());
+        for (c, k) in choices.iter().zip(counts) {
+            assert!((k as f64 - mean).abs() <= 4.0 * sd, "{c}: {k} of {n}");
+        }
+        assert_eq!(super::micro_batch_short_side(&[800], 7, 3), 800);
+        let other_seed = (0..50).filter(|&m| {
+            super::micro_batch_short_side(&choices, 8, m) != super::micro_batch_short_side(&choices, 7, m)
+        });
+        assert!(other_seed.count() > 20, "another seed draws other sides");
+    }
 }

@@ -31,7 +31,8 @@ use crate::engine::optimizer::Sgd;
 use crate::engine::step_graphs::StepGraphs;
 use crate::engine::train_log::{EvalPoint, TrainLog};
 pub use crate::engine::train_loop::{
-    apply_update, forward_backward, micro_batch_seed, MicroBatch, TrainError, TrainOptions, LOSS_NAMES,
+    apply_update, forward_backward, micro_batch_seed, micro_batch_short_side, MicroBatch, TrainError, TrainOptions,
+    LOSS_NAMES,
 };
 use crate::engine::train_loop::{GroupStep, Hook, Stop, TrainClock, Trainer};
 use crate::modeling::MaskRcnn;

@@ -238,7 +238,7 @@ mod tests {
             iscrowd: None,
         };
         let gpu = device;
-        let padding = crate::structures::TargetPadding::Buckets;
+        let padding = crate::structures::TargetPadding::buckets();
         let batch = crate::structures::TargetBatch::new(vec![target], gpu, (256, 256), padding);
         let p = batch.polygons.expect("packed polygons");
         let got = polygon_mask_targets(

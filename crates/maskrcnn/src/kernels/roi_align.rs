@@ -693,7 +693,7 @@ mod tests {
                 InstanceMasks::Polygons(_) => Tensor::zeros([0], (Kind::Uint8, Device::Cpu)),
             })
             .collect();
-        let batch = TargetBatch::new(std::mem::take(&mut targets), device, (128, 128), TargetPadding::Buckets);
+        let batch = TargetBatch::new(std::mem::take(&mut targets), device, (128, 128), TargetPadding::buckets());
         let bitmaps = batch.bitmaps.expect("bitmap batch");
         let b = host.len() as i64;
         let xy = Tensor::rand([b, q, 2], (Kind::Float, Device::Cpu)) * 120.0 - 15.0;

@@ -22,19 +22,74 @@ pub const MAX_GRAPHS: usize = 8;
 /// Inputs of a recorded computation: a recording reads copies that outlive
 /// it (its static inputs), refilled with each later call's values.
 pub trait GraphInputs: Sized {
-    /// Copies of `self` in new device memory, allocated before recording.
-    fn to_static(&self) -> Self;
+    /// Copies of `self` in `arena`'s memory, taken before recording: each
+    /// tensor through [`StaticArena::copy`], in a fixed order.
+    fn to_static(&self, arena: &mut StaticArena) -> Self;
     /// Copies `values` (of the same key, hence the same shapes) into `self`.
     fn refill(&self, values: &Self);
 }
 
 impl GraphInputs for Tensor {
-    fn to_static(&self) -> Tensor {
-        self.copy()
+    fn to_static(&self, arena: &mut StaticArena) -> Tensor {
+        arena.copy(self)
     }
 
     fn refill(&self, values: &Tensor) {
         tch::no_grad(|| self.shallow_clone().copy_(values));
+    }
+}
+
+/// Device memory for the static inputs of one cache's graphs, shared by
+/// its keys: calls run one at a time and a replay refills its inputs
+/// first, so the `i`-th input tensor of every key can live in the same
+/// buffer (each key would otherwise keep its own copy of, say, a padded
+/// image batch: hundreds of MB at batch 16). A buffer too small for a new
+/// key is replaced by a larger one; graphs recorded on the old one keep it
+/// alive through their views.
+#[derive(Debug, Default)]
+pub struct StaticArena {
+    /// Byte buffers by position in a key's [`GraphInputs::to_static`].
+    buffers: Vec<Tensor>,
+    /// The position of the next [`StaticArena::copy`].
+    next: usize,
+}
+
+impl StaticArena {
+    /// A copy of `t` (same shape, dtype and strides) in the buffer of the
+    /// next position, growing it when `t` does not fit. A tensor whose
+    /// strides leave gaps (not a permuted dense layout) gets memory of its
+    /// own.
+    pub fn copy(&mut self, t: &Tensor) -> Tensor {
+        let (size, stride) = (t.size(), t.stride());
+        let numel: i64 = size.iter().product();
+        let span = 1 + size.iter().zip(&stride).map(|(&n, &s)| (n - 1) * s).sum::<i64>();
+        if numel == 0 || span != numel || stride.iter().any(|&s| s < 0) {
+            return t.copy();
+        }
+        let bytes = numel * t.kind().elt_size_in_bytes() as i64;
+        let position = self.next;
+        self.next += 1;
+        if self.buffers.len() <= position {
+            self.buffers.push(Tensor::empty([0], (Kind::Uint8, t.device())));
+        }
+        let buffer = &mut self.buffers[position];
+        if buffer.size()[0] < bytes || buffer.device() != t.device() {
+            // A quarter more: the next, slightly larger key fits too.
+            *buffer = Tensor::empty([bytes + bytes / 4], (Kind::Uint8, t.device()));
+        }
+        let view = buffer.narrow(0, 0, bytes).view_dtype(t.kind()).as_strided(&size, &stride, 0);
+        tch::no_grad(|| view.shallow_clone().copy_(t));
+        view
+    }
+
+    /// Starts the static inputs of another key (positions from 0).
+    fn begin(&mut self) {
+        self.next = 0;
+    }
+
+    /// Bytes held now (buffers replaced by larger ones are not counted).
+    pub fn bytes(&self) -> i64 {
+        self.buffers.iter().map(|b| b.size()[0]).sum()
     }
 }
 
@@ -59,6 +114,8 @@ enum Entry<S, O> {
 /// never need their working memory at once).
 pub struct GraphCache<K, S, O> {
     entries: HashMap<K, Entry<S, O>>,
+    /// Where the recorded keys' static inputs live.
+    arena: StaticArena,
     max: usize,
     /// What the computation is, for log lines.
     what: &'static str,
@@ -67,7 +124,7 @@ pub struct GraphCache<K, S, O> {
 
 impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S, O> {
     pub fn new(what: &'static str, max: usize) -> GraphCache<K, S, O> {
-        GraphCache { entries: HashMap::new(), max, what, replays: 0 }
+        GraphCache { entries: HashMap::new(), arena: StaticArena::default(), max, what, replays: 0 }
     }
 
     /// `read(&f(&inputs))` for a key on CUDA device `device`: eager the first
@@ -130,7 +187,7 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
     /// Records `f` on static copies of `inputs`, in the pool of the graphs
     /// already recorded.
     fn record(
-        &self,
+        &mut self,
         device: usize,
         key: &K,
         inputs: &S,
@@ -140,15 +197,17 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
             Entry::Recorded(r) => Some(&r.graph),
             _ => None,
         });
-        let statics = inputs.to_static();
+        self.arena.begin();
+        let statics = inputs.to_static(&mut self.arena);
         let (graph, outputs) = CudaGraph::capture(device, share, || f(&statics))?;
         let (allocated, reserved) = crate::shim::cuda_memory_now(device).unwrap_or_default();
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         tracing::debug!(
-            "recorded a CUDA graph of the {} for {key:?}; CUDA memory now {:.2} GiB allocated, {:.2} GiB reserved",
+            "recorded a CUDA graph of the {} for {key:?}; CUDA memory now {:.2} GiB allocated, {:.2} GiB reserved; static inputs {:.2} GiB",
             self.what,
             gib(allocated),
-            gib(reserved)
+            gib(reserved),
+            gib(self.arena.bytes() as u64)
         );
         Ok(Recorded { graph, inputs: statics, outputs })
     }
@@ -158,6 +217,7 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
     /// tensors the computation reads (not after in-place updates).
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.arena = StaticArena::default();
     }
 
     /// Keys replayed from a graph.
@@ -223,7 +283,49 @@ impl BackboneGraphs {
 
 #[cfg(test)]
 mod tests {
-    use tch::{Kind, Tensor};
+    use super::StaticArena;
+    use tch::{Device, Kind, Tensor};
+
+    /// Static inputs of different keys share the arena's buffers: a key's
+    /// copies have the values, shape, dtype and strides (channels-last too)
+    /// of their tensors; a smaller key reuses the buffers of the first, a
+    /// larger one gets larger buffers; a tensor with gaps gets its own memory.
+    #[test]
+    fn static_inputs_of_keys_share_the_arena() {
+        let opts = (Kind::Float, Device::Cpu);
+        let mut arena = StaticArena::default();
+        let same = |a: &Tensor, b: &Tensor| {
+            assert_eq!((a.size(), a.stride(), a.kind()), (b.size(), b.stride(), b.kind()));
+            assert!(a.equal(b), "values differ");
+        };
+        let channels_last = |t: Tensor| t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let first = [channels_last(Tensor::rand([2, 3, 8, 8], opts)), Tensor::arange(10, (Kind::Int64, Device::Cpu))];
+        arena.begin();
+        let statics: Vec<Tensor> = first.iter().map(|t| arena.copy(t)).collect();
+        first.iter().zip(&statics).for_each(|(t, s)| same(t, s));
+        let held = arena.bytes();
+
+        let smaller = [channels_last(Tensor::rand([2, 3, 6, 8], opts)), Tensor::arange(7, (Kind::Int64, Device::Cpu))];
+        arena.begin();
+        let again: Vec<Tensor> = smaller.iter().map(|t| arena.copy(t)).collect();
+        smaller.iter().zip(&again).for_each(|(t, s)| same(t, s));
+        for (a, b) in statics.iter().zip(&again) {
+            assert_eq!(a.data_ptr(), b.data_ptr(), "a smaller key reuses the buffer");
+        }
+        assert_eq!(arena.bytes(), held);
+
+        let larger = Tensor::rand([4, 3, 8, 8], opts);
+        arena.begin();
+        let grown = arena.copy(&larger);
+        same(&larger, &grown);
+        assert_ne!(grown.data_ptr(), statics[0].data_ptr());
+        assert!(arena.bytes() > held);
+
+        let gapped = larger.narrow(3, 0, 4);
+        let own = arena.copy(&gapped);
+        same(&gapped.contiguous(), &own.contiguous());
+        assert_ne!(own.data_ptr(), statics[1].data_ptr());
+    }
 
     /// Replayed feature maps equal the eager backbone's on the same input
     /// (new values copied into the recorded input each time), in fp32 and

@@ -253,18 +253,20 @@ impl MaskRcnn {
         targets: &[Target],
         sampler: &mut dyn FgBgSampler,
     ) -> Result<Losses, TargetError> {
-        let inputs = self.prepare_train(images, targets, TargetPadding::Exact)?;
+        let inputs = self.prepare_train(images, targets, None, TargetPadding::Exact)?;
         Ok(self.forward_prepared(&inputs, sampler))
     }
 
-    /// The host's part of a training step: targets checked, the short side
-    /// drawn, images resized, normalized and padded into one batch, targets
-    /// resized and padded to `[B, G]` (or further, per `padding`) and sent
-    /// to the device without blocking.
+    /// The host's part of a training step: targets checked, images resized
+    /// to `short_side` (`None`: drawn from `input.min_size` with libtorch's
+    /// CPU generator; long side at most `input.max_size`), normalized and
+    /// padded into one batch, targets resized and padded to `[B, G]` (or
+    /// further, per `padding`) and sent to the device without blocking.
     pub fn prepare_train(
         &self,
         images: &[Tensor],
         targets: &[Target],
+        short_side: Option<i64>,
         padding: TargetPadding,
     ) -> Result<TrainInputs, TargetError> {
         // Checked where they are (on the host for the data loader's targets:
@@ -272,13 +274,16 @@ impl MaskRcnn {
         validate_targets(images, targets, self.config.model.num_classes)?;
         let device = self.device();
         let input = &self.config.input;
-        let choices = &input.min_size;
-        let pick = if choices.len() > 1 {
-            Tensor::randint(choices.len() as i64, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as usize
-        } else {
-            0
-        };
-        let list = self.transform.prepare(images, choices[pick] as i64, input.max_size as i64);
+        let short_side = short_side.unwrap_or_else(|| {
+            let choices = &input.min_size;
+            let pick = if choices.len() > 1 {
+                Tensor::randint(choices.len() as i64, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as usize
+            } else {
+                0
+            };
+            choices[pick] as i64
+        });
+        let list = self.transform.prepare(images, short_side, input.max_size as i64);
         crate::host_timing::mark("images");
         // Boxes and polygons are resized on the host, bitmaps on the device;
         // then the padded batch goes to the device without blocking.

@@ -106,16 +106,55 @@ pub enum TargetPadding {
     #[default]
     Exact,
     /// Instance count, polygon vertices and polygon count rounded up to
-    /// powers of two (at least 8, 1024 and 64): batches then share a few
+    /// powers of two, at least the floor's: batches then share a few
     /// shapes, so a CUDA graph recorded for one serves the next.
-    Buckets,
+    Buckets(PaddingFloor),
+}
+
+/// The least padded sizes of [`TargetPadding::Buckets`]: the smallest
+/// buckets by default; raised to what earlier batches needed (see
+/// [`PaddingFloor::cover`]), so a run's batches converge on one set of
+/// sizes instead of alternating between neighbouring buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PaddingFloor {
+    /// Instance slots per image.
+    pub slots: i64,
+    /// Packed polygon vertices.
+    pub vertices: i64,
+    /// Packed polygons.
+    pub polygons: i64,
+    /// Pack polygons (possibly none) even for a batch without any.
+    pub pack_polygons: bool,
+}
+
+impl Default for PaddingFloor {
+    fn default() -> PaddingFloor {
+        PaddingFloor { slots: 8, vertices: 1024, polygons: 64, pack_polygons: false }
+    }
+}
+
+impl PaddingFloor {
+    /// Raises the floor to `batch`'s padded sizes.
+    pub fn cover(&mut self, batch: &TargetBatch) {
+        self.slots = self.slots.max(batch.slots());
+        if let Some(p) = &batch.polygons {
+            self.vertices = self.vertices.max(p.coords.size()[0]);
+            self.polygons = self.polygons.max(p.starts.size()[0] - 1);
+            self.pack_polygons = true;
+        }
+    }
 }
 
 impl TargetPadding {
-    fn pad(self, n: i64, minimum: i64) -> i64 {
+    /// The smallest buckets.
+    pub fn buckets() -> TargetPadding {
+        TargetPadding::Buckets(PaddingFloor::default())
+    }
+
+    fn pad(self, n: i64, least: impl Fn(&PaddingFloor) -> i64) -> i64 {
         match self {
             TargetPadding::Exact => n,
-            TargetPadding::Buckets => (n.max(minimum) as u64).next_power_of_two() as i64,
+            TargetPadding::Buckets(floor) => (n.max(least(&floor)) as u64).next_power_of_two() as i64,
         }
     }
 }
@@ -147,7 +186,7 @@ impl TargetBatch {
     /// (from page-locked memory).
     pub fn new(targets: Vec<Target>, device: tch::Device, canvas: (i64, i64), padding: TargetPadding) -> TargetBatch {
         use tch::Kind;
-        let g = padding.pad(targets.iter().map(|t| t.len()).max().unwrap_or(0).max(1), 8);
+        let g = padding.pad(targets.iter().map(|t| t.len()).max().unwrap_or(0).max(1), |f| f.slots);
         // Padded on the host (a no-op move for the loader's targets).
         let host = |t: &Tensor| t.to_device(tch::Device::Cpu);
         // Zeros after each image's rows (constant_pad_nd lists the last dimension first).
@@ -255,7 +294,8 @@ fn pack_bitmaps(targets: Vec<Target>, g: i64, (h, w): (i64, i64), device: tch::D
 /// The polygons of the batch's polygon images on the host (`None` when
 /// there are none).
 fn pack_polygons(targets: &[Target], g: i64, padding: TargetPadding) -> Option<PackedPolygons> {
-    if !targets.iter().any(|t| matches!(&t.masks, InstanceMasks::Polygons(p) if !p.is_empty())) {
+    let always = matches!(padding, TargetPadding::Buckets(f) if f.pack_polygons);
+    if !always && !targets.iter().any(|t| matches!(&t.masks, InstanceMasks::Polygons(p) if !p.is_empty())) {
         return None;
     }
     let (mut coords, mut starts, mut instances) = (Vec::new(), vec![0i32], Vec::new());
@@ -275,9 +315,9 @@ fn pack_polygons(targets: &[Target], g: i64, padding: TargetPadding) -> Option<P
         }
     }
     // Padding: vertices never read, empty polygons after the last.
-    let vertices = padding.pad((coords.len() / 2) as i64, 1024) as usize;
+    let vertices = padding.pad((coords.len() / 2) as i64, |f| f.vertices) as usize;
     coords.resize(2 * vertices, 0.0);
-    let polygons = padding.pad((starts.len() - 1) as i64, 64) as usize;
+    let polygons = padding.pad((starts.len() - 1) as i64, |f| f.polygons) as usize;
     starts.resize(polygons + 1, *starts.last().unwrap_or(&0));
     Some(PackedPolygons {
         coords: Tensor::from_slice(&coords).reshape([-1, 2]),

@@ -7,4 +7,4 @@ pub mod masks;
 pub mod rle;
 
 pub use categories::{Categories, Category};
-pub use instances::{BitmapBatch, InstanceMasks, PackedPolygons, Target, TargetBatch, TargetPadding};
+pub use instances::{BitmapBatch, InstanceMasks, PackedPolygons, PaddingFloor, Target, TargetBatch, TargetPadding};
