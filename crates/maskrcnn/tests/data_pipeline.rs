@@ -212,25 +212,26 @@ fn synth_is_deterministic_varied_and_within_spec() {
     assert!(oa.val_images.join("000000000006.jpg").exists());
 }
 
+/// Loader options: batches of 2 (per rank), 2 workers, seed 4, grouped.
+fn options(start: u64, rank: usize, world: usize) -> LoaderOptions {
+    LoaderOptions {
+        batch_size: 2,
+        workers: 2,
+        prefetch: 2,
+        flip_prob: 0.5,
+        seed: 4,
+        rank,
+        world_size: world,
+        group_by_aspect: true,
+        strict: false,
+        device: Device::Cpu,
+        start_iteration: start,
+        max_image_pixels: maskrcnn::data::image::DEFAULT_MAX_PIXELS,
+    }
+}
+
 fn loader(ds: &Arc<CocoDataset>, workers: usize, start: u64, rank: usize, world: usize) -> Loader {
-    Loader::new(
-        ds.clone(),
-        LoaderOptions {
-            batch_size: 2,
-            workers,
-            prefetch: 2,
-            flip_prob: 0.5,
-            seed: 4,
-            rank,
-            world_size: world,
-            group_by_aspect: true,
-            strict: false,
-            device: Device::Cpu,
-            start_iteration: start,
-            max_image_pixels: maskrcnn::data::image::DEFAULT_MAX_PIXELS,
-        },
-    )
-    .unwrap()
+    Loader::new(ds.clone(), LoaderOptions { workers, ..options(start, rank, world) }).unwrap()
 }
 
 #[test]
@@ -268,11 +269,23 @@ fn loader_is_deterministic_resumable_grouped_and_sharded() {
         }
     }
     assert!(flips > 0 && flips < 24, "flip_prob 0.5 flipped {flips} of 24 images");
-    // Two ranks over one epoch's worth of batches: disjoint images.
+    // Two ranks over one epoch's worth of batches: disjoint images; at each
+    // iteration together the batch of one process with both ranks' images,
+    // and each knows the whole global batch's sizes (to pad to one shape).
     let per_rank = ds.images.len() / 2 / 2;
-    let r0: Vec<u64> = take(loader(&ds, 2, 0, 0, 2), per_rank - 2).into_iter().flat_map(|b| b.image_ids).collect();
-    let r1: Vec<u64> = take(loader(&ds, 2, 0, 1, 2), per_rank - 2).into_iter().flat_map(|b| b.image_ids).collect();
-    assert!(r0.iter().all(|i| !r1.contains(i)), "ranks share images: {r0:?} / {r1:?}");
+    let r0 = take(loader(&ds, 2, 0, 0, 2), per_rank - 2);
+    let r1 = take(loader(&ds, 2, 0, 1, 2), per_rank - 2);
+    let both =
+        take(Loader::new(ds.clone(), LoaderOptions { batch_size: 4, ..options(0, 0, 1) }).unwrap(), per_rank - 2);
+    for ((a, b), whole) in r0.iter().zip(&r1).zip(&both) {
+        assert!(a.image_ids.iter().all(|i| !b.image_ids.contains(i)), "ranks share images");
+        assert_eq!([a.image_ids.clone(), b.image_ids.clone()].concat(), whole.image_ids);
+        let sizes: Vec<(i64, i64)> =
+            [&a.images, &b.images].into_iter().flatten().map(|im| (im.size()[1], im.size()[2])).collect();
+        assert_eq!(a.global_sizes, sizes);
+        assert_eq!(b.global_sizes, sizes);
+        assert_eq!(whole.global_sizes, sizes);
+    }
 }
 
 fn write(path: &Path, text: &str) {

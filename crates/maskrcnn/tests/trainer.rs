@@ -139,7 +139,7 @@ fn accumulation_equals_one_larger_batch() {
                 let mb = MicroBatch {
                     images: &images[c * per..(c + 1) * per],
                     targets: &targets[c * per..(c + 1) * per],
-                    short_side: None,
+                    resize: Default::default(),
                 };
                 let _ = forward_backward(&model, mb, chunks, None, AmpMode::Off, &mut FirstSampler, None).unwrap();
             }
@@ -905,7 +905,8 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         });
         tch::manual_seed(maskrcnn::engine::trainer::micro_batch_seed(cfg.seed, 0, rank));
         let short_side = maskrcnn::engine::trainer::micro_batch_short_side(&cfg.input.min_size, cfg.seed, 0);
-        let step = MicroBatch { images: &batch.images, targets: &batch.targets, short_side: Some(short_side) };
+        let resize = maskrcnn::modeling::BatchResize { short_side: Some(short_side), cover: &batch.global_sizes };
+        let step = MicroBatch { images: &batch.images, targets: &batch.targets, resize };
         // The ranks' own path (on CUDA a first step through the step
         // graphs: padded to buckets, the mask head on its row budget), so
         // both sides run the same kernels on the same shapes and draws.

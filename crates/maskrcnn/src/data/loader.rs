@@ -12,7 +12,7 @@
 
 use super::coco::CocoDataset;
 use super::image::RgbImage;
-use super::sampler::{BatchPlan, GroupedBatchSampler};
+use super::sampler::{BatchPlan, GroupedBatchSampler, PlannedBatch};
 use super::transforms::{hflip_image, to_target};
 use crate::random::Rng;
 use crate::structures::{InstanceMasks, Target};
@@ -75,6 +75,10 @@ pub struct Batch {
     /// batch (not counting the upload, whose launches can wait for room in
     /// a full GPU queue).
     pub waited: f64,
+    /// Original `(height, width)` per the annotations of every image of
+    /// this iteration's global batch (all ranks' images; this batch's
+    /// among them): what a padded batch shape common to the ranks covers.
+    pub global_sizes: Vec<(i64, i64)>,
 }
 
 /// Why loading stopped.
@@ -99,9 +103,10 @@ struct HostBatch {
     sizes: Vec<(i64, i64)>,
     targets: Vec<Target>,
     times: StageTimes,
+    global_sizes: Vec<(i64, i64)>,
 }
 
-type Job = (u64, Vec<usize>);
+type Job = PlannedBatch;
 type Done = Result<HostBatch, LoaderError>;
 
 /// Images left out at run time, each reported once.
@@ -282,6 +287,7 @@ impl Loader {
             times: host.times,
             ready_ahead,
             waited,
+            global_sizes: host.global_sizes,
         }
     }
 }
@@ -309,8 +315,8 @@ fn worker(
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((iteration, indices)) = job else { return };
-        let result = load_batch(&dataset, &indices, iteration, &skipped, &options);
+        let Ok(planned) = job else { return };
+        let result = load_batch(&dataset, &planned, &skipped, &options);
         if done.send(result).is_err() {
             return;
         }
@@ -320,14 +326,14 @@ fn worker(
 /// Reads, decodes, flips and collates one batch.
 fn load_batch(
     dataset: &CocoDataset,
-    indices: &[usize],
-    iteration: u64,
+    planned: &PlannedBatch,
     skipped: &SkipLog,
     options: &LoaderOptions,
 ) -> Result<HostBatch, LoaderError> {
+    let iteration = planned.iteration;
     let mut times = StageTimes::default();
-    let mut decoded = Vec::with_capacity(indices.len());
-    for &i in indices {
+    let mut decoded = Vec::with_capacity(planned.images.len());
+    for &i in &planned.images {
         let record = &dataset.images[i];
         let path = dataset.image_path(record);
         let t0 = Instant::now();
@@ -390,7 +396,12 @@ fn load_batch(
         targets.push(if pinned { pin_target(target) } else { target });
     }
     times.collate += t2.elapsed().as_secs_f64() * 1e3;
-    Ok(HostBatch { iteration, image_ids, pixels, sizes, targets, times })
+    let global_sizes = planned
+        .global
+        .iter()
+        .map(|&i| (i64::from(dataset.images[i].height), i64::from(dataset.images[i].width)))
+        .collect();
+    Ok(HostBatch { iteration, image_ids, pixels, sizes, targets, times, global_sizes })
 }
 
 /// A `[n]` uint8 CPU buffer, page-locked when it will be copied to a GPU

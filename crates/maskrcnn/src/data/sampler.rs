@@ -1,8 +1,13 @@
 //! Which images form each training batch: an infinite sequence of batches,
-//! counted in iterations, shuffled per epoch from a seed, sharded by rank so
-//! that GPUs see disjoint images, and (optionally) grouped by aspect ratio so
-//! portrait and landscape images batch apart (the seed's
-//! `GroupedBatchSampler`; padding a mixed batch wastes compute).
+//! counted in iterations, shuffled per epoch from a seed, (optionally)
+//! grouped by aspect ratio so portrait and landscape images batch apart
+//! (the seed's `GroupedBatchSampler`; padding a mixed batch wastes compute).
+//! Batches are formed globally — `batch_size × world_size` images of one
+//! group — and each rank takes its slice: N ranks see exactly the images,
+//! in the same order, that one process with the global batch would (so a
+//! run resumed on another number of GPUs continues the same sequence), and
+//! at every iteration all ranks hold images of one aspect group, which lets
+//! them pad to one shape (see [`PlannedBatch::global`]).
 
 /// The batch plan of one rank.
 #[derive(Debug, Clone)]
@@ -50,24 +55,35 @@ impl GroupedBatchSampler {
         Ok(sampler)
     }
 
-    /// The batches of `epoch` for this rank: the dataset shuffled with
-    /// `(seed, epoch)`, every `world_size`-th image from `rank` on, then
-    /// filled into per-group batches in that order. A group's last partial
-    /// batch is dropped (its images come round again in the next epoch's
-    /// shuffle). Each batch lists dataset indices.
-    pub fn epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
+    /// The global batches of `epoch`: the dataset shuffled with
+    /// `(seed, epoch)`, filled in that order into per-group batches of
+    /// `batch_size × world_size` images. A group's last partial batch is
+    /// dropped (its images come round again in the next epoch's shuffle).
+    /// Each batch lists dataset indices, rank 0's slice first.
+    pub fn global_epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
         let mut order: Vec<usize> = (0..self.groups.len()).collect();
         crate::random::Rng::derive(self.seed, 0x005A_3D1E, epoch).shuffle(&mut order);
+        let size = self.batch_size * self.world_size;
         let mut pending: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
         let mut batches = Vec::new();
-        for &i in order.iter().skip(self.rank).step_by(self.world_size) {
+        for i in order {
             let g = usize::from(self.group_by_aspect && self.groups[i]);
             pending[g].push(i);
-            if pending[g].len() == self.batch_size {
+            if pending[g].len() == size {
                 batches.push(std::mem::take(&mut pending[g]));
             }
         }
         batches
+    }
+
+    /// This rank's batches of `epoch`: its slices of the global batches.
+    pub fn epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
+        self.global_epoch(epoch).iter().map(|g| self.slice(g).to_vec()).collect()
+    }
+
+    /// This rank's images of a global batch.
+    fn slice<'a>(&self, global: &'a [usize]) -> &'a [usize] {
+        &global[self.rank * self.batch_size..(self.rank + 1) * self.batch_size]
     }
 
     /// Batches from global iteration `start` on, forever (epochs follow one
@@ -78,8 +94,19 @@ impl GroupedBatchSampler {
     }
 }
 
-/// The sampler's infinite sequence of `(iteration, batch)` from a start
-/// iteration, computed lazily epoch by epoch.
+/// One iteration's images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedBatch {
+    pub iteration: u64,
+    /// This rank's images (dataset indices).
+    pub images: Vec<usize>,
+    /// Every rank's images at this iteration, rank 0's first (this rank's
+    /// among them).
+    pub global: Vec<usize>,
+}
+
+/// The sampler's infinite sequence of batches from a start iteration,
+/// computed lazily epoch by epoch.
 #[derive(Debug)]
 pub struct BatchPlan {
     sampler: GroupedBatchSampler,
@@ -92,11 +119,11 @@ impl BatchPlan {
     fn new(sampler: GroupedBatchSampler, start: u64) -> BatchPlan {
         // Skip whole epochs by their batch counts (cheap: shuffles only).
         let (mut epoch, mut skip) = (0u64, start);
-        let mut batches = sampler.epoch(0);
+        let mut batches = sampler.global_epoch(0);
         while skip >= batches.len() as u64 {
             skip -= batches.len() as u64;
             epoch += 1;
-            batches = sampler.epoch(epoch);
+            batches = sampler.global_epoch(epoch);
         }
         batches.drain(..skip as usize);
         BatchPlan { sampler, epoch, batches: batches.into_iter(), iteration: start }
@@ -104,19 +131,19 @@ impl BatchPlan {
 }
 
 impl Iterator for BatchPlan {
-    type Item = (u64, Vec<usize>);
+    type Item = PlannedBatch;
 
-    fn next(&mut self) -> Option<(u64, Vec<usize>)> {
-        let batch = match self.batches.next() {
+    fn next(&mut self) -> Option<PlannedBatch> {
+        let global = match self.batches.next() {
             Some(b) => b,
             None => {
                 self.epoch += 1;
-                self.batches = self.sampler.epoch(self.epoch).into_iter();
+                self.batches = self.sampler.global_epoch(self.epoch).into_iter();
                 self.batches.next()?
             }
         };
         self.iteration += 1;
-        Some((self.iteration - 1, batch))
+        Some(PlannedBatch { iteration: self.iteration - 1, images: self.sampler.slice(&global).to_vec(), global })
     }
 }
 
@@ -157,7 +184,25 @@ mod tests {
         let all: Vec<_> = s.clone().plan_from(0).take(40).collect();
         let resumed: Vec<_> = s.plan_from(23).take(17).collect();
         assert_eq!(&all[23..], &resumed[..]);
-        assert_eq!(all[5].0, 5);
+        assert_eq!(all[5].iteration, 5);
+    }
+
+    /// Three ranks of 4 images see, iteration by iteration, the batches of
+    /// one process with 12: their slices in rank order, of one aspect group.
+    #[test]
+    fn ranks_split_the_one_process_batches() {
+        let g = groups(211);
+        let one: Vec<PlannedBatch> =
+            GroupedBatchSampler::new(g.clone(), 12, 5, 0, 1, true).unwrap().plan_from(0).take(40).collect();
+        let ranks: Vec<Vec<PlannedBatch>> = (0..3)
+            .map(|r| GroupedBatchSampler::new(g.clone(), 4, 5, r, 3, true).unwrap().plan_from(0).take(40).collect())
+            .collect();
+        for (k, whole) in one.iter().enumerate() {
+            let parts: Vec<usize> = ranks.iter().flat_map(|r| r[k].images.clone()).collect();
+            assert_eq!(parts, whole.images, "iteration {k}");
+            assert!(ranks.iter().all(|r| r[k].global == whole.images && r[k].iteration == k as u64));
+            assert!(parts.iter().all(|&i| g[i] == g[parts[0]]), "mixed aspect groups at iteration {k}");
+        }
     }
 
     #[test]

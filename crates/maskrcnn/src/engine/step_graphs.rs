@@ -502,7 +502,7 @@ mod tests {
         let mut rng = crate::random::Rng::new(11);
         let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160), (140, 170)], 3);
         let losses = |images: &[Tensor], targets: &[Target], padding| {
-            let inputs = model.prepare_train(images, targets, None, padding).expect("inputs");
+            let inputs = model.prepare_train(images, targets, Default::default(), padding).expect("inputs");
             let l = tch::no_grad(|| model.forward_prepared(&inputs, &mut crate::ops::FirstSampler));
             let polygons = inputs.targets.polygons.as_ref().map(|p| p.coords.size()[0]);
             (inputs.targets.slots(), polygons, l.named().map(|(_, t)| t.double_value(&[])))
@@ -562,7 +562,8 @@ mod tests {
         let mut rng = crate::random::Rng::new(5);
         let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160)], 6);
         let run = |rows: MaskRows| {
-            let inputs = model.prepare_train(&images, &targets, None, TargetPadding::Exact).expect("inputs");
+            let inputs =
+                model.prepare_train(&images, &targets, Default::default(), TargetPadding::Exact).expect("inputs");
             let inputs = TrainInputs { mask_rows: rows, ..inputs };
             let losses = model.forward_prepared(&inputs, &mut crate::ops::FirstSampler);
             for p in model.vs.trainable_variables() {
@@ -620,10 +621,12 @@ mod tests {
         (graphs.most, graphs.slots) = (Some(1), 4 * 128);
         assert_eq!(graphs.budget(), 32);
         tch::manual_seed(9);
-        let inputs = eager_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
+        let inputs =
+            eager_model.prepare_train(&images, &targets, Default::default(), TargetPadding::buckets()).expect("inputs");
         let eager = forward_backward_prepared(&eager_model, &inputs, 1, None, AmpMode::Off, &mut BalancedSampler);
         tch::manual_seed(9);
-        let inputs = graph_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
+        let inputs =
+            graph_model.prepare_train(&images, &targets, Default::default(), TargetPadding::buckets()).expect("inputs");
         let redone =
             graphs.forward_backward(&graph_model, inputs, 1, None, AmpMode::Off, &mut BalancedSampler, Some(9));
         assert_eq!(graphs.redone(), 1, "the step ran again");
@@ -694,8 +697,9 @@ mod tests {
                     }
                 }
                 tch::manual_seed(100 + step as i64);
-                let inputs =
-                    eager_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
+                let inputs = eager_model
+                    .prepare_train(&images, &targets, Default::default(), TargetPadding::buckets())
+                    .expect("inputs");
                 let eager = forward_backward_prepared(
                     &eager_model,
                     &inputs,
@@ -705,8 +709,9 @@ mod tests {
                     &mut BalancedSampler,
                 );
                 tch::manual_seed(100 + step as i64);
-                let inputs =
-                    graph_model.prepare_train(&images, &targets, None, TargetPadding::buckets()).expect("inputs");
+                let inputs = graph_model
+                    .prepare_train(&images, &targets, Default::default(), TargetPadding::buckets())
+                    .expect("inputs");
                 let replayed = graphs.forward_backward(
                     &graph_model,
                     inputs,

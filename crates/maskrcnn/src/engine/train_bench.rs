@@ -151,7 +151,7 @@ fn bench_step(
     amp: AmpMode,
     (images, targets): &(Vec<Tensor>, Vec<Target>),
 ) -> Result<(), TrainError> {
-    let batch = MicroBatch { images, targets, short_side: None };
+    let batch = MicroBatch { images, targets, resize: Default::default() };
     let _ = forward_backward(model, batch, 1, scaler.as_ref(), amp, &mut BalancedSampler, graphs.as_mut())?;
     apply_update(sgd, scaler.as_mut(), 0.02, 0.0)
 }

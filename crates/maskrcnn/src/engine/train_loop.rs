@@ -16,7 +16,7 @@ use crate::engine::optimizer::Sgd;
 use crate::engine::step_graphs::{forward_backward_prepared, StepGraphs};
 use crate::engine::train_log::{EvalPoint, TrainLog};
 use crate::modeling::mask_rcnn::TrainInputs;
-use crate::modeling::MaskRcnn;
+use crate::modeling::{BatchResize, MaskRcnn};
 use crate::ops::BalancedSampler;
 use crate::structures::TargetPadding;
 use std::path::PathBuf;
@@ -285,7 +285,9 @@ impl Trainer<'_> {
             let seed = micro_batch_seed(self.config.seed, global_micro, self.rank);
             tch::manual_seed(seed);
             let short_side = micro_batch_short_side(&self.config.input.min_size, self.config.seed, global_micro);
-            let step = MicroBatch { images: &batch.images, targets: &batch.targets, short_side: Some(short_side) };
+            // Padded to cover the global batch: every rank runs one shape.
+            let resize = BatchResize { short_side: Some(short_side), cover: &batch.global_sizes };
+            let step = MicroBatch { images: &batch.images, targets: &batch.targets, resize };
             let inputs = prepare_micro_batch(&self.model, step, self.step_graphs.as_ref())?;
             if micro == 0 {
                 self.log.begin_gpu_work(device);
@@ -436,9 +438,8 @@ pub const LOSS_NAMES: [&str; 5] =
 pub struct MicroBatch<'a> {
     pub images: &'a [Tensor],
     pub targets: &'a [crate::structures::Target],
-    /// The short side to resize to (`None`: drawn, see
-    /// [`MaskRcnn::prepare_train`]).
-    pub short_side: Option<i64>,
+    /// How to resize and pad it.
+    pub resize: BatchResize<'a>,
 }
 
 /// Forward and backward of one micro-batch: [`prepare_micro_batch`] on
@@ -465,7 +466,7 @@ pub fn prepare_micro_batch(
     graphs: Option<&StepGraphs>,
 ) -> Result<TrainInputs, TrainError> {
     let padding = graphs.map_or(TargetPadding::Exact, StepGraphs::padding);
-    Ok(model.prepare_train(batch.images, batch.targets, batch.short_side, padding)?)
+    Ok(model.prepare_train(batch.images, batch.targets, batch.resize, padding)?)
 }
 
 /// [`forward_backward_prepared`] of prepared inputs: replayed from

@@ -76,6 +76,18 @@ pub enum TargetError {
     NoImages,
 }
 
+/// How [`MaskRcnn::prepare_train`] resizes and pads a training batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchResize<'a> {
+    /// The short side (`None`: drawn from `input.min_size` with libtorch's
+    /// CPU generator).
+    pub short_side: Option<i64>,
+    /// Original `(height, width)` of images the padded batch must fit too,
+    /// once resized: the global batch of a multi-GPU step, so every rank
+    /// pads to the same shape (the shape one process would use).
+    pub cover: &'a [(i64, i64)],
+}
+
 /// A training batch prepared on the host for the device step
 /// ([`MaskRcnn::prepare_train`]): the resized, normalized, padded images
 /// with their sizes, and the ground truth padded to `[B, G]`.
@@ -253,20 +265,19 @@ impl MaskRcnn {
         targets: &[Target],
         sampler: &mut dyn FgBgSampler,
     ) -> Result<Losses, TargetError> {
-        let inputs = self.prepare_train(images, targets, None, TargetPadding::Exact)?;
+        let inputs = self.prepare_train(images, targets, BatchResize::default(), TargetPadding::Exact)?;
         Ok(self.forward_prepared(&inputs, sampler))
     }
 
     /// The host's part of a training step: targets checked, images resized
-    /// to `short_side` (`None`: drawn from `input.min_size` with libtorch's
-    /// CPU generator; long side at most `input.max_size`), normalized and
-    /// padded into one batch, targets resized and padded to `[B, G]` (or
+    /// and padded per `resize` (long side at most `input.max_size`),
+    /// normalized and batched, targets resized and padded to `[B, G]` (or
     /// further, per `padding`) and sent to the device without blocking.
     pub fn prepare_train(
         &self,
         images: &[Tensor],
         targets: &[Target],
-        short_side: Option<i64>,
+        resize: BatchResize<'_>,
         padding: TargetPadding,
     ) -> Result<TrainInputs, TargetError> {
         // Checked where they are (on the host for the data loader's targets:
@@ -274,7 +285,7 @@ impl MaskRcnn {
         validate_targets(images, targets, self.config.model.num_classes)?;
         let device = self.device();
         let input = &self.config.input;
-        let short_side = short_side.unwrap_or_else(|| {
+        let short_side = resize.short_side.unwrap_or_else(|| {
             let choices = &input.min_size;
             let pick = if choices.len() > 1 {
                 Tensor::randint(choices.len() as i64, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as usize
@@ -283,7 +294,7 @@ impl MaskRcnn {
             };
             choices[pick] as i64
         });
-        let list = self.transform.prepare(images, short_side, input.max_size as i64);
+        let list = self.transform.prepare_covering(images, short_side, input.max_size as i64, resize.cover);
         crate::host_timing::mark("images");
         // Boxes and polygons are resized on the host, bitmaps on the device;
         // then the padded batch goes to the device without blocking.

@@ -84,9 +84,20 @@ impl Transform {
     /// Normalizes, resizes and batches `images` (each `[3, H, W]` float RGB in
     /// [0, 1], all on one device) for the given short/long side limits.
     pub fn prepare(&self, images: &[Tensor], min_size: i64, max_size: i64) -> ImageList {
+        self.prepare_covering(images, min_size, max_size, &[])
+    }
+
+    /// [`prepare`](Self::prepare) into a batch large enough for `cover`'s
+    /// images too (original `(height, width)`s, resized alike): ranks that
+    /// each cover their whole global batch pad to one shape.
+    pub fn prepare_covering(&self, images: &[Tensor], min_size: i64, max_size: i64, cover: &[(i64, i64)]) -> ImageList {
         let resized: Vec<Tensor> =
             images.iter().map(|im| resize_image(&self.normalize(im), min_size, max_size)).collect();
-        self.batched(resized)
+        let canvas = cover
+            .iter()
+            .map(|&(h, w)| resized_size(h, w, min_size, max_size))
+            .fold((0, 0), |(a, b), (h, w)| (a.max(h), b.max(w)));
+        self.batched(resized, canvas)
     }
 
     /// [`prepare`](Self::prepare) that consumes `images` and normalizes
@@ -96,22 +107,23 @@ impl Transform {
     pub fn prepare_owned(&self, images: Vec<Tensor>, min_size: i64, max_size: i64) -> ImageList {
         let resized: Vec<Tensor> =
             images.into_iter().map(|im| resize_image(&self.normalized(&im, true), min_size, max_size)).collect();
-        self.batched(resized)
+        self.batched(resized, (0, 0))
     }
 
-    fn batched(&self, resized: Vec<Tensor>) -> ImageList {
+    fn batched(&self, resized: Vec<Tensor>, at_least: (i64, i64)) -> ImageList {
         let image_sizes: Vec<(i64, i64)> = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
-        let tensors = self.batch(&resized);
+        let tensors = self.batch(&resized, at_least);
         let flat: Vec<f32> = image_sizes.iter().flat_map(|&(h, w)| [h as f32, w as f32]).collect();
         let sizes = crate::host_sync::upload(&Tensor::from_slice(&flat).reshape([-1, 2]), tensors.device());
         ImageList { tensors, image_sizes, sizes }
     }
 
-    /// Zero-pads `images` to a common size rounded up to `size_divisibility`.
-    pub fn batch(&self, images: &[Tensor]) -> Tensor {
+    /// Zero-pads `images` to a common size, at least `at_least` `(H, W)`,
+    /// rounded up to `size_divisibility`.
+    pub fn batch(&self, images: &[Tensor], at_least: (i64, i64)) -> Tensor {
         let d = self.size_divisibility;
-        let max_h = images.iter().map(|t| t.size()[1]).max().unwrap_or(0);
-        let max_w = images.iter().map(|t| t.size()[2]).max().unwrap_or(0);
+        let max_h = images.iter().map(|t| t.size()[1]).max().unwrap_or(0).max(at_least.0);
+        let max_w = images.iter().map(|t| t.size()[2]).max().unwrap_or(0).max(at_least.1);
         let (h, w) = (round_up(max_h, d), round_up(max_w, d));
         let (kind, device) = images.first().map(|t| (t.kind(), t.device())).unwrap_or((Kind::Float, Device::Cpu));
         let batch = Tensor::zeros([images.len() as i64, 3, h, w], (kind, device));
@@ -191,5 +203,26 @@ pub fn resize_target(
         labels: target.labels.shallow_clone(),
         masks,
         iscrowd: target.iscrowd.as_ref().map(|c| c.shallow_clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    /// A batch prepared to cover other images is padded to their resized
+    /// size (rounded up to 32), its own images in place, zeros around.
+    #[test]
+    fn a_covering_batch_fits_the_other_images() {
+        let transform = super::Transform::new(&crate::config::InputConfig::default());
+        let images = [Tensor::rand([3, 100, 150], (Kind::Float, Device::Cpu))];
+        let own = transform.prepare(&images, 200, 400);
+        assert_eq!(own.tensors.size(), [1, 3, 224, 320]);
+        // 100 x 250 resizes to 160 x 400 (long side capped), 300 x 100 to 400 x 133.
+        let covering = transform.prepare_covering(&images, 200, 400, &[(100, 150), (100, 250), (300, 100)]);
+        assert_eq!(covering.tensors.size(), [1, 3, 416, 416]);
+        assert_eq!(covering.image_sizes, own.image_sizes);
+        assert!(covering.tensors.narrow(2, 0, 224).narrow(3, 0, 320).equal(&own.tensors));
+        assert_eq!(covering.tensors.narrow(2, 224, 192).abs().sum(Kind::Double).double_value(&[]), 0.0);
     }
 }
