@@ -3,7 +3,8 @@
 # take the mean-gradient step), then `maskrcnn train` on 1 GPU and through
 # `launch` on N GPUs at the same batch per GPU (global batch = per-GPU
 # batch x GPUs), steady-state images/s, step time, data wait and all-reduce
-# time per step, and the efficiency against one GPU.
+# time per step, and the efficiency against one GPU; at the end the loss
+# curves of runs with the same global batch (1 GPU at N x B, N GPUs at B).
 #   scripts/gpu-multi.sh [ITERS]
 # Environment:
 #   GPUS="1 2"        GPU counts to run (1 first: the reference)
