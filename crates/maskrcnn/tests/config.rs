@@ -253,3 +253,13 @@ fn the_v2_preset_sets_torchvisions_v2_parts() {
     v1.model = maskrcnn::config::ModelConfig::default();
     assert_eq!(v1, Config::default(), "the preset changes only the v2 parts");
 }
+
+/// A config built in code that `Config::load` would refuse is refused by
+/// the model too (an error naming the key, not a panic at the first batch).
+#[test]
+fn a_model_refuses_an_invalid_config_built_in_code() {
+    let mut config = Config::default();
+    config.input.min_size.clear();
+    let err = maskrcnn::MaskRcnn::new(&config, tch::Device::Cpu).err().expect("an error").to_string();
+    assert!(err.contains("input.min_size"), "{err}");
+}

@@ -905,7 +905,7 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         });
         tch::manual_seed(maskrcnn::engine::trainer::micro_batch_seed(cfg.seed, 0, rank));
         let short_side = maskrcnn::engine::trainer::micro_batch_short_side(&cfg.input.min_size, cfg.seed, 0);
-        let resize = maskrcnn::modeling::BatchResize { short_side: Some(short_side), cover: &batch.global_sizes };
+        let resize = maskrcnn::modeling::BatchResize { short_side, cover: &batch.global_sizes };
         let step = MicroBatch { images: &batch.images, targets: &batch.targets, resize };
         // The ranks' own path (on CUDA a first step through the step
         // graphs: padded to buckets, the mask head on its row budget), so

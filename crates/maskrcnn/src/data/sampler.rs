@@ -49,7 +49,7 @@ impl GroupedBatchSampler {
             return Err(SamplerError::BatchSize);
         }
         let sampler = GroupedBatchSampler { groups: landscape, batch_size, seed, rank, world_size, group_by_aspect };
-        if sampler.epoch(0).is_empty() {
+        if sampler.global_epoch(0).is_empty() {
             return Err(SamplerError::TooFewImages { images: sampler.groups.len(), batch_size, world_size });
         }
         Ok(sampler)

@@ -286,7 +286,7 @@ impl Trainer<'_> {
             tch::manual_seed(seed);
             let short_side = micro_batch_short_side(&self.config.input.min_size, self.config.seed, global_micro);
             // Padded to cover the global batch: every rank runs one shape.
-            let resize = BatchResize { short_side: Some(short_side), cover: &batch.global_sizes };
+            let resize = BatchResize { short_side, cover: &batch.global_sizes };
             let step = MicroBatch { images: &batch.images, targets: &batch.targets, resize };
             let inputs = prepare_micro_batch(&self.model, step, self.step_graphs.as_ref())?;
             if micro == 0 {
@@ -419,14 +419,15 @@ pub fn micro_batch_seed(seed: u64, micro: u64, rank: usize) -> i64 {
     (seed ^ micro.wrapping_mul(0x9E37_79B9) ^ (rank as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) as i64
 }
 
-/// The short side of global micro-batch `micro`'s images: one of
-/// `choices` (`input.min_size`), drawn from the run's `seed` alone, so
+/// The short side of global micro-batch `micro`'s images (`None` when
+/// `choices` is empty): one of `choices` (`input.min_size`), drawn from the run's `seed` alone, so
 /// every rank resizes to the same one — the global batch has one scale, as
 /// in one process, and the ranks' steps take about as long (each waits for
 /// the slowest at the all-reduce).
-pub fn micro_batch_short_side(choices: &[usize], seed: u64, micro: u64) -> i64 {
+pub fn micro_batch_short_side(choices: &[usize], seed: u64, micro: u64) -> Option<i64> {
+    let last = choices.len().checked_sub(1)?;
     let mut rng = crate::random::Rng::derive(seed, micro, 0x5CA1E);
-    choices[rng.range(0, choices.len().max(1) as u64 - 1) as usize] as i64
+    choices.get(rng.range(0, last as u64) as usize).map(|&c| c as i64)
 }
 
 /// The names of the five losses, in [`crate::modeling::Losses::named`] order.
@@ -548,15 +549,16 @@ mod tests {
         let n = 5000u64;
         let mut counts = [0u64; 5];
         for micro in 0..n {
-            let side = super::micro_batch_short_side(&choices, 7, micro);
-            assert_eq!(side, super::micro_batch_short_side(&choices, 7, micro));
+            let side = super::micro_batch_short_side(&choices, 7, micro).expect("a side");
+            assert_eq!(Some(side), super::micro_batch_short_side(&choices, 7, micro));
             counts[choices.iter().position(|&c| c as i64 == side).expect("a choice")] += 1;
         }
         let (mean, sd) = (n as f64 / 5.0, (n as f64 * 0.2 * 0.8).sqrt());
         for (c, k) in choices.iter().zip(counts) {
             assert!((k as f64 - mean).abs() <= 4.0 * sd, "{c}: {k} of {n}");
         }
-        assert_eq!(super::micro_batch_short_side(&[800], 7, 3), 800);
+        assert_eq!(super::micro_batch_short_side(&[800], 7, 3), Some(800));
+        assert_eq!(super::micro_batch_short_side(&[], 7, 3), None);
         let other_seed = (0..50).filter(|&m| {
             super::micro_batch_short_side(&choices, 8, m) != super::micro_batch_short_side(&choices, 7, m)
         });

@@ -114,6 +114,9 @@ pub struct InferenceTrace {
 impl MaskRcnn {
     /// A randomly initialized model on `device` (seeded by `config.seed`).
     pub fn new(config: &Config, device: Device) -> Result<MaskRcnn, ModelError> {
+        // A config built in code skips `Config::load`'s checks; the model
+        // relies on them (non-empty `input.min_size`, positive sizes, ...).
+        config.validate()?;
         tch::manual_seed(config.seed as i64);
         let vs = VarStore::new(device);
         let root = vs.root();

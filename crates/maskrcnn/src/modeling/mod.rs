@@ -17,6 +17,8 @@ pub use roi_heads::{mask_row_bucket, Detections, MaskRows};
 /// Why a model could not be built or its weights loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("unsupported backbone depth {0} (use 18, 34, 50, 101 or 152)")]
     UnsupportedDepth(usize),
     #[error("cannot read weights {path}: {message}")]
