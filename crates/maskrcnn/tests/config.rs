@@ -260,6 +260,9 @@ fn the_v2_preset_sets_torchvisions_v2_parts() {
 fn a_model_refuses_an_invalid_config_built_in_code() {
     let mut config = Config::default();
     config.input.min_size.clear();
-    let err = maskrcnn::MaskRcnn::new(&config, tch::Device::Cpu).err().expect("an error").to_string();
+    let Err(err) = maskrcnn::MaskRcnn::new(&config, tch::Device::Cpu) else {
+        panic!("an empty input.min_size built a model")
+    };
+    let err = err.to_string();
     assert!(err.contains("input.min_size"), "{err}");
 }
