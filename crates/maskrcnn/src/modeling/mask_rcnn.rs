@@ -115,8 +115,12 @@ impl MaskRcnn {
     /// A randomly initialized model on `device` (seeded by `config.seed`).
     pub fn new(config: &Config, device: Device) -> Result<MaskRcnn, ModelError> {
         // A config built in code skips `Config::load`'s checks; the model
-        // relies on them (non-empty `input.min_size`, positive sizes, ...).
-        config.validate()?;
+        // relies on those of its own sections (non-empty `input.min_size`,
+        // positive sizes, ...). Solver and data settings are the trainer's.
+        config.model.validate()?;
+        config.input.validate()?;
+        config.rpn.validate()?;
+        config.roi_heads.validate()?;
         tch::manual_seed(config.seed as i64);
         let vs = VarStore::new(device);
         let root = vs.root();
