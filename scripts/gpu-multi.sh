@@ -11,7 +11,12 @@
 #   PER_GPU="8 16"    batches per GPU
 #   SIZE=480,640      synthetic image sizes; 480,640 trains the demo recipe
 #                     (fp16, five scales), 800,1333 the benchmark's setting
-#                     (short side 800, long side <= 1333, bf16, cuDNN autotune)
+#                     (short side 800, long side <= 1333, bf16)
+#   AUTOTUNE=true     cuDNN autotuning at 800,1333 (false: every new shape
+#                     starts at once; runs of a few hundred steps are
+#                     otherwise dominated by autotuning ~30 shapes)
+#   TRAIN_IMAGES=2000 synthetic training images
+#   LAUNCH_TEST=1     0 skips the 2-rank launch test at the start
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
@@ -21,9 +26,9 @@ PER_GPU=${PER_GPU:-8 16}
 SIZE=${SIZE:-480,640}
 W=${WORK:-/tmp/multi}
 nvidia-smi --query-gpu=index,name --format=csv,noheader
-scripts/gpu-check.sh gpu_launch 2>&1 | grep -E "^test |test result: ok. [1-9]|panicked|worst|gpu-check"
+[[ ${LAUNCH_TEST:-1} == 1 ]] && scripts/gpu-check.sh gpu_launch 2>&1 | grep -E "^test |test result: ok. [1-9]|panicked|worst|gpu-check"
 rm -rf "$W"; mkdir -p "$W"
-"$B" synth --out "$W/data" --train 2000 --val 0 --size "$SIZE" --seed 0 >/dev/null
+"$B" synth --out "$W/data" --train "${TRAIN_IMAGES:-2000}" --val 0 --size "$SIZE" --seed 0 >/dev/null
 D="$W/data"
 SETS=(--config configs/demo_gpu.toml
   --set "data.train_ann='$D/annotations/instances_train2017.json'" --set "data.train_images='$D/train2017'"
@@ -31,19 +36,19 @@ SETS=(--config configs/demo_gpu.toml
   --set solver.checkpoint_period=100000 --set solver.steps=[] --set test.eval_period=0)
 if [[ $SIZE == 800,1333 ]]; then
   SETS+=(--set 'input.min_size=[800]' --set input.max_size=1333 --set 'precision.amp="bf16"'
-    --set precision.cudnn_benchmark=true)
+    --set "precision.cudnn_benchmark=${AUTOTUNE:-true}")
 fi
 for per in $PER_GPU; do
   one=""
   for n in $GPUS; do
-    run="$W/bs${per}-gpus$n"
+    run="$W/bs${per}-gpus$n"; t0=$SECONDS
     if [[ $n == 1 ]]; then
       CUDA_VISIBLE_DEVICES=0 "$B" train "${SETS[@]}" --set solver.ims_per_batch=$per --output "$run" > "$run.log" 2>&1
     else
       "$B" launch --nproc-per-node "$n" train "${SETS[@]}" --set solver.ims_per_batch=$((n * per)) \
         --output "$run" > "$run.log" 2>&1
     fi
-    echo "== $per per GPU, $n GPU(s): exit $?"
+    echo "== $per per GPU, $n GPU(s): exit $?, $((SECONDS - t0)) s"
     tail -2 "$run.log"
     # Steady state: the logged windows after the first two (warm-up); the
     # last half of the windows (every shape recorded by then).

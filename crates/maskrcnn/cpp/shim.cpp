@@ -122,7 +122,8 @@ int mrcnn_empty_pinned(int64_t n, at::Tensor** out) {
 // launch the NVRTC kernels of src/kernels/roi_align.rs through these
 // callbacks. Features stay in their dtype and memory format (channels-last
 // fp16/bf16 are read in place); the output has the features' dtype and
-// memory format; the backward accumulates in float32 per level.
+// memory format; the backward accumulates in float32 per level (for fp16/bf16
+// features 64 channels at a time, converted as it goes).
 //   forward(features, n, rois, levels, scales, output, ph, pw, sr, aligned)
 //   backward(grad_output, rois, levels, scales, grad_features (float32), n, ph, pw, sr, aligned)
 typedef int (*mrcnn_ml_forward_cb)(at::Tensor**, int, at::Tensor*, at::Tensor*, const double*, at::Tensor*, int64_t,
@@ -173,25 +174,55 @@ struct MultiLevelRoiAlignFunction : public torch::autograd::Function<MultiLevelR
     auto dims = ctx->saved_data["dims"].toIntVector();
     auto scales = ctx->saved_data["scales"].toDoubleVector();
     at::Tensor g = grads[0];
-    std::vector<at::Tensor> grad_in;
-    std::vector<at::ScalarType> dtypes;
+    // The kernel accumulates in float32. For fp16/bf16 features the float32
+    // buffers are only a staging area: they cover a slice of the channels at
+    // a time, each slice converted into the features' dtype before the next
+    // (all 256 channels of P2..P5 at once took 1.5 GB in float32 at batch 16
+    // at 800 x 1333, plus the converted copies, at the step's memory peak).
+    std::vector<at::Tensor> grad_out_maps;
+    std::vector<std::vector<int64_t>> shapes;
+    std::vector<at::MemoryFormat> formats;
+    bool staged = false;
     for (size_t i = 0; i + 5 < dims.size() + 1; i += 6) {
       auto format = dims[i + 4] ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      auto dtype = static_cast<at::ScalarType>(dims[i + 5]);
+      std::vector<int64_t> shape = {dims[i], dims[i + 1], dims[i + 2], dims[i + 3]};
       // In the features' memory format (at::zeros ignores one in its
       // options): a channels-last gradient in NCHW made autograd's sum with
       // the convolutions' gradients a strided pass plus a layout copy.
-      grad_in.push_back(
-          at::empty({dims[i], dims[i + 1], dims[i + 2], dims[i + 3]}, g.options().dtype(at::kFloat), format).zero_());
-      dtypes.push_back(static_cast<at::ScalarType>(dims[i + 5]));
+      if (dtype == at::kFloat) {
+        grad_out_maps.push_back(at::empty(shape, g.options().dtype(at::kFloat), format).zero_());
+      } else {
+        grad_out_maps.push_back(at::empty(shape, g.options().dtype(dtype), format));
+        staged = true;
+      }
+      shapes.push_back(shape);
+      formats.push_back(format);
     }
-    std::vector<at::Tensor*> ptrs;
-    for (auto& t : grad_in) ptrs.push_back(&t);
-    if (ml_backward_cb(&g, &r, &lv, scales.data(), ptrs.data(), (int)ptrs.size(), ctx->saved_data["ph"].toInt(),
-                       ctx->saved_data["pw"].toInt(), ctx->saved_data["sr"].toInt(),
-                       ctx->saved_data["aligned"].toBool() ? 1 : 0) != 0)
-      throw std::runtime_error("multi-level RoIAlign backward kernel launch failed");
-    torch::autograd::variable_list out;
-    for (size_t i = 0; i < grad_in.size(); ++i) out.push_back(grad_in[i].to(dtypes[i]));
+    const int64_t channels = shapes.empty() ? 0 : shapes[0][1];
+    const int64_t slice = staged && channels > 64 && channels % 64 == 0 ? 64 : channels;
+    auto ph = ctx->saved_data["ph"].toInt(), pw = ctx->saved_data["pw"].toInt(), sr = ctx->saved_data["sr"].toInt();
+    int aligned = ctx->saved_data["aligned"].toBool() ? 1 : 0;
+    for (int64_t c0 = 0; c0 < channels; c0 += slice) {
+      std::vector<at::Tensor> buffers;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        if (grad_out_maps[i].scalar_type() == at::kFloat) {
+          buffers.push_back(grad_out_maps[i].narrow(1, c0, slice));
+        } else {
+          auto shape = shapes[i];
+          shape[1] = slice;
+          buffers.push_back(at::empty(shape, g.options().dtype(at::kFloat), formats[i]).zero_());
+        }
+      }
+      std::vector<at::Tensor*> ptrs;
+      for (auto& t : buffers) ptrs.push_back(&t);
+      at::Tensor gs = g.narrow(1, c0, slice);
+      if (ml_backward_cb(&gs, &r, &lv, scales.data(), ptrs.data(), (int)ptrs.size(), ph, pw, sr, aligned) != 0)
+        throw std::runtime_error("multi-level RoIAlign backward kernel launch failed");
+      for (size_t i = 0; i < shapes.size(); ++i)
+        if (grad_out_maps[i].scalar_type() != at::kFloat) grad_out_maps[i].narrow(1, c0, slice).copy_(buffers[i]);
+    }
+    torch::autograd::variable_list out(grad_out_maps.begin(), grad_out_maps.end());
     for (int i = 0; i < 7; ++i) out.push_back(at::Tensor());
     return out;
   }

@@ -181,8 +181,9 @@ impl StepGraphs {
     /// earlier micro-batches could not be kept apart from a discarded one).
     /// `reseed`, when given, is the seed libtorch's generator had before
     /// this step: a step run again draws the same samples. Prepare `inputs`
-    /// with [`StepGraphs::padding`], so batches share keys. On the CPU:
-    /// eager, counting the positives.
+    /// with [`StepGraphs::padding`], so batches share keys. The first step
+    /// (no count yet) and every step on the CPU: eager, counting the
+    /// positives.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &mut self,
@@ -218,6 +219,22 @@ impl StepGraphs {
         };
         let slots = inputs.targets.len() * model.config.roi_heads.positive_slots();
         self.slots = slots;
+        if self.most.is_none() {
+            // No count yet: a budget would be every slot (`B × Q` rows, 2048
+            // at batch 16), which made this one step the run's memory peak.
+            // It runs eagerly on its counted positives instead (one read).
+            report.reset();
+            let first = TrainInputs { mask_rows: MaskRows::Counted { report: Some(report.clone()) }, ..inputs };
+            let losses = forward_backward_prepared(model, &first, accumulate, scaler, amp, sampler);
+            match report.wait(COUNT_TIMEOUT) {
+                Some(p) => self.observe(p),
+                None => {
+                    tracing::warn!("the first training step did not publish its mask positives; the mask head runs every slot from now on");
+                    self.positives = Some(None);
+                }
+            }
+            return losses;
+        }
         let mut rows = self.budget();
         loop {
             let attempt =
@@ -269,7 +286,8 @@ impl StepGraphs {
 
     /// The mask rows of the next step: the slots halved up to four times
     /// while a quarter more rows than the most positives so far remain
-    /// (every slot before any count).
+    /// (every slot before any count; the first step runs on its counted
+    /// positives instead, see [`StepGraphs::forward_backward`]).
     fn budget(&self) -> i64 {
         let Some(most) = self.most else { return self.slots };
         let mut rows = self.slots;
@@ -296,7 +314,7 @@ impl StepGraphs {
         }
     }
 
-    /// The mask rows a step runs now (before any step: every slot, `None`).
+    /// The mask rows a step runs now (before any step: counted, `None`).
     pub fn mask_rows(&self) -> Option<i64> {
         self.most.map(|_| self.budget())
     }
@@ -578,7 +596,7 @@ mod tests {
             (losses.named().map(|(_, t)| t.double_value(&[])), Tensor::cat(&grads, 0))
         };
         let (all, all_grads) = run(MaskRows::All);
-        let (counted, counted_grads) = run(MaskRows::Counted);
+        let (counted, counted_grads) = run(MaskRows::Counted { report: None });
         assert!(all[4] > 0.0, "a mask loss: {all:?}");
         for (k, (a, b)) in all.iter().zip(&counted).enumerate() {
             assert!((a - b).abs() <= 1e-6 * a.abs(), "loss {k}: every slot {a}, counted rows {b}");
@@ -599,49 +617,104 @@ mod tests {
         }
     }
 
-    /// A graphed step whose positives exceed its mask-row budget runs again
-    /// with enough rows: the same losses and gradients as an eager step
-    /// that counts its positives, one step redone.
-    #[test]
-    fn gpu_a_step_over_its_mask_budget_runs_again() {
-        let Some(device) = crate::test_support::cuda_or_skip("gpu_a_step_over_its_mask_budget_runs_again") else {
-            return;
-        };
+    /// Two models with equal weights on `device`, and one step of the same
+    /// four images (up to `max_instances` instances each, drawn from
+    /// `batch_seed`) through each from libtorch seed `seed`: eager on the
+    /// first, through `graphs` on the second. Returns the models and the
+    /// two loss vectors.
+    fn eager_and_graphed_step(
+        device: Device,
+        batch_seed: u64,
+        max_instances: usize,
+        seed: i64,
+        graphs: &mut StepGraphs,
+    ) -> (MaskRcnn, MaskRcnn, Tensor, Tensor) {
         crate::shim::set_tf32(false);
         tch::Cuda::cudnn_set_benchmark(false);
         let config = config();
         let (eager_model, graph_model) =
             (MaskRcnn::new(&config, device).expect("model"), MaskRcnn::new(&config, device).expect("model"));
         copy_weights(&eager_model, &graph_model);
-        let mut rng = crate::random::Rng::new(8);
-        // Four images with 1-24 instances each: more positives than 32 rows.
-        let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160), (150, 150)], 24);
+        let mut rng = crate::random::Rng::new(batch_seed);
+        let (images, targets) = batch(&mut rng, &[(150, 200), (180, 140), (160, 160), (150, 150)], max_instances);
         let images: Vec<Tensor> = images.iter().map(|t| t.to_device(device)).collect();
+        let prepare = |model: &MaskRcnn| {
+            model.prepare_train(&images, &targets, Default::default(), TargetPadding::buckets()).expect("inputs")
+        };
+        tch::manual_seed(seed);
+        let eager = forward_backward_prepared(
+            &eager_model,
+            &prepare(&eager_model),
+            1,
+            None,
+            AmpMode::Off,
+            &mut BalancedSampler,
+        );
+        tch::manual_seed(seed);
+        let inputs = prepare(&graph_model);
+        let graphed =
+            graphs.forward_backward(&graph_model, inputs, 1, None, AmpMode::Off, &mut BalancedSampler, Some(seed));
+        crate::shim::set_tf32(true);
+        (eager_model, graph_model, eager, graphed)
+    }
+
+    /// Asserts the losses (1e-5 relative) and gradients (1e-4 relative L2)
+    /// of two steps equal; returns the gradients' distance.
+    fn assert_same_step(eager: (&MaskRcnn, &Tensor), graphed: (&MaskRcnn, &Tensor), what: &str) -> f64 {
+        let (a, b) = (values(eager.1), values(graphed.1));
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "loss {k}: eager {x}, {what} {y}");
+        }
+        let (rel, _) = gradient_distance(eager.0, graphed.0);
+        eprintln!("{what}: losses {a:?} vs {b:?}; gradients differ by {rel:.1e}");
+        assert!(rel <= 1e-4, "{what}: gradients differ by {rel:.2e} (relative L2)");
+        rel
+    }
+
+    /// A graphed step whose positives exceed its mask-row budget runs again
+    /// with enough rows: the same losses and gradients as an eager step
+    /// that counts its positives (the discarded attempt's gradients gone),
+    /// one step redone.
+    #[test]
+    fn gpu_a_step_over_its_mask_budget_runs_again() {
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_a_step_over_its_mask_budget_runs_again") else {
+            return;
+        };
         let mut graphs = StepGraphs::default();
         (graphs.most, graphs.slots) = (Some(1), 4 * 128);
         assert_eq!(graphs.budget(), 32);
-        tch::manual_seed(9);
-        let inputs =
-            eager_model.prepare_train(&images, &targets, Default::default(), TargetPadding::buckets()).expect("inputs");
-        let eager = forward_backward_prepared(&eager_model, &inputs, 1, None, AmpMode::Off, &mut BalancedSampler);
-        tch::manual_seed(9);
-        let inputs =
-            graph_model.prepare_train(&images, &targets, Default::default(), TargetPadding::buckets()).expect("inputs");
-        let redone =
-            graphs.forward_backward(&graph_model, inputs, 1, None, AmpMode::Off, &mut BalancedSampler, Some(9));
+        // Four images with 1-24 instances each: more positives than 32 rows.
+        let (eager_model, graph_model, eager, redone) = eager_and_graphed_step(device, 8, 24, 9, &mut graphs);
         assert_eq!(graphs.redone(), 1, "the step ran again");
         let counted = graphs.most.expect("a count");
         assert!(counted > 32, "positives {counted}");
         let budget = graphs.budget();
         assert!(budget > counted + counted / 4 || budget == 512, "budget {budget} for {counted} positives");
-        let (a, b) = (values(&eager), values(&redone));
-        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "loss {k}: eager {x}, redone {y}");
-        }
-        let (rel, _) = gradient_distance(&eager_model, &graph_model);
-        eprintln!("{counted} positives, redone; losses {a:?} vs {b:?}; gradients differ by {rel:.1e}");
-        assert!(rel <= 1e-4, "gradients differ by {rel:.2e} (relative L2): the discarded attempt's remained?");
-        crate::shim::set_tf32(true);
+        assert_same_step((&eager_model, &eager), (&graph_model, &redone), "redone step");
+    }
+
+    /// The first graphed step has no count to size a budget by: it runs
+    /// eagerly on its counted positives (not on every slot, which made it
+    /// the run's memory peak), gives the eager step's losses and gradients,
+    /// records nothing, and sets the budget of the steps after it.
+    #[test]
+    fn gpu_the_first_step_counts_its_positives() {
+        let Some(device) = crate::test_support::cuda_or_skip("gpu_the_first_step_counts_its_positives") else {
+            return;
+        };
+        let mut graphs = StepGraphs::default();
+        assert_eq!(graphs.mask_rows(), None);
+        let (eager_model, graph_model, eager, first) = eager_and_graphed_step(device, 12, 8, 21, &mut graphs);
+        let counted = graphs.most.expect("the first step published its count");
+        assert!(counted > 0 && counted < graphs.slots, "{counted} positives of {} slots", graphs.slots);
+        let rows = graphs.mask_rows().expect("a budget after the first step");
+        assert!(
+            rows > counted && rows < graphs.slots,
+            "budget {rows} for {counted} positives of {} slots",
+            graphs.slots
+        );
+        assert_eq!((graphs.recorded(), graphs.replays(), graphs.redone()), (0, 0, 0));
+        assert_same_step((&eager_model, &eager), (&graph_model, &first), "first graphed step");
     }
 
     /// Training steps replayed from CUDA graphs compute what eager steps

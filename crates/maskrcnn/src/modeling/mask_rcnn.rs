@@ -314,7 +314,7 @@ impl MaskRcnn {
         let size = list.tensors.size();
         let targets = TargetBatch::new(resized, device, (size[2], size[3]), padding);
         crate::host_timing::mark("targets");
-        Ok(TrainInputs { images: list, targets, mask_rows: MaskRows::Counted })
+        Ok(TrainInputs { images: list, targets, mask_rows: MaskRows::Counted { report: None } })
     }
 
     /// The device's part of a training step: backbone, RPN and its losses,

@@ -169,14 +169,15 @@ mod tests {
 
     /// The one-kernel multi-level pooling on CUDA (float32 NCHW, fp16 and
     /// bf16 channels-last read in place; 16 channels take the eight-wide
-    /// loads and vector atomics) equals the per-level CPU path, and so do
-    /// the gradients reaching every level.
+    /// loads and vector atomics; 192 fp16/bf16 channels go through the
+    /// backward's float32 staging 64 channels at a time) equals the
+    /// per-level CPU path, and so do the gradients reaching every level.
     #[test]
     fn gpu_multilevel_kernel_equals_per_level_cpu_path() {
         let Some(device) = crate::test_support::cuda_or_skip("gpu_multilevel_kernel_equals_per_level_cpu_path") else {
             return;
         };
-        for (channels, sampling_ratio) in [(6, 2), (16, 2), (6, 0)] {
+        for (channels, sampling_ratio) in [(6, 2), (16, 2), (6, 0), (192, 2)] {
             multilevel_kernel_equals_per_level_cpu_path(device, channels, sampling_ratio);
         }
     }

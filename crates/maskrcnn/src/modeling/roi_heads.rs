@@ -425,8 +425,9 @@ pub enum MaskRows {
     /// Every slot (`B × Q` rows): nothing read back.
     All,
     /// The positives counted on the host (one device→host read), rounded
-    /// up by [`mask_row_bucket`]: exact, for eager steps.
-    Counted,
+    /// up by [`mask_row_bucket`]: exact, for eager steps; the count is also
+    /// published to `report` when there is one.
+    Counted { report: Option<std::sync::Arc<crate::kernels::host_value::HostValue>> },
     /// `rows` rows (at most `B × Q`), fixed on the host beforehand, as a
     /// recorded step needs; the step publishes its positive count to
     /// `report`, and a caller whose count exceeds `rows` must discard the
@@ -580,7 +581,13 @@ impl RoiHeads {
         let count = || positive.sum(Kind::Int64);
         let rows = match mask_rows {
             MaskRows::All => total,
-            MaskRows::Counted => mask_row_bucket(crate::host_sync::to_host(&count()).int64_value(&[]), total),
+            MaskRows::Counted { report } => {
+                let count = count();
+                if let Some(report) = report {
+                    report.publish(&count);
+                }
+                mask_row_bucket(crate::host_sync::to_host(&count).int64_value(&[]), total)
+            }
             MaskRows::Budget { rows, report } => {
                 report.publish(&count());
                 (*rows).min(total)
