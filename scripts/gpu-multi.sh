@@ -63,6 +63,18 @@ print(mean('images_per_s'), 'img/s, step', mean('step_ms'), 'ms, data wait', mea
       '| last half', mean('images_per_s', late), 'img/s, GPU busy', mean('gpu_busy', late),
       '| replays', rows[-1].get('graph_replays'), 'redone', rows[-1].get('steps_redone'))")
     echo "$per per GPU, $n GPU(s): $rate"
+    # Every rank's own GPU and all-reduce time per step (ranks/rank<R>.jsonl
+    # beside rank 0's metrics.jsonl): a slow rank shows as a longer GPU time
+    # and the others' longer all-reduce (they wait for it).
+    [[ -d $run/ranks ]] && python3 -c "
+import glob, json
+files = ['$run/metrics.jsonl'] + sorted(glob.glob('$run/ranks/rank*.jsonl'))
+for rank, f in enumerate(files):
+    rows = [json.loads(l) for l in open(f) if 'images_per_s' in l][2:]
+    if rows:
+        m = lambda k: round(sum(r.get(k, 0) or 0 for r in rows) / len(rows), 2)
+        print(f'  rank {rank}: step', m('step_ms'), 'ms, GPU', m('gpu_ms'), 'ms, all-reduce', m('allreduce_ms'),
+              'ms, data wait', m('data_wait_ms'), 'ms')"
     r=${rate%% *}
     if [[ $n == 1 ]]; then one=$r; elif [[ -n $one ]]; then
       python3 -c "print('  efficiency vs 1 GPU: %.3f (%.2fx)' % ($r / ($n * $one), $r / $one))"

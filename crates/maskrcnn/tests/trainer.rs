@@ -856,6 +856,24 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
     for rank in 0..world {
         assert!(stderr.contains(&format!("rank {rank}/{world}")), "rank {rank} missing: {stderr}");
     }
+    // Every other rank logs its own step records (its step, GPU and
+    // all-reduce times) beside rank 0's metrics.jsonl: the same iterations
+    // and the same (all-reduced) losses.
+    let logged = losses_by_iteration(&out);
+    assert!(!logged.is_empty(), "rank 0 logged no step");
+    for rank in 1..world {
+        let path = out.join("ranks").join(format!("rank{rank}.jsonl"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let own: Vec<(u64, f64)> =
+            rows.iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect();
+        assert_eq!(own.len(), logged.len(), "rank {rank}: {text}");
+        for ((i, a), (j, b)) in own.iter().zip(&logged) {
+            assert_eq!(i, j);
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "rank {rank} iteration {i}: loss {a} vs rank 0's {b}");
+        }
+        assert!(rows.iter().all(|r| r["step_ms"].as_f64().is_some() && r["allreduce_ms"].as_f64().is_some()));
+    }
     let trained: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(out.join("model_final.safetensors")).unwrap().into_iter().collect();
 

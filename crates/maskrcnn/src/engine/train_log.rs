@@ -1,8 +1,9 @@
 //! What `maskrcnn train` records while it runs: one JSON line per logged
 //! iteration and per evaluation in `metrics.jsonl`, the same scalars as
 //! TensorBoard events under `tensorboard/`, and where a log window's time
-//! went (waiting for the loader, in the all-reduce). Rank 0 writes; other
-//! ranks keep the same bookkeeping into a sink.
+//! went (waiting for the loader, in the all-reduce). Rank 0 writes these;
+//! every other rank writes its own step records to `ranks/rank<R>.jsonl`
+//! (its step, GPU, data-wait and all-reduce times: where one rank is slower).
 
 use crate::engine::amp::ScalerState;
 use crate::engine::tensorboard::EventWriter;
@@ -114,34 +115,38 @@ fn drop_records_after(path: &Path, iteration: u64) -> std::io::Result<()> {
 }
 
 impl TrainLog {
-    /// Opens `output/metrics.jsonl` (appending: a resumed run continues it,
-    /// after dropping the records of iterations past `start_iteration` that
-    /// the interrupted run logged after its checkpoint) and the TensorBoard
-    /// writer when `main`; a sink otherwise. `distributed` adds the
-    /// all-reduce time to each record. The first window starts at
-    /// `start_iteration`.
+    /// Opens `output/metrics.jsonl` for rank 0 (appending: a resumed run
+    /// continues it, after dropping the records of iterations past
+    /// `start_iteration` that the interrupted run logged after its
+    /// checkpoint) and the TensorBoard writer; for rank `rank` > 0 of a
+    /// `distributed` run `output/ranks/rank<rank>.jsonl` the same way (step
+    /// records only). `distributed` adds the all-reduce time to each
+    /// record. The first window starts at `start_iteration`.
     pub fn open(
         output: &Path,
-        main: bool,
+        rank: usize,
         distributed: bool,
         start_iteration: u64,
         cuda: bool,
     ) -> Result<TrainLog, TrainLogError> {
-        let metrics: Box<dyn Write> = if main {
-            let path = output.join("metrics.jsonl");
-            if start_iteration > 0 {
-                drop_records_after(&path, start_iteration)
-                    .map_err(|source| TrainLogError { path: path.display().to_string(), source })?;
+        let main = rank == 0;
+        let path = match (main, distributed) {
+            (true, _) => Some(output.join("metrics.jsonl")),
+            (false, true) => Some(output.join("ranks").join(format!("rank{rank}.jsonl"))),
+            (false, false) => None,
+        };
+        let metrics: Box<dyn Write> = match path {
+            Some(path) => {
+                let error = |source| TrainLogError { path: path.display().to_string(), source };
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(error)?;
+                }
+                if start_iteration > 0 {
+                    drop_records_after(&path, start_iteration).map_err(error)?;
+                }
+                Box::new(std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(error)?)
             }
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|source| TrainLogError { path: path.display().to_string(), source })?,
-            )
-        } else {
-            Box::new(std::io::sink())
+            None => Box::new(std::io::sink()),
         };
         if main && start_iteration > 0 {
             if let Err(e) =

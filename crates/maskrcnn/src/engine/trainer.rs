@@ -160,7 +160,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             max_image_pixels: config.input.max_image_pixels,
         },
     )?;
-    let log = TrainLog::open(&opts.output, main, group.is_some(), start, cuda)?;
+    let log = TrainLog::open(&opts.output, rank, group.is_some(), start, cuda)?;
     let mut trainer = Trainer {
         config,
         opts,
@@ -348,8 +348,8 @@ fn build_model(
 }
 
 /// What a run writes into its output folder (the config aside).
-const RUN_FILES: [&str; 6] =
-    ["metrics.jsonl", "checkpoints", "model_final.safetensors", "tensorboard", "eval", "summary.json"];
+const RUN_FILES: [&str; 7] =
+    ["metrics.jsonl", "ranks", "checkpoints", "model_final.safetensors", "tensorboard", "eval", "summary.json"];
 
 /// Makes `output` ready for a run: creates it, takes its lock (an advisory
 /// `flock` on `output/.lock`, released when the returned file is dropped or
@@ -375,7 +375,7 @@ fn prepare_output(
         return Err(setup("in use by another training run (its .lock is held)".into()));
     }
     let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| output.join(f).exists()).collect();
-    let has_run = present.iter().any(|f| *f != "tensorboard" && *f != "eval");
+    let has_run = present.iter().any(|f| !["tensorboard", "eval", "ranks"].contains(f));
     if !resume && has_run {
         if !overwrite {
             return Err(setup(format!(
