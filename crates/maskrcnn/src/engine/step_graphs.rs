@@ -659,8 +659,8 @@ mod tests {
     }
 
     /// Asserts the losses (1e-5 relative) and gradients (1e-4 relative L2)
-    /// of two steps equal; returns the gradients' distance.
-    fn assert_same_step(eager: (&MaskRcnn, &Tensor), graphed: (&MaskRcnn, &Tensor), what: &str) -> f64 {
+    /// of two steps equal.
+    fn assert_same_step(eager: (&MaskRcnn, &Tensor), graphed: (&MaskRcnn, &Tensor), what: &str) {
         let (a, b) = (values(eager.1), values(graphed.1));
         for (k, (x, y)) in a.iter().zip(&b).enumerate() {
             assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "loss {k}: eager {x}, {what} {y}");
@@ -668,7 +668,6 @@ mod tests {
         let (rel, _) = gradient_distance(eager.0, graphed.0);
         eprintln!("{what}: losses {a:?} vs {b:?}; gradients differ by {rel:.1e}");
         assert!(rel <= 1e-4, "{what}: gradients differ by {rel:.2e} (relative L2)");
-        rel
     }
 
     /// A graphed step whose positives exceed its mask-row budget runs again
