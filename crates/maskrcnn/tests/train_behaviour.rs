@@ -1,8 +1,11 @@
 //! Training behaviour beyond parity: bad targets, crowds, frozen stages, and a
 //! short SGD run that must drive the loss down.
 
+mod common;
+
+use common::replay::ReplaySampler;
 use maskrcnn::ops::sampler::Samples;
-use maskrcnn::ops::{BalancedSampler, FgBgSampler, ReplaySampler, SampleStage};
+use maskrcnn::ops::{BalancedSampler, FgBgSampler, SampleStage};
 use maskrcnn::structures::{InstanceMasks, Target};
 use maskrcnn::{Config, MaskRcnn};
 use tch::{nn::OptimizerConfig, Device, Kind, Tensor};
@@ -188,4 +191,18 @@ impl FgBgSampler for Recorder {
         self.calls.push((stage, drawn.masks(labels, exists)));
         drawn
     }
+}
+
+/// Replayed masks come back as the same positions, positives first.
+#[test]
+fn replay_puts_recorded_masks_on_real_positions() {
+    let labels = Tensor::from_slice(&[1i64, 0, -1, 0, 1, -1]).reshape([1, 6]);
+    let exists = Tensor::from_slice(&[true, true, false, true, true, false]).reshape([1, 6]);
+    let mut r = ReplaySampler::default();
+    let rp = Tensor::from_slice(&[false, false, false, true]);
+    let rn = Tensor::from_slice(&[false, true, true, false]);
+    r.calls.push_back((SampleStage::RoiHeads, vec![(rp, rn)]));
+    let s = r.sample(SampleStage::RoiHeads, &labels, &exists, 4, 0.25);
+    assert_eq!(Vec::<i64>::try_from(s.index.reshape([-1])).unwrap()[..3], [4, 1, 3]);
+    assert_eq!(Vec::<bool>::try_from(s.valid.reshape([-1])).unwrap(), [true, true, true, false]);
 }

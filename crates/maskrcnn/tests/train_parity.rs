@@ -12,8 +12,9 @@
 
 mod common;
 
+use common::replay::ReplaySampler;
 use common::*;
-use maskrcnn::ops::{ReplaySampler, SampleStage};
+use maskrcnn::ops::SampleStage;
 use maskrcnn::structures::{InstanceMasks, Target};
 use maskrcnn::{Config, MaskRcnn};
 use std::collections::HashMap;

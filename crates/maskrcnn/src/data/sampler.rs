@@ -76,8 +76,10 @@ impl GroupedBatchSampler {
         batches
     }
 
-    /// This rank's batches of `epoch`: its slices of the global batches.
-    pub fn epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
+    /// This rank's batches of `epoch`: its slices of the global batches
+    /// (what [`BatchPlan`] yields, one epoch at a time; for the tests).
+    #[cfg(test)]
+    fn epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
         self.global_epoch(epoch).iter().map(|g| self.slice(g).to_vec()).collect()
     }
 

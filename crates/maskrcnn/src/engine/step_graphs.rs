@@ -219,34 +219,24 @@ impl StepGraphs {
         };
         let slots = inputs.targets.len() * model.config.roi_heads.positive_slots();
         self.slots = slots;
-        if self.most.is_none() {
-            // No count yet: a budget would be every slot (`B × Q` rows, 2048
-            // at batch 16), which made this one step the run's memory peak.
-            // It runs eagerly on its counted positives instead (one read).
+        let Some(mut rows) = self.budget() else {
+            // No count yet to size a budget by: this step runs eagerly on
+            // its counted positives (one read; every slot — `B × Q` rows,
+            // 2048 at batch 16 — made it the run's memory peak).
             report.reset();
             let first = TrainInputs { mask_rows: MaskRows::Counted { report: Some(report.clone()) }, ..inputs };
             let losses = forward_backward_prepared(model, &first, accumulate, scaler, amp, sampler);
-            match report.wait(COUNT_TIMEOUT) {
-                Some(p) => self.observe(p),
-                None => {
-                    tracing::warn!("the first training step did not publish its mask positives; the mask head runs every slot from now on");
-                    self.positives = Some(None);
-                }
-            }
+            self.take_count(&report);
             return losses;
-        }
-        let mut rows = self.budget();
+        };
         loop {
             let attempt =
                 TrainInputs { mask_rows: MaskRows::Budget { rows, report: report.clone() }, ..inputs.shallow() };
             report.reset();
             let losses = self.run(index, model, attempt, accumulate, scaler, amp, sampler);
-            let positives = report.wait(COUNT_TIMEOUT);
-            if let Some(p) = positives {
-                self.observe(p);
-                if p <= rows {
-                    return losses;
-                }
+            let positives = self.take_count(&report);
+            if positives.is_some_and(|p| p <= rows) {
+                return losses;
             }
             // Too few rows (or no count): this attempt's gradients are wrong.
             let grads: Vec<Tensor> =
@@ -263,18 +253,31 @@ impl StepGraphs {
                     tracing::debug!("mask positives {p} exceeded the budget of {rows} rows; running the step again");
                     // Without a reseed the samples (hence the count) may differ again.
                     // The budget now covers `p` (it is at least min(slots, p)).
-                    rows = if reseed.is_some() { self.budget() } else { slots };
+                    rows = if reseed.is_some() { self.budget().unwrap_or(slots) } else { slots };
                 }
                 None => {
-                    tracing::warn!(
-                        "a training step did not publish its mask positives; the mask head runs every slot from now on"
-                    );
-                    self.positives = Some(None);
                     let inputs = TrainInputs { mask_rows: MaskRows::All, ..inputs };
                     return self.run(index, model, inputs, accumulate, scaler, amp, sampler);
                 }
             }
         }
+    }
+
+    /// Waits for the positive count a step publishes to `report` and notes
+    /// it. Without one (a failed launch, a stalled device) budgets are given
+    /// up: the mask head runs every slot from then on.
+    fn take_count(&mut self, report: &HostValue) -> Option<i64> {
+        let count = report.wait(COUNT_TIMEOUT);
+        match count {
+            Some(p) => self.observe(p),
+            None => {
+                tracing::warn!(
+                    "a training step did not publish its mask positives; the mask head runs every slot from now on"
+                );
+                self.positives = Some(None);
+            }
+        }
+        count
     }
 
     /// How to pad the next step's ground truth: to power-of-two buckets, at
@@ -285,11 +288,10 @@ impl StepGraphs {
     }
 
     /// The mask rows of the next step: the slots halved up to four times
-    /// while a quarter more rows than the most positives so far remain
-    /// (every slot before any count; the first step runs on its counted
-    /// positives instead, see [`StepGraphs::forward_backward`]).
-    fn budget(&self) -> i64 {
-        let Some(most) = self.most else { return self.slots };
+    /// while a quarter more rows than the most positives so far remain;
+    /// `None` before any count (that step runs on its counted positives).
+    fn budget(&self) -> Option<i64> {
+        let most = self.most?;
         let mut rows = self.slots;
         for _ in 0..4 {
             if rows / 2 < most + most / 4 + 1 {
@@ -297,7 +299,7 @@ impl StepGraphs {
             }
             rows /= 2;
         }
-        rows
+        Some(rows)
     }
 
     /// Notes a step's positive count; when the budget grows, the graphs of
@@ -306,17 +308,17 @@ impl StepGraphs {
         if self.most.is_some_and(|m| m >= positives) {
             return;
         }
-        let before = self.most.map(|_| self.budget());
+        let before = self.budget();
         self.most = Some(positives);
-        if before.is_some_and(|b| b != self.budget()) {
-            tracing::debug!("mask-row budget {before:?} -> {} rows", self.budget());
+        if before.is_some() && before != self.budget() {
+            tracing::debug!("mask-row budget {before:?} -> {:?} rows", self.budget());
             self.cache.clear();
         }
     }
 
     /// The mask rows a step runs now (before any step: counted, `None`).
     pub fn mask_rows(&self) -> Option<i64> {
-        self.most.map(|_| self.budget())
+        self.budget()
     }
 
     /// One attempt: `inputs` through the graph cache.
@@ -617,6 +619,19 @@ mod tests {
         }
     }
 
+    /// The budget rule on the host: none before a count; the slots halved
+    /// up to four times while a quarter more rows than the most positives
+    /// remain; a lower count leaves it, a higher one grows it.
+    #[test]
+    fn the_budget_follows_the_most_positives() {
+        let mut graphs = StepGraphs { slots: 2048, ..StepGraphs::default() };
+        assert_eq!((graphs.budget(), graphs.mask_rows()), (None, None));
+        for (positives, rows) in [(93, 128), (50, 128), (300, 512), (2000, 2048)] {
+            graphs.observe(positives);
+            assert_eq!(graphs.budget(), Some(rows), "after {positives} positives");
+        }
+    }
+
     /// Two models with equal weights on `device`, and one step of the same
     /// four images (up to `max_instances` instances each, drawn from
     /// `batch_seed`) through each from libtorch seed `seed`: eager on the
@@ -681,13 +696,13 @@ mod tests {
         };
         let mut graphs = StepGraphs::default();
         (graphs.most, graphs.slots) = (Some(1), 4 * 128);
-        assert_eq!(graphs.budget(), 32);
+        assert_eq!(graphs.budget(), Some(32));
         // Four images with 1-24 instances each: more positives than 32 rows.
         let (eager_model, graph_model, eager, redone) = eager_and_graphed_step(device, 8, 24, 9, &mut graphs);
         assert_eq!(graphs.redone(), 1, "the step ran again");
         let counted = graphs.most.expect("a count");
         assert!(counted > 32, "positives {counted}");
-        let budget = graphs.budget();
+        let budget = graphs.budget().expect("a budget");
         assert!(budget > counted + counted / 4 || budget == 512, "budget {budget} for {counted} positives");
         assert_same_step((&eager_model, &eager), (&graph_model, &redone), "redone step");
     }
@@ -753,7 +768,7 @@ mod tests {
             // A fixed mask-row budget, half the 256 slots (more rows than
             // these small batches have positives): the keys are the shapes.
             (graphs.most, graphs.slots) = (Some(100), 2 * 128);
-            assert_eq!(graphs.budget(), 128);
+            assert_eq!(graphs.budget(), Some(128));
             let mut rng = crate::random::Rng::new(3);
             let (mut worst_loss, mut worst_grad): (f64, f64) = (0.0, 0.0);
             let mut reserved_after = Vec::new();

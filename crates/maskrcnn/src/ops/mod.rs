@@ -12,4 +12,4 @@ pub use boxes::{box_area, box_iou, boxes_at_least, clip_boxes_to_sizes, BoxCoder
 pub use matcher::Matcher;
 pub use nms::{batched_nms, nms};
 pub use roi_align::roi_align;
-pub use sampler::{BalancedSampler, FgBgSampler, FirstSampler, ReplaySampler, SampleStage};
+pub use sampler::{BalancedSampler, FgBgSampler, FirstSampler, SampleStage};

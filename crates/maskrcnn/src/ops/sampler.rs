@@ -146,45 +146,6 @@ impl FgBgSampler for FirstSampler {
     }
 }
 
-/// Replays recorded selections in call order (for tests that drive
-/// torchvision and this crate with the same samples).
-#[derive(Debug, Default)]
-pub struct ReplaySampler {
-    /// Per call: stage and per-image (positive, negative) masks over that
-    /// image's real positions, in order.
-    pub calls: std::collections::VecDeque<(SampleStage, Vec<(Tensor, Tensor)>)>,
-}
-
-impl FgBgSampler for ReplaySampler {
-    fn sample(
-        &mut self,
-        stage: SampleStage,
-        labels: &Tensor,
-        exists: &Tensor,
-        batch: usize,
-        _fraction: f64,
-    ) -> Samples {
-        let (recorded_stage, per_image) = self.calls.pop_front().expect("ReplaySampler: no recorded call left");
-        assert_eq!(recorded_stage, stage, "ReplaySampler: calls replayed out of order");
-        assert_eq!(per_image.len() as i64, labels.size()[0], "ReplaySampler: image count differs");
-        let device = labels.device();
-        let (b, p) = (labels.size()[0], labels.size()[1]);
-        let mut pos = Tensor::zeros([b, p], (Kind::Bool, device));
-        let mut neg = Tensor::zeros([b, p], (Kind::Bool, device));
-        for (i, (rp, rn)) in per_image.into_iter().enumerate() {
-            let positions = exists.get(i as i64).nonzero().squeeze_dim(1);
-            assert_eq!(rp.size()[0], positions.size()[0], "ReplaySampler: recorded mask does not fit the labels");
-            let put = |m: &mut Tensor, r: Tensor| {
-                let r = r.to_device(device).to_kind(Kind::Bool);
-                let _ = m.get(i as i64).index_copy_(0, &positions, &r);
-            };
-            put(&mut pos, rp);
-            put(&mut neg, rn);
-        }
-        Samples::from_masks(&pos, &neg, batch)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,19 +233,5 @@ mod tests {
     fn gpu_counts_and_inclusion_probabilities() {
         let Some(device) = crate::test_support::cuda_or_skip("gpu_counts_and_inclusion_probabilities") else { return };
         counts_and_inclusion_probabilities(device);
-    }
-
-    /// Replayed masks come back as the same positions, positives first.
-    #[test]
-    fn replay_puts_recorded_masks_on_real_positions() {
-        let labels = Tensor::from_slice(&[1i64, 0, -1, 0, 1, -1]).reshape([1, 6]);
-        let exists = Tensor::from_slice(&[true, true, false, true, true, false]).reshape([1, 6]);
-        let mut r = ReplaySampler::default();
-        let rp = Tensor::from_slice(&[false, false, false, true]);
-        let rn = Tensor::from_slice(&[false, true, true, false]);
-        r.calls.push_back((SampleStage::RoiHeads, vec![(rp, rn)]));
-        let s = r.sample(SampleStage::RoiHeads, &labels, &exists, 4, 0.25);
-        assert_eq!(Vec::<i64>::try_from(s.index.reshape([-1])).unwrap()[..3], [4, 1, 3]);
-        assert_eq!(Vec::<bool>::try_from(s.valid.reshape([-1])).unwrap(), [true, true, true, false]);
     }
 }

@@ -2,6 +2,8 @@
 //! pycocotools oracle scripts of `tests/reference/` and reading their outputs.
 #![allow(dead_code)]
 
+pub mod replay;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
