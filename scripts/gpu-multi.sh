@@ -17,6 +17,9 @@
 #                     otherwise dominated by autotuning ~30 shapes)
 #   TRAIN_IMAGES=2000 synthetic training images
 #   LAUNCH_TEST=1     0 skips the 2-rank launch test at the start
+#   BUCKET_MB=25      solver.allreduce_bucket_mb of the multi-GPU runs, one
+#                     run per value ("0 25": one all-reduce after the
+#                     backward, then 25-MiB buckets overlapping it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
@@ -41,14 +44,16 @@ fi
 for per in $PER_GPU; do
   one=""
   for n in $GPUS; do
-    run="$W/bs${per}-gpus$n"; t0=$SECONDS
+    for mb in $([[ $n == 1 ]] && echo 25 || echo ${BUCKET_MB:-25}); do
+    run="$W/bs${per}-gpus$n"; [[ $n != 1 && ${BUCKET_MB:-25} != 25 ]] && run="$run-mb$mb"
+    t0=$SECONDS
     if [[ $n == 1 ]]; then
       CUDA_VISIBLE_DEVICES=0 "$B" train "${SETS[@]}" --set solver.ims_per_batch=$per --output "$run" > "$run.log" 2>&1
     else
       "$B" launch --nproc-per-node "$n" train "${SETS[@]}" --set solver.ims_per_batch=$((n * per)) \
-        --output "$run" > "$run.log" 2>&1
+        --set solver.allreduce_bucket_mb=$mb --output "$run" > "$run.log" 2>&1
     fi
-    echo "== $per per GPU, $n GPU(s): exit $?, $((SECONDS - t0)) s"
+    echo "== $per per GPU, $n GPU(s), buckets $mb MiB: exit $?, $((SECONDS - t0)) s"
     tail -2 "$run.log"
     # Steady state: the logged windows after the first two (warm-up); the
     # last half of the windows (every shape recorded by then).
@@ -59,10 +64,11 @@ steady = rows[2:] or rows
 mean = lambda k, rs=steady: round(sum(r.get(k, 0) or 0 for r in rs) / len(rs), 2)
 late = rows[len(rows) // 2:]
 print(mean('images_per_s'), 'img/s, step', mean('step_ms'), 'ms, data wait', mean('data_wait_ms'),
-      'ms, all-reduce', mean('allreduce_ms'), 'ms, loss', round(rows[-1]['loss'], 3),
+      'ms, all-reduce', mean('allreduce_ms'), 'ms (exposed on the GPU', mean('allreduce_gpu_ms'),
+      'ms), loss', round(rows[-1]['loss'], 3),
       '| last half', mean('images_per_s', late), 'img/s, GPU busy', mean('gpu_busy', late),
       '| replays', rows[-1].get('graph_replays'), 'redone', rows[-1].get('steps_redone'))")
-    echo "$per per GPU, $n GPU(s): $rate"
+    echo "$per per GPU, $n GPU(s), buckets $mb MiB: $rate"
     # Every rank's own GPU and all-reduce time per step (ranks/rank<R>.jsonl
     # beside rank 0's metrics.jsonl): a slow rank shows as a longer GPU time
     # and the others' longer all-reduce (they wait for it).
@@ -74,11 +80,12 @@ for rank, f in enumerate(files):
     if rows:
         m = lambda k: round(sum(r.get(k, 0) or 0 for r in rows) / len(rows), 2)
         print(f'  rank {rank}: step', m('step_ms'), 'ms, GPU', m('gpu_ms'), 'ms, all-reduce', m('allreduce_ms'),
-              'ms, data wait', m('data_wait_ms'), 'ms')"
+              'ms, exposed', m('allreduce_gpu_ms'), 'ms, data wait', m('data_wait_ms'), 'ms')"
     r=${rate%% *}
     if [[ $n == 1 ]]; then one=$r; elif [[ -n $one ]]; then
       python3 -c "print('  efficiency vs 1 GPU: %.3f (%.2fx)' % ($r / ($n * $one), $r / $one))"
     fi
+    done
   done
 done
 # Loss curves at the same global batch (1 GPU at N x B against N GPUs at B).

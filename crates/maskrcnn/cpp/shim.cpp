@@ -6,6 +6,8 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <atomic>
 #include <dlfcn.h>
 #include <string>
@@ -391,6 +393,46 @@ int mrcnn_set_grad(at::Tensor* param, at::Tensor* grad) {
         grad->device() != param->device())
       throw std::runtime_error("set_grad: the gradient's shape, dtype or device differs from the parameter's");
     param->mutable_grad() = *grad;
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// A parameter's post-accumulate-grad hook: once backward has accumulated
+// the parameter's gradient (its .grad is final for this backward), it calls
+// `callback(ctx, index, stream)` on the autograd thread with the CUDA
+// stream the accumulation ran on (null off CUDA; the capturing stream while
+// a CUDA graph records). The multi-GPU step starts its bucketed gradient
+// all-reduce from these (engine::grad_buckets).
+typedef void (*PostAccumulateCallback)(void* ctx, int index, void* stream);
+
+struct MrcnnPostAccumulate : torch::autograd::PostAccumulateGradHook {
+  PostAccumulateCallback callback;
+  void* ctx;
+  int index;
+  MrcnnPostAccumulate(PostAccumulateCallback callback, void* ctx, int index)
+      : callback(callback), ctx(ctx), index(index) {}
+  void operator()(const torch::autograd::Variable& param) override {
+    void* stream = nullptr;
+#ifdef MRCNN_WITH_CUDA
+    if (param.is_cuda()) stream = static_cast<void*>(c10::cuda::getCurrentCUDAStream(param.device().index()).stream());
+#endif
+    callback(ctx, index, stream);
+  }
+};
+
+// Installs (callback non-null) or removes `param`'s post-accumulate hook
+// (one per parameter: it replaces any other).
+int mrcnn_set_post_accumulate_hook(at::Tensor* param, PostAccumulateCallback callback, void* ctx, int index) {
+  try {
+    if (!param->is_leaf() || !param->requires_grad())
+      throw std::runtime_error("post-accumulate hook: the tensor is not a leaf that requires grad");
+    if (callback)
+      torch::autograd::impl::set_post_acc_grad_hooks(*param, std::make_unique<MrcnnPostAccumulate>(callback, ctx, index));
+    else
+      torch::autograd::impl::set_post_acc_grad_hooks(*param, nullptr);
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();

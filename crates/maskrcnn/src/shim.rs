@@ -51,6 +51,12 @@ extern "C" {
         out: *mut Handle,
     ) -> c_int;
     fn mrcnn_set_grad(param: Handle, grad: Handle) -> c_int;
+    fn mrcnn_set_post_accumulate_hook(
+        param: Handle,
+        callback: Option<PostAccumulateCallback>,
+        ctx: *mut std::ffi::c_void,
+        index: c_int,
+    ) -> c_int;
     fn mrcnn_foreach_zero(ts: *const Handle, n: c_int) -> c_int;
     fn mrcnn_foreach_total_norm(ts: *const Handle, n: c_int, out: *mut Handle) -> c_int;
     fn mrcnn_foreach_mul(ts: *const Handle, n: c_int, factor: Handle) -> c_int;
@@ -196,6 +202,29 @@ pub fn epilogue_autograd(
 pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), ShimError> {
     // SAFETY: live tensors borrowed for the call.
     check(unsafe { mrcnn_set_grad(param.as_ptr() as Handle, grad.as_ptr() as Handle) })
+}
+
+/// Called on the autograd thread once backward has accumulated a
+/// parameter's gradient: `(ctx, index, stream)`, `stream` being the raw
+/// `CUstream` the accumulation ran on (null off CUDA). It must not unwind.
+pub type PostAccumulateCallback = extern "C" fn(*mut std::ffi::c_void, c_int, *mut std::ffi::c_void);
+
+/// Makes `callback(ctx, index, stream)` run after every backward pass has
+/// accumulated `param`'s gradient (`None`: removes it). One hook per
+/// parameter; `param` must be a leaf that requires grad.
+///
+/// # Safety
+/// `ctx` must stay valid for `callback` until the hook is removed.
+pub unsafe fn set_post_accumulate_hook(
+    param: &Tensor,
+    hook: Option<(PostAccumulateCallback, *mut std::ffi::c_void, usize)>,
+) -> Result<(), ShimError> {
+    let (callback, ctx, index) = match hook {
+        Some((f, ctx, index)) => (Some(f), ctx, index as c_int),
+        None => (None, std::ptr::null_mut(), 0),
+    };
+    // SAFETY: a live tensor borrowed for the call; the caller keeps `ctx` alive.
+    check(unsafe { mrcnn_set_post_accumulate_hook(param.as_ptr() as Handle, callback, ctx, index) })
 }
 
 /// Sets every tensor of `ts` to zero (one multi-tensor kernel per device

@@ -36,6 +36,11 @@ pub struct SolverConfig {
     pub checkpoint_keep: usize,
     /// Clip the global gradient L2 norm to this value; 0 disables clipping.
     pub clip_grad_norm: f64,
+    /// On several GPUs: gradients are averaged in buckets of about this
+    /// many MB (float32), each all-reduced as soon as the backward pass has
+    /// finished it, while the rest of the backward runs; 0: one all-reduce
+    /// of every gradient after the backward.
+    pub allreduce_bucket_mb: f64,
     /// Iterations between logged losses, learning rate and speed.
     pub log_period: usize,
     /// Stop (checkpoint, final evaluation) once training has taken this many
@@ -70,6 +75,7 @@ impl Default for SolverConfig {
             checkpoint_period: 2500,
             checkpoint_keep: 3,
             clip_grad_norm: 0.0,
+            allreduce_bucket_mb: 25.0,
             log_period: 20,
             max_seconds: 0.0,
         }
@@ -107,6 +113,11 @@ impl SolverConfig {
             s.clip_grad_norm >= 0.0 && s.clip_grad_norm.is_finite(),
             "solver.clip_grad_norm",
             "must be >= 0 (0: off)",
+        )?;
+        rule(
+            s.allreduce_bucket_mb >= 0.0 && s.allreduce_bucket_mb.is_finite(),
+            "solver.allreduce_bucket_mb",
+            "must be >= 0 (0: one all-reduce after the backward)",
         )?;
         rule(s.log_period >= 1, "solver.log_period", "must be >= 1")?;
         rule(s.max_seconds >= 0.0 && s.max_seconds.is_finite(), "solver.max_seconds", "must be >= 0 (0: no limit)")

@@ -587,17 +587,30 @@ impl ProcessGroup {
     /// crate's NVRTC kernels rely on), so no host synchronization is needed
     /// before or after.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
-        self.all_reduce(t, NCCL_SUM)
+        self.all_reduce(t, NCCL_SUM, std::ptr::null_mut())
     }
 
     /// Averages the contiguous float32 tensor `t` over all ranks, in place
     /// (NCCL's `ncclAvg`: no separate scaling pass on the GPU).
     pub fn all_reduce_mean_in_place(&self, t: &mut Tensor) -> Result<(), DistError> {
-        self.all_reduce(t, NCCL_AVG)
+        self.all_reduce(t, NCCL_AVG, std::ptr::null_mut())
     }
 
-    /// `t` reduced in place over the ranks by `op` (`NCCL_SUM` or `NCCL_AVG`).
-    fn all_reduce(&self, t: &mut Tensor, op: c_int) -> Result<(), DistError> {
+    /// [`all_reduce_mean_in_place`](Self::all_reduce_mean_in_place) queued
+    /// on the CUDA stream `stream` (a raw `CUstream`; null: the legacy
+    /// default stream) instead: the caller orders it with other work. The
+    /// CPU ranks' all-reduce ignores it.
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of this rank's GPU, and `t`
+    /// must stay allocated until the all-reduce has run on it.
+    pub unsafe fn all_reduce_mean_on(&self, t: &mut Tensor, stream: *mut c_void) -> Result<(), DistError> {
+        self.all_reduce(t, NCCL_AVG, stream)
+    }
+
+    /// `t` reduced in place over the ranks by `op` (`NCCL_SUM` or
+    /// `NCCL_AVG`), on `stream` under NCCL.
+    fn all_reduce(&self, t: &mut Tensor, op: c_int, stream: *mut c_void) -> Result<(), DistError> {
         if t.kind() != Kind::Float || !t.is_contiguous() || t.device() != self.device() {
             return Err(DistError::Nccl(format!(
                 "all-reduce needs a contiguous float32 tensor on {:?}",
@@ -611,10 +624,10 @@ impl ProcessGroup {
                     |e: cudarc::driver::DriverError| DistError::Nccl(format!("cuda:{}: {e}", self.env.local_rank));
                 ctx.bind_to_thread().map_err(ctx_err)?;
                 // SAFETY: `ptr` addresses numel() float32 values on this
-                // rank's GPU, alive until the call returns and ordered on the
-                // null stream.
+                // rank's GPU, alive until the all-reduce ran (the null
+                // stream's order, or the caller's on its `stream`).
                 api.check("ncclAllReduce", unsafe {
-                    (api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, op, *comm, std::ptr::null_mut())
+                    (api.all_reduce)(ptr, ptr, t.numel(), NCCL_FLOAT32, op, *comm, stream)
                 })
             }
             Transport::Tcp(links) => {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data_bench;
 pub mod distributed;
+pub mod grad_buckets;
 pub mod hooks;
 pub mod launcher;
 pub mod lr_schedule;

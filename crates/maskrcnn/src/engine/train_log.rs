@@ -83,6 +83,8 @@ pub struct TrainLog {
     gpu_spans: Vec<crate::kernels::timing::GpuSpan>,
     /// The current step's span, until its update is issued.
     open_span: Option<crate::kernels::timing::GpuSpan>,
+    /// The exposed all-reduce of the window's steps (several GPUs).
+    reduce_spans: Vec<crate::kernels::timing::GpuSpan>,
     /// The window's batches: loader worker milliseconds (decode, augment,
     /// collate) and batches already finished behind the taken one.
     loader_ms: f64,
@@ -173,6 +175,7 @@ impl TrainLog {
             window_syncs: 0,
             gpu_spans: Vec::new(),
             open_span: None,
+            reduce_spans: Vec::new(),
             loader_ms: 0.0,
             loader_ahead: 0,
             loader_batches: 0,
@@ -218,6 +221,12 @@ impl TrainLog {
         }
     }
 
+    /// Keeps a step's GPU span from the end of its backward to the end of
+    /// its all-reduce: the communication time the backward did not hide.
+    pub fn add_reduce_span(&mut self, span: Option<crate::kernels::timing::GpuSpan>) {
+        self.reduce_spans.extend(span);
+    }
+
     /// Records iteration `v.iteration` (closing the log window: images/s and
     /// the wait times are per window) and returns the progress message
     /// `loss … lr … img/s [scale … skipped …]`.
@@ -257,6 +266,10 @@ impl TrainLog {
         if let Some(w) = self.reduce_wait.as_mut() {
             record.insert("allreduce_ms".into(), (1e3 * *w / steps).into());
             *w = 0.0;
+        }
+        let exposed: Vec<f64> = self.reduce_spans.drain(..).filter_map(|s| s.elapsed_ms()).collect();
+        if !exposed.is_empty() {
+            record.insert("allreduce_gpu_ms".into(), (exposed.iter().sum::<f64>() / exposed.len() as f64).into());
         }
         record.insert("seconds".into(), v.seconds.into());
         if let Some(s) = v.scale {

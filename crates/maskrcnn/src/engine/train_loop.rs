@@ -11,6 +11,7 @@ use crate::data::loader::Loader;
 use crate::engine::amp::GradScaler;
 use crate::engine::checkpoint;
 use crate::engine::distributed::{DistError, ProcessGroup};
+use crate::engine::grad_buckets::GradBuckets;
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
 use crate::engine::step_graphs::{forward_backward_prepared, StepGraphs};
@@ -309,9 +310,16 @@ impl Trainer<'_> {
             let next = iteration + 1;
             let read_flags = next.is_multiple_of(solver.log_period as u64) || next == max_iter;
             let reduced = Instant::now();
+            // On the GPU: from the backward's end to the last all-reduce's
+            // (the communication the backward did not hide).
+            let mut exposed = crate::kernels::timing::GpuSpan::start(device);
             let (interrupt, time_up) = sync.all_reduce(g, &losses, (request.interrupt, request.time_up), read_flags)?;
             request = StopRequest { interrupt, time_up };
             self.log.add_reduce_wait(reduced.elapsed().as_secs_f64());
+            if let Some(span) = exposed.as_mut() {
+                span.stop();
+            }
+            self.log.add_reduce_span(exposed);
         }
         apply_update(&mut self.sgd, self.scaler.as_mut(), lr, solver.clip_grad_norm)?;
         if let (true, Device::Cuda(i)) = (profiled, device) {
@@ -327,31 +335,39 @@ impl Trainer<'_> {
 
 /// What one training step exchanges over several GPUs, prepared once: one
 /// flat float32 buffer holding every trainable parameter's gradient (in a
-/// rank-independent order, by name; each parameter's `.grad` is a view into
-/// it from the start, so backward accumulates straight into the buffer and
-/// every rank reduces the same values even when a step leaves a parameter
-/// unreached), then the step's five losses and the two stop flags: one
-/// all-reduce in place per step, nothing concatenated or copied back.
+/// rank-independent order — by name, descending, which is about the order
+/// backward finishes them: the RPN and RoI heads, the FPN, then the
+/// backbone from its top; each parameter's `.grad` is a view into it from
+/// the start, so backward accumulates straight into the buffer and every
+/// rank reduces the same values even when a step leaves a parameter
+/// unreached), then the step's five losses and the two stop flags. On GPUs
+/// the gradients are all-reduced in buckets, each started as soon as
+/// backward has finished it ([`GradBuckets`], `solver.allreduce_bucket_mb`),
+/// then the losses and flags; else in one all-reduce after the backward.
+/// Nothing is concatenated or copied back.
 pub struct GroupStep {
     flat: Tensor,
     /// `[5]` view of `flat`: the step's losses.
     losses: Tensor,
     /// `[2]` view of `flat`: Ctrl-C, time budget (1.0 = set) on this rank.
     flags: Tensor,
+    /// The gradients' buckets (NCCL with `allreduce_bucket_mb` > 0).
+    buckets: Option<GradBuckets>,
 }
 
 impl GroupStep {
     /// Makes the ranks' weights and statistics identical (the mean of equal
     /// values is exact; this also covers any init drift) and prepares the
-    /// step's tensors.
-    pub fn new(group: &ProcessGroup, model: &MaskRcnn) -> Result<GroupStep, TrainError> {
+    /// step's tensors, with gradient buckets of about `bucket_mb` MiB on
+    /// CUDA (0: none).
+    pub fn new(group: &ProcessGroup, model: &MaskRcnn, bucket_mb: f64) -> Result<GroupStep, TrainError> {
         // Sorted by name: every rank must concatenate in the same order.
         let mut state: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
         state.sort_by(|a, b| a.0.cmp(&b.0));
         group.all_reduce_mean(&state.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
         let mut params: Vec<(String, Tensor)> =
             model.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
+        params.sort_by(|a, b| b.0.cmp(&a.0));
         let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
         let device = model.vs.device();
         let total: i64 = trainable.iter().map(|p| p.numel() as i64).sum();
@@ -367,16 +383,33 @@ impl GroupStep {
             crate::shim::set_grad(p, &grad)?;
             offset += p.numel() as i64;
         }
+        let buckets = match group.device() {
+            Device::Cuda(index) if bucket_mb > 0.0 => {
+                let numels: Vec<i64> = trainable.iter().map(|p| p.numel() as i64).collect();
+                let cap = (bucket_mb * (1u64 << 20) as f64 / 4.0).ceil() as i64;
+                let plan = crate::engine::grad_buckets::plan_buckets(&numels, cap);
+                Some(GradBuckets::new(&trainable, &plan, index).map_err(|e| DistError::Nccl(e.to_string()))?)
+            }
+            _ => None,
+        };
         let (losses, flags) = (flat.narrow(0, total, losses_len), flat.narrow(0, total + losses_len, 2));
-        Ok(GroupStep { flat, losses, flags })
+        Ok(GroupStep { flat, losses, flags, buckets })
     }
 
-    /// One all-reduce (mean over ranks) of the gradients, the step's `losses`
-    /// `[5]` (averaged in place) and this rank's `(stop, time_up)` flags: any
-    /// rank's Ctrl-C or time budget stops every rank. The flags are filled on
-    /// the device and read back only when `read_flags` (once per log period,
-    /// the same iterations on every rank; `(false, false)` otherwise): no
-    /// host sync per step.
+    /// The gradient buckets, when the all-reduce is bucketed.
+    pub fn buckets(&self) -> Option<&GradBuckets> {
+        self.buckets.as_ref()
+    }
+
+    /// The all-reduce (mean over ranks) of the gradients, the step's
+    /// `losses` `[5]` (averaged in place) and this rank's `(stop, time_up)`
+    /// flags: any rank's Ctrl-C or time budget stops every rank. Call after
+    /// the step's backward was launched: bucketed, each bucket's all-reduce
+    /// waits on the device for its gradients only, and libtorch's stream
+    /// waits for all of them. The flags are filled on the device and read
+    /// back only when `read_flags` (once per log period, the same
+    /// iterations on every rank; `(false, false)` otherwise): no host sync
+    /// per step.
     fn all_reduce(
         &self,
         group: &ProcessGroup,
@@ -389,7 +422,27 @@ impl GroupStep {
         tch::no_grad(|| {
             self.losses.shallow_clone().copy_(losses);
         });
-        group.all_reduce_mean_in_place(&mut self.flat.shallow_clone())?;
+        match &self.buckets {
+            Some(buckets) => {
+                let failed = |e: crate::engine::grad_buckets::BucketError| DistError::Nccl(e.to_string());
+                let spans = buckets.spans();
+                for (k, span) in spans.iter().enumerate() {
+                    let stream = buckets.comm_after(Some(k)).map_err(failed)?;
+                    let mut grads = self.flat.narrow(0, span.start, span.end - span.start);
+                    // SAFETY: our stream on this rank's GPU; `flat` lives
+                    // as long as `self`, and the next step's work waits
+                    // for this stream (`join`).
+                    unsafe { group.all_reduce_mean_on(&mut grads, stream) }?;
+                }
+                let start = spans.last().map_or(0, |s| s.end);
+                let stream = buckets.comm_after(None).map_err(failed)?;
+                let mut rest = self.flat.narrow(0, start, self.flat.numel() as i64 - start);
+                // SAFETY: as above.
+                unsafe { group.all_reduce_mean_on(&mut rest, stream) }?;
+                buckets.join().map_err(failed)?;
+            }
+            None => group.all_reduce_mean_in_place(&mut self.flat.shallow_clone())?,
+        }
         tch::no_grad(|| losses.shallow_clone().copy_(&self.losses));
         if !read_flags {
             return Ok((false, false));

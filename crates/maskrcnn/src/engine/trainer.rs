@@ -115,7 +115,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let resumed = if opts.resume { load_resume_checkpoint(config, &opts.output)? } else { None };
     let dataset = load_training_set(config, opts.strict)?;
     let model = build_model(config, device, resumed.as_ref(), &dataset)?;
-    let group_step = group.as_ref().map(|g| GroupStep::new(g, &model)).transpose()?;
+    let group_step = group.as_ref().map(|g| GroupStep::new(g, &model, solver.allreduce_bucket_mb)).transpose()?;
     let cuda = device.is_cuda();
     let amp = if cuda { config.precision.amp } else { AmpMode::Off };
     if config.precision.amp != AmpMode::Off && !cuda {
