@@ -831,9 +831,10 @@ fn gpu_launch_bucketed_all_reduce_trains_as_one_all_reduce() {
         let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let last: serde_json::Value = text
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str(l).ok())
             .filter(|v: &serde_json::Value| v.get("loss").is_some())
-            .last()
+            .next()
             .unwrap();
         let replays = last["graph_replays"].as_u64().unwrap_or(0);
         assert!(replays > 0, "bucket_mb {bucket_mb}: no recorded step was replayed: {text}");
