@@ -833,8 +833,7 @@ fn gpu_launch_bucketed_all_reduce_trains_as_one_all_reduce() {
             .lines()
             .rev()
             .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|v: &serde_json::Value| v.get("loss").is_some())
-            .next()
+            .find(|v: &serde_json::Value| v.get("loss").is_some())
             .unwrap();
         let replays = last["graph_replays"].as_u64().unwrap_or(0);
         assert!(replays > 0, "bucket_mb {bucket_mb}: no recorded step was replayed: {text}");
