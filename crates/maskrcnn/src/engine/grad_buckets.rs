@@ -345,12 +345,15 @@ mod tests {
         let _ = Tensor::zeros([1], (Kind::Float, device)).sum(Kind::Float).double_value(&[]);
         let (n, d, layers) = (16384, 2048, 4);
         let opts = (Kind::Float, device);
-        // Flat order: the last layer's weight first (backward's order), then
-        // the first layer's and a bias no loss uses.
+        // Flat order: the layers' weights from the last (backward's order),
+        // a bias no loss uses before the first layer's weight.
         let weights: Vec<Tensor> =
             (0..layers).map(|_| (Tensor::randn([d, d], opts) / (d as f64).sqrt()).set_requires_grad(true)).collect();
         let unused = Tensor::zeros([d], opts).set_requires_grad(true);
-        let params: Vec<Tensor> = weights.iter().rev().map(Tensor::shallow_clone).chain([unused]).collect();
+        let params: Vec<Tensor> = [&weights[3], &weights[2], &weights[1], &unused, &weights[0]]
+            .into_iter()
+            .map(Tensor::shallow_clone)
+            .collect();
         let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let flat = Tensor::zeros([total], opts);
         let mut offset = 0;

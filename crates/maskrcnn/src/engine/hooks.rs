@@ -108,6 +108,7 @@ impl Hook for LossLog {
             graph_replays: trainer.step_graphs.as_ref().map(|g| g.replays()),
             steps_redone: trainer.step_graphs.as_ref().map(|g| g.redone()),
             mask_rows: trainer.step_graphs.as_ref().and_then(|g| g.mask_rows()),
+            weights_digest: trainer.group.as_ref().map(|_| weights_digest(&trainer.model.vs)),
         });
         if trainer.is_main() && trainer.bar.is_hidden() {
             tracing::info!("iter {}/{} {msg}", step.iteration, solver.max_iter);
@@ -116,6 +117,20 @@ impl Hook for LossLog {
         }
         Ok(())
     }
+}
+
+/// The sum of every trainable weight in float64 (one log-time read): the
+/// ranks apply the same all-reduced gradients, so theirs are equal
+/// bit for bit unless a rank fell out of step.
+fn weights_digest(vs: &tch::nn::VarStore) -> f64 {
+    // By name: the same order (so the same rounding) on every rank.
+    let mut named: Vec<(String, tch::Tensor)> = vs.variables().into_iter().filter(|(_, p)| p.requires_grad()).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let sums: Vec<tch::Tensor> = named.iter().map(|(_, p)| p.sum(tch::Kind::Double)).collect();
+    if sums.is_empty() {
+        return 0.0;
+    }
+    f64::try_from(crate::host_sync::to_host(&tch::Tensor::stack(&sums, 0).sum(tch::Kind::Double))).unwrap_or(f64::NAN)
 }
 
 /// Evaluates on the validation set every `test.eval_period` iterations and

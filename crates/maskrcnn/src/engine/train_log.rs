@@ -60,6 +60,9 @@ pub struct StepValues<'a> {
     pub steps_redone: Option<u64>,
     /// The mask head's row budget of recorded steps (once counted).
     pub mask_rows: Option<i64>,
+    /// On several GPUs: the sum of every trainable weight (float64), equal
+    /// on every rank while the ranks stay in step.
+    pub weights_digest: Option<f64>,
 }
 
 /// The training logs of one process.
@@ -287,6 +290,9 @@ impl TrainLog {
         }
         if let Some(n) = v.mask_rows {
             record.insert("mask_rows".into(), n.into());
+        }
+        if let Some(d) = v.weights_digest {
+            record.insert("weights_digest".into(), d.into());
         }
         if let Some(w) = self.board.as_mut() {
             for (tag, x) in &record {
