@@ -45,19 +45,19 @@ for per in $PER_GPU; do
   one=""
   for n in $GPUS; do
     for mb in $([[ $n == 1 ]] && echo 25 || echo ${BUCKET_MB:-25}); do
-    run="$W/bs${per}-gpus$n"; [[ $n != 1 && ${BUCKET_MB:-25} != 25 ]] && run="$run-mb$mb"
-    t0=$SECONDS
-    if [[ $n == 1 ]]; then
-      CUDA_VISIBLE_DEVICES=0 "$B" train "${SETS[@]}" --set solver.ims_per_batch=$per --output "$run" > "$run.log" 2>&1
-    else
-      "$B" launch --nproc-per-node "$n" train "${SETS[@]}" --set solver.ims_per_batch=$((n * per)) \
-        --set solver.allreduce_bucket_mb=$mb --output "$run" > "$run.log" 2>&1
-    fi
-    echo "== $per per GPU, $n GPU(s), buckets $mb MiB: exit $?, $((SECONDS - t0)) s"
-    tail -2 "$run.log"
-    # Steady state: the logged windows after the first two (warm-up); the
-    # last half of the windows (every shape recorded by then).
-    rate=$(python3 -c "
+      run="$W/bs${per}-gpus$n"; [[ $n != 1 && ${BUCKET_MB:-25} != 25 ]] && run="$run-mb$mb"
+      t0=$SECONDS
+      if [[ $n == 1 ]]; then
+        CUDA_VISIBLE_DEVICES=0 "$B" train "${SETS[@]}" --set solver.ims_per_batch=$per --output "$run" > "$run.log" 2>&1
+      else
+        "$B" launch --nproc-per-node "$n" train "${SETS[@]}" --set solver.ims_per_batch=$((n * per)) \
+          --set solver.allreduce_bucket_mb=$mb --output "$run" > "$run.log" 2>&1
+      fi
+      echo "== $per per GPU, $n GPU(s), buckets $mb MiB: exit $?, $((SECONDS - t0)) s"
+      tail -2 "$run.log"
+      # Steady state: the logged windows after the first two (warm-up); the
+      # last half of the windows (every shape recorded by then).
+      rate=$(python3 -c "
 import json
 rows = [json.loads(l) for l in open('$run/metrics.jsonl') if 'images_per_s' in l]
 steady = rows[2:] or rows
@@ -68,11 +68,11 @@ print(mean('images_per_s'), 'img/s, step', mean('step_ms'), 'ms, data wait', mea
       'ms), loss', round(rows[-1]['loss'], 3),
       '| last half', mean('images_per_s', late), 'img/s, GPU busy', mean('gpu_busy', late),
       '| replays', rows[-1].get('graph_replays'), 'redone', rows[-1].get('steps_redone'))")
-    echo "$per per GPU, $n GPU(s), buckets $mb MiB: $rate"
-    # Every rank's own GPU and all-reduce time per step (ranks/rank<R>.jsonl
-    # beside rank 0's metrics.jsonl): a slow rank shows as a longer GPU time
-    # and the others' longer all-reduce (they wait for it).
-    [[ -d $run/ranks ]] && python3 -c "
+      echo "$per per GPU, $n GPU(s), buckets $mb MiB: $rate"
+      # Every rank's own GPU and all-reduce time per step (ranks/rank<R>.jsonl
+      # beside rank 0's metrics.jsonl): a slow rank shows as a longer GPU time
+      # and the others' longer all-reduce (they wait for it).
+      [[ -d $run/ranks ]] && python3 -c "
 import glob, json
 files = ['$run/metrics.jsonl'] + sorted(glob.glob('$run/ranks/rank*.jsonl'))
 for rank, f in enumerate(files):
@@ -81,10 +81,10 @@ for rank, f in enumerate(files):
         m = lambda k: round(sum(r.get(k, 0) or 0 for r in rows) / len(rows), 2)
         print(f'  rank {rank}: step', m('step_ms'), 'ms, GPU', m('gpu_ms'), 'ms, all-reduce', m('allreduce_ms'),
               'ms, exposed', m('allreduce_gpu_ms'), 'ms, data wait', m('data_wait_ms'), 'ms')"
-    r=${rate%% *}
-    if [[ $n == 1 ]]; then one=$r; elif [[ -n $one ]]; then
-      python3 -c "print('  efficiency vs 1 GPU: %.3f (%.2fx)' % ($r / ($n * $one), $r / $one))"
-    fi
+      r=${rate%% *}
+      if [[ $n == 1 ]]; then one=$r; elif [[ -n $one ]]; then
+        python3 -c "print('  efficiency vs 1 GPU: %.3f (%.2fx)' % ($r / ($n * $one), $r / $one))"
+      fi
     done
   done
 done

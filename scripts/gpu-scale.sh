@@ -5,7 +5,11 @@
 #      GPU, 800 x 1000-1333 synthetic images, bf16, channels-last
 #      (scripts/gpu-multi.sh with SIZE=800,1333; cuDNN autotuning off so a
 #      few hundred steps measure the steady state, not tuning): images/s,
-#      efficiency vs 1 GPU, step, data-wait and all-reduce time per step;
+#      efficiency vs 1 GPU, step, data-wait and all-reduce time per step,
+#      the all-reduce the backward did not hide (bucketed, overlapping it:
+#      solver.allreduce_bucket_mb 25; BUCKET_MB="0 25" adds runs without
+#      overlap), and NCCL's own time for the gradient buffer on all GPUs
+#      (scripts/nccl_allreduce_bench.py): how much of it the backward hides;
 #   2. end to end: the GPU demo recipe (configs/demo_gpu.toml: 3,000
 #      iterations at 8 images, 0.02, warm-up 200, decays at 73% and 90%)
 #      at global batch 64 on all GPUs: E2E_ITERS iterations (default 2,000:
@@ -33,6 +37,8 @@ W=${WORK:-/tmp/scale}
 mkdir -p "$W"
 if [[ " $SECTIONS " == *" 1 "* ]]; then
   echo "== 1. throughput on $COUNTS GPUs"
+  echo "NCCL all-reduce of the gradient buffer on $G GPUs:"
+  timeout 120 python3 -m torch.distributed.run --nproc-per-node "$G" scripts/nccl_allreduce_bench.py 2>&1 | grep -E "median|rror"
   WORK="$W/tp" GPUS="$COUNTS" SIZE=800,1333 AUTOTUNE=false TRAIN_IMAGES=${TRAIN_IMAGES:-1200} LAUNCH_TEST=0 \
     PER_GPU=${PER_GPU:-16 8} scripts/gpu-multi.sh "$ITERS"
 fi
