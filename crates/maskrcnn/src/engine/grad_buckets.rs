@@ -19,6 +19,7 @@
 use cudarc::driver::sys;
 use std::ffi::{c_int, c_void};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
@@ -63,10 +64,10 @@ struct HookState {
     counts: Mutex<Vec<usize>>,
     ready: Vec<Raw<sys::CUevent>>,
     /// Buckets the hooks recorded in the current backward (tests read it).
-    by_hooks: Mutex<usize>,
+    by_hooks: AtomicUsize,
     /// An event record failed: the host then orders every bucket after the
     /// whole step instead (correct, not overlapped).
-    failed: std::sync::atomic::AtomicBool,
+    failed: AtomicBool,
 }
 
 impl HookState {
@@ -83,9 +84,7 @@ impl HookState {
         };
         if complete {
             self.record(bucket, stream);
-            if let Ok(mut n) = self.by_hooks.lock() {
-                *n += 1;
-            }
+            self.by_hooks.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -103,7 +102,7 @@ impl HookState {
         // SAFETY: an event this state owns, on a live stream.
         let recorded = unsafe { sys::cuEventRecordWithFlags(self.ready[k].0, stream, flags as u32) };
         if queried != sys::CUresult::CUDA_SUCCESS || recorded != sys::CUresult::CUDA_SUCCESS {
-            self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.failed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -122,7 +121,7 @@ impl HookState {
         for &k in &incomplete {
             self.record(k, stream);
         }
-        self.by_hooks.lock().map(|mut n| std::mem::take(&mut *n)).unwrap_or(0)
+        self.by_hooks.swap(0, Ordering::Relaxed)
     }
 }
 
@@ -201,8 +200,8 @@ impl GradBuckets {
     /// [`plan_buckets`]). Call on a thread with the device's context
     /// current. One set per process: hooking a second model fails.
     pub fn new(params: &[Tensor], buckets: &[Range<usize>], device: usize) -> Result<GradBuckets, BucketError> {
-        let mut active = ACTIVE.lock().map_err(|_| BucketError("poisoned".into()))?;
-        if active.is_some() {
+        let poisoned = |_| BucketError("the bucket registry's lock is poisoned".into());
+        if ACTIVE.lock().map_err(poisoned)?.is_some() {
             return Err(BucketError("another model's gradients are already bucketed in this process".into()));
         }
         let mut bucket_of = vec![0; params.len()];
@@ -230,8 +229,8 @@ impl GradBuckets {
             sizes: buckets.iter().map(|r| r.len()).collect(),
             counts: Mutex::new(vec![0; buckets.len()]),
             ready,
-            by_hooks: Mutex::new(0),
-            failed: std::sync::atomic::AtomicBool::new(false),
+            by_hooks: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
         });
         let buckets = GradBuckets {
             state: state.clone(),
@@ -247,7 +246,8 @@ impl GradBuckets {
             unsafe { crate::shim::set_post_accumulate_hook(p, Some((param_ready, ctx, i))) }
                 .map_err(|e| BucketError(e.to_string()))?;
         }
-        *active = Some((state, device));
+        // (Not held above: on an error `buckets`' Drop takes the lock.)
+        *ACTIVE.lock().map_err(poisoned)? = Some((state, device));
         Ok(buckets)
     }
 
@@ -261,7 +261,7 @@ impl GradBuckets {
     /// current stream is done) and returns it (a raw `CUstream`) for that
     /// bucket's all-reduce. Call after the step's backward was launched.
     pub fn comm_after(&self, k: Option<usize>) -> Result<*mut c_void, BucketError> {
-        let failed = self.state.failed.load(std::sync::atomic::Ordering::Relaxed);
+        let failed = self.state.failed.load(Ordering::Relaxed);
         let event = match k {
             Some(k) if !failed => self.state.ready[k].0,
             _ => {
