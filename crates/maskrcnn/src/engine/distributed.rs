@@ -41,6 +41,9 @@ pub enum DistError {
     },
     #[error("all-reduce input")]
     Tensor(#[source] tch::TchError),
+    /// The gradient buckets' CUDA events or stream.
+    #[error(transparent)]
+    Buckets(#[from] crate::engine::grad_buckets::BucketError),
 }
 
 /// This process's place in the group, from torchrun's variables.

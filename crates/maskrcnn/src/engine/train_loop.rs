@@ -388,7 +388,7 @@ impl GroupStep {
                 let numels: Vec<i64> = trainable.iter().map(|p| p.numel() as i64).collect();
                 let cap = (bucket_mb * (1u64 << 20) as f64 / 4.0).ceil() as i64;
                 let plan = crate::engine::grad_buckets::plan_buckets(&numels, cap);
-                Some(GradBuckets::new(&trainable, &plan, index).map_err(|e| DistError::Nccl(e.to_string()))?)
+                Some(GradBuckets::new(&trainable, &plan, index).map_err(DistError::from)?)
             }
             _ => None,
         };
@@ -424,10 +424,9 @@ impl GroupStep {
         });
         match &self.buckets {
             Some(buckets) => {
-                let failed = |e: crate::engine::grad_buckets::BucketError| DistError::Nccl(e.to_string());
                 let spans = buckets.spans();
                 for (k, span) in spans.iter().enumerate() {
-                    let stream = buckets.comm_after(Some(k)).map_err(failed)?;
+                    let stream = buckets.comm_after(Some(k)).map_err(DistError::from)?;
                     let mut grads = self.flat.narrow(0, span.start, span.end - span.start);
                     // SAFETY: our stream on this rank's GPU; `flat` lives
                     // as long as `self`, and the next step's work waits
@@ -435,11 +434,11 @@ impl GroupStep {
                     unsafe { group.all_reduce_mean_on(&mut grads, stream) }?;
                 }
                 let start = spans.last().map_or(0, |s| s.end);
-                let stream = buckets.comm_after(None).map_err(failed)?;
+                let stream = buckets.comm_after(None).map_err(DistError::from)?;
                 let mut rest = self.flat.narrow(0, start, self.flat.numel() as i64 - start);
                 // SAFETY: as above.
                 unsafe { group.all_reduce_mean_on(&mut rest, stream) }?;
-                buckets.join().map_err(failed)?;
+                buckets.join().map_err(DistError::from)?;
             }
             None => group.all_reduce_mean_in_place(&mut self.flat.shallow_clone())?,
         }
