@@ -289,14 +289,21 @@ fn options(output: &Path, resume: bool) -> TrainOptions {
     }
 }
 
-fn losses_by_iteration(output: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(output.join("metrics.jsonl"))
-        .unwrap()
+/// The step records (rows with a loss) of the JSON-lines log at `path`
+/// (`metrics.jsonl`, or a rank's `ranks/rank<R>.jsonl`).
+fn logged_steps(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            Some((v["iteration"].as_u64()?, v.get("loss")?.as_f64()?))
-        })
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect()
+}
+
+fn losses_by_iteration(output: &Path) -> Vec<(u64, f64)> {
+    logged_steps(&output.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|v| Some((v["iteration"].as_u64()?, v["loss"].as_f64()?)))
         .collect()
 }
 
@@ -330,12 +337,7 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     assert!(d == 0.0, "resumed weights differ from the uninterrupted run: {name} by {d:.2e}");
     assert_eq!(losses_by_iteration(&a), losses_by_iteration(&b), "loss curves differ");
     // Each logged row says how long steps waited for data; no all-reduce on one process.
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v.get("loss").is_some())
-        .collect();
+    let rows = logged_steps(&a.join("metrics.jsonl"));
     assert!(rows.len() >= 6 && rows.iter().all(|r| r["data_wait_ms"].as_f64().is_some_and(|ms| ms >= 0.0)));
     assert!(rows.iter().all(|r| r.get("allreduce_ms").is_none()));
     let la = checkpoint::load(&checkpoint::list(&a)[1].1).unwrap();
@@ -829,14 +831,7 @@ fn gpu_launch_bucketed_all_reduce_keeps_the_ranks_in_step() {
     }
     let done = std::process::Command::new(maskrcnn_bin()).args(&args).output().unwrap();
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
-    let rows = |path: &Path| -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        text.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|v: &serde_json::Value| v.get("loss").is_some())
-            .collect()
-    };
-    let (zero, one) = (rows(&out.join("metrics.jsonl")), rows(&out.join("ranks").join("rank1.jsonl")));
+    let (zero, one) = (logged_steps(&out.join("metrics.jsonl")), logged_steps(&out.join("ranks").join("rank1.jsonl")));
     assert_eq!(zero.len(), 6, "logged iterations: {zero:?}");
     assert_eq!(zero.len(), one.len());
     for (a, b) in zero.iter().zip(&one) {
@@ -921,12 +916,7 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         }
         // The same all-reduced step on every rank: the same weights.
         let digest = |r: &serde_json::Value| r["weights_digest"].as_f64().map(f64::to_bits);
-        let zero: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|v: &serde_json::Value| v.get("loss").is_some())
-            .collect();
+        let zero = logged_steps(&out.join("metrics.jsonl"));
         assert!(
             rows.iter().zip(&zero).all(|(r, z)| digest(r).is_some() && digest(r) == digest(z)),
             "rank {rank}: {text}"

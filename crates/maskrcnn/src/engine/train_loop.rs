@@ -396,11 +396,6 @@ impl GroupStep {
         Ok(GroupStep { flat, losses, flags, buckets })
     }
 
-    /// The gradient buckets, when the all-reduce is bucketed.
-    pub fn buckets(&self) -> Option<&GradBuckets> {
-        self.buckets.as_ref()
-    }
-
     /// The all-reduce (mean over ranks) of the gradients, the step's
     /// `losses` `[5]` (averaged in place) and this rank's `(stop, time_up)`
     /// flags: any rank's Ctrl-C or time budget stops every rank. Call after
