@@ -108,7 +108,7 @@ fn absurd_worker_counts_are_refused_with_the_key_named() {
 fn small_input_faults_are_named() {
     let o = run(&["predict", "--weights", "w.safetensors"]);
     assert_eq!(o.status.code(), Some(2));
-    assert_one_line_failure(&o, "not provided: <IMAGE>...");
+    assert_one_line_failure(&o, "not provided: <IMAGE|DIR>...");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     assert_one_line_failure(&run(&["predict", "--device", "cpu", "--weights", d, "x.jpg"]), "is a directory");

@@ -1,7 +1,7 @@
 //! Configuration: defaults, file and --set layers, every validation rule, TOML
 //! round trip.
 
-use maskrcnn::config::{AmpMode, Config, ConfigError, NormKind, PixelFormat};
+use maskrcnn::config::{AmpMode, ClassCount, Config, ConfigError, MaskOn, NormKind, PixelFormat};
 use std::io::Write;
 
 fn load_sets(sets: &[&str]) -> Result<Config, ConfigError> {
@@ -26,7 +26,7 @@ fn err_of(sets: &[&str]) -> String {
 fn defaults_are_the_r50_fpn_recipe() {
     let c = Config::load(None, &[]).unwrap();
     assert_eq!(c, Config::default());
-    assert_eq!(c.model.num_classes, 91);
+    assert_eq!((c.model.num_classes, c.model.mask_on), (ClassCount::Auto, MaskOn::Auto), "from the data or weights");
     assert_eq!(c.model.backbone_depth, 50);
     assert_eq!(c.model.trainable_layers, 3);
     assert_eq!(c.model.norm, NormKind::Auto);
@@ -91,7 +91,7 @@ fn file_then_overrides_apply_in_order() {
     let c = Config::load(Some(f.path()), &sets).unwrap();
     assert_eq!(c.solver.base_lr, 0.004);
     assert_eq!(c.solver.max_iter, 100);
-    assert_eq!(c.model.num_classes, 7);
+    assert_eq!(c.model.num_classes, ClassCount::Fixed(7));
     // untouched keys keep their defaults
     assert_eq!(c.solver.momentum, 0.9);
 }
@@ -265,4 +265,29 @@ fn a_model_refuses_an_invalid_config_built_in_code() {
     };
     let err = err.to_string();
     assert!(err.contains("input.min_size"), "{err}");
+}
+
+/// Keys that take "auto" or a value accept either from `--set` and files,
+/// print resolved values as plain numbers and booleans, and load back.
+#[test]
+fn auto_keys_take_auto_or_a_value() {
+    let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let c = load(&["model.num_classes=81", "model.mask_on=false"]).unwrap();
+    assert_eq!((c.model.num_classes, c.model.mask_on), (ClassCount::Fixed(81), MaskOn::Off));
+    let text = c.to_toml();
+    assert!(text.contains("num_classes = 81") && text.contains("mask_on = false"), "{text}");
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    write!(f, "{text}").unwrap();
+    assert_eq!(Config::load(Some(f.path()), &[]).unwrap(), c);
+    let c = load(&["model.num_classes=auto", "model.mask_on=\"true\""]).unwrap();
+    assert_eq!((c.model.num_classes, c.model.mask_on), (ClassCount::Auto, MaskOn::On));
+    assert!(Config::default().to_toml().contains("num_classes = \"auto\""));
+    for (set, expected) in [
+        ("model.num_classes=1", "must be >= 2"),
+        ("model.num_classes=many", "expected \"auto\" or a class count"),
+        ("model.mask_on=maybe", "expected \"auto\", true or false"),
+    ] {
+        let e = load(&[set]).unwrap_err().to_string();
+        assert!(e.contains(expected) && e.contains("model."), "{set}: {e}");
+    }
 }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-const TRAIN: LoadOptions = LoadOptions { drop_empty: true, strict: false };
+const TRAIN: LoadOptions = LoadOptions { drop_empty: true, strict: false, box_as_mask: false };
 
 fn synth(dir: &Path, train: usize, val: usize, seed: u64) -> SynthOutput {
     generate(&SynthOptions { out: dir.to_path_buf(), train, val, seed, size: (96, 160), annotations_only: false })
@@ -48,8 +48,12 @@ fn masks_rle_and_flips_match_pycocotools() {
         &oracle_path,
     );
     let oracle: Value = serde_json::from_slice(&std::fs::read(&oracle_path).unwrap()).unwrap();
-    let ds = CocoDataset::load(&out.train_ann, &out.train_images, LoadOptions { drop_empty: false, strict: true })
-        .expect("synth data loads in strict mode");
+    let ds = CocoDataset::load(
+        &out.train_ann,
+        &out.train_images,
+        LoadOptions { drop_empty: false, strict: true, box_as_mask: false },
+    )
+    .expect("synth data loads in strict mode");
     let (mut polygons, mut rles, mut crowds, mut worst_poly_flip) = (0, 0, 0, 1.0f64);
     for record in &ds.images {
         let rows = oracle[record.id.to_string()].as_array().unwrap();
@@ -226,7 +230,7 @@ fn options(start: u64, rank: usize, world: usize) -> LoaderOptions {
         strict: false,
         device: Device::Cpu,
         start_iteration: start,
-        max_image_pixels: maskrcnn::data::image::DEFAULT_MAX_PIXELS,
+        decode: maskrcnn::data::image::DecodeOptions::default(),
     }
 }
 
@@ -295,7 +299,7 @@ fn write(path: &Path, text: &str) {
 fn load_str(dir: &Path, json: &str, strict: bool) -> Result<CocoDataset, maskrcnn::data::DatasetError> {
     let p = dir.join("ann.json");
     write(&p, json);
-    CocoDataset::load(&p, dir, LoadOptions { drop_empty: true, strict })
+    CocoDataset::load(&p, dir, LoadOptions { drop_empty: true, strict, box_as_mask: false })
 }
 
 const CATS: &str = r#""categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]"#;
@@ -310,7 +314,7 @@ fn bad_annotations_are_reported() {
     let e = load_str(dir, r#"{"images": [{"id": 1, "file_name": "a.jpg", "width": NaN, "height": 5}]}"#, false)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("line 1 column"), "{e}");
+    assert!(e.contains(r#"image id 1 (images[0]) field "width" is NaN, which JSON does not allow"#), "{e}");
     let e = load_str(dir, r#"{"images": [], "annotations": []}"#, false).unwrap_err().to_string();
     assert!(e.contains("no categories"), "{e}");
     let dup = format!(
@@ -321,16 +325,17 @@ fn bad_annotations_are_reported() {
     let dup = format!(
         r#"{{"images": [{{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}}], "annotations": [{ann}, {ann}], {CATS}}}"#
     );
-    let e = load_str(dir, &dup, false).unwrap_err().to_string();
-    assert!(e.contains("annotation id 7 appears twice"), "{e}");
-    assert!(!e.contains('\n'));
+    // Annotation ids do not matter for training: a repeated one is counted.
+    let ds = load_str(dir, &dup, false).unwrap();
+    assert_eq!((ds.report.duplicate_ids, ds.report.instances), (1, 2));
+    assert!(ds.report.lines().iter().any(|l| l.contains("1 annotations repeat an earlier annotation's \"id\"")));
 
     // Bad samples are skipped, counted, named; strict makes them errors.
     let anns = [
         r#"{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]]}"#, // good
         r#"{"id": 2, "image_id": 99, "category_id": 3, "bbox": [1, 1, 5, 5]}"#, // missing image
         r#"{"id": 3, "image_id": 1, "category_id": 4, "bbox": [1, 1, 5, 5]}"#,  // unknown category
-        r#"{"id": 4, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1]]}"#, // 2 points
+        r#"{"id": 4, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1]]}"#, // 2 points: box only
         r#"{"id": 5, "image_id": 1, "category_id": 7, "bbox": [1, 1, -5, 5]}"#, // negative size
         r#"{"id": 6, "image_id": 1, "category_id": 7, "bbox": [50, 50, 5, 5]}"#, // outside the image
         r#"{"id": 7, "image_id": 1, "category_id": 7, "bbox": [1, 1, 4, 4], "segmentation": {"size": [5, 5], "counts": [25]}}"#, // RLE of another size
@@ -344,11 +349,13 @@ fn bad_annotations_are_reported() {
     );
     let ds = load_str(dir, &json, false).unwrap();
     assert_eq!(ds.images.len(), 1, "image 3 has no annotation, image 2 no size");
-    assert_eq!(ds.dropped_empty, 1);
+    assert_eq!(ds.report.empty_images, 1);
     let inst = &ds.images[0].instances;
-    assert_eq!(inst.len(), 2);
-    assert_eq!((inst[0].label, inst[1].label, inst[1].crowd), (1, 2, true));
-    assert_eq!(inst[1].bbox, [8.0, 8.0, 10.0, 10.0]);
+    assert_eq!(inst.len(), 3);
+    assert_eq!((inst[0].label, inst[1].label, inst[2].label, inst[2].crowd), (1, 1, 2, true));
+    assert_eq!(inst[1].mask, InstanceMask::None, "a polygon of 2 points is no mask; the box is kept");
+    assert_eq!(ds.report.degenerate_polygons, 1);
+    assert_eq!(inst[2].bbox, [8.0, 8.0, 10.0, 10.0]);
     assert_eq!(
         (ds.categories.category_id(1), ds.categories.category_id(2), ds.categories.category_id(3)),
         (Some(3), Some(7), None)
@@ -359,7 +366,6 @@ fn bad_annotations_are_reported() {
         "image 4 skipped: file_name \"../d.jpg\" leaves the image folder",
         "annotation 2 (image 99) skipped: image id 99 is not in \"images\"",
         "annotation 3 (image 1) skipped: category id 4 is not in \"categories\"",
-        "annotation 4 (image 1) skipped: none of its 1 polygon(s) has 3 or more points",
         "annotation 5 (image 1) skipped: bbox [1, 1, -5, 5] has a negative size",
         "annotation 6 (image 1) skipped: bbox [50, 50, 5, 5] has no area inside the 10x10 image",
         "annotation 7 (image 1) skipped: RLE size [5, 5] differs from the image's [10, 10]",
@@ -405,7 +411,7 @@ fn bad_images_are_skipped_once_or_stop_in_strict_mode() {
             strict: true,
             device: Device::Cpu,
             start_iteration: 0,
-            max_image_pixels: maskrcnn::data::image::DEFAULT_MAX_PIXELS,
+            decode: maskrcnn::data::image::DecodeOptions::default(),
         },
     )
     .unwrap();
@@ -459,7 +465,7 @@ fn image_variants_decode_as_pil_does() {
     let names = std::fs::read_to_string(dir.join("stamp")).unwrap();
     for name in names.lines() {
         let path = dir.join(name);
-        let ours = maskrcnn::data::image::RgbImage::open(&path, maskrcnn::data::image::DEFAULT_MAX_PIXELS)
+        let ours = maskrcnn::data::image::RgbImage::open(&path, maskrcnn::data::image::DecodeOptions::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let pil = Tensor::read_npy(dir.join(format!("{name}.npy"))).unwrap();
         let (h, w) = (pil.size()[0], pil.size()[1]);

@@ -260,8 +260,12 @@ fn predict_rejects_bad_weights_with_one_line() {
     };
     let w = dir.join("weights.safetensors");
     let w = w.to_str().unwrap();
-    // Wrong number of classes: said so, with the number the weights have.
+    // The class count comes from the weights ("auto"); a wrong one is said
+    // so, with the number the weights have.
     let o = run(&["--weights", w, "--set", "model.backbone_depth=101", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o =
+        run(&["--weights", w, "--set", "model.backbone_depth=101", "--set", "model.num_classes=91", "--device", "cpu"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("7 classes") && err.contains("model.num_classes is 91"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
@@ -288,8 +292,8 @@ fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
     let tmp = tempfile::tempdir().unwrap();
     let dets = tmp.path().join("dets.json");
     // Ground truth whose sizes do not match the images: the image is named
-    // (it used to come out as a fault of the results file); a file_name
-    // leaving the image folder is refused.
+    // and left out of the evaluation, the rest evaluated; so is a
+    // file_name leaving the image folder.
     let mut gt: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("gt.json")).unwrap()).unwrap();
     gt["images"][0]["width"] = serde_json::json!(7);
@@ -304,15 +308,19 @@ fn eval_over_images_matches_pycocotools_on_torchvision_detections() {
             .output()
             .unwrap()
     };
-    let o = eval(&bad);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("but") && err.contains("bad-gt.json says 7x"), "{err}");
+    let left_out = |o: &std::process::Output, why: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("note: 1 of 3 images could not be read and are left out of the evaluation"), "{err}");
+        assert!(err.contains(why), "{err}");
+        let dets: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&dets).unwrap()).unwrap();
+        assert!(!dets.is_empty() && dets.iter().all(|d| d["image_id"] != 1), "image 1 has no detections");
+    };
+    left_out(&eval(&bad), "img0.png is 200x300 but the annotations say 7x300");
     gt["images"][0]["width"] = serde_json::json!(300);
     gt["images"][0]["file_name"] = serde_json::json!("../img0.png");
     std::fs::write(&bad, gt.to_string()).unwrap();
-    let o = eval(&bad);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("\"../img0.png\" leaves the image folder"), "{err}");
+    left_out(&eval(&bad), "\"../img0.png\" leaves the image folder");
 }
 
 /// `eval --weights --images` with the weights in `dir` and `sets`, over the

@@ -51,6 +51,7 @@ fn scene(h: i64, w: i64, rects: &[(i64, i64, i64, i64, i64)], crowd: bool) -> (T
             Tensor::stack(&masks, 0)
         }),
         iscrowd: crowd.then(|| Tensor::ones([n], (Kind::Bool, Device::Cpu))),
+        has_mask: None,
     };
     (img, target)
 }
@@ -87,7 +88,7 @@ fn crowd_regions_and_empty_images_produce_no_positives() {
     // No positive anchor or proposal: every regression and mask loss is zero.
     assert_eq!(losses.rpn_box_reg.double_value(&[]), 0.0);
     assert_eq!(losses.box_reg.double_value(&[]), 0.0);
-    assert_eq!(losses.mask.double_value(&[]), 0.0);
+    assert_eq!(losses.mask.as_ref().unwrap().double_value(&[]), 0.0);
     assert!(losses.objectness.double_value(&[]) > 0.0 && losses.classifier.double_value(&[]) > 0.0);
     losses.total().backward();
 }
@@ -165,6 +166,7 @@ fn polygon_targets_train_like_bitmaps() {
         labels: bitmap_target.labels.shallow_clone(),
         masks: InstanceMasks::Polygons(polygons),
         iscrowd: None,
+        has_mask: None,
     };
     // The same samples for both passes: record the first pass's and replay
     // them (the global RNG is shared with tests running in parallel).
@@ -175,7 +177,7 @@ fn polygon_targets_train_like_bitmaps() {
     for ((name, x), (_, y)) in a.named().iter().zip(b.named().iter()).take(4) {
         assert_eq!(x.double_value(&[]), y.double_value(&[]), "{name}");
     }
-    let (ma, mb) = (a.mask.double_value(&[]), b.mask.double_value(&[]));
+    let (ma, mb) = (a.mask.as_ref().unwrap().double_value(&[]), b.mask.as_ref().unwrap().double_value(&[]));
     assert!((ma - mb).abs() <= 0.1 * ma, "mask loss {ma} (bitmaps) vs {mb} (polygons)");
 }
 

@@ -112,6 +112,7 @@ fn check(case: &Case, device: Device) {
             labels: t[&format!("labels.{i}")].shallow_clone(),
             masks: InstanceMasks::Bitmaps(t[&format!("masks.{i}")].shallow_clone()),
             iscrowd: None,
+            has_mask: None,
         })
         .collect();
     // The RPN's training proposals first: the replayed samples index them.

@@ -40,6 +40,16 @@ pub struct DataConfig {
     pub train_images: String,
     pub val_ann: String,
     pub val_images: String,
+    /// Training images without any usable annotation: dropped (false, as
+    /// torchvision's reference and the seed) or trained as negatives (true:
+    /// only background for the RPN and the heads). Counted either way.
+    #[serde(default)]
+    pub keep_empty_images: bool,
+    /// An annotation without a mask (no `segmentation`, `[]`, `[[]]`, or no
+    /// polygon of 3 points) trains the box losses only (false) or with its
+    /// box filled in as its mask (true; the old behaviour of many loaders).
+    #[serde(default)]
+    pub box_as_mask: bool,
 }
 
 /// The most loader threads a config may ask for (`dataloader.workers`,

@@ -30,6 +30,16 @@ pub struct InputConfig {
     /// pixel on the way to the network (RGB bytes and float32).
     #[serde(default = "default_max_image_pixels")]
     pub max_image_pixels: u64,
+    /// Apply a photo's EXIF orientation (JPEG APP1, PNG eXIf) when decoding,
+    /// in training, `predict` and `eval`, as PIL's `exif_transpose` and
+    /// detectron2 do: the image is seen upright, and the annotation file's
+    /// width and height must be the upright ones. False: the stored pixels.
+    #[serde(default = "default_exif")]
+    pub exif: bool,
+}
+
+fn default_exif() -> bool {
+    true
 }
 
 /// The default of `input.max_image_pixels`: 100 megapixels (10000×10000),
@@ -63,6 +73,7 @@ impl Default for InputConfig {
             size_divisibility: 32,
             flip_prob: 0.5,
             max_image_pixels: default_max_image_pixels(),
+            exif: true,
         }
     }
 }

@@ -2,14 +2,22 @@
 
 use super::error::{rule, ConfigError};
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// Network shape: backbone, normalization, FPN, number of classes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Number of classes including background (COCO: 80 used ids of 91, so 91
-    /// as in torchvision).
-    pub num_classes: usize,
+    /// Number of classes including background: `"auto"` takes the training
+    /// set's categories + 1 (`train`) or the weights' class count (`predict`,
+    /// `eval --weights`); a number fixes it (91: torchvision's COCO label
+    /// space, where a label is the COCO category id).
+    pub num_classes: ClassCount,
+    /// The mask branch: `"auto"` (on, unless the training set has no masks
+    /// at all, or the weights have no mask head), `true`, or `false` (box
+    /// detection only: torchvision's Faster R-CNN, no mask head or loss).
+    #[serde(default)]
+    pub mask_on: MaskOn,
     /// ResNet depth: 18 and 34 use basic blocks, 50, 101 and 152 bottlenecks.
     pub backbone_depth: usize,
     /// How many ResNet stages train, counted from the top (layer4 first):
@@ -52,6 +60,145 @@ pub struct ModelConfig {
     /// BatchNorm2d; batch statistics over the RoIs in training).
     #[serde(default)]
     pub head_norm: HeadNorm,
+}
+
+/// `model.num_classes`: resolved from the data or the weights, or fixed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClassCount {
+    /// From the training set's categories, or the weights' predictor.
+    #[default]
+    Auto,
+    /// Background included.
+    Fixed(usize),
+}
+
+impl ClassCount {
+    /// torchvision's COCO label space: what an unresolved `auto` builds
+    /// (benchmarks, a model without data or weights to read it from).
+    pub const COCO: usize = 91;
+
+    /// The count when fixed.
+    pub fn fixed(self) -> Option<usize> {
+        match self {
+            ClassCount::Auto => None,
+            ClassCount::Fixed(n) => Some(n),
+        }
+    }
+
+    /// The count, or torchvision's COCO label space (91) when `auto` was
+    /// not resolved.
+    pub fn or_coco(self) -> usize {
+        self.fixed().unwrap_or(ClassCount::COCO)
+    }
+}
+
+impl fmt::Display for ClassCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClassCount::Auto => f.write_str("auto"),
+            ClassCount::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for ClassCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ClassCount::Auto => s.serialize_str("auto"),
+            ClassCount::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match AutoValue::deserialize(d)? {
+            AutoValue::Text(t) if t == "auto" => Ok(ClassCount::Auto),
+            AutoValue::Text(t) => t
+                .trim()
+                .parse()
+                .map(ClassCount::Fixed)
+                .map_err(|_| D::Error::custom(format!("expected \"auto\" or a class count, got {t:?}"))),
+            AutoValue::Int(n) => usize::try_from(n)
+                .map(ClassCount::Fixed)
+                .map_err(|_| D::Error::custom(format!("expected \"auto\" or a class count, got {n}"))),
+            AutoValue::Bool(b) => Err(D::Error::custom(format!("expected \"auto\" or a class count, got {b}"))),
+        }
+    }
+}
+
+/// `model.mask_on`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MaskOn {
+    /// On unless the training set has no masks (or the weights no mask head).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl MaskOn {
+    /// Whether a model built now has the mask branch (`auto` not resolved: on).
+    pub fn enabled(self) -> bool {
+        self != MaskOn::Off
+    }
+
+    /// `true`/`false` for a resolved choice.
+    pub fn from_bool(on: bool) -> MaskOn {
+        if on {
+            MaskOn::On
+        } else {
+            MaskOn::Off
+        }
+    }
+}
+
+impl fmt::Display for MaskOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MaskOn::Auto => "auto",
+            MaskOn::On => "true",
+            MaskOn::Off => "false",
+        })
+    }
+}
+
+impl Serialize for MaskOn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaskOn::Auto => s.serialize_str("auto"),
+            MaskOn::On => s.serialize_bool(true),
+            MaskOn::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaskOn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match AutoValue::deserialize(d)? {
+            AutoValue::Bool(b) => Ok(MaskOn::from_bool(b)),
+            AutoValue::Text(t) => match t.as_str() {
+                "auto" => Ok(MaskOn::Auto),
+                "true" => Ok(MaskOn::On),
+                "false" => Ok(MaskOn::Off),
+                _ => Err(D::Error::custom(format!("expected \"auto\", true or false, got {t:?}"))),
+            },
+            AutoValue::Int(n) => Err(D::Error::custom(format!("expected \"auto\", true or false, got {n}"))),
+        }
+    }
+}
+
+/// A key that takes `"auto"` or a value: the overlay hands it over as a
+/// string when the file or `--set` wrote a number or boolean (see
+/// `overlay::coerce`), a config built in code as the value itself.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AutoValue {
+    Bool(bool),
+    Int(i64),
+    Text(String),
 }
 
 /// The box head's architecture.
@@ -122,7 +269,8 @@ pub enum NormKind {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
-            num_classes: 91,
+            num_classes: ClassCount::Auto,
+            mask_on: MaskOn::Auto,
             backbone_depth: 50,
             trainable_layers: 3,
             norm: NormKind::Auto,
@@ -141,7 +289,9 @@ impl ModelConfig {
     /// The section's range and consistency rules (errors name the key).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = self;
-        rule(m.num_classes >= 2, "model.num_classes", "must be >= 2 (background plus at least one class)")?;
+        if let ClassCount::Fixed(n) = m.num_classes {
+            rule(n >= 2, "model.num_classes", "must be >= 2 (background plus at least one class), or \"auto\"")?;
+        }
         rule(
             matches!(m.backbone_depth, 18 | 34 | 50 | 101 | 152),
             "model.backbone_depth",

@@ -119,6 +119,10 @@ fn coerce(expected: &Value, v: Value) -> Result<Value, Value> {
             Some(elem) => coerce(elem, scalar).map(|x| Value::Array(vec![x])),
             None => Ok(Value::Array(vec![scalar])),
         },
+        // Keys that take "auto" or a value (`model.num_classes`,
+        // `model.mask_on`) are strings in the defaults.
+        (Value::String(_), Value::Integer(i)) => Ok(Value::String(i.to_string())),
+        (Value::String(_), Value::Boolean(b)) => Ok(Value::String(b.to_string())),
         (e, v) if std::mem::discriminant(e) == std::mem::discriminant(&v) => Ok(v),
         (_, v) => Err(v),
     }

@@ -12,10 +12,8 @@ use std::path::{Path, PathBuf};
 /// Why a dataset could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("{path}: {message}")]
-    Read { path: PathBuf, message: String },
-    #[error("{path}: invalid COCO JSON: {message}")]
-    Json { path: PathBuf, message: String },
+    #[error(transparent)]
+    Json(#[from] super::coco_json::JsonError),
     #[error("{path}: {message}")]
     Structure { path: PathBuf, message: String },
     #[error("{path}: {skip} (strict mode: a bad sample is an error)")]
@@ -53,8 +51,16 @@ pub enum InstanceMask {
     Polygons(Vec<Vec<f64>>),
     /// A run-length encoding of the whole image (column-major, as COCO).
     Rle(hotcoco::Rle),
-    /// No segmentation given (box-only annotation).
+    /// No usable mask (box-only annotation): no `segmentation`, an empty
+    /// one, or only polygons of fewer than 3 points. It trains the box
+    /// losses only.
     None,
+}
+
+impl InstanceMask {
+    pub fn is_some(&self) -> bool {
+        !matches!(self, InstanceMask::None)
+    }
 }
 
 /// One usable annotation.
@@ -87,13 +93,100 @@ impl ImageRecord {
 }
 
 /// What to keep when reading.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     /// Drop images without any usable annotation (the training view, as the
-    /// seed's loader); evaluation keeps them.
+    /// seed's loader and torchvision's reference; `data.keep_empty_images`
+    /// keeps them as negatives).
     pub drop_empty: bool,
     /// Any skipped annotation or image record is an error.
     pub strict: bool,
+    /// An annotation without a mask gets its box as its mask
+    /// (`data.box_as_mask`); else it has [`InstanceMask::None`].
+    pub box_as_mask: bool,
+}
+
+/// What a load found, for the start-up report: counts of what was read,
+/// used, changed and left out (the left-out records themselves are in
+/// [`CocoDataset::skipped`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub images_in_file: usize,
+    pub annotations_in_file: usize,
+    /// Usable annotations (crowd regions included).
+    pub instances: usize,
+    pub crowd: usize,
+    /// Non-crowd annotations without a `segmentation` key.
+    pub no_segmentation: usize,
+    /// Non-crowd annotations whose `segmentation` is `[]` or holds only empty lists.
+    pub empty_segmentation: usize,
+    /// Non-crowd annotations whose polygons all have fewer than 3 points.
+    pub degenerate_polygons: usize,
+    /// Whether those three kinds got their box as their mask (`data.box_as_mask`).
+    pub box_as_mask: bool,
+    /// Annotations without an `id` (ids do not matter for training).
+    pub missing_ids: usize,
+    /// Annotations whose `id` an earlier one has.
+    pub duplicate_ids: usize,
+    /// Usable images without any usable annotation.
+    pub empty_images: usize,
+    /// Whether those were dropped (else they train as negatives).
+    pub empty_dropped: bool,
+}
+
+impl LoadReport {
+    /// Non-crowd annotations without a mask.
+    pub fn without_mask(&self) -> usize {
+        self.no_segmentation + self.empty_segmentation + self.degenerate_polygons
+    }
+
+    /// The report's lines: what was used, then each finding with its count.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "{} images and {} annotations in the file; {} annotations used ({} crowd regions)",
+            self.images_in_file, self.annotations_in_file, self.instances, self.crowd
+        )];
+        let masks = self.instances - self.crowd;
+        if self.without_mask() > 0 {
+            let parts: Vec<String> = [
+                (self.no_segmentation, "no \"segmentation\""),
+                (self.empty_segmentation, "an empty \"segmentation\""),
+                (self.degenerate_polygons, "only polygons of fewer than 3 points"),
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} with {what}"))
+            .collect();
+            let use_ = if self.box_as_mask {
+                "their boxes are used as masks (data.box_as_mask = true)"
+            } else {
+                "they train the box losses, not the mask loss (data.box_as_mask = true fills their boxes in as masks)"
+            };
+            out.push(format!(
+                "{} of {masks} annotations have no mask ({}): {use_}",
+                self.without_mask(),
+                parts.join(", ")
+            ));
+        }
+        if self.missing_ids > 0 {
+            out.push(format!("{} annotations have no \"id\" (not needed for training)", self.missing_ids));
+        }
+        if self.duplicate_ids > 0 {
+            out.push(format!(
+                "{} annotations repeat an earlier annotation's \"id\" (not needed for training; evaluation renumbers them)",
+                self.duplicate_ids
+            ));
+        }
+        if self.empty_images > 0 {
+            let fate = if self.empty_dropped {
+                "dropped (data.keep_empty_images = true trains them as negatives)"
+            } else {
+                "kept as negatives (data.keep_empty_images)"
+            };
+            out.push(format!("{} images have no usable annotation: {fate}", self.empty_images));
+        }
+        out
+    }
 }
 
 /// A COCO instances dataset in training form.
@@ -106,22 +199,14 @@ pub struct CocoDataset {
     pub categories: Categories,
     /// Annotations and images left out, in file order.
     pub skipped: Vec<Skip>,
-    /// Images dropped for having no usable annotation.
-    pub dropped_empty: usize,
+    /// What the load found (counts).
+    pub report: LoadReport,
 }
 
 impl CocoDataset {
     /// Reads `ann` (a COCO instances JSON) for images under `images_dir`.
     pub fn load(ann: &Path, images_dir: &Path, options: LoadOptions) -> Result<CocoDataset, DatasetError> {
-        let bytes = std::fs::read(ann).map_err(|e| DatasetError::Read {
-            path: ann.to_path_buf(),
-            message: format!("cannot read annotation file: {e}"),
-        })?;
-        let dataset: Dataset = serde_json::from_slice(&bytes).map_err(|e| DatasetError::Json {
-            path: ann.to_path_buf(),
-            message: crate::text::one_line(&e.to_string()),
-        })?;
-        drop(bytes);
+        let dataset = super::coco_json::read_dataset(ann)?;
         Self::from_dataset(dataset, ann, images_dir, options)
     }
 
@@ -180,12 +265,21 @@ impl CocoDataset {
             });
         }
 
-        // Annotation ids must be unique (0 is what a missing id reads as,
-        // so it is not checked).
+        let mut report = LoadReport {
+            images_in_file: images.len(),
+            annotations_in_file: dataset.annotations.len(),
+            box_as_mask: options.box_as_mask,
+            empty_dropped: options.drop_empty,
+            ..LoadReport::default()
+        };
+        // Ids do not matter for training (evaluation renumbers them): counted
+        // for the report. 0 is what a missing id reads as.
         let mut annotation_ids = std::collections::HashSet::with_capacity(dataset.annotations.len());
         for a in &dataset.annotations {
-            if a.id != 0 && !annotation_ids.insert(a.id) {
-                return Err(structure(format!("annotation id {} appears twice in \"annotations\"", a.id)));
+            if a.id == 0 {
+                report.missing_ids += 1;
+            } else if !annotation_ids.insert(a.id) {
+                report.duplicate_ids += 1;
             }
         }
         for a in dataset.annotations {
@@ -203,19 +297,34 @@ impl CocoDataset {
             };
             let (h, w) = (images[slot].height, images[slot].width);
             match instance(a.bbox, a.segmentation, a.iscrowd, label, h, w) {
-                Ok(inst) => images[slot].instances.push(inst),
+                Ok((mut inst, absent)) => {
+                    report.instances += 1;
+                    report.crowd += usize::from(inst.crowd);
+                    if !inst.crowd {
+                        match absent {
+                            Some(MaskAbsence::NoSegmentation) => report.no_segmentation += 1,
+                            Some(MaskAbsence::Empty) => report.empty_segmentation += 1,
+                            Some(MaskAbsence::Degenerate) => report.degenerate_polygons += 1,
+                            None => {}
+                        }
+                    }
+                    if options.box_as_mask && !inst.mask.is_some() {
+                        let [x0, y0, x1, y1] = inst.bbox.map(f64::from);
+                        inst.mask = InstanceMask::Polygons(vec![vec![x0, y0, x1, y0, x1, y1, x0, y1]]);
+                    }
+                    images[slot].instances.push(inst);
+                }
                 Err(reason) => skip(what(), reason)?,
             }
         }
 
-        let mut dropped_empty = 0;
         let images: Vec<ImageRecord> = images
             .into_iter()
             .zip(usable)
             .filter(|(im, ok)| {
-                let keep = *ok && !(options.drop_empty && im.instances.is_empty());
-                dropped_empty += usize::from(*ok && !keep);
-                keep
+                let empty = *ok && im.instances.is_empty();
+                report.empty_images += usize::from(empty);
+                *ok && !(options.drop_empty && empty)
             })
             .map(|(im, _)| im)
             .collect();
@@ -225,8 +334,14 @@ impl CocoDataset {
             images,
             categories: Categories(categories),
             skipped,
-            dropped_empty,
+            report,
         })
+    }
+
+    /// Whether any non-crowd instance has a mask (else the data is box-only:
+    /// `model.mask_on = "auto"` trains without the mask branch).
+    pub fn has_masks(&self) -> bool {
+        self.images.iter().flat_map(|im| &im.instances).any(|i| !i.crowd && i.mask.is_some())
     }
 
     /// Number of object classes including background (`K + 1`).
@@ -262,7 +377,19 @@ impl CocoDataset {
     }
 }
 
-/// The usable form of one annotation, or why it is not usable.
+/// Why an annotation has no mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaskAbsence {
+    /// No `segmentation` key (or `null`).
+    NoSegmentation,
+    /// `[]`, `[[]]`: how box-only exports often write "no mask".
+    Empty,
+    /// Polygons, but none with 3 or more points.
+    Degenerate,
+}
+
+/// The usable form of one annotation (and why it has no mask, when it has
+/// none), or why it is not usable. Without a mask the box is kept.
 fn instance(
     bbox: Option<[f64; 4]>,
     segmentation: Option<Segmentation>,
@@ -270,19 +397,25 @@ fn instance(
     label: i64,
     h: u32,
     w: u32,
-) -> Result<Instance, String> {
+) -> Result<(Instance, Option<MaskAbsence>), String> {
+    let mut absent = None;
     let mask = match segmentation {
-        None => InstanceMask::None,
+        None => {
+            absent = Some(MaskAbsence::NoSegmentation);
+            InstanceMask::None
+        }
         Some(Segmentation::Polygon(polys)) => {
             if polys.iter().flatten().any(|v| !v.is_finite()) {
                 return Err("polygon has a non-finite coordinate".into());
             }
-            let total = polys.len();
+            let empty = polys.iter().all(Vec::is_empty);
             let kept: Vec<Vec<f64>> = polys.into_iter().filter(|p| p.len() >= 6 && p.len() % 2 == 0).collect();
             if kept.is_empty() {
-                return Err(format!("none of its {total} polygon(s) has 3 or more points"));
+                absent = Some(if empty { MaskAbsence::Empty } else { MaskAbsence::Degenerate });
+                InstanceMask::None
+            } else {
+                InstanceMask::Polygons(kept)
             }
-            InstanceMask::Polygons(kept)
         }
         Some(Segmentation::Rect(b)) => InstanceMask::Polygons(vec![Segmentation::rect_corners(&b).to_vec()]),
         Some(seg @ (Segmentation::CompressedRle { .. } | Segmentation::UncompressedRle { .. })) => {
@@ -303,7 +436,7 @@ fn instance(
                     .map_err(|e| format!("polygon: {}", crate::text::one_line(&e.to_string())))?,
             ),
             InstanceMask::Rle(r) => hotcoco::mask::to_bbox(r),
-            InstanceMask::None => return Err("has neither \"bbox\" nor \"segmentation\"".into()),
+            InstanceMask::None => return Err("has neither \"bbox\" nor a usable \"segmentation\"".into()),
         },
     };
     if ![x, y, bw, bh].iter().all(|v| v.is_finite()) {
@@ -319,5 +452,6 @@ fn instance(
     if b[2] <= b[0] || b[3] <= b[1] {
         return Err(format!("bbox [{x}, {y}, {bw}, {bh}] has no area inside the {w}x{h} image"));
     }
-    Ok(Instance { bbox: [b[0] as f32, b[1] as f32, b[2] as f32, b[3] as f32], label, crowd, mask })
+    let bbox = [b[0] as f32, b[1] as f32, b[2] as f32, b[3] as f32];
+    Ok((Instance { bbox, label, crowd, mask }, absent))
 }

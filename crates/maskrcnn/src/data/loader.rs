@@ -42,8 +42,8 @@ pub struct LoaderOptions {
     pub device: Device,
     /// First iteration to produce (resuming a run).
     pub start_iteration: u64,
-    /// Larger images are refused from their header (`input.max_image_pixels`).
-    pub max_image_pixels: u64,
+    /// How images decode (`input.max_image_pixels`, `input.exif`).
+    pub decode: super::image::DecodeOptions,
 }
 
 /// Host-side time spent on one batch, summed over its images (milliseconds).
@@ -337,19 +337,11 @@ fn load_batch(
         let record = &dataset.images[i];
         let path = dataset.image_path(record);
         let t0 = Instant::now();
-        let image = RgbImage::open(&path, options.max_image_pixels).and_then(|im| {
-            if (im.width, im.height) == (record.width, record.height) {
-                Ok(im)
-            } else {
-                Err(super::image::ImageError::Decode {
-                    path: path.clone(),
-                    message: format!(
-                        "is {}x{} but the annotations say {}x{}",
-                        im.width, im.height, record.width, record.height
-                    ),
-                })
-            }
-        });
+        let image =
+            RgbImage::open(&path, options.decode).and_then(|im| match im.size_mismatch(record.width, record.height) {
+                None => Ok(im),
+                Some(message) => Err(super::image::ImageError::Decode { path: path.clone(), message }),
+            });
         times.decode += t0.elapsed().as_secs_f64() * 1e3;
         match image {
             Ok(mut image) => {
@@ -425,5 +417,6 @@ fn pin_target(t: Target) -> Target {
             p => p,
         },
         iscrowd: t.iscrowd.map(|c| pinned(&c)),
+        has_mask: t.has_mask.map(|c| pinned(&c)),
     }
 }

@@ -2,6 +2,7 @@
 //! sampler and the prefetching loader.
 
 pub mod coco;
+pub mod coco_json;
 pub mod image;
 pub mod loader;
 pub mod sampler;

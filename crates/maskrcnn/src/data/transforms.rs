@@ -45,7 +45,7 @@ pub fn flip_polygons(polys: &[Vec<f64>], width: u32, flip: bool) -> Vec<Vec<f64>
 
 /// Writes the row-major {0, 1} bitmap of one instance into `out` (`h`×`w`,
 /// zeroed), mirrored when `flip` (COCO's polygon rasterizer; a box-only
-/// instance fills its box).
+/// instance leaves it empty: its mask is not trained).
 pub fn instance_bitmap(inst: &Instance, h: u32, w: u32, flip: bool, out: &mut [u8]) {
     match &inst.mask {
         InstanceMask::Rle(r) => rle_into_bitmap(r, out, flip),
@@ -54,13 +54,7 @@ pub fn instance_bitmap(inst: &Instance, h: u32, w: u32, flip: bool, out: &mut [u
                 rle_into_bitmap(&r, out, false);
             }
         }
-        InstanceMask::None => {
-            let wu = w as usize;
-            let [x0, y0, x1, y1] = flip_box(inst.bbox, w, flip).map(|v| v.round().max(0.0) as usize);
-            for row in out.chunks_exact_mut(wu).take(y1.min(h as usize)).skip(y0) {
-                row[x0.min(wu)..x1.min(wu)].fill(1);
-            }
-        }
+        InstanceMask::None => {}
     }
 }
 
@@ -68,7 +62,8 @@ pub fn instance_bitmap(inst: &Instance, h: u32, w: u32, flip: bool, out: &mut [u
 /// `flip`), on the CPU. Polygons stay polygons (rasterized later, only for
 /// positive RoIs) unless a non-crowd instance is an RLE; then every instance
 /// becomes a bitmap `[G, H, W]`. Crowd regions carry no polygons (they are
-/// never positives).
+/// never positives); instances without a mask neither, and are marked in
+/// `has_mask` (the mask loss leaves them out).
 pub fn to_target(instances: &[Instance], h: u32, w: u32, flip: bool) -> Target {
     let g = instances.len() as i64;
     let boxes: Vec<f32> = instances.iter().flat_map(|i| flip_box(i.bbox, w, flip)).collect();
@@ -87,20 +82,18 @@ pub fn to_target(instances: &[Instance], h: u32, w: u32, flip: bool) -> Target {
             instances
                 .iter()
                 .map(|i| match (&i.mask, i.crowd) {
-                    (_, true) => Vec::new(),
                     (InstanceMask::Polygons(p), false) => flip_polygons(p, w, flip),
-                    (_, false) => {
-                        let [x0, y0, x1, y1] = flip_box(i.bbox, w, flip).map(f64::from);
-                        vec![vec![x0, y0, x1, y0, x1, y1, x0, y1]]
-                    }
+                    _ => Vec::new(),
                 })
                 .collect(),
         )
     };
+    let has_mask: Vec<bool> = instances.iter().map(|i| i.mask.is_some()).collect();
     Target {
         boxes: Tensor::from_slice(&boxes).reshape([g, 4]),
         labels: Tensor::from_slice(&labels),
         masks,
         iscrowd: crowd.iter().any(|&c| c).then(|| Tensor::from_slice(&crowd).to_kind(Kind::Bool)),
+        has_mask: has_mask.iter().any(|&m| !m).then(|| Tensor::from_slice(&has_mask).to_kind(Kind::Bool)),
     }
 }

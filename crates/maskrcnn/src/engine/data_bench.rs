@@ -19,8 +19,8 @@ pub struct DataBench {
     pub prefetch: usize,
     pub flip_prob: f64,
     pub device: Device,
-    /// `input.max_image_pixels`.
-    pub max_image_pixels: u64,
+    /// `input.max_image_pixels`, `input.exif`.
+    pub decode: crate::data::image::DecodeOptions,
 }
 
 /// Throughput and the per-image time of each stage (ms; worker stages are
@@ -80,7 +80,7 @@ pub fn run_data_bench(dataset: Arc<CocoDataset>, opts: &DataBench) -> Result<Dat
             strict: false,
             device: opts.device,
             start_iteration: 0,
-            max_image_pixels: opts.max_image_pixels,
+            decode: opts.decode,
         },
     )?;
     let sync = |d: Device| {

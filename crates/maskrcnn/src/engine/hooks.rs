@@ -1,6 +1,8 @@
 //! The hooks `maskrcnn train` runs with, in this order: interruption
-//! (Ctrl-C/SIGTERM), the time budget, the loss log, evaluation with the
-//! early stop, checkpoints and the final weights. Each decides from the
+//! (Ctrl-C/SIGTERM), the time budget, the loss log, checkpoints and the
+//! final weights, evaluation with the early stop (after the checkpoint, so
+//! a failing evaluation never costs the weights: it is reported and
+//! training goes on). Each decides from the
 //! step it is shown ([`StepEnd`]) and the trainer's state; the decisions
 //! that stop training are requests every rank agrees on, or (the early
 //! stop) rank 0's evaluation shared with the group.
@@ -9,8 +11,9 @@ use crate::config::Config;
 use crate::engine::checkpoint::{self, TrainState};
 use crate::engine::optimizer::Sgd;
 use crate::engine::train_log::{EvalPoint, StepValues};
-use crate::engine::train_loop::{drain_losses, Hook, StepEnd, Stop, StopRequest, TrainError, Trainer, LOSS_NAMES};
+use crate::engine::train_loop::{drain_losses, Hook, StepEnd, Stop, StopRequest, TrainError, Trainer};
 use crate::evaluation::coco_eval::CocoMetrics;
+use crate::evaluation::ground_truth::GroundTruth;
 use crate::modeling::MaskRcnn;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,8 +92,9 @@ impl Hook for LossLog {
         let log_now = LossLog::logs_at(trainer.config, step);
         if log_now || step.request.interrupt || step.iteration.is_multiple_of(solver.checkpoint_period as u64) {
             // fp16 steps with inf/NaN are the loss scaler's to skip.
-            if let Some(values) = drain_losses(&mut self.pending, trainer.scaler.is_none())? {
-                trainer.last_losses = LOSS_NAMES.iter().map(|n| n.to_string()).zip(values).collect();
+            let names = crate::modeling::loss_names(trainer.model.has_masks());
+            if let Some(values) = drain_losses(&mut self.pending, names, trainer.scaler.is_none())? {
+                trainer.last_losses = names.iter().map(|n| n.to_string()).zip(values).collect();
             }
         }
         if !log_now {
@@ -162,23 +166,27 @@ impl Hook for Evaluation {
         if let Some(g) = &trainer.group {
             g.pause_watchdog();
         }
-        if trainer.is_main() {
+        if let (true, Some(gt)) = (trainer.is_main(), trainer.validation.as_ref()) {
             let started = Instant::now();
             let (model, config, output) = (&trainer.model, trainer.config, &trainer.opts.output);
-            let metrics = trainer.bar.suspend(|| evaluate(model, config, output, iteration))?;
+            let result = trainer.bar.suspend(|| evaluate(model, gt, config, output, iteration));
             trainer.clock.add_eval(started.elapsed().as_secs_f64());
-            let point = EvalPoint {
-                iteration,
-                seconds: trainer.clock.train_seconds(),
-                bbox_ap: metrics.bbox.stats[0],
-                segm_ap: metrics.segm.as_ref().map_or(0.0, |m| m.stats[0]),
-            };
-            trainer.log.eval(&point);
-            trainer.bar.suspend(|| {
-                tracing::info!("iter {iteration}: bbox AP {:.4}, segm AP {:.4}", point.bbox_ap, point.segm_ap)
-            });
-            reached = point.reaches(&trainer.config.test);
-            trainer.evals.push(point);
+            match result {
+                Ok(metrics) => {
+                    let point = EvalPoint::of(iteration, trainer.clock.train_seconds(), &metrics);
+                    trainer.log.eval(&point);
+                    trainer.bar.suspend(|| log_evaluation(&point, &metrics, step.last));
+                    reached = point.reaches(&trainer.config.test);
+                    trainer.evals.push(point);
+                }
+                Err(e) => {
+                    let message = format!("iteration {iteration}: {}", crate::text::error_chain_line(&e));
+                    trainer.bar.suspend(|| {
+                        tracing::error!("evaluation failed at {message}; training goes on, the weights are kept")
+                    });
+                    trainer.eval_errors.push(message);
+                }
+            }
         }
         if let Some(g) = &trainer.group {
             // Rank 0's early-stop decision, for every rank.
@@ -198,19 +206,66 @@ impl Hook for Evaluation {
     }
 }
 
+/// The evaluation's log lines: the APs, the per-category table worst first
+/// (all of it at the final evaluation, the three worst otherwise), the notes.
+fn log_evaluation(point: &EvalPoint, metrics: &CocoMetrics, last: bool) {
+    let iteration = point.iteration;
+    let segm = point.segm_ap.map(|ap| format!(", segm AP {ap:.4}")).unwrap_or_default();
+    tracing::info!("iter {iteration}: bbox AP {:.4}{segm}", point.bbox_ap);
+    for (kind, m) in [("bbox", Some(&metrics.bbox)), ("segm", metrics.segm.as_ref())] {
+        let Some(m) = m else { continue };
+        let table = m.category_table();
+        if last {
+            tracing::info!("iter {iteration}: {kind} AP per category, worst first:\n{}", table.join("\n"));
+        } else if table.len() > 4 {
+            let worst: Vec<String> =
+                table[1..4].iter().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+            tracing::info!("iter {iteration}: {kind} worst categories (id name AP AP50): {}", worst.join(" | "));
+        }
+    }
+    for note in &metrics.notes {
+        tracing::warn!("iter {iteration}: evaluation: {note}");
+    }
+}
+
 /// Writes a checkpoint (rank 0) every `solver.checkpoint_period`
-/// iterations and at any stop, and `model_final.safetensors` after
-/// training unless it was interrupted.
-#[derive(Debug)]
-pub struct Checkpointer;
+/// iterations and at any stop, and `model_final.safetensors` at the last
+/// step (before its evaluation) or at an early stop, unless interrupted.
+#[derive(Debug, Default)]
+pub struct Checkpointer {
+    /// The iteration of the newest checkpoint written.
+    saved: Option<u64>,
+}
 
 impl Checkpointer {
-    /// Whether step `step` of a run with `config` writes a checkpoint.
+    /// Whether step `step` of a run with `config` writes a checkpoint (an
+    /// early stop, decided by the evaluation after this hook, writes its
+    /// own after training).
     pub fn saves_at(config: &Config, step: &StepEnd) -> bool {
         step.iteration.is_multiple_of(config.solver.checkpoint_period as u64)
             || step.request.interrupt
             || step.last
             || step.target_reached
+    }
+
+    fn save(&mut self, t: &Trainer<'_>) -> Result<(), TrainError> {
+        if self.saved == Some(t.iteration) {
+            return Ok(());
+        }
+        save_checkpoint(
+            &t.model,
+            &t.sgd,
+            TrainState {
+                iteration: t.iteration,
+                scaler: t.scaler.as_ref().map(|s| s.state()),
+                images_seen: t.images_seen,
+            },
+            &t.config_toml,
+            &t.opts.output,
+            t.config.solver.checkpoint_keep,
+        )?;
+        self.saved = Some(t.iteration);
+        Ok(())
     }
 }
 
@@ -218,36 +273,39 @@ impl Checkpointer {
 /// interrupted (its checkpoint is there; a `model_final` could be taken for
 /// a finished model).
 pub fn final_weights(output: &Path, stop: Stop) -> Option<PathBuf> {
-    (stop != Stop::Interrupted).then(|| output.join("model_final.safetensors"))
+    (stop != Stop::Interrupted).then(|| output.join(FINAL_WEIGHTS))
 }
 
 impl Hook for Checkpointer {
     fn after_step(&mut self, trainer: &mut Trainer<'_>, step: &mut StepEnd) -> Result<(), TrainError> {
-        if trainer.is_main() && Checkpointer::saves_at(trainer.config, step) {
-            let t = &*trainer;
-            save_checkpoint(
-                &t.model,
-                &t.sgd,
-                TrainState {
-                    iteration: t.iteration,
-                    scaler: t.scaler.as_ref().map(|s| s.state()),
-                    images_seen: t.images_seen,
-                },
-                &t.config_toml,
-                &t.opts.output,
-                t.config.solver.checkpoint_keep,
-            )?;
+        if !trainer.is_main() {
+            return Ok(());
+        }
+        if Checkpointer::saves_at(trainer.config, step) {
+            self.save(trainer)?;
+        }
+        if step.last && !step.request.interrupt {
+            // Before the final evaluation, whatever it does.
+            trainer.model.save(&trainer.opts.output.join(FINAL_WEIGHTS))?;
         }
         Ok(())
     }
 
     fn after_train(&mut self, trainer: &mut Trainer<'_>, stop: Stop) -> Result<(), TrainError> {
         if let (true, Some(path)) = (trainer.is_main(), final_weights(&trainer.opts.output, stop)) {
-            trainer.model.save(&path)?;
+            // An early stop (decided by the evaluation after this hook's
+            // step) saves here; the last step already did.
+            self.save(trainer)?;
+            if !path.exists() || stop == Stop::TargetReached {
+                trainer.model.save(&path)?;
+            }
         }
         Ok(())
     }
 }
+
+/// The final weights' file name in the output folder.
+const FINAL_WEIGHTS: &str = "model_final.safetensors";
 
 /// Saves the model's variables (by name), the optimizer state and `state`
 /// as a checkpoint of `output`, keeping the newest `keep`.
@@ -264,19 +322,30 @@ fn save_checkpoint(
     Ok(checkpoint::save(output, &state, &named, model.categories.as_ref(), &sgd.state(), config_toml, keep)?)
 }
 
-/// bbox/segm AP of `model` on the validation set; detections kept under
-/// `output/eval/`.
-fn evaluate(model: &MaskRcnn, config: &Config, output: &Path, iteration: u64) -> Result<CocoMetrics, TrainError> {
+/// bbox/segm AP of `model` on the validation set `gt` (images from
+/// `data.val_images`); detections and metrics kept under `output/eval/`.
+fn evaluate(
+    model: &MaskRcnn,
+    gt: &GroundTruth,
+    config: &Config,
+    output: &Path,
+    iteration: u64,
+) -> Result<CocoMetrics, TrainError> {
     let err = |e: Box<dyn std::error::Error + Send + Sync>| TrainError::Eval(e);
-    let ann = Path::new(&config.data.val_ann);
-    let dets = crate::evaluation::dataset_inference::infer_dataset(model, ann, Path::new(&config.data.val_images))
-        .map_err(|e| err(e.into()))?;
+    let images = Path::new(&config.data.val_images);
+    let dets = crate::evaluation::dataset_inference::infer_dataset(model, gt, images).map_err(|e| err(e.into()))?;
     let dir = output.join("eval");
     std::fs::create_dir_all(&dir)
         .map_err(|e| err(crate::io::WriteError { path: dir.clone(), source: e.into() }.into()))?;
     let path = dir.join(format!("detections_iter_{iteration:07}.json"));
-    crate::io::write_json_atomic(&path, &dets).map_err(|e| err(e.into()))?;
-    let metrics = crate::evaluation::coco_eval::evaluate_files(ann, &path).map_err(|e| err(e.into()))?;
+    crate::io::write_json_atomic(&path, &dets.results).map_err(|e| err(e.into()))?;
+    let values = match serde_json::to_value(&dets.results) {
+        Ok(serde_json::Value::Array(values)) => values,
+        _ => Vec::new(),
+    };
+    let mut metrics =
+        crate::evaluation::coco_eval::evaluate(gt, values, &path, Some(&dets.images)).map_err(|e| err(e.into()))?;
+    metrics.notes.extend(dets.failure_note());
     let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
     crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.into()))?;
     Ok(metrics)

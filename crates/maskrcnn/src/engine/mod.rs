@@ -5,6 +5,7 @@ pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod data_bench;
+pub mod data_check;
 pub mod distributed;
 pub mod grad_buckets;
 pub mod hooks;

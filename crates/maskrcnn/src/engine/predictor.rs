@@ -27,6 +27,93 @@ pub struct PredictOptions {
     pub draw: Option<PathBuf>,
     /// Minimum score of a drawn detection.
     pub draw_thresh: f64,
+    /// The image id of each input (in input order), written into the
+    /// results so `eval --results` scores them (`predict --ann`).
+    pub image_ids: Option<Vec<u64>>,
+}
+
+/// The file extensions taken from a folder.
+const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// The images `inputs` name: files as given (one that cannot be read is
+/// reported when its turn comes), folders searched recursively for `.jpg`,
+/// `.jpeg` and `.png` files (any case), in path order. A folder without
+/// images is an error.
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let before = out.len();
+            walk(input, &mut out).map_err(|e| format!("{}: {e}", input.display()))?;
+            if out.len() == before {
+                return Err(format!("{}: no .jpg, .jpeg or .png file in this folder", input.display()));
+            }
+            out[before..].sort();
+        } else {
+            out.push(input.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The id of each of `paths` among `images` (a COCO file's `(id,
+/// file_name)`): the image whose `file_name` the path ends with (whole
+/// components: `val/a.jpg` matches `data/val/a.jpg`, not `data/xval/a.jpg`).
+/// An image that matches none, or several, is an error naming it.
+pub fn match_image_ids(paths: &[PathBuf], images: &[(u64, String)]) -> Result<Vec<u64>, String> {
+    let mut by_name: std::collections::HashMap<&std::ffi::OsStr, Vec<(u64, &Path)>> = std::collections::HashMap::new();
+    for (id, name) in images {
+        let p = Path::new(name.as_str());
+        if let Some(base) = p.file_name() {
+            by_name.entry(base).or_default().push((*id, p));
+        }
+    }
+    let (mut ids, mut unmatched, mut ambiguous) = (Vec::with_capacity(paths.len()), Vec::new(), Vec::new());
+    for path in paths {
+        let candidates: Vec<u64> = path
+            .file_name()
+            .and_then(|b| by_name.get(b))
+            .map(|c| c.iter().filter(|(_, name)| path.ends_with(name)).map(|(id, _)| *id).collect())
+            .unwrap_or_default();
+        match candidates[..] {
+            [id] => ids.push(id),
+            [] => unmatched.push(path.display().to_string()),
+            _ => ambiguous.push(path.display().to_string()),
+        }
+    }
+    let first = |v: &[String]| v.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+    if !unmatched.is_empty() {
+        return Err(format!(
+            "{} of {} images have no file_name in the annotation file that their path ends with (first: {})",
+            unmatched.len(),
+            paths.len(),
+            first(&unmatched)
+        ));
+    }
+    if !ambiguous.is_empty() {
+        return Err(format!(
+            "{} images match several file_names of the annotation file (first: {}); give paths that tell them apart",
+            ambiguous.len(),
+            first(&ambiguous)
+        ));
+    }
+    Ok(ids)
 }
 
 /// What a run did.
@@ -54,9 +141,15 @@ pub fn predict_files(
     let mut summary = PredictSummary::default();
     let mut results: Vec<DetectionResult> = Vec::new();
     let names = result_names(paths);
+    let ids: std::collections::HashMap<&PathBuf, u64> = match &opts.image_ids {
+        Some(ids) => paths.iter().zip(ids.iter().copied()).collect(),
+        None => std::collections::HashMap::new(),
+    };
     for chunk in paths.chunks(batch) {
         let mut loaded = Vec::new();
-        for (path, decoded) in chunk.iter().zip(open_many(chunk, model.config.input.max_image_pixels)) {
+        for (path, decoded) in
+            chunk.iter().zip(open_many(chunk, crate::data::image::DecodeOptions::of(&model.config.input)))
+        {
             match decoded {
                 Ok(img) => loaded.push((path, img)),
                 Err(e) => {
@@ -76,7 +169,10 @@ pub fn predict_files(
         };
         for ((path, img), det) in loaded.iter().zip(&dets) {
             let name = names.get(*path).cloned().unwrap_or_default();
-            let res = to_results(&name, det, |l| model.category_id(l));
+            let mut res = to_results(&name, det, |l| model.category_id(l));
+            if let Some(&id) = ids.get(*path) {
+                res.iter_mut().for_each(|r| r.image_id = Some(id));
+            }
             summary.detections += res.len();
             if let Some(dir) = &opts.draw {
                 draw_one(dir, &name, img, det, &res, model, opts.draw_thresh)?;
@@ -121,7 +217,7 @@ fn draw_one(
             let [x, y, bw, bh] = r.bbox;
             Drawable {
                 bbox: [x as f32, y as f32, (x + bw) as f32, (y + bh) as f32],
-                mask: det.segmentations.is_some().then_some(&r.segmentation),
+                mask: r.segmentation.as_ref(),
                 caption: format!("{} {:.2}", model.class_name(labels[i]), r.score),
             }
         })

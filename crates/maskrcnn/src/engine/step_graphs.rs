@@ -372,9 +372,13 @@ impl GraphInputs for TrainInputs {
         let (images, gt, new) = (&self.images, &self.targets, &values.targets);
         images.tensors.refill(&values.images.tensors);
         images.sizes.refill(&values.images.sizes);
-        for (into, from) in
-            [(&gt.boxes, &new.boxes), (&gt.labels, &new.labels), (&gt.valid, &new.valid), (&gt.crowd, &new.crowd)]
-        {
+        for (into, from) in [
+            (&gt.boxes, &new.boxes),
+            (&gt.labels, &new.labels),
+            (&gt.valid, &new.valid),
+            (&gt.crowd, &new.crowd),
+            (&gt.has_mask, &new.has_mask),
+        ] {
             into.refill(from);
         }
         if let (Some(p), Some(q)) = (&gt.polygons, &new.polygons) {
@@ -409,6 +413,7 @@ impl TrainInputs {
                 labels: f(&gt.labels),
                 valid: f(&gt.valid),
                 crowd: f(&gt.crowd),
+                has_mask: f(&gt.has_mask),
                 polygons: gt.polygons.as_ref().map(|p| PackedPolygons {
                     coords: f(&p.coords),
                     starts: f(&p.starts),
@@ -440,7 +445,7 @@ mod tests {
     fn config() -> Config {
         let mut config = Config::default();
         config.model.backbone_depth = 18;
-        config.model.num_classes = 4;
+        config.model.num_classes = crate::config::ClassCount::Fixed(4);
         config.model.norm = NormKind::FrozenBn;
         config.input.min_size = vec![160];
         config.input.max_size = 240;
@@ -475,6 +480,7 @@ mod tests {
                 labels: Tensor::from_slice(&labels),
                 masks: if i % 2 == 0 { InstanceMasks::Polygons(polygons) } else { InstanceMasks::Bitmaps(bitmaps) },
                 iscrowd: None,
+                has_mask: None,
             });
         }
         (images, targets)
@@ -527,7 +533,7 @@ mod tests {
             let inputs = model.prepare_train(images, targets, Default::default(), padding).expect("inputs");
             let l = tch::no_grad(|| model.forward_prepared(&inputs, &mut crate::ops::FirstSampler));
             let polygons = inputs.targets.polygons.as_ref().map(|p| p.coords.size()[0]);
-            (inputs.targets.slots(), polygons, l.named().map(|(_, t)| t.double_value(&[])))
+            (inputs.targets.slots(), polygons, l.named().iter().map(|(_, t)| t.double_value(&[])).collect::<Vec<f64>>())
         };
         let raised =
             TargetPadding::Buckets(PaddingFloor { slots: 32, vertices: 4096, polygons: 256, pack_polygons: true });
@@ -597,7 +603,7 @@ mod tests {
             losses.total().backward();
             let grads: Vec<Tensor> =
                 model.vs.trainable_variables().iter().map(|p| p.grad().reshape([-1]).copy()).collect();
-            (losses.named().map(|(_, t)| t.double_value(&[])), Tensor::cat(&grads, 0))
+            (losses.named().iter().map(|(_, t)| t.double_value(&[])).collect::<Vec<f64>>(), Tensor::cat(&grads, 0))
         };
         let (all, all_grads) = run(MaskRows::All);
         let (counted, counted_grads) = run(MaskRows::Counted { report: None });

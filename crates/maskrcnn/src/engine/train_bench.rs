@@ -136,6 +136,7 @@ fn synthetic_batch(n: usize, device: Device) -> (Vec<Tensor>, Vec<Target>) {
             labels: Tensor::randint_low(1, 91, [k], (Kind::Int64, Device::Cpu)),
             masks: InstanceMasks::Bitmaps(masks.to_device(device)),
             iscrowd: None,
+            has_mask: None,
         });
     }
     (images, targets)

@@ -7,6 +7,7 @@
 
 use crate::engine::amp::ScalerState;
 use crate::engine::tensorboard::EventWriter;
+use crate::evaluation::coco_eval::{CategoryAp, CocoMetrics};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -19,16 +20,36 @@ pub struct EvalPoint {
     /// Training seconds so far (evaluation time excluded).
     pub seconds: f64,
     pub bbox_ap: f64,
-    pub segm_ap: f64,
+    /// `None` when segm was not evaluated (a box-only model, or ground
+    /// truth without masks).
+    pub segm_ap: Option<f64>,
+    /// Every category's AP and AP50, bbox then (when evaluated) segm.
+    #[serde(skip)]
+    pub bbox_per_category: Vec<CategoryAp>,
+    #[serde(skip)]
+    pub segm_per_category: Vec<CategoryAp>,
 }
 
 impl EvalPoint {
+    /// The point of an evaluation at `iteration` after `seconds` of training.
+    pub fn of(iteration: u64, seconds: f64, metrics: &CocoMetrics) -> EvalPoint {
+        EvalPoint {
+            iteration,
+            seconds,
+            bbox_ap: metrics.bbox.stats[0],
+            segm_ap: metrics.segm.as_ref().map(|m| m.stats[0]),
+            bbox_per_category: metrics.bbox.per_category.clone(),
+            segm_per_category: metrics.segm.as_ref().map_or_else(Vec::new, |m| m.per_category.clone()),
+        }
+    }
+
     /// The seed's early stop: both `min_bbox_map` and `min_mask_map`
-    /// reached (never when both are 0, i.e. unset).
+    /// reached (never when both are 0, i.e. unset; the mask target is
+    /// not asked of a run without segm evaluation).
     pub fn reaches(&self, test: &crate::config::TestConfig) -> bool {
         (test.min_bbox_map > 0.0 || test.min_mask_map > 0.0)
             && self.bbox_ap >= test.min_bbox_map
-            && self.segm_ap >= test.min_mask_map
+            && self.segm_ap.is_none_or(|ap| ap >= test.min_mask_map)
     }
 }
 
@@ -312,11 +333,20 @@ impl TrainLog {
         let _ = writeln!(
             self.metrics,
             "{}",
-            serde_json::json!({"iteration": point.iteration, "bbox_ap": point.bbox_ap, "segm_ap": point.segm_ap, "seconds": point.seconds})
+            serde_json::json!({
+                "iteration": point.iteration,
+                "bbox_ap": point.bbox_ap,
+                "segm_ap": point.segm_ap,
+                "seconds": point.seconds,
+                "bbox_per_category": point.bbox_per_category,
+                "segm_per_category": point.segm_per_category,
+            })
         );
         if let Some(w) = self.board.as_mut() {
             let _ = w.scalar("eval/bbox_ap", point.iteration as i64, point.bbox_ap as f32);
-            let _ = w.scalar("eval/segm_ap", point.iteration as i64, point.segm_ap as f32);
+            if let Some(segm) = point.segm_ap {
+                let _ = w.scalar("eval/segm_ap", point.iteration as i64, segm as f32);
+            }
             let _ = w.flush();
         }
     }

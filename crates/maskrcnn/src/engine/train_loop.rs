@@ -55,6 +55,8 @@ pub enum TrainError {
     #[error(transparent)]
     Dataset(#[from] crate::data::DatasetError),
     #[error(transparent)]
+    DataCheck(#[from] crate::engine::data_check::DataCheckError),
+    #[error(transparent)]
     Loader(#[from] crate::data::LoaderError),
     #[error(transparent)]
     Model(#[from] crate::modeling::ModelError),
@@ -116,8 +118,8 @@ pub struct StepEnd {
     /// Iterations done, this step included.
     pub iteration: u64,
     pub lr: f64,
-    /// The five loss values `[5]` ([`LOSS_NAMES`]), on the device, averaged
-    /// over the ranks.
+    /// The loss values `[L]` (`modeling::loss_names`), on the device,
+    /// averaged over the ranks.
     pub losses: Tensor,
     /// The stop requests every rank agreed on.
     pub request: StopRequest,
@@ -223,6 +225,10 @@ pub struct Trainer<'a> {
     /// The newest losses read back to the host, by name.
     pub last_losses: Vec<(String, f64)>,
     pub evals: Vec<EvalPoint>,
+    /// The validation set's ground truth (rank 0, when configured).
+    pub validation: Option<crate::evaluation::ground_truth::GroundTruth>,
+    /// Evaluations that failed (`iteration N: why`); training went on.
+    pub eval_errors: Vec<String>,
 }
 
 impl Trainer<'_> {
@@ -371,7 +377,7 @@ impl GroupStep {
         let trainable: Vec<Tensor> = params.into_iter().map(|(_, p)| p).collect();
         let device = model.vs.device();
         let total: i64 = trainable.iter().map(|p| p.numel() as i64).sum();
-        let losses_len = LOSS_NAMES.len() as i64;
+        let losses_len = crate::modeling::loss_names(model.has_masks()).len() as i64;
         let flat = Tensor::zeros([total + losses_len + 2], (Kind::Float, device));
         let mut offset = 0;
         for p in &trainable {
@@ -477,10 +483,6 @@ pub fn micro_batch_short_side(choices: &[usize], seed: u64, micro: u64) -> Optio
     choices.get(rng.range(0, last as u64) as usize).map(|&c| c as i64)
 }
 
-/// The names of the five losses, in [`crate::modeling::Losses::named`] order.
-pub const LOSS_NAMES: [&str; 5] =
-    ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"];
-
 /// One micro-batch: images on the model's device, targets anywhere.
 #[derive(Debug, Clone, Copy)]
 pub struct MicroBatch<'a> {
@@ -559,25 +561,26 @@ pub fn apply_update(sgd: &mut Sgd, scaler: Option<&mut GradScaler>, lr: f64, cli
     Ok(())
 }
 
-/// Copies the per-iteration loss vectors `[5]` gathered on the device to the
-/// host in one transfer; with `check_finite`, the first non-finite loss is an
-/// error naming its iteration. Returns the newest iteration's losses.
-pub fn drain_losses(pending: &mut Vec<(u64, Tensor)>, check_finite: bool) -> Result<Option<Vec<f64>>, TrainError> {
+/// Copies the per-iteration loss vectors `[L]` (named `names`) gathered on
+/// the device to the host in one transfer; with `check_finite`, the first
+/// non-finite loss is an error naming its iteration. Returns the newest
+/// iteration's losses.
+pub fn drain_losses(
+    pending: &mut Vec<(u64, Tensor)>,
+    names: &[&str],
+    check_finite: bool,
+) -> Result<Option<Vec<f64>>, TrainError> {
     if pending.is_empty() {
         return Ok(None);
     }
     let rows: Vec<&Tensor> = pending.iter().map(|(_, t)| t).collect();
     let host = crate::host_sync::to_host(&Tensor::stack(&rows, 0)).reshape([-1]);
     let values: Vec<f64> = Vec::<f32>::try_from(&host).unwrap_or_default().into_iter().map(f64::from).collect();
-    let n = LOSS_NAMES.len();
+    let n = names.len();
     if check_finite {
         for ((iteration, _), row) in pending.iter().zip(values.chunks(n)) {
             if let Some((k, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(TrainError::NonFinite {
-                    iteration: *iteration,
-                    loss: LOSS_NAMES[k].to_string(),
-                    value: *v,
-                });
+                return Err(TrainError::NonFinite { iteration: *iteration, loss: names[k].to_string(), value: *v });
             }
         }
     }

@@ -19,11 +19,12 @@
 //! all-reduce), so every rank takes the same update. Rank 0 alone writes
 //! logs, checkpoints, evaluations and the final weights.
 
-use crate::config::{AmpMode, Config};
+use crate::config::{AmpMode, ClassCount, Config, MaskOn};
 use crate::data::coco::{CocoDataset, LoadOptions};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::engine::amp::GradScaler;
 use crate::engine::checkpoint;
+use crate::engine::data_check::check_run_data;
 use crate::engine::distributed::{DistEnv, ProcessGroup};
 use crate::engine::hooks;
 use crate::engine::lr_schedule::LrSchedule;
@@ -32,7 +33,6 @@ use crate::engine::step_graphs::StepGraphs;
 use crate::engine::train_log::{EvalPoint, TrainLog};
 pub use crate::engine::train_loop::{
     apply_update, forward_backward, micro_batch_seed, micro_batch_short_side, MicroBatch, TrainError, TrainOptions,
-    LOSS_NAMES,
 };
 use crate::engine::train_loop::{GroupStep, Hook, Stop, TrainClock, Trainer};
 use crate::modeling::MaskRcnn;
@@ -58,6 +58,9 @@ pub struct TrainSummary {
     /// `model_final.safetensors`, written unless interrupted.
     pub weights: Option<PathBuf>,
     pub skipped_images: usize,
+    /// Evaluations that failed (`iteration N: why`); training went on and
+    /// the weights were kept.
+    pub eval_errors: Vec<String>,
     /// This process's rank (0 without `maskrcnn launch`); only rank 0 writes.
     pub rank: usize,
 }
@@ -77,14 +80,17 @@ impl std::fmt::Display for TrainSummary {
             writeln!(f, "{:<22} {scale:.0} ({:.0} skipped steps)", "loss scale", s.skipped_steps)?;
         }
         for e in &s.evals {
+            let segm = e.segm_ap.map(|v| format!("  segm AP {v:.4}")).unwrap_or_default();
             writeln!(
                 f,
-                "{:<22} bbox AP {:.4}  segm AP {:.4}  ({:.0} s)",
+                "{:<22} bbox AP {:.4}{segm}  ({:.0} s)",
                 format!("eval @ {}", e.iteration),
                 e.bbox_ap,
-                e.segm_ap,
                 e.seconds
             )?;
+        }
+        for e in &s.eval_errors {
+            writeln!(f, "{:<22} {e}", "evaluation failed")?;
         }
         if s.skipped_images > 0 {
             writeln!(f, "{:<22} {}", "unreadable images", s.skipped_images)?;
@@ -105,15 +111,28 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let (rank, world_size) = group.as_ref().map_or((0, 1), |g| (g.env.rank, g.env.world_size));
     let main = rank == 0;
     let device = opts.device;
-    let solver = &config.solver;
     let micro_batch = micro_batch_size(config, world_size)?;
+    check_data_paths(config)?;
+    let mut dataset = load_training_set(config, opts.strict, main)?;
+    // `auto` settings follow the data; the config written and checkpointed
+    // is the resolved one.
+    let config = &resolve_for_data(config, &dataset, main)?;
+    let solver = &config.solver;
+    let d = &config.data;
+    let validation = (main && !d.val_ann.is_empty()).then(|| (Path::new(&d.val_ann), Path::new(&d.val_images)));
+    let decode = crate::data::image::DecodeOptions::of(&config.input);
+    let checked = check_run_data(&mut dataset, validation, decode, opts.strict)?;
+    if main {
+        for line in &checked.lines {
+            tracing::warn!("data check: {line}");
+        }
+    }
     let config_toml = config.to_toml();
     // Held (rank 0) until training returns: a second run into the same
     // folder is refused while this one lives.
     let _lock =
         if main { Some(prepare_output(&opts.output, &config_toml, opts.resume, opts.overwrite)?) } else { None };
     let resumed = if opts.resume { load_resume_checkpoint(config, &opts.output)? } else { None };
-    let dataset = load_training_set(config, opts.strict)?;
     let model = build_model(config, device, resumed.as_ref(), &dataset)?;
     let group_step = group.as_ref().map(|g| GroupStep::new(g, &model, solver.allreduce_bucket_mb)).transpose()?;
     let cuda = device.is_cuda();
@@ -157,7 +176,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
             strict: opts.strict,
             device,
             start_iteration: start * solver.accumulate_steps as u64,
-            max_image_pixels: config.input.max_image_pixels,
+            decode,
         },
     )?;
     let log = TrainLog::open(&opts.output, rank, group.is_some(), start, cuda)?;
@@ -183,13 +202,17 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         config_toml,
         last_losses: Vec::new(),
         evals: Vec::new(),
+        validation: checked.validation,
+        eval_errors: Vec::new(),
     };
+    // The checkpointer before the evaluation: the last step's weights are
+    // on disk before the final evaluation runs.
     let mut hooks: Vec<Box<dyn Hook>> = vec![
         Box::new(hooks::Interruption { flag: opts.stop.clone() }),
         Box::new(hooks::TimeBudget { max_seconds: solver.max_seconds }),
         Box::new(hooks::LossLog::default()),
+        Box::new(hooks::Checkpointer::default()),
         Box::new(hooks::Evaluation),
-        Box::new(hooks::Checkpointer),
     ];
     let stop = trainer.run(&mut hooks)?;
     let seconds = trainer.clock.elapsed();
@@ -206,7 +229,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         stopped_early: stop == Stop::TargetReached,
         interrupted: stop == Stop::Interrupted,
         weights: hooks::final_weights(&opts.output, stop),
-        skipped_images: trainer.loader.skipped.count(),
+        skipped_images: trainer.loader.skipped.count() + checked.missing_train.count,
+        eval_errors: trainer.eval_errors,
         rank,
     })
 }
@@ -263,47 +287,110 @@ fn load_resume_checkpoint(config: &Config, output: &Path) -> Result<Option<check
     Ok(None)
 }
 
-/// The training set (images without annotations dropped; skipped records
-/// reported), checked against `model.num_classes`; the image folders and
-/// the validation annotations, when configured, must exist.
-fn load_training_set(config: &Config, strict: bool) -> Result<CocoDataset, TrainError> {
+/// The image folders and the validation annotations, when configured,
+/// must exist.
+fn check_data_paths(config: &Config) -> Result<(), TrainError> {
     let d = &config.data;
     if !Path::new(&d.train_images).is_dir() {
         return Err(TrainError::Setup(format!("data.train_images: {} is not a folder", d.train_images)));
     }
     match (d.val_ann.is_empty(), d.val_images.is_empty()) {
-        (true, true) => {}
+        (true, true) => Ok(()),
         (false, false) if !Path::new(&d.val_ann).is_file() => {
-            return Err(TrainError::Setup(format!("data.val_ann: {} does not exist", d.val_ann)));
+            Err(TrainError::Setup(format!("data.val_ann: {} does not exist", d.val_ann)))
         }
         (false, false) if !Path::new(&d.val_images).is_dir() => {
-            return Err(TrainError::Setup(format!("data.val_images: {} is not a folder", d.val_images)));
+            Err(TrainError::Setup(format!("data.val_images: {} is not a folder", d.val_images)))
         }
-        (false, false) => {}
-        _ => {
-            return Err(TrainError::Setup(
-                "evaluation needs both data.val_ann and data.val_images (or neither: no evaluation)".into(),
-            ))
-        }
+        (false, false) => Ok(()),
+        _ => Err(TrainError::Setup(
+            "evaluation needs both data.val_ann and data.val_images (or neither: no evaluation)".into(),
+        )),
     }
+}
+
+/// The training set (images without annotations dropped unless
+/// `data.keep_empty_images`; annotations without a mask kept for their box,
+/// or with it as their mask per `data.box_as_mask`), with its report
+/// logged (rank 0); an error when no image is left to train on.
+fn load_training_set(config: &Config, strict: bool, main: bool) -> Result<CocoDataset, TrainError> {
+    let d = &config.data;
     let dataset = CocoDataset::load(
-        Path::new(&config.data.train_ann),
-        Path::new(&config.data.train_images),
-        LoadOptions { drop_empty: true, strict },
+        Path::new(&d.train_ann),
+        Path::new(&d.train_images),
+        LoadOptions { drop_empty: !d.keep_empty_images, strict, box_as_mask: d.box_as_mask },
     )?;
-    for line in dataset.skip_summary() {
-        tracing::warn!("{}: {line}", config.data.train_ann);
+    if main {
+        for line in dataset.report.lines() {
+            tracing::info!("train data {}: {line}", d.train_ann);
+        }
+        for line in dataset.skip_summary() {
+            tracing::warn!("train data {}: {line}", d.train_ann);
+        }
     }
-    if dataset.num_classes() != config.model.num_classes {
+    if dataset.images.is_empty() {
+        let r = &dataset.report;
+        let why = if r.annotations_in_file == 0 {
+            "it has no annotations".to_string()
+        } else if r.instances == 0 {
+            format!(
+                "none of its {} annotations is usable ({})",
+                r.annotations_in_file,
+                dataset.skip_summary().first().cloned().unwrap_or_default()
+            )
+        } else {
+            format!("its {} usable annotations are on images that could not be used", r.instances)
+        };
         return Err(TrainError::Setup(format!(
-            "{}: {} categories need model.num_classes = {} (background + categories), config has {}",
-            config.data.train_ann,
-            dataset.categories.len(),
-            dataset.num_classes(),
-            config.model.num_classes
+            "{}: no image to train on: {} images, and {why}",
+            d.train_ann, r.images_in_file
+        )));
+    }
+    if dataset.images.iter().all(|im| im.instances.is_empty()) {
+        return Err(TrainError::Setup(format!(
+            "{}: none of its {} images has a usable annotation: there is nothing to learn (data.keep_empty_images keeps negatives beside annotated images)",
+            d.train_ann,
+            dataset.images.len()
         )));
     }
     Ok(dataset)
+}
+
+/// `config` with its `auto` settings taken from `dataset`:
+/// `model.num_classes` (its categories + background; a fixed count must
+/// match) and `model.mask_on` (off when no annotation has a mask).
+fn resolve_for_data(config: &Config, dataset: &CocoDataset, main: bool) -> Result<Config, TrainError> {
+    let mut config = config.clone();
+    let needed = dataset.num_classes();
+    match config.model.num_classes {
+        ClassCount::Auto => config.model.num_classes = ClassCount::Fixed(needed),
+        ClassCount::Fixed(n) if n != needed => {
+            return Err(TrainError::Setup(format!(
+                "{}: {} categories need model.num_classes = {needed} (background + categories), config has {n}; \"auto\" takes it from the data",
+                config.data.train_ann,
+                dataset.categories.len(),
+            )))
+        }
+        ClassCount::Fixed(_) => {}
+    }
+    let has_masks = dataset.has_masks();
+    match config.model.mask_on {
+        MaskOn::Auto => {
+            config.model.mask_on = MaskOn::from_bool(has_masks);
+            if !has_masks && main {
+                tracing::info!(
+                    "{}: no annotation has a mask: training box detection only (model.mask_on = false, torchvision's Faster R-CNN)",
+                    config.data.train_ann
+                );
+            }
+        }
+        MaskOn::On if !has_masks && main => tracing::warn!(
+            "model.mask_on = true but no annotation of {} has a mask: the mask head will not learn",
+            config.data.train_ann
+        ),
+        _ => {}
+    }
+    Ok(config)
 }
 
 /// The model on `device`, its weights from (in this order) the `resumed`
@@ -321,17 +408,17 @@ fn build_model(
     let mut model = MaskRcnn::new(config, device)?;
     model.categories = Some(dataset.categories.clone());
     match resumed {
-        Some(r) => weights::load_weights(&model.vs, &r.dir.join("model.safetensors"), config.model.num_classes)?,
+        Some(r) => weights::load_weights(&model.vs, &r.dir.join("model.safetensors"), model.num_classes())?,
         None if !config.model.backbone_weights.is_empty() => {
             weights::load_backbone_weights(&model.vs, Path::new(&config.model.backbone_weights))?
         }
         None if !config.model.weights.is_empty() => {
             let classes = weights::load_pretrained_model(&model.vs, Path::new(&config.model.weights))?;
-            if classes != config.model.num_classes as i64 {
+            if classes != model.num_classes() as i64 {
                 tracing::info!(
                     "{}: {classes} classes, the model has {}: box and mask predictors start fresh",
                     config.model.weights,
-                    config.model.num_classes
+                    model.num_classes()
                 );
             }
         }
@@ -407,6 +494,9 @@ fn check_compatible(config: &Config, saved_toml: &str, dir: &Path) -> Result<(),
     let mut diffs = Vec::new();
     if a.num_classes != b.num_classes {
         diffs.push(format!("model.num_classes {} vs {}", a.num_classes, b.num_classes));
+    }
+    if a.mask_on.enabled() != b.mask_on.enabled() {
+        diffs.push(format!("model.mask_on {} vs {}", a.mask_on, b.mask_on));
     }
     if a.backbone_depth != b.backbone_depth {
         diffs.push(format!("model.backbone_depth {} vs {}", a.backbone_depth, b.backbone_depth));

@@ -1,7 +1,10 @@
-//! COCO evaluation of a results file against ground truth, through hotcoco
+//! COCO evaluation of detections against ground truth, through hotcoco
 //! (checked identical to pycocotools), with the inputs validated first so a
-//! bad file is one clear error instead of a warning and a silently low AP.
+//! bad file is one clear error instead of a warning and a silently low AP:
+//! the 12 summary numbers and the AP of every category, for bbox and (when
+//! both sides have masks) segm.
 
+use super::ground_truth::{GroundTruth, GroundTruthError};
 use crate::text::one_line;
 use hotcoco::{COCOeval, IouType, COCO};
 use serde::Serialize;
@@ -11,31 +14,69 @@ use std::path::{Path, PathBuf};
 /// Why an evaluation could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("cannot read ground truth {path}: {message}")]
-    GroundTruth { path: PathBuf, message: String },
+    #[error(transparent)]
+    GroundTruth(#[from] GroundTruthError),
     #[error("results {path}: {message}")]
     Results { path: PathBuf, message: String },
     #[error("results {path}: detection {index}: {message}")]
     Detection { path: PathBuf, index: usize, message: String },
-    #[error("ground truth {path} has no segmentations, so segm cannot be evaluated")]
-    NoGroundTruthMasks { path: PathBuf },
 }
 
-/// The 12 COCO summary numbers of one IoU type, and its printed summary.
+/// One category's AP (IoU 0.50:0.95) and AP50, all areas, 100 detections:
+/// pycocotools' `eval['precision'][:, :, k, 0, 2]` (and `[0, :, k, 0, 2]`)
+/// averaged over its entries above -1; -1 when it has none (no ground truth).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CategoryAp {
+    pub id: u64,
+    pub name: String,
+    pub ap: f64,
+    pub ap50: f64,
+}
+
+/// The 12 COCO summary numbers of one IoU type, its printed summary and
+/// the per-category APs.
 #[derive(Debug, Clone, Serialize)]
 pub struct TypeMetrics {
     /// AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
     /// (-1 where nothing could be computed, as pycocotools).
     pub stats: Vec<f64>,
+    /// Every category of the ground truth, in id order.
+    pub per_category: Vec<CategoryAp>,
     #[serde(skip)]
     pub summary: Vec<String>,
 }
 
-/// bbox metrics always; segm metrics when the results carry segmentations.
+impl TypeMetrics {
+    /// The per-category table as printed lines, worst AP first (categories
+    /// without ground truth last).
+    pub fn category_table(&self) -> Vec<String> {
+        let mut rows: Vec<&CategoryAp> = self.per_category.iter().collect();
+        rows.sort_by(|a, b| {
+            let key = |c: &CategoryAp| if c.ap < 0.0 { f64::INFINITY } else { c.ap };
+            key(a).total_cmp(&key(b)).then(a.id.cmp(&b.id))
+        });
+        let width = rows.iter().map(|c| c.name.chars().count()).max().unwrap_or(4).clamp(8, 32);
+        let mut out = vec![format!(" {:>4}  {:<width$}  {:>6}  {:>6}", "id", "category", "AP", "AP50")];
+        for c in rows {
+            let shown = |v: f64| if v < 0.0 { "    -".to_string() } else { format!("{v:6.3}") };
+            let name: String = c.name.chars().take(width).collect();
+            out.push(format!(" {:>4}  {name:<width$}  {}  {}", c.id, shown(c.ap), shown(c.ap50)));
+        }
+        out
+    }
+}
+
+/// bbox metrics always; segm metrics when the results carry segmentations
+/// and the ground truth has masks.
 #[derive(Debug, Clone, Serialize)]
 pub struct CocoMetrics {
     pub bbox: TypeMetrics,
     pub segm: Option<TypeMetrics>,
+    /// Images of the ground truth evaluated (all, unless some could not be run).
+    pub images: usize,
+    /// What the evaluation did that a reader should know (segm skipped,
+    /// ids renumbered, images left out), one line each.
+    pub notes: Vec<String>,
 }
 
 /// pycocotools' 12 summary lines, character for character.
@@ -64,37 +105,110 @@ pub fn summary_lines(stats: &[f64]) -> Vec<String> {
 }
 
 /// Evaluates the COCO results file `results` (a JSON list of `image_id`,
-/// `category_id`, `bbox` `[x, y, w, h]`, `score`, optional `segmentation`)
-/// against the instances file `gt`.
+/// `category_id`, `bbox` `[x, y, w, h]`, `score`, optional `segmentation`;
+/// other keys such as `predict`'s `file_name` are ignored) against the
+/// instances file `gt`.
 pub fn evaluate_files(gt: &Path, results: &Path) -> Result<CocoMetrics, EvalError> {
-    let gt_err = |message: String| EvalError::GroundTruth { path: gt.to_path_buf(), message: one_line(&message) };
-    let res_err = |message: String| EvalError::Results { path: results.to_path_buf(), message: one_line(&message) };
-    let coco_gt = COCO::new(gt).map_err(|e| gt_err(e.to_string()))?;
-    let text = std::fs::read_to_string(results).map_err(|e| res_err(e.to_string()))?;
-    let dets: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
-        res_err(format!("not a JSON list of detections (line {}, column {}): {e}", e.line(), e.column()))
-    })?;
-    let with_segm = validate(&coco_gt, &dets, results)?;
-    let gt_has_masks = coco_gt.dataset.annotations.iter().any(|a| a.segmentation.is_some());
-    if with_segm && !gt_has_masks {
-        return Err(EvalError::NoGroundTruthMasks { path: gt.to_path_buf() });
+    let gt = GroundTruth::load(gt)?;
+    evaluate(&gt, read_results(results)?, results, None)
+}
+
+/// The detections of the results file `path` (a JSON list; BOM accepted).
+pub fn read_results(path: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
+    crate::data::coco_json::read_json(path).map_err(|e| EvalError::Results {
+        path: path.to_path_buf(),
+        message: match e {
+            crate::data::coco_json::JsonError::Parse { message, .. } => {
+                format!("not a JSON list of detections: {message}")
+            }
+            crate::data::coco_json::JsonError::Read { message, .. } => message,
+        },
+    })
+}
+
+/// Evaluates detections `dets` (the results format; `source` names them in
+/// errors) against `gt`, on the images `images` only when given (images that
+/// could not be run are left out rather than counted as all missed).
+pub fn evaluate(
+    gt: &GroundTruth,
+    dets: Vec<serde_json::Value>,
+    source: &Path,
+    images: Option<&[u64]>,
+) -> Result<CocoMetrics, EvalError> {
+    let res_err = |message: String| EvalError::Results { path: source.to_path_buf(), message: one_line(&message) };
+    let with_segm = validate(&gt.coco, &dets, source)?;
+    let mut notes = gt.notes.clone();
+    if with_segm && !gt.has_masks() {
+        notes.push(format!("segm not evaluated: {} has no masks", gt.path.display()));
     }
-    let anns: Vec<hotcoco::Annotation> =
-        serde_json::from_value(serde_json::Value::Array(dets)).map_err(|e| res_err(e.to_string()))?;
-    let coco_dt = coco_gt.load_res_anns(anns).map_err(|e| res_err(e.to_string()))?;
-    let gt = std::sync::Arc::new(coco_gt);
+    // Keys hotcoco does not know (`file_name`) are dropped.
+    let anns: Vec<hotcoco::Annotation> = dets
+        .into_iter()
+        .map(|mut d| {
+            if let Some(o) = d.as_object_mut() {
+                o.retain(|k, _| matches!(k.as_str(), "image_id" | "category_id" | "bbox" | "score" | "segmentation"));
+            }
+            serde_json::from_value(d)
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| res_err(e.to_string()))?;
+    let coco_dt = gt.coco.load_res_anns(anns).map_err(|e| res_err(e.to_string()))?;
     let dt = std::sync::Arc::new(coco_dt);
+    let evaluated = images.map_or(gt.coco.dataset.images.len(), <[u64]>::len);
     let run = |iou: IouType| -> Result<TypeMetrics, EvalError> {
-        let mut ev = COCOeval::new(gt.clone(), dt.clone(), iou);
+        let mut ev = COCOeval::new(gt.coco.clone(), dt.clone(), iou);
+        if let Some(ids) = images {
+            let mut ids = ids.to_vec();
+            ids.sort_unstable();
+            ev.params.img_ids = ids;
+        }
         ev.evaluate().map_err(|e| res_err(e.to_string()))?;
         ev.accumulate();
         let _ = ev.summarize_lines(); // computes the stats
         let stats = ev.stats().map(|s| s.to_vec()).unwrap_or_else(|| vec![-1.0; 12]);
-        Ok(TypeMetrics { summary: summary_lines(&stats), stats })
+        Ok(TypeMetrics { summary: summary_lines(&stats), per_category: per_category(&ev, &gt.coco), stats })
     };
     let bbox = run(IouType::Bbox)?;
-    let segm = if with_segm { Some(run(IouType::Segm)?) } else { None };
-    Ok(CocoMetrics { bbox, segm })
+    let segm = if with_segm && gt.has_masks() { Some(run(IouType::Segm)?) } else { None };
+    Ok(CocoMetrics { bbox, segm, images: evaluated, notes })
+}
+
+/// Every category's AP and AP50 (all areas, the most detections) from an
+/// accumulated evaluation, in the ground truth's id order.
+fn per_category(ev: &COCOeval, gt: &COCO) -> Vec<CategoryAp> {
+    let Some(acc) = ev.accumulated() else {
+        return Vec::new();
+    };
+    let (a, m) = (ev.params.all_area_idx(), ev.params.max_det_idx());
+    let t50 = ev.params.iou_thr_idx(0.5);
+    let shape = acc.shape;
+    let mean = |k: usize, thresholds: &mut dyn Iterator<Item = usize>| {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for t in thresholds {
+            for r in 0..shape.r {
+                let p = acc.precision[acc.precision_idx(t, r, k, a, m)];
+                if p > -1.0 {
+                    sum += p;
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            -1.0
+        } else {
+            sum / n as f64
+        }
+    };
+    acc.cat_ids
+        .iter()
+        .enumerate()
+        .map(|(k, &id)| CategoryAp {
+            id,
+            name: gt.get_cat(id).map_or_else(|| format!("category {id}"), |c| c.name.clone()),
+            ap: mean(k, &mut (0..shape.t)),
+            ap50: t50.map_or(-1.0, |t| mean(k, &mut std::iter::once(t))),
+        })
+        .collect()
 }
 
 /// Checks every detection: known image and category ids, a 4-number box of

@@ -3,4 +3,5 @@
 
 pub mod coco_eval;
 pub mod dataset_inference;
+pub mod ground_truth;
 pub mod results;

@@ -236,6 +236,7 @@ mod tests {
             labels: Tensor::ones([6], (Kind::Int64, Device::Cpu)),
             masks: crate::structures::InstanceMasks::Polygons(instances),
             iscrowd: None,
+            has_mask: None,
         };
         let gpu = device;
         let padding = crate::structures::TargetPadding::buckets();

@@ -678,6 +678,7 @@ mod tests {
                     Tensor::rand([g, h, w], (Kind::Float, Device::Cpu)).gt(0.6).to_kind(Kind::Uint8),
                 ),
                 iscrowd: None,
+                has_mask: None,
             })
             .collect();
         targets.push(Target {
@@ -685,6 +686,7 @@ mod tests {
             labels: Tensor::ones([1], (Kind::Int64, Device::Cpu)),
             masks: InstanceMasks::Polygons(vec![vec![vec![1.0, 1.0, 30.0, 1.0, 30.0, 30.0]]]),
             iscrowd: None,
+            has_mask: None,
         });
         let host: Vec<Tensor> = targets
             .iter()

@@ -7,7 +7,7 @@ use super::roi_heads::{Detections, HeadArch, MaskRows, RoiHeads};
 use super::rpn::{Rpn, RpnOutput};
 use super::transform::{resize_target, ImageList, Transform};
 use super::{weights, ModelError};
-use crate::config::Config;
+use crate::config::{ClassCount, Config, MaskOn};
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
 use crate::structures::masks::paste_masks_as_rle_batch;
@@ -32,32 +32,49 @@ pub struct MaskRcnn {
     graphs: BackboneGraphs,
 }
 
-/// The five training losses, named as torchvision names them.
+/// The training losses, named as torchvision names them: five, or four
+/// without the mask branch (Faster R-CNN's).
 #[derive(Debug)]
 pub struct Losses {
     pub objectness: Tensor,
     pub rpn_box_reg: Tensor,
     pub classifier: Tensor,
     pub box_reg: Tensor,
-    pub mask: Tensor,
+    /// `None` without the mask branch.
+    pub mask: Option<Tensor>,
+}
+
+/// The loss names of a model with (`masks`) or without the mask branch, in
+/// [`Losses::named`] order.
+pub fn loss_names(masks: bool) -> &'static [&'static str] {
+    const NAMES: [&str; 5] = ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"];
+    if masks {
+        &NAMES
+    } else {
+        &NAMES[..4]
+    }
 }
 
 impl Losses {
-    /// `(name, loss)` pairs: `loss_objectness`, `loss_rpn_box_reg`,
-    /// `loss_classifier`, `loss_box_reg`, `loss_mask`.
-    pub fn named(&self) -> [(&'static str, &Tensor); 5] {
-        [
-            ("loss_objectness", &self.objectness),
-            ("loss_rpn_box_reg", &self.rpn_box_reg),
-            ("loss_classifier", &self.classifier),
-            ("loss_box_reg", &self.box_reg),
-            ("loss_mask", &self.mask),
-        ]
+    /// `(name, loss)` pairs in [`loss_names`] order: `loss_objectness`,
+    /// `loss_rpn_box_reg`, `loss_classifier`, `loss_box_reg` and, with the
+    /// mask branch, `loss_mask`.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        let all = [&self.objectness, &self.rpn_box_reg, &self.classifier, &self.box_reg];
+        let mut out: Vec<(&'static str, &Tensor)> = loss_names(false).iter().copied().zip(all).collect();
+        if let Some(mask) = &self.mask {
+            out.push(("loss_mask", mask));
+        }
+        out
     }
 
     /// The unweighted sum.
     pub fn total(&self) -> Tensor {
-        &self.objectness + &self.rpn_box_reg + &self.classifier + &self.box_reg + &self.mask
+        let boxes = &self.objectness + &self.rpn_box_reg + &self.classifier + &self.box_reg;
+        match &self.mask {
+            Some(mask) => boxes + mask,
+            None => boxes,
+        }
     }
 }
 
@@ -113,7 +130,15 @@ pub struct InferenceTrace {
 
 impl MaskRcnn {
     /// A randomly initialized model on `device` (seeded by `config.seed`).
+    /// `model.num_classes = "auto"` builds torchvision's COCO label space
+    /// (91) and `model.mask_on = "auto"` the mask branch, unless resolved
+    /// before (from the data: training; from the weights: [`from_weights`](Self::from_weights));
+    /// the model's own `config` holds the resolved values.
     pub fn new(config: &Config, device: Device) -> Result<MaskRcnn, ModelError> {
+        let mut config = config.clone();
+        config.model.num_classes = ClassCount::Fixed(config.model.num_classes.or_coco());
+        config.model.mask_on = MaskOn::from_bool(config.model.mask_on.enabled());
+        let config = &config;
         // A config built in code skips `Config::load`'s checks; the model
         // relies on those of its own sections (non-empty `input.min_size`,
         // positive sizes, ...). Solver and data settings are the trainer's.
@@ -129,9 +154,13 @@ impl MaskRcnn {
         let roi_heads = RoiHeads::new(
             &(&root / "roi_heads"),
             backbone.out_channels,
-            config.model.num_classes as i64,
+            config.model.num_classes.or_coco() as i64,
             &config.roi_heads,
-            HeadArch { box_head: config.model.box_head, head_norm: config.model.head_norm },
+            HeadArch {
+                box_head: config.model.box_head,
+                head_norm: config.model.head_norm,
+                masks: config.model.mask_on.enabled(),
+            },
         );
         Ok(MaskRcnn {
             vs,
@@ -146,22 +175,39 @@ impl MaskRcnn {
     }
 
     /// A model whose weights (and category table, when the file has one)
-    /// come from the safetensors file `path`.
+    /// come from the safetensors file `path`. `model.num_classes = "auto"`
+    /// takes the file's class count and `model.mask_on = "auto"` its mask
+    /// head, or its absence (a Faster R-CNN file).
     pub fn from_weights(config: &Config, path: &Path, device: Device) -> Result<MaskRcnn, ModelError> {
-        let mut model = MaskRcnn::new(config, device)?;
-        weights::load_weights(&model.vs, path, config.model.num_classes)?;
-        model.categories = weights::read_categories(path)?;
-        if let Some(c) = model.categories.as_ref().filter(|c| c.num_classes() != config.model.num_classes) {
+        let info = weights::inspect(path)?;
+        let mut config = config.clone();
+        if let (ClassCount::Auto, Some(n)) = (config.model.num_classes, info.classes) {
+            config.model.num_classes = ClassCount::Fixed(n);
+        }
+        if config.model.mask_on == MaskOn::Auto {
+            config.model.mask_on = MaskOn::from_bool(info.mask_head);
+        }
+        let mut model = MaskRcnn::new(&config, device)?;
+        let classes = model.num_classes();
+        weights::load_weights(&model.vs, path, classes)?;
+        model.categories = info.categories;
+        if let Some(c) = model.categories.as_ref().filter(|c| c.num_classes() != classes) {
             return Err(ModelError::ReadWeights {
                 path: path.to_path_buf(),
-                message: format!(
-                    "its category table lists {} categories but the model has {} classes",
-                    c.len(),
-                    config.model.num_classes
-                ),
+                message: format!("its category table lists {} categories but the model has {classes} classes", c.len()),
             });
         }
         Ok(model)
+    }
+
+    /// Classes including background (the box predictor's outputs).
+    pub fn num_classes(&self) -> usize {
+        self.config.model.num_classes.or_coco()
+    }
+
+    /// Whether the model has the mask branch (else it detects boxes only).
+    pub fn has_masks(&self) -> bool {
+        self.roi_heads.mask_branch.is_some()
     }
 
     /// Saves the weights (torchvision names) and the category table to
@@ -182,7 +228,7 @@ impl MaskRcnn {
     pub fn class_name(&self, label: i64) -> String {
         match self.categories.as_ref().and_then(|c| c.get(label)) {
             Some(c) => c.name.clone(),
-            None => crate::structures::categories::class_name(label, self.config.model.num_classes),
+            None => crate::structures::categories::class_name(label, self.num_classes()),
         }
     }
 
@@ -289,7 +335,7 @@ impl MaskRcnn {
     ) -> Result<TrainInputs, TargetError> {
         // Checked where they are (on the host for the data loader's targets:
         // no GPU sync).
-        validate_targets(images, targets, self.config.model.num_classes)?;
+        validate_targets(images, targets, self.num_classes())?;
         let device = self.device();
         let input = &self.config.input;
         let short_side = resize.short_side.unwrap_or_else(|| {

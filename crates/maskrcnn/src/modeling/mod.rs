@@ -11,7 +11,7 @@ pub mod rpn;
 pub mod transform;
 pub mod weights;
 
-pub use mask_rcnn::{BatchResize, InferenceTrace, Losses, MaskRcnn, TargetError};
+pub use mask_rcnn::{loss_names, BatchResize, InferenceTrace, Losses, MaskRcnn, TargetError};
 pub use roi_heads::{mask_row_bucket, Detections, MaskRows};
 
 /// Why a model could not be built or its weights loaded.

@@ -254,45 +254,60 @@ fn logits_of_labels(x: &Tensor, predictor: &Conv2d, labels: &Tensor) -> Tensor {
     }
 }
 
-/// The heads' architecture options (`model.box_head`, `model.head_norm`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The heads' architecture options (`model.box_head`, `model.head_norm`,
+/// `model.mask_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadArch {
     pub box_head: BoxHeadKind,
     pub head_norm: HeadNorm,
+    /// The mask branch (false: box detection only).
+    pub masks: bool,
+}
+
+impl Default for HeadArch {
+    fn default() -> HeadArch {
+        HeadArch { box_head: BoxHeadKind::default(), head_norm: HeadNorm::default(), masks: true }
+    }
 }
 
 /// Box and mask heads with their post-processing.
 #[derive(Debug)]
 pub struct RoiHeads {
     pub box_branch: BoxBranch,
-    pub mask_branch: MaskBranch,
+    /// `None`: box detection only (`model.mask_on = false`, torchvision's
+    /// Faster R-CNN).
+    pub mask_branch: Option<MaskBranch>,
     pub box_coder: BoxCoder,
     pub cfg: RoiHeadsConfig,
 }
 
 impl RoiHeads {
     /// Heads at `p` (`roi_heads`) over `channels`-channel features, of
-    /// architecture `arch` (`model.box_head`, `model.head_norm`).
+    /// architecture `arch` (`model.box_head`, `model.head_norm`, the mask
+    /// branch or not).
     pub fn new(p: &Path, channels: i64, num_classes: i64, cfg: &RoiHeadsConfig, arch: HeadArch) -> RoiHeads {
         let w = &cfg.bbox_reg_weights;
         RoiHeads {
             box_branch: BoxBranch::new(p, channels, num_classes, cfg, arch),
-            mask_branch: MaskBranch::new(p, channels, num_classes, cfg, arch.head_norm),
+            mask_branch: arch.masks.then(|| MaskBranch::new(p, channels, num_classes, cfg, arch.head_norm)),
             box_coder: BoxCoder::new([w[0], w[1], w[2], w[3]]),
             cfg: cfg.clone(),
         }
     }
 
-    /// Inference: detections with mask probabilities `[D, 1, 2S, 2S]` for each
-    /// image, from `proposals` (one `[P_i, 4]` per image). `features` are
-    /// P2..P5.
+    /// Inference: detections with mask probabilities `[D, 1, 2S, 2S]` (none
+    /// without the mask branch) for each image, from `proposals` (one
+    /// `[P_i, 4]` per image). `features` are P2..P5.
     pub fn detect(&self, features: &[Tensor], proposals: &[Tensor], image_sizes: &[(i64, i64)]) -> Vec<Detections> {
         let (logits, deltas) = self.box_branch.forward(features, proposals, image_sizes);
         let mut dets = self.postprocess_detections(&logits, &deltas, proposals, image_sizes);
+        let Some(mask_branch) = &self.mask_branch else {
+            return dets;
+        };
         let boxes: Vec<Tensor> = dets.iter().map(|d| d.boxes.shallow_clone()).collect();
         // The predicted class's mask of each detection.
         let labels = Tensor::cat(&dets.iter().map(|d| d.labels.shallow_clone()).collect::<Vec<_>>(), 0);
-        let mask_logits = self.mask_branch.forward(features, &boxes, &labels, image_sizes);
+        let mask_logits = mask_branch.forward(features, &boxes, &labels, image_sizes);
         let probs = mask_logits.to_kind(Kind::Float).sigmoid().unsqueeze(1);
         let mut start = 0;
         for d in &mut dets {
@@ -406,12 +421,12 @@ fn gather4(t: &Tensor, index: &Tensor, b: i64) -> Tensor {
     t.gather(1, &index.unsqueeze(2).expand([b, index.size()[1], 4], false), false)
 }
 
-/// The three RoI-head losses.
+/// The RoI-head losses (no mask loss without the mask branch).
 #[derive(Debug)]
 pub struct RoiLosses {
     pub classifier: Tensor,
     pub box_reg: Tensor,
-    pub mask: Tensor,
+    pub mask: Option<Tensor>,
 }
 
 /// How many rows the mask head runs in training. Its input is the first
@@ -482,8 +497,11 @@ impl RoiHeads {
         crate::host_timing::mark("roi_sampling");
         let (classifier, box_reg) = self.box_losses(features, &sampled, gt, image_sizes);
         crate::host_timing::mark("box_head");
-        let mask = self.mask_loss(features, &sampled, gt, image_sizes, mask_rows);
-        crate::host_timing::mark("mask_head");
+        let mask = self.mask_branch.as_ref().map(|branch| {
+            let loss = self.mask_loss(branch, features, &sampled, gt, image_sizes, mask_rows);
+            crate::host_timing::mark("mask_head");
+            loss
+        });
         RoiLosses { classifier, box_reg, mask }
     }
 
@@ -560,6 +578,7 @@ impl RoiHeads {
     /// head runs on the rows `mask_rows` asks for (see [`MaskRows`]).
     fn mask_loss(
         &self,
+        mask_branch: &MaskBranch,
         features: &[Tensor],
         sampled: &SampledProposals,
         gt: &TargetBatch,
@@ -569,10 +588,12 @@ impl RoiHeads {
         let (b, slots) = (sampled.labels.size()[0], sampled.labels.size()[1]);
         let quota = self.cfg.positive_slots().min(slots);
         let boxes = sampled.boxes.narrow(1, 0, quota);
-        let positive = sampled.positive.narrow(1, 0, quota);
+        let matched = sampled.matched.narrow(1, 0, quota);
+        // Positives matched to a box-only annotation have no mask target.
+        let positive = sampled.positive.narrow(1, 0, quota).logical_and(&gt.has_mask.gather(1, &matched, false));
         let resolution = self.cfg.mask_resolution as i64;
         let device = boxes.device();
-        let targets = mask_targets(gt, &boxes, &sampled.matched.narrow(1, 0, quota), &positive, resolution, device);
+        let targets = mask_targets(gt, &boxes, &matched, &positive, resolution, device);
         crate::host_timing::mark("mask_targets");
         let positive = positive.reshape([-1]);
         let labels = sampled.labels.narrow(1, 0, quota).reshape([-1]);
@@ -602,7 +623,7 @@ impl RoiHeads {
             (rois, labels, targets, positive)
         };
         let weight = positive.to_kind(Kind::Float);
-        let logits = self.mask_branch.forward_rois(features, &rois, &labels, image_sizes, Some(&weight));
+        let logits = mask_branch.forward_rois(features, &rois, &labels, image_sizes, Some(&weight));
         maskrcnn_loss(&logits, &targets, &positive)
     }
 }

@@ -203,6 +203,7 @@ pub fn resize_target(
         labels: target.labels.shallow_clone(),
         masks,
         iscrowd: target.iscrowd.as_ref().map(|c| c.shallow_clone()),
+        has_mask: target.has_mask.as_ref().map(|c| c.shallow_clone()),
     }
 }
 

@@ -21,6 +21,31 @@ pub const CATEGORIES_KEY: &str = "maskrcnn.categories";
 
 const CLS_SCORE: &str = "roi_heads.box_predictor.cls_score.weight";
 
+/// What a weights file's header says about the model it holds.
+#[derive(Debug, Clone, Default)]
+pub struct WeightsInfo {
+    /// Classes including background (rows of the box classifier), when the
+    /// file has a box predictor.
+    pub classes: Option<usize>,
+    /// Whether it has a mask head (a Mask R-CNN, not a Faster R-CNN).
+    pub mask_head: bool,
+    /// The category table we store (`None` for torchvision checkpoints).
+    pub categories: Option<Categories>,
+}
+
+/// Reads the header of the safetensors file `path` (no tensor data).
+pub fn inspect(path: &Path) -> Result<WeightsInfo, ModelError> {
+    let header = read_header(path)?;
+    let classes = header
+        .get(CLS_SCORE)
+        .and_then(|t| t.get("shape"))
+        .and_then(|s| s.get(0))
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as usize);
+    let mask_head = header.as_object().is_some_and(|o| o.keys().any(|k| k.starts_with("roi_heads.mask_")));
+    Ok(WeightsInfo { classes, mask_head, categories: categories_of(&header, path)? })
+}
+
 /// Copies every tensor of the safetensors file at `path` into `vs`. Fails,
 /// changing nothing, when any model tensor is missing, any file tensor is
 /// unexpected, or any shape differs; the error lists each problem.
@@ -68,14 +93,31 @@ const CLASS_TENSORS: [&str; 6] = [
     "roi_heads.mask_predictor.mask_fcn_logits.bias",
 ];
 
-/// Copies a whole Mask R-CNN (the safetensors file at `path`) into `vs` to
-/// fine-tune from. When the file's class count differs from the model's,
-/// the class-dependent predictor tensors keep their fresh initialization;
-/// every other tensor must be present with its shape (nothing changes
-/// otherwise). Returns the classes the file has.
+/// Copies a whole Mask R-CNN or Faster R-CNN (the safetensors file at
+/// `path`) into `vs` to fine-tune from. When the file's class count differs
+/// from the model's, the class-dependent predictor tensors keep their fresh
+/// initialization; so does the mask branch when the file has none, and a
+/// file's mask branch is left out of a model without one; every other
+/// tensor must be present with its shape (nothing changes otherwise).
+/// Returns the classes the file has.
 pub fn load_pretrained_model(vs: &VarStore, path: &Path) -> Result<i64, ModelError> {
     let mut file = read_state_dict(path, " (model.weights)")?;
     let mut model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let is_mask = |name: &String| name.starts_with("roi_heads.mask_");
+    let (file_masks, model_masks) = (file.keys().any(is_mask), model.keys().any(is_mask));
+    if file_masks != model_masks {
+        tracing::info!(
+            "{}: {}",
+            path.display(),
+            if model_masks {
+                "no mask head (a Faster R-CNN): the mask branch starts fresh"
+            } else {
+                "its mask head is left out (the model detects boxes only)"
+            }
+        );
+        model.retain(|name, _| !is_mask(name));
+        file.retain(|name, _| !is_mask(name));
+    }
     let file_classes = file.get(CLS_SCORE).and_then(|t| t.size().first().copied()).unwrap_or(0);
     let model_classes = model.get(CLS_SCORE).and_then(|t| t.size().first().copied()).unwrap_or(0);
     if file_classes != model_classes {
@@ -97,6 +139,7 @@ struct VariantMarks {
     rpn_convs: usize,
     conv_box_head: bool,
     head_norm: bool,
+    mask_head: bool,
 }
 
 impl VariantMarks {
@@ -111,6 +154,7 @@ impl VariantMarks {
                 rpn_convs: m.rpn_convs.max(rpn_conv),
                 conv_box_head: m.conv_box_head || name.starts_with("roi_heads.box_head.0.0."),
                 head_norm: m.head_norm || name.starts_with("roi_heads.mask_head.0.1."),
+                mask_head: m.mask_head || name.starts_with("roi_heads.mask_"),
             }
         })
     }
@@ -127,7 +171,14 @@ fn variant_hint<'a>(model: impl Iterator<Item = &'a str>, file: impl Iterator<It
         let kind = if f.conv_box_head { "4conv1fc" } else { "2mlp" };
         hints.push(format!("its box head is {kind}: set model.box_head = \"{kind}\""));
     }
-    if f.head_norm != m.head_norm {
+    if f.mask_head != m.mask_head {
+        hints.push(if f.mask_head {
+            "it has a mask head (a Mask R-CNN): set model.mask_on = true".to_string()
+        } else {
+            "it has no mask head (a Faster R-CNN): set model.mask_on = false".to_string()
+        });
+    }
+    if f.head_norm != m.head_norm && f.mask_head && m.mask_head {
         let (has, kind) = if f.head_norm { ("has", "bn") } else { ("has no", "none") };
         hints.push(format!("its mask head {has} a norm: set model.head_norm = \"{kind}\""));
     }
@@ -290,7 +341,18 @@ pub fn write_tensors(named: &[(String, Tensor)], categories: Option<&Categories>
 /// The category table in the header of the weights file `path`: `None` for
 /// files without one (torchvision checkpoints).
 pub fn read_categories(path: &Path) -> Result<Option<Categories>, ModelError> {
+    categories_of(&read_header(path)?, path)
+}
+
+/// The JSON header of the safetensors file `path`.
+fn read_header(path: &Path) -> Result<serde_json::Value, ModelError> {
     let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
+    if path.is_dir() {
+        return Err(read_err("is a directory, not a weights file".into()));
+    }
+    if !path.is_file() {
+        return Err(read_err("no such file".into()));
+    }
     let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|_| read_err("not a safetensors file (no header length)".into()))?;
@@ -301,8 +363,12 @@ pub fn read_categories(path: &Path) -> Result<Option<Categories>, ModelError> {
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header).map_err(|_| read_err("truncated safetensors header".into()))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| read_err(format!("safetensors header: {e}")))?;
+    serde_json::from_slice(&header).map_err(|e| read_err(format!("safetensors header: {e}")))
+}
+
+/// The category table in a safetensors `header` of `path`.
+fn categories_of(header: &serde_json::Value, path: &Path) -> Result<Option<Categories>, ModelError> {
+    let read_err = |message: String| ModelError::ReadWeights { path: path.to_path_buf(), message };
     let Some(json) = header.get("__metadata__").and_then(|m| m.get(CATEGORIES_KEY)) else {
         return Ok(None);
     };

@@ -14,6 +14,9 @@ pub struct Target {
     /// `[G]` bool: crowd regions, never positives (and what overlaps them
     /// strongly is ignored rather than background). `None`: no crowds.
     pub iscrowd: Option<Tensor>,
+    /// `[G]` bool: the instance has a mask (a box-only annotation trains
+    /// the box losses but not the mask loss). `None`: every one has.
+    pub has_mask: Option<Tensor>,
 }
 
 impl Target {
@@ -38,6 +41,7 @@ impl Target {
                 InstanceMasks::Polygons(p) => InstanceMasks::Polygons(p.clone()),
             },
             iscrowd: self.iscrowd.as_ref().map(move_),
+            has_mask: self.has_mask.as_ref().map(move_),
         }
     }
 }
@@ -173,6 +177,9 @@ pub struct TargetBatch {
     pub valid: Tensor,
     /// `[B, G]` bool: a crowd region.
     pub crowd: Tensor,
+    /// `[B, G]` bool: an instance with a mask (false on padding and for
+    /// box-only annotations, which the mask loss leaves out).
+    pub has_mask: Tensor,
     /// The polygon images' polygons, packed (`None` when no image has any).
     pub polygons: Option<PackedPolygons>,
     /// The bitmap images' masks (`None` when no image has bitmaps).
@@ -215,6 +222,16 @@ impl TargetBatch {
                 .collect::<Vec<_>>(),
             0,
         );
+        let has_mask = Tensor::stack(
+            &targets
+                .iter()
+                .map(|t| match &t.has_mask {
+                    Some(m) => pad(&host(m).to_kind(Kind::Bool)),
+                    None => pad(&Tensor::ones([t.len()], (Kind::Bool, tch::Device::Cpu))),
+                })
+                .collect::<Vec<_>>(),
+            0,
+        );
         let polygons = pack_polygons(&targets, g, padding);
         let up = |t: &Tensor| crate::host_sync::upload(t, device);
         TargetBatch {
@@ -222,6 +239,7 @@ impl TargetBatch {
             labels: up(&labels),
             valid: up(&valid),
             crowd: up(&crowd),
+            has_mask: up(&has_mask),
             polygons: polygons.map(|p| PackedPolygons {
                 coords: up(&p.coords),
                 starts: up(&p.starts),

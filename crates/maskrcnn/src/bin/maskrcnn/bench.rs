@@ -107,7 +107,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 prefetch: config.dataloader.prefetch,
                 flip_prob: config.input.flip_prob,
                 device,
-                max_image_pixels: config.input.max_image_pixels,
+                decode: maskrcnn::data::image::DecodeOptions::of(&config.input),
             };
             let r = maskrcnn::engine::data_bench::run_data_bench(std::sync::Arc::new(dataset), &opts)?;
             report(&r, args.json)?;
@@ -123,7 +123,7 @@ fn bench_dataset(
     size: (u32, u32),
     images: usize,
 ) -> Result<(maskrcnn::data::CocoDataset, Option<tempfile::TempDir>)> {
-    let options = maskrcnn::data::LoadOptions { drop_empty: true, strict: false };
+    let options = maskrcnn::data::LoadOptions { drop_empty: true, ..Default::default() };
     if !config.data.train_ann.is_empty() {
         let t = std::time::Instant::now();
         let d = maskrcnn::data::CocoDataset::load(

@@ -4,6 +4,7 @@
 use crate::args::{ConfigArgs, DeviceArg};
 use anyhow::{bail, Result};
 use clap::Args;
+use maskrcnn::evaluation::ground_truth::GroundTruth;
 use maskrcnn::MaskRcnn;
 use std::path::PathBuf;
 
@@ -34,29 +35,43 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let results = match (&args.results, &args.weights, &args.images) {
-        (Some(r), _, _) => r.clone(),
+    use maskrcnn::evaluation::coco_eval::{evaluate, read_results};
+    let gt = GroundTruth::load(&args.ann)?;
+    let metrics = match (&args.results, &args.weights, &args.images) {
+        (Some(r), _, _) => evaluate(&gt, read_results(r)?, r, None)?,
         (None, Some(weights), Some(images)) => {
             let config = args.config.resolve()?;
             let device = args.device.resolve()?;
             maskrcnn::shim::set_tf32(config.precision.tf32);
             let model = MaskRcnn::from_weights(&config, weights, device)?;
-            let dets = maskrcnn::evaluation::dataset_inference::infer_dataset(&model, &args.ann, images)?;
+            let dets = maskrcnn::evaluation::dataset_inference::infer_dataset(&model, &gt, images)?;
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("detections.json"));
-            maskrcnn::io::write_json_atomic(&out, &dets)?;
-            eprintln!("{} detections written to {}", dets.len(), out.display());
-            out
+            maskrcnn::io::write_json_atomic(&out, &dets.results)?;
+            eprintln!("{} detections written to {}", dets.results.len(), out.display());
+            let values = match serde_json::to_value(&dets.results)? {
+                serde_json::Value::Array(values) => values,
+                _ => Vec::new(),
+            };
+            let mut metrics = evaluate(&gt, values, &out, Some(&dets.images))?;
+            metrics.notes.extend(dets.failure_note());
+            metrics
         }
         _ => bail!("eval needs --results DETS.json, or --weights W and --images DIR"),
     };
-    let metrics = maskrcnn::evaluation::coco_eval::evaluate_files(&args.ann, &results)?;
     for (name, m) in [("bbox", Some(&metrics.bbox)), ("segm", metrics.segm.as_ref())] {
         if let Some(m) = m {
             println!("IoU type: {name}");
             for line in &m.summary {
                 println!("{line}");
             }
+            println!("{name} AP per category, worst first (AP: IoU 0.50:0.95, all areas, 100 detections):");
+            for line in m.category_table() {
+                println!("{line}");
+            }
         }
+    }
+    for note in &metrics.notes {
+        eprintln!("note: {note}");
     }
     if let Some(path) = &args.metrics {
         maskrcnn::io::write_json_atomic(path, &metrics)?;

@@ -4,7 +4,7 @@
 use crate::args::{ConfigArgs, DeviceArg};
 use anyhow::{bail, Result};
 use clap::Args;
-use maskrcnn::engine::predictor::{predict_files, PredictOptions};
+use maskrcnn::engine::predictor::{collect_images, match_image_ids, predict_files, PredictOptions};
 use maskrcnn::MaskRcnn;
 use std::path::PathBuf;
 
@@ -26,8 +26,12 @@ pub struct PredictArgs {
     /// Minimum score of the detections drawn.
     #[arg(long, default_value_t = 0.5, value_name = "SCORE")]
     pub draw_thresh: f64,
-    /// Images (JPEG or PNG).
-    #[arg(required = true, value_name = "IMAGE")]
+    /// A COCO annotation file the images are in: each result gets its
+    /// image's `image_id` (matched by file_name), so `eval --results` takes them.
+    #[arg(long, value_name = "GT.json")]
+    pub ann: Option<PathBuf>,
+    /// Images (JPEG or PNG), or folders searched recursively for them.
+    #[arg(required = true, value_name = "IMAGE|DIR")]
     pub images: Vec<PathBuf>,
 }
 
@@ -36,8 +40,18 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let device = args.device.resolve()?;
     maskrcnn::shim::set_tf32(config.precision.tf32);
     let model = MaskRcnn::from_weights(&config, &args.weights, device)?;
-    let opts = PredictOptions { json: args.json.clone(), draw: args.draw.clone(), draw_thresh: args.draw_thresh };
-    let summary = predict_files(&model, &args.images, &opts)?;
+    let images = collect_images(&args.images).map_err(anyhow::Error::msg)?;
+    let image_ids = match &args.ann {
+        Some(ann) => {
+            let dataset = maskrcnn::data::coco_json::read_dataset(ann)?;
+            let named: Vec<(u64, String)> = dataset.images.into_iter().map(|im| (im.id, im.file_name)).collect();
+            Some(match_image_ids(&images, &named).map_err(|e| anyhow::anyhow!("--ann {}: {e}", ann.display()))?)
+        }
+        None => None,
+    };
+    let opts =
+        PredictOptions { json: args.json.clone(), draw: args.draw.clone(), draw_thresh: args.draw_thresh, image_ids };
+    let summary = predict_files(&model, &images, &opts)?;
     eprintln!(
         "predicted {} image(s), {} detection(s){}{}",
         summary.images,
@@ -46,12 +60,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         args.draw.as_ref().map(|p| format!(", drawings in {}", p.display())).unwrap_or_default(),
     );
     if !summary.failed.is_empty() {
-        bail!(
-            "{} of {} image(s) could not be read: {}",
-            summary.failed.len(),
-            args.images.len(),
-            summary.failed.join("; ")
-        );
+        bail!("{} of {} image(s) could not be read: {}", summary.failed.len(), images.len(), summary.failed.join("; "));
     }
     Ok(())
 }
