@@ -477,5 +477,44 @@ fn image_variants_decode_as_pil_does() {
         // PNGs are lossless; JPEG decoders differ by IDCT and chroma upsampling rounding.
         let (max_bound, mean_bound) = if name.ends_with(".png") { (0, 0.0) } else { (4, 0.5) };
         assert!(max <= max_bound && mean <= mean_bound, "{name}: max {max}, mean {mean:.3}");
+        // input.exif = false: the stored pixels, as PIL opens them.
+        if name.starts_with("exif") {
+            let stored = maskrcnn::data::image::RgbImage::open(
+                &path,
+                maskrcnn::data::image::DecodeOptions { exif: false, ..Default::default() },
+            )
+            .unwrap();
+            let pil = Tensor::read_npy(dir.join(format!("{name}.stored.npy"))).unwrap();
+            assert_eq!((stored.height as i64, stored.width as i64), (pil.size()[0], pil.size()[1]), "{name} stored");
+            let diff = (Tensor::from_slice(&stored.pixels).reshape(pil.size()).to_kind(Kind::Int)
+                - pil.to_kind(Kind::Int))
+            .abs()
+            .max()
+            .int64_value(&[]);
+            assert!(diff <= max_bound, "{name} stored: max {diff}");
+        }
     }
+}
+
+/// A sideways photo (EXIF orientation 6) whose annotations give the
+/// stored size: the size mismatch names EXIF and the setting that fixes it;
+/// the other way round (annotated upright, read with input.exif = false) too.
+#[test]
+fn exif_size_mismatches_name_the_orientation() {
+    use maskrcnn::data::image::{DecodeOptions, ImageHeader, RgbImage};
+    let dir = common::fixture_dir().join("image_variants");
+    common::run_reference("image_variants.py", &[dir.to_str().unwrap()], &dir.join("stamp"));
+    let path = dir.join("exif6.jpg");
+    let header = ImageHeader::read(&path).unwrap();
+    assert_eq!((header.width, header.height, header.orientation), (161, 117, 6));
+    assert_eq!(header.decoded_size(true), (117, 161));
+    let upright = RgbImage::open(&path, DecodeOptions::default()).unwrap();
+    assert_eq!((upright.width, upright.height), (117, 161));
+    assert_eq!(upright.size_mismatch(117, 161), None);
+    let why = upright.size_mismatch(161, 117).unwrap();
+    assert!(why.contains("EXIF orientation 6") && why.contains("input.exif = false"), "{why}");
+    let stored = RgbImage::open(&path, DecodeOptions { exif: false, ..Default::default() }).unwrap();
+    let why = stored.size_mismatch(117, 161).unwrap();
+    assert!(why.contains("EXIF orientation 6") && why.contains("input.exif = true"), "{why}");
+    assert!(!upright.size_mismatch(100, 100).unwrap().contains("EXIF"));
 }

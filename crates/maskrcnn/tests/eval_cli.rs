@@ -52,7 +52,70 @@ fn bbox_and_segm_stats_equal_pycocotools() {
             assert!((x - y).abs() <= 1e-6, "{iou} stat {i}: ours {x} pycocotools {y}");
         }
         eprintln!("{iou}: AP {:.4} (pycocotools {:.4}), all 12 equal", a[0], b[0]);
+        // Per category: pycocotools' precision array averaged, to 1e-9.
+        let theirs = expected[format!("{iou}_per_category")].as_object().unwrap();
+        let rows = ours[iou]["per_category"].as_array().unwrap();
+        assert_eq!(rows.len(), theirs.len(), "{iou}: one row per category");
+        for row in rows {
+            let id = row["id"].as_u64().unwrap().to_string();
+            let want = stats(&theirs[&id]);
+            for (k, key) in ["ap", "ap50"].iter().enumerate() {
+                let got = row[key].as_f64().unwrap();
+                assert!(
+                    (got - want[k]).abs() <= 1e-9,
+                    "{iou} category {id} {key}: ours {got}, pycocotools {}",
+                    want[k]
+                );
+            }
+        }
+        // Printed worst first.
+        let table: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{iou} AP per category")))
+            .skip(2)
+            .take(rows.len())
+            .collect();
+        let aps: Vec<f64> = table.iter().filter_map(|l| l.split_whitespace().nth(2)?.parse().ok()).collect();
+        assert!(aps.len() >= 2 && aps.windows(2).all(|w| w[0] <= w[1]), "{iou} table not worst first: {table:?}");
     }
+}
+
+/// Ground truth whose annotation ids are missing or repeated is renumbered
+/// (said so): results equal to the ground truth score AP 1 (a repeated id
+/// made matching pair detections with the wrong annotation: AP 0.011).
+#[test]
+fn ground_truth_ids_missing_or_repeated_are_renumbered() {
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = read_json(&dir.join("gt.json"));
+    let anns = g["annotations"].as_array_mut().unwrap();
+    let results: Vec<serde_json::Value> = anns
+        .iter()
+        .filter(|a| a["iscrowd"] == 0)
+        .map(|a| serde_json::json!({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}))
+        .collect();
+    for (i, a) in anns.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            a.as_object_mut().unwrap().remove("id");
+        } else {
+            a["id"] = serde_json::json!(7);
+        }
+    }
+    let gt = tmp.path().join("gt.json");
+    // With a byte-order mark, as some Windows tools write.
+    std::fs::write(&gt, format!("\u{feff}{}", serde_json::to_string(&g).unwrap())).unwrap();
+    let dets = tmp.path().join("dets.json");
+    std::fs::write(&dets, serde_json::to_string(&results).unwrap()).unwrap();
+    let m = tmp.path().join("m.json");
+    let o = eval(&gt, &dets, Some(&m));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("annotations renumbered") && err.contains("have no \"id\"") && err.contains("repeat"),
+        "{err}"
+    );
+    let ap = stats(&read_json(&m)["bbox"]["stats"])[0];
+    assert!((ap - 1.0).abs() < 1e-12, "bbox AP {ap}");
 }
 
 #[test]
@@ -103,14 +166,49 @@ fn bad_results_are_one_line_errors() {
     let p = tmp.path().join("broken.json");
     std::fs::write(&p, "[{\"image_id\": 1,\n \"bbox\": [1, 2").unwrap();
     assert_one_line_error(&eval(&gt, &p, None), "line 2");
-    // Ground truth without segmentations, results with masks.
-    let mut g = read_json(&gt);
+    assert_one_line_error(&eval(Path::new("/nonexistent/gt.json"), &p, None), "gt.json: cannot read");
+    let p = tmp.path().join("nan.json");
+    std::fs::write(&p, "[{\"image_id\": 1, \"category_id\": 1, \"bbox\": [1, 2, 3, 4], \"score\": NaN}]").unwrap();
+    assert_one_line_error(&eval(&gt, &p, None), "entry 0 field \"score\" is NaN, which JSON does not allow");
+}
+
+/// Mask results against ground truth without masks: bbox evaluated (to
+/// pycocotools' numbers), segm skipped with a note; ground truth with masks
+/// on some annotations only: evaluated, the count noted.
+#[test]
+fn ground_truth_without_masks_is_evaluated_for_boxes() {
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = read_json(&dir.join("gt.json"));
     for a in g["annotations"].as_array_mut().unwrap() {
         a.as_object_mut().unwrap().remove("segmentation");
     }
-    let bare = write("bare_gt.json", &g);
-    assert_one_line_error(&eval(&bare, &dir.join("dets.json"), None), "has no segmentations");
-    assert_one_line_error(&eval(Path::new("/nonexistent/gt.json"), &p, None), "cannot read ground truth");
+    let bare = tmp.path().join("bare_gt.json");
+    std::fs::write(&bare, serde_json::to_string(&g).unwrap()).unwrap();
+    let m = tmp.path().join("m.json");
+    let o = eval(&bare, &dir.join("dets.json"), Some(&m));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("no annotation has a mask: bbox is evaluated, segm is not"), "{err}");
+    let ours = read_json(&m);
+    assert!(ours["segm"].is_null());
+    assert_eq!(stats(&ours["bbox"]["stats"]), stats(&read_json(&dir.join("expected.json"))["bbox"]));
+    let mut g = read_json(&dir.join("gt.json"));
+    let anns = g["annotations"].as_array_mut().unwrap();
+    let mut removed = 0;
+    for a in anns.iter_mut().filter(|a| a["iscrowd"] == 0).step_by(4) {
+        a.as_object_mut().unwrap().remove("segmentation");
+        removed += 1;
+    }
+    let partial = tmp.path().join("partial_gt.json");
+    std::fs::write(&partial, serde_json::to_string(&g).unwrap()).unwrap();
+    let o = eval(&partial, &dir.join("dets.json"), None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{removed} of ")) && err.contains("annotations have no mask: segm AP counts them"),
+        "{err}"
+    );
 }
 
 /// COCO allows images without height/width: box results still evaluate, to

@@ -1,6 +1,7 @@
-//! Inference parity with torchvision 0.26's Mask R-CNN on the same weights and
-//! images: padded batch, FPN features, proposals, and final detections
-//! (boxes, scores, labels, pasted masks). The oracle is
+//! Inference parity with torchvision 0.26's Mask R-CNN (and, without the
+//! mask branch, its Faster R-CNN) on the same weights and images: padded
+//! batch, FPN features, proposals, and final detections (boxes, scores,
+//! labels, pasted masks). The oracle is
 //! `tests/reference/inference_fixture.py`.
 
 mod common;
@@ -39,6 +40,9 @@ struct Case {
     files: bool,
     /// SGD steps that sharpen the oracle's random model (`--steps`).
     steps: usize,
+    /// No mask branch (`--box-only`: torchvision's FasterRCNN); ours reads
+    /// that from the weights (`model.mask_on = "auto"`).
+    box_only: bool,
 }
 
 /// v1 at 320 px, 7 classes; the cases below change what they test.
@@ -57,8 +61,12 @@ const V1_320: Case = Case {
     trainable_layers: 3,
     files: true,
     steps: 3,
+    box_only: false,
 };
 const R101_SMALL: Case = V1_320;
+/// torchvision's Faster R-CNN (the same v1 detector without the mask branch).
+const R50_BOX_ONLY: Case =
+    Case { name: "r50_c7_box_only", depth: 50, sizes: "300x200,1000x1500", files: false, box_only: true, ..V1_320 };
 const R50_DEFAULT: Case = Case {
     name: "r50_c91",
     depth: 50,
@@ -141,6 +149,9 @@ fn fixture(case: &Case, device: Device) -> PathBuf {
     if !case.files {
         args.push("--no-files");
     }
+    if case.box_only {
+        args.push("--box-only");
+    }
     run_reference("inference_fixture.py", &args, &dir.join("outputs.safetensors"));
     dir
 }
@@ -204,7 +215,7 @@ fn match_detections(ours: &HashMap<&str, Tensor>, theirs: &HashMap<&str, Tensor>
     let (ob, tb) = (cpu(&ours["boxes"]), cpu(&theirs["boxes"]));
     let (os, ts) = (cpu(&ours["scores"]), cpu(&theirs["scores"]));
     let (ol, tl) = (to_vec_i64(&ours["labels"]), to_vec_i64(&theirs["labels"]));
-    let (om, tm) = (cpu(&ours["masks"]), cpu(&theirs["masks"]));
+    let masks = ours.get("masks").zip(theirs.get("masks")).map(|(o, t)| (cpu(o), cpu(t)));
     let total = ol.len().max(tl.len());
     let mut used = vec![false; ol.len()];
     let mut m = DetMatch { matched: 0, total, ties: 0, worst_mask_iou: 1.0, worst_score_diff: 0.0 };
@@ -243,12 +254,14 @@ fn match_detections(ours: &HashMap<&str, Tensor>, theirs: &HashMap<&str, Tensor>
             used[i] = true;
             m.matched += 1;
             m.worst_score_diff = m.worst_score_diff.max(ds);
-            let a = om.get(i as i64).to_kind(Kind::Bool);
-            let b = tm.get(j as i64).to_kind(Kind::Bool);
-            let inter = a.logical_and(&b).sum(Kind::Float).double_value(&[]);
-            let union = a.logical_or(&b).sum(Kind::Float).double_value(&[]);
-            let mask_iou = if union == 0.0 { 1.0 } else { inter / union };
-            m.worst_mask_iou = m.worst_mask_iou.min(mask_iou);
+            if let Some((om, tm)) = &masks {
+                let a = om.get(i as i64).to_kind(Kind::Bool);
+                let b = tm.get(j as i64).to_kind(Kind::Bool);
+                let inter = a.logical_and(&b).sum(Kind::Float).double_value(&[]);
+                let union = a.logical_or(&b).sum(Kind::Float).double_value(&[]);
+                let mask_iou = if union == 0.0 { 1.0 } else { inter / union };
+                m.worst_mask_iou = m.worst_mask_iou.min(mask_iou);
+            }
         }
     }
     m
@@ -260,6 +273,7 @@ fn check(case: &Case, device: Device) {
     let dir = fixture(case, device);
     let out = load(&dir.join("outputs.safetensors"), device);
     let model = model_for(case, &dir, device);
+    assert_eq!(model.has_masks(), !case.box_only, "{}: the mask branch follows the weights", case.name);
     let n = case.sizes.split(',').count();
     let images: Vec<Tensor> = (0..n).map(|i| out[&format!("image.{i}")].shallow_clone()).collect();
     let originals: Vec<(i64, i64)> = images.iter().map(|im| (im.size()[1], im.size()[2])).collect();
@@ -317,19 +331,23 @@ fn check(case: &Case, device: Device) {
     let dets = model.postprocess(trace, &originals);
     let mut total_dets = 0;
     for (i, d) in dets.iter().enumerate() {
-        // Our pasted masks come as RLEs of the image: decoded for the comparison.
-        let (h, w) = originals[i];
-        let masks = decode_rles(d.segmentations.as_ref().unwrap())
-            .unwrap_or_else(|| Tensor::zeros([0, h, w], (Kind::Uint8, Device::Cpu)));
-        let ours: HashMap<&str, Tensor> = HashMap::from([
+        let mut ours: HashMap<&str, Tensor> = HashMap::from([
             ("boxes", d.boxes.shallow_clone()),
             ("scores", d.scores.shallow_clone()),
             ("labels", d.labels.shallow_clone()),
-            ("masks", masks),
         ]);
+        if case.box_only {
+            assert!(d.masks.is_none() && d.segmentations.is_none(), "{}: masks from a box-only model", case.name);
+        } else {
+            // Our pasted masks come as RLEs of the image: decoded for the comparison.
+            let (h, w) = originals[i];
+            let masks = decode_rles(d.segmentations.as_ref().unwrap())
+                .unwrap_or_else(|| Tensor::zeros([0, h, w], (Kind::Uint8, Device::Cpu)));
+            ours.insert("masks", masks);
+        }
         let theirs: HashMap<&str, Tensor> = ["boxes", "scores", "labels", "masks"]
             .into_iter()
-            .map(|k| (k, out[&format!("{k}.{i}")].shallow_clone()))
+            .filter_map(|k| out.get(&format!("{k}.{i}")).map(|t| (k, t.shallow_clone())))
             .collect();
         // On CPU our arithmetic is torchvision's: only exact ties. On CUDA
         // the convolutions' algorithms differ (scores within a few 1e-6), so
@@ -374,6 +392,11 @@ fn r50_default_config_matches_torchvision_cpu() {
 }
 
 #[test]
+fn box_only_matches_torchvision_faster_rcnn_cpu() {
+    check(&R50_BOX_ONLY, Device::Cpu);
+}
+
+#[test]
 fn torchvision_v2_matches_torchvision_cpu() {
     check(&R50_V2, Device::Cpu);
     // The same file under v1's options: refused, naming every option to set.
@@ -398,6 +421,13 @@ fn gpu_v2_and_fpn_norm_match_torchvision_cuda() {
     if let Some(dev) = cuda_or_skip("gpu_v2_and_fpn_norm_match_torchvision_cuda") {
         check(&R50_V2, dev);
         check(&R50_FPN_FROZEN_BN, dev);
+    }
+}
+
+#[test]
+fn gpu_box_only_matches_torchvision_faster_rcnn_cuda() {
+    if let Some(dev) = cuda_or_skip("gpu_box_only_matches_torchvision_faster_rcnn_cuda") {
+        check(&R50_BOX_ONLY, dev);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Training parity with torchvision 0.26: with identical weights, images,
 //! targets and sampled anchors/proposals (torchvision's samples replayed), the
-//! five losses agree within 1e-5 relative and the gradient of their sum for
+//! five losses (four for the box-only model, torchvision's Faster R-CNN)
+//! agree within 1e-5 relative and the gradient of their sum for
 //! every trainable parameter within 1e-4 (‖Δ‖₂ / ‖ref‖₂), or no further from
 //! the exact (float64) gradient than twice torchvision's own float32
 //! gradient is (v2's BatchNorm heads amplify rounding). On CUDA a gradient
@@ -26,11 +27,23 @@ struct Case {
     /// `train_fixture.py --arch`.
     arch: &'static str,
     sets: &'static [&'static str],
+    /// No mask branch: `train_fixture.py --box-only` (torchvision's
+    /// FasterRCNN) against `model.mask_on = false`.
+    box_only: bool,
 }
 
 /// v1 as the reference recipes fine-tune it: frozen BatchNorm in the
 /// backbone, three trainable stages.
-const V1: Case = Case { name: "r50_c7", arch: "v1", sets: &["model.norm=\"frozen_bn\""] };
+const V1: Case = Case { name: "r50_c7", arch: "v1", sets: &["model.norm=\"frozen_bn\""], box_only: false };
+
+/// v1 without the mask branch: torchvision's `FasterRCNN` on the same
+/// backbone, boxes and labels only.
+const V1_BOX_ONLY: Case = Case {
+    name: "r50_c7_box_only",
+    arch: "v1",
+    sets: &["model.norm=\"frozen_bn\"", "model.mask_on=false"],
+    box_only: true,
+};
 
 /// torchvision's `maskrcnn_resnet50_fpn_v2(weights=None)`: BatchNorm with
 /// batch statistics in the backbone, the FPN and both heads, every stage
@@ -46,16 +59,17 @@ const V2: Case = Case {
         "model.box_head=\"4conv1fc\"",
         "model.head_norm=\"bn\"",
     ],
+    box_only: false,
 };
 
 fn fixture(case: &Case, device: Device) -> std::path::PathBuf {
     let tag = if device == Device::Cpu { "cpu" } else { "cuda" };
     let dir = fixture_dir().join(format!("train_{}_{tag}", case.name));
-    run_reference(
-        "train_fixture.py",
-        &[dir.to_str().unwrap(), "--device", tag, "--arch", case.arch],
-        &dir.join("train.safetensors"),
-    );
+    let mut args = vec![dir.to_str().unwrap(), "--device", tag, "--arch", case.arch];
+    if case.box_only {
+        args.push("--box-only");
+    }
+    run_reference("train_fixture.py", &args, &dir.join("train.safetensors"));
     dir
 }
 
@@ -110,7 +124,11 @@ fn check(case: &Case, device: Device) {
         .map(|i| Target {
             boxes: t[&format!("boxes.{i}")].shallow_clone(),
             labels: t[&format!("labels.{i}")].shallow_clone(),
-            masks: InstanceMasks::Bitmaps(t[&format!("masks.{i}")].shallow_clone()),
+            masks: match t.get(&format!("masks.{i}")) {
+                Some(m) => InstanceMasks::Bitmaps(m.shallow_clone()),
+                // Box-only: no mask (the model has no mask branch anyway).
+                None => InstanceMasks::Polygons(vec![Vec::new(); t[&format!("labels.{i}")].size()[0] as usize]),
+            },
             iscrowd: None,
             has_mask: None,
         })
@@ -128,8 +146,11 @@ fn check(case: &Case, device: Device) {
             assert!(d <= 1e-3, "image {i}: proposals differ by {d}");
         }
     }
+    assert_eq!(model.has_masks(), !case.box_only);
     let mut sampler = replay(&t);
     let losses = model.forward_train(&images, &targets, &mut sampler).unwrap();
+    let theirs: usize = t.keys().filter(|k| k.starts_with("loss.")).count();
+    assert_eq!(losses.named().len(), theirs, "the same losses as torchvision's");
     assert!(sampler.calls.is_empty(), "not every recorded sample was used");
     let mut bad = Vec::new();
     for (name, ours) in losses.named() {
@@ -214,6 +235,11 @@ fn losses_and_gradients_match_torchvision_cpu() {
 }
 
 #[test]
+fn box_only_losses_and_gradients_match_torchvision_faster_rcnn_cpu() {
+    check(&V1_BOX_ONLY, Device::Cpu);
+}
+
+#[test]
 fn v2_losses_and_gradients_match_torchvision_cpu() {
     check(&V2, Device::Cpu);
 }
@@ -222,6 +248,13 @@ fn v2_losses_and_gradients_match_torchvision_cpu() {
 fn gpu_losses_and_gradients_match_torchvision_cuda() {
     if let Some(dev) = cuda_or_skip("gpu_losses_and_gradients_match_torchvision_cuda") {
         check(&V1, dev);
+    }
+}
+
+#[test]
+fn gpu_box_only_losses_and_gradients_match_torchvision_faster_rcnn_cuda() {
+    if let Some(dev) = cuda_or_skip("gpu_box_only_losses_and_gradients_match_torchvision_faster_rcnn_cuda") {
+        check(&V1_BOX_ONLY, dev);
     }
 }
 

@@ -157,6 +157,10 @@ fn describe_path(tree: &serde_json::Value, path: &[Step]) -> String {
         let id = record.and_then(|r| r.get("id")).map(|id| format!(" id {id}")).unwrap_or_default();
         return format!("{kind}{id} ({list}[{i}]) field {}", render(rest));
     }
+    if let [Step::Index(i), rest @ ..] = path {
+        // A bare list (a results file): the i-th entry.
+        return format!("entry {i} field {}", render(rest));
+    }
     render(path)
 }
 

@@ -215,7 +215,8 @@ impl StepGraphs {
             self.grads_defined = true;
         }
         let report = self.positives.get_or_insert_with(|| HostValue::new(index).map(Arc::new)).clone();
-        let Some(report) = report.filter(|_| accumulate == 1) else {
+        // Without the mask branch there are no mask rows to budget.
+        let Some(report) = report.filter(|_| accumulate == 1 && model.has_masks()) else {
             let inputs = TrainInputs { mask_rows: MaskRows::All, ..inputs };
             return self.run(index, model, inputs, accumulate, scaler, amp, sampler);
         };

@@ -1,6 +1,8 @@
 """Oracle for COCO evaluation: a synthetic ground truth (polygons, RLE and a
 crowd region), detections derived from it (jittered, missed, false), written
-as COCO JSON, and pycocotools' 12 summary numbers for bbox and segm.
+as COCO JSON, and pycocotools' 12 summary numbers for bbox and segm, and
+every category's AP and AP50 from its precision array
+(`eval['precision'][:, :, k, 0, 2]`, the mean of the entries above -1).
 
 Usage: python eval_fixture.py OUT_DIR
 Writes gt.json, dets.json, dets_empty.json, expected.json.
@@ -87,6 +89,14 @@ for iou in ("bbox", "segm"):
     ev = COCOeval(coco_gt, coco_dt, iou)
     ev.evaluate(); ev.accumulate(); ev.summarize()
     expected[iou] = [float(v) for v in ev.stats]
+    per_category = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = ev.eval["precision"][:, :, k, 0, 2]
+        ap = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+        p50 = p[0]
+        ap50 = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else -1.0
+        per_category[str(cat_id)] = [ap, ap50]
+    expected[f"{iou}_per_category"] = per_category
 # Empty results: pycocotools' loadRes cannot take [], so evaluate a results
 # COCO with no annotations, which is what an empty file means.
 empty = COCO()

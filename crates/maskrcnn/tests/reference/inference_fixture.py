@@ -37,6 +37,7 @@ ap.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"])
 ap.add_argument("--head-norm", default="none", choices=["none", "bn"])
 ap.add_argument("--arch", default="v1", choices=["v1", "v2"])
 ap.add_argument("--trainable-layers", type=int, default=3)
+ap.add_argument("--box-only", action="store_true", help="torchvision's Faster R-CNN (no mask branch)")
 ap.add_argument("--no-files", action="store_true",
                 help="skip the PNGs, predict_ref.json, gt.json and eval_ref.json (predict/eval tests)")
 args = ap.parse_args()
@@ -53,7 +54,7 @@ gen = torch.Generator().manual_seed(args.seed + 1)
 
 
 model = build(args.depth, args.classes, args.min_size, args.max_size, gen, args.fpn_norm, args.rpn_conv_depth,
-              args.box_head, args.head_norm, args.arch, args.trainable_layers).to(dev)
+              args.box_head, args.head_norm, args.arch, args.trainable_layers, masks=not args.box_only).to(dev)
 
 # Sharpen: a few SGD steps at a small size.
 if args.steps > 0:
@@ -103,7 +104,8 @@ with torch.no_grad():
     for i, d in enumerate(dets):
         out[f"pre.boxes.{i}"] = d["boxes"].clone()
         out[f"pre.scores.{i}"] = d["scores"].clone()
-        out[f"pre.masks.{i}"] = d["masks"].clone()
+        if "masks" in d:
+            out[f"pre.masks.{i}"] = d["masks"].clone()
     final = model.transform.postprocess(dets, il.image_sizes, [im.shape[-2:] for im in images])
 for i, im in enumerate(images):
     out[f"image.{i}"] = im
@@ -115,7 +117,8 @@ for i, (p, d) in enumerate(zip(proposals, final)):
     out[f"boxes.{i}"] = d["boxes"]
     out[f"scores.{i}"] = d["scores"]
     out[f"labels.{i}"] = d["labels"]
-    out[f"masks.{i}"] = (d["masks"][:, 0] > 0.5).to(torch.uint8)
+    if "masks" in d:
+        out[f"masks.{i}"] = (d["masks"][:, 0] > 0.5).to(torch.uint8)
 out["image_sizes"] = torch.tensor(il.image_sizes)
 out["batch_shape"] = torch.tensor(list(il.tensors.shape))
 save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, os.path.join(args.out, "outputs.safetensors"))

@@ -28,6 +28,7 @@ ap.add_argument("--max-size", type=int, default=512)
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--seed", type=int, default=3)
 ap.add_argument("--arch", default="v1", choices=["v1", "v2"])
+ap.add_argument("--box-only", action="store_true", help="torchvision's Faster R-CNN (no mask branch)")
 args = ap.parse_args()
 os.makedirs(args.out, exist_ok=True)
 torch.manual_seed(args.seed)
@@ -37,7 +38,8 @@ dev = torch.device(args.device)
 # differences of two correct implementations into 1e-3-level ones.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
-model = build(args.depth, args.classes, args.min_size, args.max_size, gen, arch=args.arch).to(dev)
+model = build(args.depth, args.classes, args.min_size, args.max_size, gen, arch=args.arch,
+              masks=not args.box_only).to(dev)
 model.train()
 
 # Images: two with instances, one with none (a negative); all 256x384, a
@@ -46,6 +48,8 @@ model.train()
 images, targets = [], []
 for h, w, k in [(256, 384, 5), (256, 384, 3), (256, 384, 0)]:
     img, t = shapes_image(gen, h, w, k, args.classes)
+    if args.box_only:  # Faster R-CNN's targets: boxes and labels
+        t = {k: v for k, v in t.items() if k != "masks"}
     images.append(img.to(dev))
     targets.append({k: v.to(dev) for k, v in t.items()})
 
@@ -141,7 +145,8 @@ for i, (im, t) in enumerate(zip(images, targets)):
     out[f"image.{i}"] = im
     out[f"boxes.{i}"] = t["boxes"]
     out[f"labels.{i}"] = t["labels"]
-    out[f"masks.{i}"] = t["masks"]
+    if "masks" in t:
+        out[f"masks.{i}"] = t["masks"]
 for i, b in enumerate(rpn_boxes):
     out[f"proposals.{i}"] = b
 for name, v in losses.items():

@@ -3,7 +3,7 @@ project builds its model (ResNet-FPN, FrozenBatchNorm2d with plausible random
 statistics, trainable_layers=3) and synthetic shape images with targets."""
 import torch
 from torchvision.models import resnet
-from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
@@ -25,18 +25,21 @@ def randomize_statistics(module, gen):
 
 
 def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_depth=1, box_head="2mlp",
-          head_norm="none", arch="v1", trainable_layers=3):
+          head_norm="none", arch="v1", trainable_layers=3, masks=True):
     """v1 by default; `fpn_norm` ("frozen_bn", "bn") puts that norm in the FPN
     (`_resnet_fpn_extractor(..., norm_layer=...)`), `rpn_conv_depth` 2 is
     v2's RPN head, `box_head` "4conv1fc" v2's FastRCNNConvFCHead and
     `head_norm` "bn" v2's BatchNorm in the box and mask heads. `arch="v2"`
     is torchvision's own `maskrcnn_resnet50_fpn_v2(weights=None,
     weights_backbone=None)` (BatchNorm2d everywhere, every stage trainable;
-    the part options are ignored)."""
+    the part options are ignored). `masks=False` builds the same detector
+    without the mask branch: torchvision's FasterRCNN (v2:
+    `fasterrcnn_resnet50_fpn_v2`)."""
     if arch == "v2":
         assert depth == 50, "torchvision's v2 builder is ResNet-50 only"
-        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=classes,
-                                         min_size=min_size, max_size=max_size)
+        builder = maskrcnn_resnet50_fpn_v2 if masks else fasterrcnn_resnet50_fpn_v2
+        model = builder(weights=None, weights_backbone=None, num_classes=classes, min_size=min_size,
+                        max_size=max_size)
         randomize_statistics(model, gen)
         return model
     body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
@@ -53,7 +56,13 @@ def build(depth, classes, min_size, max_size, gen, fpn_norm="none", rpn_conv_dep
         if box_head == "4conv1fc":
             heads["box_head"] = FastRCNNConvFCHead((c, 7, 7), [c] * 4, [1024], norm_layer=head_norm_layer)
         heads["mask_head"] = MaskRCNNHeads(c, [256] * 4, 1, norm_layer=head_norm_layer)
-    model = MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size, rpn_head=rpn_head, **heads)
+    if masks:
+        model = MaskRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size, rpn_head=rpn_head,
+                         **heads)
+    else:
+        heads.pop("mask_head", None)
+        model = FasterRCNN(backbone, num_classes=classes, min_size=min_size, max_size=max_size, rpn_head=rpn_head,
+                           **heads)
     randomize_statistics(model.roi_heads, gen)
     return model
 
