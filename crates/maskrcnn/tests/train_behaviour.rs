@@ -208,3 +208,90 @@ fn replay_puts_recorded_masks_on_real_positions() {
     assert_eq!(Vec::<i64>::try_from(s.index.reshape([-1])).unwrap()[..3], [4, 1, 3]);
     assert_eq!(Vec::<bool>::try_from(s.valid.reshape([-1])).unwrap(), [true, true, true, false]);
 }
+
+/// Box-only annotations (no mask) train the box losses and are left out of
+/// the mask loss: with the same samples, the box losses equal those of the
+/// fully masked target, what their (absent) mask holds never matters, and
+/// a target without any mask has a mask loss of exactly 0 and no gradient
+/// into the mask head.
+#[test]
+fn box_only_annotations_train_boxes_not_masks() {
+    let model = MaskRcnn::new(&config(&[]), Device::Cpu).unwrap();
+    let rects = [(20, 20, 90, 100, 1), (100, 30, 150, 80, 2)];
+    let (img, full) = scene(120, 160, &rects, false);
+    let with_has_mask = |t: &Target, has: [bool; 2], garbage: bool| Target {
+        masks: match &t.masks {
+            InstanceMasks::Bitmaps(m) if garbage => {
+                let m = m.copy();
+                let _ = m.get(1).fill_(1);
+                InstanceMasks::Bitmaps(m)
+            }
+            InstanceMasks::Bitmaps(m) => InstanceMasks::Bitmaps(m.copy()),
+            InstanceMasks::Polygons(p) => InstanceMasks::Polygons(p.clone()),
+        },
+        has_mask: Some(Tensor::from_slice(&has)),
+        ..t.to_device(Device::Cpu)
+    };
+    let mut recorder = Recorder::default();
+    let a = model.forward_train(&[img.shallow_clone()], &[full.to_device(Device::Cpu)], &mut recorder).unwrap();
+    let calls: Vec<_> = recorder.calls;
+    let replay = |target: Target| {
+        let mut r = ReplaySampler {
+            calls: calls.iter().map(|(s, v)| (*s, v.iter().map(|(p, n)| (p.copy(), n.copy())).collect())).collect(),
+        };
+        model.forward_train(&[img.shallow_clone()], &[target], &mut r).unwrap()
+    };
+    let b = replay(with_has_mask(&full, [true, false], false));
+    let c = replay(with_has_mask(&full, [true, false], true));
+    for ((name, x), (_, y)) in a.named().iter().zip(b.named().iter()).take(4) {
+        assert_eq!(x.double_value(&[]), y.double_value(&[]), "{name}");
+    }
+    let mask = |l: &maskrcnn::modeling::Losses| l.mask.as_ref().unwrap().double_value(&[]);
+    assert_eq!(mask(&b), mask(&c), "a box-only instance's mask contents are never read");
+    assert!(mask(&a) > 0.0 && mask(&b) > 0.0 && mask(&a) != mask(&b), "{} vs {}", mask(&a), mask(&b));
+    let none = replay(with_has_mask(&full, [false, false], false));
+    assert_eq!(mask(&none), 0.0);
+    none.total().backward();
+    for (name, v) in model.vs.variables() {
+        if name.contains("mask_") && v.grad().defined() {
+            assert_eq!(v.grad().abs().sum(Kind::Double).double_value(&[]), 0.0, "{name}");
+        }
+    }
+}
+
+/// A COCO annotation without a mask becomes a target instance marked
+/// mask-less (no polygons, an empty bitmap), not a rectangle; with
+/// `data.box_as_mask` its box is its mask.
+#[test]
+fn annotations_without_masks_become_mask_less_targets() {
+    use maskrcnn::data::coco::{CocoDataset, LoadOptions};
+    use maskrcnn::data::transforms::to_target;
+    let tmp = tempfile::tempdir().unwrap();
+    let json = r#"{"images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+        "categories": [{"id": 5, "name": "a"}],
+        "annotations": [
+          {"id": 1, "image_id": 1, "category_id": 5, "bbox": [2, 2, 10, 10], "segmentation": [[2, 2, 12, 2, 12, 12]]},
+          {"id": 2, "image_id": 1, "category_id": 5, "bbox": [20, 5, 10, 10], "segmentation": []},
+          {"id": 3, "image_id": 1, "category_id": 5, "bbox": [5, 15, 10, 10], "segmentation": [[]]},
+          {"id": 4, "image_id": 1, "category_id": 5, "bbox": [25, 15, 10, 10]}]}"#;
+    let ann = tmp.path().join("a.json");
+    std::fs::write(&ann, json).unwrap();
+    let load = |box_as_mask| {
+        CocoDataset::load(&ann, tmp.path(), LoadOptions { drop_empty: true, strict: true, box_as_mask }).unwrap()
+    };
+    let ds = load(false);
+    assert_eq!((ds.report.empty_segmentation, ds.report.no_segmentation, ds.report.without_mask()), (2, 1, 3));
+    let t = to_target(&ds.images[0].instances, 30, 40, false);
+    assert_eq!(Vec::<bool>::try_from(t.has_mask.as_ref().unwrap()).unwrap(), [true, false, false, false]);
+    match &t.masks {
+        InstanceMasks::Polygons(p) => assert_eq!(p.iter().map(Vec::len).collect::<Vec<_>>(), [1, 0, 0, 0]),
+        _ => panic!("polygons expected"),
+    }
+    let ds = load(true);
+    let t = to_target(&ds.images[0].instances, 30, 40, false);
+    assert!(t.has_mask.is_none(), "box_as_mask: every instance has a mask");
+    match &t.masks {
+        InstanceMasks::Polygons(p) => assert_eq!(p[1], vec![vec![20.0, 5.0, 30.0, 5.0, 30.0, 15.0, 20.0, 15.0]]),
+        _ => panic!("polygons expected"),
+    }
+}
