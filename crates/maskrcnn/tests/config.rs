@@ -127,7 +127,7 @@ fn wrong_types_name_the_key_and_the_expected_type() {
     let e = err_of(&["solver.base_lr=abc"]);
     assert!(e.contains("`solver.base_lr`") && e.contains("expected a number"), "{e}");
     let e = err_of(&["model.num_classes=2.5"]);
-    assert!(e.contains("`model.num_classes`") && e.contains("expected an integer"), "{e}");
+    assert!(e.contains("`model.num_classes`") && e.contains("expected \"auto\" or a class count"), "{e}");
     let e = err_of(&["precision.tf32=yes"]);
     assert!(e.contains("`precision.tf32`") && e.contains("expected a boolean"), "{e}");
     let e = err_of(&["input.min_size=[800, \"x\"]"]);

@@ -20,8 +20,16 @@ use tch::{Device, Kind, Tensor};
 const TRAIN: LoadOptions = LoadOptions { drop_empty: true, strict: false, box_as_mask: false };
 
 fn synth(dir: &Path, train: usize, val: usize, seed: u64) -> SynthOutput {
-    generate(&SynthOptions { out: dir.to_path_buf(), train, val, seed, size: (96, 160), annotations_only: false })
-        .expect("synth")
+    generate(&SynthOptions {
+        out: dir.to_path_buf(),
+        train,
+        val,
+        seed,
+        size: (96, 160),
+        annotations_only: false,
+        profile: Default::default(),
+    })
+    .expect("synth")
 }
 
 fn rle_string(bitmap: &[u8], h: u32, w: u32) -> String {
@@ -517,4 +525,48 @@ fn exif_size_mismatches_name_the_orientation() {
     let why = stored.size_mismatch(117, 161).unwrap();
     assert!(why.contains("EXIF orientation 6") && why.contains("input.exif = true"), "{why}");
     assert!(!upright.size_mismatch(100, 100).unwrap().contains("EXIF"));
+}
+
+/// `synth --profile coco` has COCO's statistics: its 80 categories under
+/// COCO's ids, COCO's image sizes (640 on the long side), about 7 objects
+/// per image with crowded scenes, COCO's small/medium/large mix, ~1% crowd
+/// regions; and it loads for training.
+#[test]
+fn the_coco_profile_has_cocos_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = generate(&SynthOptions {
+        out: tmp.path().to_path_buf(),
+        train: 300,
+        val: 0,
+        seed: 5,
+        size: (96, 160),
+        annotations_only: false,
+        profile: maskrcnn::data::synth::SynthProfile::Coco,
+    })
+    .unwrap();
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&out.train_ann).unwrap()).unwrap();
+    let ids: Vec<u64> = d["categories"].as_array().unwrap().iter().map(|c| c["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), 80);
+    assert_eq!((ids[0], ids[11], ids[79]), (1, 13, 90), "COCO's ids, 12 missing");
+    assert_eq!(d["categories"][0]["name"], "person");
+    let images = d["images"].as_array().unwrap();
+    assert!(images.iter().all(|im| im["width"].as_u64().unwrap().max(im["height"].as_u64().unwrap()) <= 640));
+    let landscape = images.iter().filter(|im| im["width"] == 640 && im["height"] == 480).count();
+    assert!(landscape > images.len() / 6, "640x480 is COCO's most common size: {landscape}");
+    let anns = d["annotations"].as_array().unwrap();
+    let per_image = anns.len() as f64 / images.len() as f64;
+    assert!((5.5..=10.0).contains(&per_image), "{per_image} objects per image");
+    let mut counts = std::collections::HashMap::new();
+    for a in anns {
+        *counts.entry(a["image_id"].as_u64().unwrap()).or_insert(0) += 1;
+    }
+    assert!(counts.values().any(|&n| n >= 40), "no crowded scene");
+    let areas: Vec<f64> = anns.iter().filter(|a| a["iscrowd"] == 0).map(|a| a["area"].as_f64().unwrap()).collect();
+    let share = |f: &dyn Fn(f64) -> bool| areas.iter().filter(|&&a| f(a)).count() as f64 / areas.len() as f64;
+    let (small, large) = (share(&|a| a < 1024.0), share(&|a| a >= 9216.0));
+    assert!((0.3..=0.55).contains(&small) && (0.12..=0.35).contains(&large), "small {small:.2}, large {large:.2}");
+    let crowd = anns.iter().filter(|a| a["iscrowd"] == 1).count() as f64 / anns.len() as f64;
+    assert!(crowd > 0.0 && crowd < 0.03, "crowd share {crowd}");
+    let ds = CocoDataset::load(&out.train_ann, &out.train_images, TRAIN).unwrap();
+    assert_eq!((ds.num_classes(), ds.skipped.len()), (81, 0));
 }

@@ -21,6 +21,7 @@ fn synth(dir: &Path, train: usize, val: usize) -> maskrcnn::data::synth::SynthOu
         seed: 3,
         size: (96, 128),
         annotations_only: false,
+        profile: Default::default(),
     })
     .unwrap()
 }
@@ -109,8 +110,7 @@ fn a_quirky_export_trains_and_is_reported() {
     // One more below: the missing image's, without a segmentation.
     let non_crowd = anns.iter().filter(|a| a["iscrowd"] == 0).count() + 1;
     let mut expect = (0, 0, 1, 0); // [], [[]], no key, 2-point polygon
-    let mut k = 0;
-    for a in anns.iter_mut().filter(|a| a["iscrowd"] == 0) {
+    for (k, a) in anns.iter_mut().filter(|a| a["iscrowd"] == 0).enumerate() {
         match k % 6 {
             0 => {
                 a["segmentation"] = json!([]);
@@ -130,7 +130,6 @@ fn a_quirky_export_trains_and_is_reported() {
             }
             _ => {}
         }
-        k += 1;
     }
     for a in anns.iter_mut().take(3) {
         a.as_object_mut().unwrap().remove("id");

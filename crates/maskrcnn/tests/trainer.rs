@@ -257,6 +257,7 @@ fn synth_data(dir: &Path) -> maskrcnn::data::synth::SynthOutput {
         seed: 1,
         size: (96, 128),
         annotations_only: false,
+        profile: Default::default(),
     })
     .unwrap()
 }

@@ -123,6 +123,7 @@ fn coerce(expected: &Value, v: Value) -> Result<Value, Value> {
         // `model.mask_on`) are strings in the defaults.
         (Value::String(_), Value::Integer(i)) => Ok(Value::String(i.to_string())),
         (Value::String(_), Value::Boolean(b)) => Ok(Value::String(b.to_string())),
+        (Value::String(_), Value::Float(f)) => Ok(Value::String(f.to_string())),
         (e, v) if std::mem::discriminant(e) == std::mem::discriminant(&v) => Ok(v),
         (_, v) => Err(v),
     }

@@ -1,14 +1,21 @@
 //! `maskrcnn synth`: a deterministic COCO-format dataset of textured shapes on
 //! cluttered backgrounds — the demo's data and the tests' data.
 //!
-//! Six classes (category ids 1, 2, 3, 5, 8, 13: not contiguous, as COCO's),
-//! 1–10 instances per image drawn in z-order so later shapes occlude earlier
-//! ones; each annotation is the *visible* part: a polygon when the shape is
-//! unoccluded, a compressed RLE when it is partly hidden (rings, having a
-//! hole, are always RLE). Some images hold a crowd region (a cluster of small
-//! shapes of one class, uncompressed RLE, `iscrowd: 1`). Colours and textures
-//! are independent of the class, and the background carries distractor
-//! blobs, so the model has to learn shape.
+//! The `shapes` profile: six classes (category ids 1, 2, 3, 5, 8, 13: not
+//! contiguous, as COCO's), 1–10 instances per image drawn in z-order so later
+//! shapes occlude earlier ones; each annotation is the *visible* part: a
+//! polygon when the shape is unoccluded, a compressed RLE when it is partly
+//! hidden (rings, having a hole, are always RLE). Some images hold a crowd
+//! region (a cluster of small shapes of one class, uncompressed RLE,
+//! `iscrowd: 1`). Colours and textures are independent of the class, and the
+//! background carries distractor blobs, so the model has to learn shape.
+//!
+//! The `coco` profile has COCO's statistics, for measuring what users with
+//! COCO-like data get: its 80 categories under COCO's ids and names (a class
+//! is a shape and a colour family), COCO's image sizes (640×480, 480×640,
+//! 640×427, ...), a long-tailed object count (mean ≈ 7; about 5% crowded
+//! scenes of 40–120 objects), COCO's size mix (≈ 41% small < 32², 34%
+//! medium, 25% large) and about 1% crowd regions.
 
 use crate::random::Rng;
 use crate::structures::rle::{rle_into_bitmap, row_to_column};
@@ -20,6 +27,16 @@ use std::path::{Path, PathBuf};
 pub const CATEGORIES: [(u64, &str); 6] =
     [(1, "circle"), (2, "rectangle"), (3, "triangle"), (5, "star"), (8, "hexagon"), (13, "ring")];
 
+/// Which statistics the data has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SynthProfile {
+    /// Six shape classes, sides from `size`, 1–10 objects (the demo's).
+    #[default]
+    Shapes,
+    /// COCO's categories, image sizes, object counts and sizes.
+    Coco,
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
@@ -27,12 +44,53 @@ pub struct SynthOptions {
     pub train: usize,
     pub val: usize,
     pub seed: u64,
-    /// Each image side is drawn uniformly from `[min, max]` pixels.
+    /// Each image side is drawn uniformly from `[min, max]` pixels (the
+    /// `shapes` profile; `coco` draws COCO's sizes).
     pub size: (u32, u32),
     /// Write only the annotation files (no pixels, no occlusion): for
     /// benchmarking annotation loading at COCO scale.
     pub annotations_only: bool,
+    pub profile: SynthProfile,
 }
+
+/// COCO's 80 categories: `(id, name)`, ids 1..=90 with COCO's gaps.
+pub fn coco_categories() -> Vec<(u64, &'static str)> {
+    crate::structures::categories::COCO_CLASS_NAMES
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, n)| **n != "N/A")
+        .map(|(id, n)| (id as u64, *n))
+        .collect()
+}
+
+impl SynthProfile {
+    /// `(category id, name)` of the profile's classes.
+    pub fn categories(self) -> Vec<(u64, &'static str)> {
+        match self {
+            SynthProfile::Shapes => CATEGORIES.to_vec(),
+            SynthProfile::Coco => coco_categories(),
+        }
+    }
+}
+
+/// COCO's most common image sizes `(width, height)` and their weights
+/// (about 85% of COCO's images), the rest 640 on the long side with a
+/// short side in 240..=640.
+const COCO_SIZES: [((u32, u32), u32); 12] = [
+    ((640, 480), 28),
+    ((640, 427), 17),
+    ((480, 640), 10),
+    ((427, 640), 7),
+    ((640, 426), 5),
+    ((640, 428), 3),
+    ((640, 360), 4),
+    ((500, 375), 3),
+    ((375, 500), 2),
+    ((640, 512), 2),
+    ((612, 612), 2),
+    ((640, 640), 2),
+];
 
 /// Paths of what was written.
 #[derive(Debug, Clone)]
@@ -120,8 +178,12 @@ pub fn generate(options: &SynthOptions) -> Result<SynthOutput, SynthError> {
         let (images, anns) = generate_split(options, count, stream, &image_dir)?;
         annotations += anns.len();
         let ann_path = ann_dir.join(format!("instances_{split}.json"));
-        let categories =
-            CATEGORIES.iter().map(|&(id, name)| JsonCategory { id, name, supercategory: "shape" }).collect();
+        let categories = options
+            .profile
+            .categories()
+            .into_iter()
+            .map(|(id, name)| JsonCategory { id, name, supercategory: "shape" })
+            .collect();
         write_json(&ann_path, &JsonDataset { images: &images, annotations: &anns, categories })?;
         paths.push((ann_path, image_dir));
     }
@@ -186,7 +248,7 @@ fn generate_split(
     Ok((images, anns))
 }
 
-/// A shape instance: its class index into [`CATEGORIES`] and outline.
+/// A shape instance: its class (index into the profile's categories) and outline.
 struct Shape {
     class: usize,
     /// Outer polygons (unioned); the ring's hole is `hole`.
@@ -224,9 +286,12 @@ fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
-fn random_shape(rng: &mut Rng, class: usize, cx: f64, cy: f64, r: f64) -> Shape {
+/// A shape of class `class` whose outline is the `kind`-th of [`CATEGORIES`]
+/// (circle, rectangle, triangle, star, hexagon, ring), centred at `(cx, cy)`
+/// with radius `r`.
+fn random_shape(rng: &mut Rng, class: usize, kind: usize, cx: f64, cy: f64, r: f64) -> Shape {
     let rot = rng.range_f64(0.0, std::f64::consts::TAU);
-    let (polygons, hole) = match CATEGORIES[class].1 {
+    let (polygons, hole) = match CATEGORIES[kind % CATEGORIES.len()].1 {
         "circle" => (vec![regular_polygon(cx, cy, r, 32, rot, &[1.0])], None),
         "rectangle" => {
             let aspect = rng.range_f64(0.35, 1.0);
@@ -295,6 +360,26 @@ impl Texture {
         }
     }
 
+    /// The `coco` profile's fill of colour family `family` (0..14): a fixed
+    /// hue pair, jittered, in a random pattern — with the shape, what tells
+    /// the 80 classes apart.
+    fn of_family(rng: &mut Rng, family: usize) -> Texture {
+        let hue = |h: f64, v: f64| {
+            // Hue in turns to an RGB colour of value `v` and saturation 0.75.
+            let rgb = [0.0, 1.0 / 3.0, 2.0 / 3.0].map(|o: f64| {
+                let d = ((h - o).rem_euclid(1.0) - 0.5).abs() * 2.0; // 1 at the hue, 0 opposite
+                v * (0.25 + 0.75 * (d * 3.0 - 1.0).clamp(0.0, 1.0))
+            });
+            rgb
+        };
+        let h = family as f64 / 14.0;
+        let jitter = |rng: &mut Rng, c: [f64; 3]| c.map(|v| (v + rng.range_f64(-12.0, 12.0)).clamp(0.0, 255.0));
+        let mut t = Texture::random(rng);
+        t.base = jitter(rng, hue(h, 230.0));
+        t.alt = jitter(rng, hue(h + 0.04, 120.0));
+        t
+    }
+
     fn at(&self, x: usize, y: usize) -> [f64; 3] {
         let (xf, yf) = (x as f64, y as f64);
         let t = match self.kind {
@@ -318,32 +403,48 @@ fn render_image(
     options: &SynthOptions,
     image_dir: &Path,
 ) -> Result<(JsonImage, Vec<JsonAnnotation>), SynthError> {
-    let (lo, hi) = options.size;
-    let (w, h) = (rng.range(u64::from(lo), u64::from(hi)) as u32, rng.range(u64::from(lo), u64::from(hi)) as u32);
+    let coco = options.profile == SynthProfile::Coco;
+    let (w, h) = if coco {
+        coco_size(rng)
+    } else {
+        let (lo, hi) = options.size;
+        (rng.range(u64::from(lo), u64::from(hi)) as u32, rng.range(u64::from(lo), u64::from(hi)) as u32)
+    };
     let file_name = format!("{id:012}.jpg");
     let image = JsonImage { id, file_name: file_name.clone(), height: h, width: w };
     let short = f64::from(w.min(h));
+    let classes = if coco { 80 } else { CATEGORIES.len() };
     // COCO averages 7.3 annotations per image: the annotation-only files
     // (for loading benchmarks at COCO scale) match that; images hold 1–10.
-    let n = if options.annotations_only { rng.range(1, 13) } else { rng.range(1, 10) } as usize;
+    let n = if coco {
+        coco_object_count(rng)
+    } else if options.annotations_only {
+        rng.range(1, 13) as usize
+    } else {
+        rng.range(1, 10) as usize
+    };
+    // A class of the coco profile is an outline (class mod 6) and a colour
+    // family (class / 6); the shapes profile's is its outline.
+    let kind_of = |class: usize| class % CATEGORIES.len();
     let shapes: Vec<Shape> = (0..n)
         .map(|_| {
-            let r = rng.range_f64(0.06, 0.24) * short;
-            let cx = rng.range_f64(r * 0.5, f64::from(w) - r * 0.5);
-            let cy = rng.range_f64(r * 0.5, f64::from(h) - r * 0.5);
-            let class = rng.range(0, CATEGORIES.len() as u64 - 1) as usize;
-            random_shape(rng, class, cx, cy, r)
+            let r = if coco { coco_radius(rng, w, h, n >= 40) } else { rng.range_f64(0.06, 0.24) * short };
+            let cx = rng.range_f64(r * 0.5, (f64::from(w) - r * 0.5).max(r * 0.5 + 1.0));
+            let cy = rng.range_f64(r * 0.5, (f64::from(h) - r * 0.5).max(r * 0.5 + 1.0));
+            let class = rng.range(0, classes as u64 - 1) as usize;
+            random_shape(rng, class, kind_of(class), cx, cy, r)
         })
         .collect();
-    let crowd = rng.chance(0.25).then(|| {
-        let class = rng.range(0, CATEGORIES.len() as u64 - 1) as usize;
+    // About 1% of COCO's annotations are crowd regions.
+    let crowd = rng.chance(if coco { 0.07 } else { 0.25 }).then(|| {
+        let class = rng.range(0, classes as u64 - 1) as usize;
         let (cx, cy) = (rng.range_f64(0.2, 0.8) * f64::from(w), rng.range_f64(0.2, 0.8) * f64::from(h));
         let members = rng.range(4, 8);
         let mut polygons = Vec::new();
         for _ in 0..members {
             let r = rng.range_f64(0.015, 0.035) * short;
             let (dx, dy) = (rng.range_f64(-0.1, 0.1) * short, rng.range_f64(-0.1, 0.1) * short);
-            polygons.extend(random_shape(rng, class, cx + dx, cy + dy, r).polygons);
+            polygons.extend(random_shape(rng, class, kind_of(class), cx + dx, cy + dy, r).polygons);
         }
         Shape { class, polygons, hole: None }
     });
@@ -357,14 +458,14 @@ fn render_image(
                 s.polygons = s.polygons.iter().map(|p| densify(p, 20)).collect();
                 let rle =
                     hotcoco::mask::fr_polys(&s.polygons, h, w).unwrap_or(hotcoco::Rle { h, w, counts: vec![h * w] });
-                annotation(id, s.class, &rle, 0, JsonSegmentation::Polygons(s.polygons))
+                annotation(id, category_of(options.profile, s.class), &rle, 0, JsonSegmentation::Polygons(s.polygons))
             })
             .filter(|a| a.area > 0.0)
             .collect();
         if let Some(c) = crowd {
             let rle = hotcoco::mask::fr_polys(&c.polygons, h, w).unwrap_or(hotcoco::Rle { h, w, counts: vec![h * w] });
             let seg = JsonSegmentation::Uncompressed { size: [h, w], counts: rle.counts.clone() };
-            anns.push(annotation(id, c.class, &rle, 1, seg));
+            anns.push(annotation(id, category_of(options.profile, c.class), &rle, 1, seg));
         }
         return Ok((image, anns));
     }
@@ -392,7 +493,13 @@ fn render_image(
     // Pixels: gradient + noise background, distractor blobs, textured shapes.
     let bg = [Texture::random(rng), Texture::random(rng)];
     let (g0, g1) = (bg[0].base, bg[1].base);
-    let mut textures: Vec<Texture> = (0..shapes.len() + 1).map(|_| Texture::random(rng)).collect();
+    let mut textures: Vec<Texture> = std::iter::once(crowd.as_ref().map(|c| c.class))
+        .chain(shapes.iter().map(|s| Some(s.class)))
+        .map(|class| match class {
+            Some(class) if coco => Texture::of_family(rng, class / CATEGORIES.len()),
+            _ => Texture::random(rng),
+        })
+        .collect();
     textures[0].kind = 0;
     let blobs: Vec<(Vec<u8>, Texture)> = (0..rng.range(2, 6))
         .map(|_| {
@@ -437,7 +544,7 @@ fn render_image(
         let visible: Vec<u8> = owner.iter().map(|&o| u8::from(o == 1)).collect();
         if let Ok(rle) = hotcoco::mask::encode(&row_to_column(&visible, hu, wu), h, w) {
             let seg = JsonSegmentation::Uncompressed { size: [h, w], counts: rle.counts.clone() };
-            let a = annotation(id, c.class, &rle, 1, seg);
+            let a = annotation(id, category_of(options.profile, c.class), &rle, 1, seg);
             if a.area > 0.0 {
                 anns.push(a);
             }
@@ -447,7 +554,9 @@ fn render_image(
         let full_area = m.iter().filter(|&&v| v != 0).count();
         let visible: Vec<u8> = owner.iter().map(|&o| u8::from(o as usize == k + 2)).collect();
         let area = visible.iter().filter(|&&v| v != 0).count();
-        if area < 30 || (area as f64) < 0.1 * full_area as f64 {
+        // COCO keeps objects of a few pixels; the demo's data does not.
+        let least = if coco { 8 } else { 30 };
+        if area < least || (area as f64) < 0.1 * full_area as f64 {
             continue; // hidden: an unlabelled occluder, as in real data
         }
         let Ok(rle) = hotcoco::mask::encode(&row_to_column(&visible, hu, wu), h, w) else { continue };
@@ -456,14 +565,75 @@ fn render_image(
         } else {
             JsonSegmentation::Compressed { size: [h, w], counts: hotcoco::mask::rle_to_string(&rle) }
         };
-        anns.push(annotation(id, shape.class, &rle, 0, seg));
+        anns.push(annotation(id, category_of(options.profile, shape.class), &rle, 0, seg));
     }
     Ok((image, anns))
 }
 
+/// The category id of class `class` of `profile`.
+fn category_of(profile: SynthProfile, class: usize) -> u64 {
+    match profile {
+        SynthProfile::Shapes => CATEGORIES[class].0,
+        SynthProfile::Coco => coco_categories()[class].0,
+    }
+}
+
+/// A COCO image size `(width, height)`.
+fn coco_size(rng: &mut Rng) -> (u32, u32) {
+    let total: u32 = COCO_SIZES.iter().map(|(_, w)| w).sum();
+    // The listed sizes are 85% of the draws; the rest are 640 long.
+    let mut pick = rng.range(0, u64::from(total) * 100 / 85) as u32;
+    for &(size, weight) in &COCO_SIZES {
+        if pick < weight {
+            return size;
+        }
+        pick -= weight;
+    }
+    let short = rng.range(240, 640) as u32;
+    if rng.chance(0.7) {
+        (640, short)
+    } else {
+        (short, 640)
+    }
+}
+
+/// Objects drawn into a COCO-like image: about 5% crowded scenes of
+/// 40–120, the rest 1 + a geometric count (mean ≈ 5); about 8.8 per image,
+/// ≈ 7 annotated once occlusion has hidden some.
+fn coco_object_count(rng: &mut Rng) -> usize {
+    if rng.chance(0.05) {
+        return rng.range(40, 120) as usize;
+    }
+    let mut n = 1;
+    while n < 40 && rng.chance(0.8) {
+        n += 1;
+    }
+    n
+}
+
+/// The radius of a COCO-like object on a `w`×`h` image: its area drawn
+/// log-uniformly within COCO's small (< 32²), medium (< 96²) or large range
+/// — in a `crowded` scene small (55%) or medium, else 30% small, 27%
+/// medium, 43% large, which after occlusion gives COCO's mix (≈ 41%
+/// small, 34% medium, 25% large annotations); a shape of radius `r` covers
+/// about 2.4 r².
+fn coco_radius(rng: &mut Rng, w: u32, h: u32, crowded: bool) -> f64 {
+    let (small, medium) = if crowded { (0.55, 1.0) } else { (0.30, 0.57) };
+    let u = rng.uniform();
+    let (lo, hi): (f64, f64) = if u < small {
+        (40.0, 1024.0)
+    } else if u < medium {
+        (1024.0, 9216.0)
+    } else {
+        (9216.0, (0.5 * f64::from(w) * f64::from(h)).max(9217.0))
+    };
+    let area = (lo.ln() + rng.uniform() * (hi.ln() - lo.ln())).exp();
+    (area / 2.4).sqrt()
+}
+
 fn annotation(
     image_id: u64,
-    class: usize,
+    category_id: u64,
     rle: &hotcoco::Rle,
     iscrowd: u8,
     segmentation: JsonSegmentation,
@@ -472,7 +642,7 @@ fn annotation(
     JsonAnnotation {
         id: 0,
         image_id,
-        category_id: CATEGORIES[class].0,
+        category_id,
         bbox: b.map(round2),
         area: hotcoco::mask::area(rle) as f64,
         iscrowd,

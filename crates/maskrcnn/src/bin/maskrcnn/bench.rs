@@ -152,6 +152,7 @@ fn bench_dataset(
         seed: 0,
         size,
         annotations_only: false,
+        profile: Default::default(),
     })?;
     let d = maskrcnn::data::CocoDataset::load(&out.train_ann, &out.train_images, options)?;
     Ok((d, Some(dir)))

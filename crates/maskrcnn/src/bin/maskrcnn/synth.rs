@@ -25,6 +25,17 @@ pub struct SynthArgs {
     /// annotation loading at COCO scale.
     #[arg(long)]
     pub annotations_only: bool,
+    /// shapes: six shape classes, sides from --size, 1-10 objects (the
+    /// demo's data); coco: COCO's 80 categories and ids, image sizes,
+    /// object counts and sizes, crowds (--size is not used).
+    #[arg(long, value_enum, default_value = "shapes")]
+    pub profile: Profile,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Profile {
+    Shapes,
+    Coco,
 }
 
 pub fn run(args: SynthArgs) -> Result<()> {
@@ -36,6 +47,10 @@ pub fn run(args: SynthArgs) -> Result<()> {
         seed: args.seed,
         size: args.size,
         annotations_only: args.annotations_only,
+        profile: match args.profile {
+            Profile::Shapes => maskrcnn::data::synth::SynthProfile::Shapes,
+            Profile::Coco => maskrcnn::data::synth::SynthProfile::Coco,
+        },
     })?;
     eprintln!(
         "{} train + {} val images, {} annotations in {:.1} s: {} {}",
@@ -47,12 +62,11 @@ pub fn run(args: SynthArgs) -> Result<()> {
         out.val_ann.display()
     );
     println!(
-        "--set data.train_ann='{}' --set data.train_images='{}' --set data.val_ann='{}' --set data.val_images='{}' --set model.num_classes={}",
+        "--set data.train_ann='{}' --set data.train_images='{}' --set data.val_ann='{}' --set data.val_images='{}'",
         out.train_ann.display(),
         out.train_images.display(),
         out.val_ann.display(),
         out.val_images.display(),
-        maskrcnn::data::synth::CATEGORIES.len() + 1
     );
     Ok(())
 }
