@@ -366,11 +366,10 @@ impl Texture {
     fn of_family(rng: &mut Rng, family: usize) -> Texture {
         let hue = |h: f64, v: f64| {
             // Hue in turns to an RGB colour of value `v` and saturation 0.75.
-            let rgb = [0.0, 1.0 / 3.0, 2.0 / 3.0].map(|o: f64| {
+            [0.0, 1.0 / 3.0, 2.0 / 3.0].map(|o: f64| {
                 let d = ((h - o).rem_euclid(1.0) - 0.5).abs() * 2.0; // 1 at the hue, 0 opposite
                 v * (0.25 + 0.75 * (d * 3.0 - 1.0).clamp(0.0, 1.0))
-            });
-            rgb
+            })
         };
         let h = family as f64 / 14.0;
         let jitter = |rng: &mut Rng, c: [f64; 3]| c.map(|v| (v + rng.range_f64(-12.0, 12.0)).clamp(0.0, 255.0));
