@@ -29,7 +29,7 @@ p=$(dmon "$W/ours.dmon")
 "$B" train --config configs/demo_gpu.toml \
   --set "data.train_ann='$D/annotations/instances_train2017.json'" --set "data.train_images='$D/train2017'" \
   --set "data.val_ann='$D/annotations/instances_val2017.json'" --set "data.val_images='$D/val2017'" \
-  --set 'input.min_size=[512]' --set input.max_size=683 --set solver.ims_per_batch=16 \
+  --set 'input.min_size=[512]' --set input.max_size=683 --set solver.ims_per_batch=16 --set solver.reference_batch=16 \
   --set 'precision.amp="bf16"' --set dataloader.workers=8 \
   --set "solver.max_iter=$ITERS" --set "solver.max_seconds=$S" --set "test.eval_period=$EVERY" $STEPS \
   --set solver.checkpoint_period=100000 --set solver.log_period=50 \

@@ -21,7 +21,7 @@ COMMON=(--config configs/demo_gpu.toml
 echo "== 1. two nodes x 1 GPU"
 for r in 0 1; do
   CUDA_VISIBLE_DEVICES=$r "$B" launch --nnodes 2 --node-rank $r --master-addr 127.0.0.1 --master-port 29533 \
-    --nproc-per-node 1 train "${COMMON[@]}" --set solver.ims_per_batch=16 --set solver.max_iter=60 \
+    --nproc-per-node 1 train "${COMMON[@]}" --set solver.ims_per_batch=16 --set solver.reference_batch=16 --set solver.max_iter=60 \
     --set solver.log_period=20 --set solver.checkpoint_period=100000 --output "$W/nodes" > "$W/node$r.log" 2>&1 &
   pids[$r]=$!
 done
@@ -30,7 +30,7 @@ grep -E "rank 1/2|rank 0/2" "$W"/node*.log | head -2
 tail -1 "$W/nodes/metrics.jsonl"
 
 echo "== 2. a rank killed mid-run on $G GPUs"
-"$B" launch --nproc-per-node "$G" train "${COMMON[@]}" --set solver.ims_per_batch=$((8 * G)) \
+"$B" launch --nproc-per-node "$G" train "${COMMON[@]}" --set solver.ims_per_batch=$((8 * G)) --set solver.reference_batch=$((8 * G)) \
   --set solver.max_iter=100000 --set solver.log_period=10 --set solver.checkpoint_period=100000 \
   --output "$W/kill" > "$W/kill.log" 2>&1 &
 launch=$!
@@ -42,7 +42,7 @@ echo "launch exit $code, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s
 grep -E "failed|lost rank|error" "$W/kill.log" | head -3
 
 echo "== 3. --resume on $G GPUs from a checkpoint written on 2"
-RES=("${COMMON[@]}" --set solver.ims_per_batch=16 --set solver.checkpoint_period=50 --set solver.log_period=50)
+RES=("${COMMON[@]}" --set solver.ims_per_batch=16 --set solver.reference_batch=16 --set solver.checkpoint_period=50 --set solver.log_period=50)
 "$B" launch --nproc-per-node 2 train "${RES[@]}" --set solver.max_iter=100 --output "$W/resume" > "$W/resume2.log" 2>&1
 echo "2 GPUs to iteration 100: exit $?"
 "$B" launch --nproc-per-node "$G" train "${RES[@]}" --set solver.max_iter=200 --resume --output "$W/resume" \

@@ -48,9 +48,9 @@ for per in $PER_GPU; do
       run="$W/bs${per}-gpus$n"; [[ $n != 1 && ${BUCKET_MB:-25} != 25 ]] && run="$run-mb$mb"
       t0=$SECONDS
       if [[ $n == 1 ]]; then
-        CUDA_VISIBLE_DEVICES=0 "$B" train "${SETS[@]}" --set solver.ims_per_batch=$per --output "$run" > "$run.log" 2>&1
+        CUDA_VISIBLE_DEVICES=0 "$B" train "${SETS[@]}" --set solver.ims_per_batch=$per --set solver.reference_batch=$per --output "$run" > "$run.log" 2>&1
       else
-        "$B" launch --nproc-per-node "$n" train "${SETS[@]}" --set solver.ims_per_batch=$((n * per)) \
+        "$B" launch --nproc-per-node "$n" train "${SETS[@]}" --set solver.ims_per_batch=$((n * per)) --set solver.reference_batch=$((n * per)) \
           --set solver.allreduce_bucket_mb=$mb --output "$run" > "$run.log" 2>&1
       fi
       echo "== $per per GPU, $n GPU(s), buckets $mb MiB: exit $?, $((SECONDS - t0)) s"

@@ -36,7 +36,7 @@ if [[ ${1:-} == e2e ]]; then
   ncu_run "$B" train --config configs/demo_gpu.toml \
     --set "data.train_ann='$D/annotations/instances_train2017.json'" --set "data.train_images='$D/train2017'" \
     --set "data.val_ann='$D/annotations/instances_val2017.json'" --set "data.val_images='$D/val2017'" \
-    --set 'input.min_size=[512]' --set input.max_size=683 --set solver.ims_per_batch=16 \
+    --set 'input.min_size=[512]' --set input.max_size=683 --set solver.ims_per_batch=16 --set solver.reference_batch=16 \
     --set 'precision.amp="bf16"' --set dataloader.workers=8 --set solver.max_iter=$((ITER + 2)) --set 'solver.steps=[]' \
     --set test.eval_period=0 --set solver.checkpoint_period=100000 --profile-iter "$ITER" \
     --output "$W/out" > "$out" 2>"$W/train.err"

@@ -52,7 +52,7 @@ if [[ " $SECTIONS " == *" 2 "* ]]; then
     --set "data.val_ann='$D/annotations/instances_val2017.json'" --set "data.val_images='$D/val2017'")
   its=${E2E_ITERS:-2000}; out="$W/e2e"; rm -rf "$out"; t0=$(date +%s.%N)
   "$B" launch --nproc-per-node "$G" train --config configs/demo_gpu.toml "${DATA[@]}" \
-    --set solver.ims_per_batch=64 --set solver.base_lr=0.08 --set "solver.warmup_iters=${E2E_WARMUP:-800}" \
+    --set solver.ims_per_batch=64 --set solver.reference_batch=64 --set solver.base_lr=0.08 --set "solver.warmup_iters=${E2E_WARMUP:-800}" \
     --set "solver.max_iter=$its" --set "solver.steps=[$((its * 73 / 100)), $((its * 9 / 10))]" \
     --set "test.eval_period=$((its / 8))" --set solver.checkpoint_period=100000 --set solver.log_period=25 \
     --output "$out" > "$out.log" 2>&1

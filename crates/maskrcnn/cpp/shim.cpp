@@ -673,6 +673,20 @@ int mrcnn_pin(at::Tensor* t, at::Tensor** out) {
   }
 }
 
+// Returns the CUDA caching allocator's unused cached memory to the driver,
+// memory pools of destroyed CUDA graphs included (which it otherwise frees
+// only when an allocation fails: never during a capture, which then fails).
+// Waits for the device. 0, or -1 (see mrcnn_last_error).
+int mrcnn_cuda_empty_cache() {
+  try {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
 // libtorch's CUDA caching allocator on `device`: what = 0 the peak bytes
 // allocated since start, 1 the bytes allocated now, 2 the bytes reserved
 // now (-1 when unavailable).

@@ -66,6 +66,18 @@ pub struct CudaDeviceInfo {
     pub multiprocessors: i32,
 }
 
+/// The CPUs this process may run on (its affinity mask and cgroup quota:
+/// under `maskrcnn launch`, its rank's share).
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CUDA device `index` as the driver lists it (read once per process).
+pub fn cuda_device(index: usize) -> Option<CudaDeviceInfo> {
+    static DEVICES: std::sync::OnceLock<Vec<CudaDeviceInfo>> = std::sync::OnceLock::new();
+    DEVICES.get_or_init(cuda_devices).iter().find(|d| d.index == index).cloned()
+}
+
 /// Every CUDA device the driver lists (through the driver API, which needs
 /// no context). Empty when there is no driver.
 pub fn cuda_devices() -> Vec<CudaDeviceInfo> {

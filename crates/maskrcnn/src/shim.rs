@@ -76,6 +76,7 @@ extern "C" {
     fn mrcnn_sync_count() -> i64;
     fn mrcnn_current_cuda_stream(device: c_int) -> *mut std::ffi::c_void;
     fn mrcnn_cuda_memory(device: c_int, what: c_int) -> i64;
+    fn mrcnn_cuda_empty_cache() -> c_int;
     fn mrcnn_pin(t: Handle, out: *mut Handle) -> c_int;
     fn mrcnn_tensor_version(t: Handle) -> i64;
     fn mrcnn_graph_new() -> *mut std::ffi::c_void;
@@ -310,8 +311,9 @@ impl CudaGraph {
         // stream stays current on this thread until capture_end.
         check(unsafe { mrcnn_graph_capture_begin(graph.0.as_ptr(), device as c_int, share) })?;
         // A libtorch error while recording (tch panics on it) ends the
-        // capture too, as an error.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // capture too, as an error (the panic itself not printed: the
+        // caller reports the error in one line).
+        let out = crate::text::quiet_panics(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
         // SAFETY: ends the capture begun above on this thread.
         let ended = check(unsafe { mrcnn_graph_capture_end(graph.0.as_ptr()) });
         let out = out.map_err(|panic| {
@@ -320,7 +322,7 @@ impl CudaGraph {
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("a panic");
-            ShimError(format!("recording failed: {}", crate::text::one_line(message)))
+            ShimError(format!("recording failed: {}", crate::text::libtorch_message(message)))
         })?;
         ended?;
         Ok((graph, out))
@@ -371,6 +373,15 @@ pub fn cuda_memory_now(index: usize) -> Option<(u64, u64)> {
     Some((cuda_memory(index, 1)?, cuda_memory(index, 2)?))
 }
 
+/// Returns the CUDA caching allocator's unused cached memory to the driver,
+/// the memory pools of dropped CUDA graphs included (libtorch frees those
+/// only when an allocation fails, which it cannot do while recording a
+/// graph). Waits for the device: call between steps, never while recording.
+pub fn release_cached_cuda_memory() -> Result<(), ShimError> {
+    // SAFETY: no arguments; the C side catches exceptions.
+    check(unsafe { mrcnn_cuda_empty_cache() })
+}
+
 fn cuda_memory(index: usize, what: c_int) -> Option<u64> {
     // SAFETY: reads allocator statistics; the C side catches exceptions.
     let v = unsafe { mrcnn_cuda_memory(index as c_int, what) };
@@ -388,7 +399,7 @@ fn check(code: c_int) -> Result<(), ShimError> {
     }
     // SAFETY: the shim returns a pointer to its thread-local message string.
     let msg = unsafe { CStr::from_ptr(mrcnn_last_error()) }.to_string_lossy();
-    Err(ShimError(crate::text::one_line(&msg)))
+    Err(ShimError(crate::text::libtorch_message(&msg)))
 }
 
 fn handles(ts: &[&Tensor]) -> Vec<Handle> {

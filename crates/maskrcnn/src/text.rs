@@ -19,6 +19,42 @@ pub(crate) fn one_line(s: &str) -> String {
     format!("{start} … [{} characters cut] … {end}", n - head - tail)
 }
 
+/// A libtorch error message as one short line: c10's messages go on with
+/// "Exception raised from ... frame #0: ..." (a C++ backtrace of thousands
+/// of characters), which is cut off, and what remains is kept within 300
+/// characters.
+pub(crate) fn libtorch_message(s: &str) -> String {
+    let head = s.split("Exception raised from").next().unwrap_or(s);
+    let line = head.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= 300 {
+        return line;
+    }
+    format!("{} …", line.chars().take(300).collect::<String>())
+}
+
+std::thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with panics on this thread not printed by the panic hook (the
+/// caller catches and reports them itself, in one line); other threads'
+/// panics print as before.
+pub(crate) fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let before = QUIET.with(|q| q.replace(true));
+    let out = f();
+    QUIET.with(|q| q.set(before));
+    out
+}
+
 /// An error and its causes on one line, `outer: cause: root cause`, each
 /// cause left out where the message before already quotes it (a wrapper
 /// that both shows and keeps its source), then cut as [`one_line`] cuts.
@@ -50,6 +86,21 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("evaluation")]
     struct Plain(#[source] Quoting);
+
+    /// A c10 message loses its backtrace and stays short.
+    #[test]
+    fn libtorch_messages_lose_their_backtrace() {
+        let msg = "CUDA out of memory. Tried to allocate 2.00 GiB.\nException raised from malloc at /c10/cuda/CUDACachingAllocator.cpp:1234 (most recent call first):\nframe #0: c10::Error::Error(...)";
+        assert_eq!(super::libtorch_message(msg), "CUDA out of memory. Tried to allocate 2.00 GiB.");
+        assert!(super::libtorch_message(&"x ".repeat(1000)).chars().count() <= 302);
+    }
+
+    /// A panic inside `quiet_panics` is still a panic (caught by the caller).
+    #[test]
+    fn quiet_panics_still_unwind() {
+        let caught = super::quiet_panics(|| std::panic::catch_unwind(|| panic!("boom")));
+        assert!(caught.is_err());
+    }
 
     /// Every cause appears once, in order, whether or not a wrapper quotes it.
     #[test]

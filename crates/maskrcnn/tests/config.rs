@@ -1,7 +1,7 @@
 //! Configuration: defaults, file and --set layers, every validation rule, TOML
 //! round trip.
 
-use maskrcnn::config::{AmpMode, ClassCount, Config, ConfigError, MaskOn, NormKind, PixelFormat};
+use maskrcnn::config::{AmpMode, AutoCount, Config, ConfigError, MaskOn, NormKind, PixelFormat};
 use std::io::Write;
 
 fn load_sets(sets: &[&str]) -> Result<Config, ConfigError> {
@@ -26,7 +26,7 @@ fn err_of(sets: &[&str]) -> String {
 fn defaults_are_the_r50_fpn_recipe() {
     let c = Config::load(None, &[]).unwrap();
     assert_eq!(c, Config::default());
-    assert_eq!((c.model.num_classes, c.model.mask_on), (ClassCount::Auto, MaskOn::Auto), "from the data or weights");
+    assert_eq!((c.model.num_classes, c.model.mask_on), (AutoCount::Auto, MaskOn::Auto), "from the data or weights");
     assert_eq!(c.model.backbone_depth, 50);
     assert_eq!(c.model.trainable_layers, 3);
     assert_eq!(c.model.norm, NormKind::Auto);
@@ -54,9 +54,35 @@ fn defaults_are_the_r50_fpn_recipe() {
     assert_eq!((c.roi_heads.box_pooler_resolution, c.roi_heads.mask_pooler_resolution), (7, 14));
     assert_eq!((c.roi_heads.sampling_ratio, c.roi_heads.mask_resolution), (2, 28));
     assert_eq!((c.solver.momentum, c.solver.weight_decay, c.solver.gamma), (0.9, 1e-4, 0.1));
-    assert_eq!(c.solver.ims_per_batch, 16);
+    assert_eq!((c.solver.ims_per_batch, c.solver.reference_batch, c.solver.base_lr), (16, 16, 0.02));
+    // The seed's 60k/80k of 90k, as fractions of whatever max_iter is.
+    assert_eq!((c.solver.max_iter, c.solver.steps.clone()), (90_000, vec![]));
+    assert_eq!(c.solver.resolved(118_287).steps, vec![60_000, 80_000]);
     assert_eq!(c.test.ims_per_batch, 8);
-    assert_eq!(c.precision.amp, AmpMode::Off);
+    assert_eq!(c.precision.amp, AmpMode::Auto);
+    assert_eq!(c.dataloader.workers, AutoCount::Auto);
+}
+
+/// `--set solver.max_iter=N` alone is a valid short run (the steps follow
+/// it); epochs give max_iter from the data; the learning rate follows the
+/// batch (linear scaling from solver.reference_batch).
+#[test]
+fn the_schedule_follows_max_iter_epochs_and_the_batch() {
+    let c = load_sets(&["solver.max_iter=300"]).unwrap();
+    assert_eq!(c.solver.resolved(1000).steps, vec![200, 267]);
+    let c = load_sets(&["solver.epochs=12", "solver.ims_per_batch=8"]).unwrap();
+    let s = c.solver.resolved(1001);
+    assert_eq!((s.max_iter, s.steps.clone()), (1502, vec![1001, 1335]));
+    assert!((s.effective_lr() - 0.01).abs() < 1e-15, "0.02 for 16 images -> 0.01 for 8");
+    let c = load_sets(&["solver.max_iter=100", "solver.step_fractions=[]"]).unwrap();
+    assert!(c.solver.resolved(10).steps.is_empty());
+    let c = load_sets(&["solver.max_iter=100", "solver.steps=[30]"]).unwrap();
+    assert_eq!(c.solver.resolved(10).steps, vec![30]);
+    let e = load_sets(&["solver.step_fractions=[0.9, 0.5]"]).unwrap_err().to_string();
+    assert!(e.contains("solver.step_fractions"), "{e}");
+    let c = load_sets(&["dataloader.workers=3", "precision.amp=auto"]).unwrap();
+    assert_eq!((c.dataloader.worker_count(), c.precision.amp.on(tch::Device::Cpu)), (3, AmpMode::Off));
+    assert!(Config::default().dataloader.worker_count() >= 1);
 }
 
 #[test]
@@ -91,7 +117,7 @@ fn file_then_overrides_apply_in_order() {
     let c = Config::load(Some(f.path()), &sets).unwrap();
     assert_eq!(c.solver.base_lr, 0.004);
     assert_eq!(c.solver.max_iter, 100);
-    assert_eq!(c.model.num_classes, ClassCount::Fixed(7));
+    assert_eq!(c.model.num_classes, AutoCount::Fixed(7));
     // untouched keys keep their defaults
     assert_eq!(c.solver.momentum, 0.9);
 }
@@ -127,7 +153,7 @@ fn wrong_types_name_the_key_and_the_expected_type() {
     let e = err_of(&["solver.base_lr=abc"]);
     assert!(e.contains("`solver.base_lr`") && e.contains("expected a number"), "{e}");
     let e = err_of(&["model.num_classes=2.5"]);
-    assert!(e.contains("`model.num_classes`") && e.contains("expected \"auto\" or a class count"), "{e}");
+    assert!(e.contains("`model.num_classes`") && e.contains("expected \"auto\" or a count"), "{e}");
     let e = err_of(&["precision.tf32=yes"]);
     assert!(e.contains("`precision.tf32`") && e.contains("expected a boolean"), "{e}");
     let e = err_of(&["input.min_size=[800, \"x\"]"]);
@@ -273,18 +299,18 @@ fn a_model_refuses_an_invalid_config_built_in_code() {
 fn auto_keys_take_auto_or_a_value() {
     let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let c = load(&["model.num_classes=81", "model.mask_on=false"]).unwrap();
-    assert_eq!((c.model.num_classes, c.model.mask_on), (ClassCount::Fixed(81), MaskOn::Off));
+    assert_eq!((c.model.num_classes, c.model.mask_on), (AutoCount::Fixed(81), MaskOn::Off));
     let text = c.to_toml();
     assert!(text.contains("num_classes = 81") && text.contains("mask_on = false"), "{text}");
     let mut f = tempfile::NamedTempFile::new().unwrap();
     write!(f, "{text}").unwrap();
     assert_eq!(Config::load(Some(f.path()), &[]).unwrap(), c);
     let c = load(&["model.num_classes=auto", "model.mask_on=\"true\""]).unwrap();
-    assert_eq!((c.model.num_classes, c.model.mask_on), (ClassCount::Auto, MaskOn::On));
+    assert_eq!((c.model.num_classes, c.model.mask_on), (AutoCount::Auto, MaskOn::On));
     assert!(Config::default().to_toml().contains("num_classes = \"auto\""));
     for (set, expected) in [
         ("model.num_classes=1", "must be >= 2"),
-        ("model.num_classes=many", "expected \"auto\" or a class count"),
+        ("model.num_classes=many", "expected \"auto\" or a count"),
         ("model.mask_on=maybe", "expected \"auto\", true or false"),
     ] {
         let e = load(&[set]).unwrap_err().to_string();

@@ -174,6 +174,8 @@ fn model_sets(case: &Case) -> Vec<String> {
         format!("model.rpn_conv_depth={}", case.rpn_conv_depth),
         format!("model.box_head=\"{}\"", case.box_head),
         format!("model.head_norm=\"{}\"", case.head_norm),
+        // torchvision's inference is float32 (auto would be bf16 on a GPU).
+        "precision.amp=\"off\"".to_string(),
     ]
 }
 

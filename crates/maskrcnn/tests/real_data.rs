@@ -51,6 +51,7 @@ fn sets(train_ann: &Path, train_images: &Path, extra: &[String]) -> Vec<String> 
         "rpn.post_nms_top_n_train=200".into(),
         "roi_heads.batch_size_per_image=64".into(),
         "solver.ims_per_batch=2".into(),
+        "solver.reference_batch=2".into(),
         "solver.max_iter=4".into(),
         "solver.steps=[3]".into(),
         "solver.warmup_iters=1".into(),

@@ -7,7 +7,7 @@ mod common;
 
 use common::maskrcnn_bin;
 
-use maskrcnn::config::ClassCount;
+use maskrcnn::config::AutoCount;
 use maskrcnn::config::{AmpMode, Config, SolverConfig, WarmupMethod};
 use maskrcnn::engine::amp::GradScaler;
 use maskrcnn::engine::checkpoint::{self, TrainState};
@@ -269,6 +269,7 @@ fn train_config(data: &maskrcnn::data::synth::SynthOutput, extra: &[&str]) -> Co
         "model.num_classes=7".to_string(),
         "solver.ims_per_batch=2".into(),
         "solver.base_lr=0.01".into(),
+        "solver.reference_batch=2".into(),
         "solver.warmup_iters=2".into(),
         "solver.steps=[4]".into(),
         "solver.log_period=1".into(),
@@ -433,7 +434,7 @@ fn setup_errors_come_before_training() {
     let e = train(&c, &options(&tmp.path().join("o1"), false)).unwrap_err().to_string();
     assert!(e.contains("none of the") && e.contains("training images is in") && e.contains("empty-folder"), "{e}");
     let mut c = train_config(&data, &[]);
-    c.model.num_classes = ClassCount::Fixed(91);
+    c.model.num_classes = AutoCount::Fixed(91);
     let e = train(&c, &options(&tmp.path().join("o2"), false)).unwrap_err().to_string();
     assert!(e.contains("model.num_classes = 7"), "{e}");
     let file = tmp.path().join("a-file");
@@ -647,7 +648,7 @@ fn trained_weights_carry_the_dataset_categories() {
 
     // A table that disagrees with the model's classes is refused on load.
     let mut other = cfg.clone();
-    other.model.num_classes = ClassCount::Fixed(7);
+    other.model.num_classes = AutoCount::Fixed(7);
     let mut model = MaskRcnn::new(&other, Device::Cpu).unwrap();
     model.categories = Some(Categories(vec![Category { id: 1, name: "one".into() }]));
     let bad = tmp.path().join("bad.safetensors");
@@ -731,6 +732,7 @@ fn plain_sgd_sets(data: &maskrcnn::data::synth::SynthOutput) -> Vec<String> {
         "solver.ims_per_batch=4".into(),
         "solver.max_iter=1".into(),
         "solver.base_lr=0.02".into(),
+        "solver.reference_batch=4".into(),
         "solver.momentum=0.0".into(),
         "solver.weight_decay=0.0".into(),
         "solver.bias_lr_factor=1.0".into(),

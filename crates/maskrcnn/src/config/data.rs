@@ -2,14 +2,17 @@
 //! stop, dataset locations.
 
 use super::error::{rule, unit_interval, ConfigError};
+use super::AutoCount;
 use serde::{Deserialize, Serialize};
 
 /// Training data loading.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataLoaderConfig {
-    /// Decode/augment worker threads per process.
-    pub workers: usize,
+    /// Decode/augment worker threads per process: `"auto"` takes the CPUs
+    /// this process may run on (under `launch`, its rank's share) less one
+    /// for the training thread, at most 16; or a number.
+    pub workers: AutoCount,
     /// Batch portrait and landscape images separately.
     pub aspect_ratio_grouping: bool,
     /// Batches prepared ahead of the training step.
@@ -59,16 +62,25 @@ pub const MAX_LOADER_WORKERS: usize = 1024;
 
 impl Default for DataLoaderConfig {
     fn default() -> Self {
-        DataLoaderConfig { workers: 4, aspect_ratio_grouping: true, prefetch: 2 }
+        DataLoaderConfig { workers: AutoCount::Auto, aspect_ratio_grouping: true, prefetch: 2 }
     }
 }
 
 impl DataLoaderConfig {
+    /// Worker threads: the number given, or for `"auto"` the CPUs this
+    /// process may run on less one (the training thread), 1..=16.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .fixed()
+            .unwrap_or_else(|| (crate::environment::usable_cpus().saturating_sub(1)).clamp(1, 16))
+            .max(1)
+    }
+
     /// The section's range rules (errors name the key).
     pub fn validate(&self) -> Result<(), ConfigError> {
         rule(self.prefetch >= 1, "dataloader.prefetch", "must be >= 1")?;
         rule(
-            self.workers <= MAX_LOADER_WORKERS,
+            self.workers.fixed().is_none_or(|w| w <= MAX_LOADER_WORKERS),
             "dataloader.workers",
             &format!("must be <= {MAX_LOADER_WORKERS} (threads decoding images; about one per core is plenty)"),
         )

@@ -24,7 +24,7 @@ pub use data::{DataConfig, DataLoaderConfig, TestConfig, MAX_LOADER_WORKERS};
 pub use error::ConfigError;
 pub use heads::{RoiHeadsConfig, RpnConfig, TopNScope};
 pub use input::{InputConfig, PixelFormat, DEFAULT_MAX_IMAGE_PIXELS};
-pub use model::{BoxHeadKind, ClassCount, FpnNorm, HeadNorm, MaskOn, ModelConfig, NormKind};
+pub use model::{AutoCount, BoxHeadKind, FpnNorm, HeadNorm, MaskOn, ModelConfig, NormKind, COCO_NUM_CLASSES};
 pub use precision::{AmpMode, PrecisionConfig};
 pub use solver::{SolverConfig, WarmupMethod};
 

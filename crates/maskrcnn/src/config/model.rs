@@ -12,7 +12,7 @@ pub struct ModelConfig {
     /// set's categories + 1 (`train`) or the weights' class count (`predict`,
     /// `eval --weights`); a number fixes it (91: torchvision's COCO label
     /// space, where a label is the COCO category id).
-    pub num_classes: ClassCount,
+    pub num_classes: AutoCount,
     /// The mask branch: `"auto"` (on, unless the training set has no masks
     /// at all, or the weights have no mask head), `true`, or `false` (box
     /// detection only: torchvision's Faster R-CNN, no mask head or loss).
@@ -62,68 +62,62 @@ pub struct ModelConfig {
     pub head_norm: HeadNorm,
 }
 
-/// `model.num_classes`: resolved from the data or the weights, or fixed.
+/// A count that is `"auto"` (resolved from the data, the weights or the
+/// machine where it is used) or a number: `model.num_classes`,
+/// `dataloader.workers`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ClassCount {
-    /// From the training set's categories, or the weights' predictor.
+pub enum AutoCount {
     #[default]
     Auto,
-    /// Background included.
     Fixed(usize),
 }
 
-impl ClassCount {
-    /// torchvision's COCO label space: what an unresolved `auto` builds
-    /// (benchmarks, a model without data or weights to read it from).
-    pub const COCO: usize = 91;
+/// torchvision's COCO label space: what an unresolved `model.num_classes =
+/// "auto"` builds (benchmarks, a model without data or weights to read it from).
+pub const COCO_NUM_CLASSES: usize = 91;
 
+impl AutoCount {
     /// The count when fixed.
     pub fn fixed(self) -> Option<usize> {
         match self {
-            ClassCount::Auto => None,
-            ClassCount::Fixed(n) => Some(n),
+            AutoCount::Auto => None,
+            AutoCount::Fixed(n) => Some(n),
         }
     }
 
-    /// The count, or torchvision's COCO label space (91) when `auto` was
-    /// not resolved.
-    pub fn or_coco(self) -> usize {
-        self.fixed().unwrap_or(ClassCount::COCO)
+    /// The count, or `default` when `auto` was not resolved.
+    pub fn or(self, default: usize) -> usize {
+        self.fixed().unwrap_or(default)
     }
 }
 
-impl fmt::Display for ClassCount {
+impl fmt::Display for AutoCount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClassCount::Auto => f.write_str("auto"),
-            ClassCount::Fixed(n) => write!(f, "{n}"),
+            AutoCount::Auto => f.write_str("auto"),
+            AutoCount::Fixed(n) => write!(f, "{n}"),
         }
     }
 }
 
-impl Serialize for ClassCount {
+impl Serialize for AutoCount {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
-            ClassCount::Auto => s.serialize_str("auto"),
-            ClassCount::Fixed(n) => s.serialize_u64(*n as u64),
+            AutoCount::Auto => s.serialize_str("auto"),
+            AutoCount::Fixed(n) => s.serialize_u64(*n as u64),
         }
     }
 }
 
-impl<'de> Deserialize<'de> for ClassCount {
+impl<'de> Deserialize<'de> for AutoCount {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
+        let wrong = |got: &dyn fmt::Display| D::Error::custom(format!("expected \"auto\" or a count, got {got}"));
         match AutoValue::deserialize(d)? {
-            AutoValue::Text(t) if t == "auto" => Ok(ClassCount::Auto),
-            AutoValue::Text(t) => t
-                .trim()
-                .parse()
-                .map(ClassCount::Fixed)
-                .map_err(|_| D::Error::custom(format!("expected \"auto\" or a class count, got {t:?}"))),
-            AutoValue::Int(n) => usize::try_from(n)
-                .map(ClassCount::Fixed)
-                .map_err(|_| D::Error::custom(format!("expected \"auto\" or a class count, got {n}"))),
-            AutoValue::Bool(b) => Err(D::Error::custom(format!("expected \"auto\" or a class count, got {b}"))),
+            AutoValue::Text(t) if t == "auto" => Ok(AutoCount::Auto),
+            AutoValue::Text(t) => t.trim().parse().map(AutoCount::Fixed).map_err(|_| wrong(&format!("{t:?}"))),
+            AutoValue::Int(n) => usize::try_from(n).map(AutoCount::Fixed).map_err(|_| wrong(&n)),
+            AutoValue::Bool(b) => Err(wrong(&b)),
         }
     }
 }
@@ -195,7 +189,7 @@ impl<'de> Deserialize<'de> for MaskOn {
 /// `overlay::coerce`), a config built in code as the value itself.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum AutoValue {
+pub(super) enum AutoValue {
     Bool(bool),
     Int(i64),
     Text(String),
@@ -269,7 +263,7 @@ pub enum NormKind {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
-            num_classes: ClassCount::Auto,
+            num_classes: AutoCount::Auto,
             mask_on: MaskOn::Auto,
             backbone_depth: 50,
             trainable_layers: 3,
@@ -289,7 +283,7 @@ impl ModelConfig {
     /// The section's range and consistency rules (errors name the key).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = self;
-        if let ClassCount::Fixed(n) = m.num_classes {
+        if let AutoCount::Fixed(n) = m.num_classes {
             rule(n >= 2, "model.num_classes", "must be >= 2 (background plus at least one class), or \"auto\"")?;
         }
         rule(

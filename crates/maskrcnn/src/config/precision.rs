@@ -9,7 +9,9 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrecisionConfig {
-    /// Autocast dtype for convolutions and matmuls on CUDA.
+    /// Autocast dtype for convolutions and matmuls on CUDA: `auto` is bf16
+    /// on GPUs that have it (compute capability 8.0 and up: A100, H100,
+    /// RTX 30xx on), fp16 with loss scaling on older ones, off on the CPU.
     pub amp: AmpMode,
     /// Allow TF32 tensor cores for fp32 convolutions and matmuls.
     pub tf32: bool,
@@ -32,6 +34,12 @@ pub struct PrecisionConfig {
     /// always eager, the mask head sized by its counted positives.
     #[serde(default = "default_cuda_graphs")]
     pub cuda_graphs: bool,
+    /// The most GPU memory (GiB) libtorch's allocator may hold once a
+    /// training step's CUDA graph is recorded; past it the graphs are
+    /// dropped, their memory released, and fewer shapes recorded from then
+    /// on. 0: 80% of the card.
+    #[serde(default)]
+    pub graph_memory_gb: f64,
     /// fp16 dynamic loss scaling: initial scale (doubles after
     /// `loss_scale_growth_interval` clean steps, halves on inf/NaN).
     pub loss_scale_init: f64,
@@ -42,18 +50,38 @@ pub struct PrecisionConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AmpMode {
+    /// Chosen for the device ([`AmpMode::on`]).
+    Auto,
     Off,
     Fp16,
     Bf16,
 }
 
 impl AmpMode {
-    /// The dtype autocast runs in under this mode (`None` when off).
+    /// The dtype autocast runs in under this mode (`None` when off, and for
+    /// an `auto` not resolved by [`AmpMode::on`]).
     pub fn autocast_dtype(self) -> Option<crate::shim::AutocastDtype> {
         match self {
-            AmpMode::Off => None,
+            AmpMode::Off | AmpMode::Auto => None,
             AmpMode::Fp16 => Some(crate::shim::AutocastDtype::Fp16),
             AmpMode::Bf16 => Some(crate::shim::AutocastDtype::Bf16),
+        }
+    }
+
+    /// The mode on `device`: off on the CPU (autocast is CUDA's here);
+    /// `auto` on CUDA is bf16 from compute capability 8.0, else fp16.
+    pub fn on(self, device: tch::Device) -> AmpMode {
+        match (self, device) {
+            (_, tch::Device::Cpu) => AmpMode::Off,
+            (AmpMode::Auto, tch::Device::Cuda(i)) => {
+                let bf16 = crate::environment::cuda_device(i).is_none_or(|d| d.capability.0 >= 8);
+                if bf16 {
+                    AmpMode::Bf16
+                } else {
+                    AmpMode::Fp16
+                }
+            }
+            (mode, _) => mode,
         }
     }
 }
@@ -61,6 +89,7 @@ impl AmpMode {
 impl fmt::Display for AmpMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            AmpMode::Auto => "auto",
             AmpMode::Off => "off",
             AmpMode::Fp16 => "fp16",
             AmpMode::Bf16 => "bf16",
@@ -75,11 +104,12 @@ fn default_cuda_graphs() -> bool {
 impl Default for PrecisionConfig {
     fn default() -> Self {
         PrecisionConfig {
-            amp: AmpMode::Off,
+            amp: AmpMode::Auto,
             tf32: true,
             channels_last: true,
             cudnn_benchmark: true,
             cuda_graphs: true,
+            graph_memory_gb: 0.0,
             loss_scale_init: 8192.0,
             loss_scale_growth_interval: 2000,
         }
@@ -87,10 +117,24 @@ impl Default for PrecisionConfig {
 }
 
 impl PrecisionConfig {
+    /// [`PrecisionConfig::graph_memory_gb`] in bytes for CUDA device
+    /// `index` (`None` when the card's size is unknown and no budget set).
+    pub fn graph_memory_bytes(&self, index: usize) -> Option<u64> {
+        if self.graph_memory_gb > 0.0 {
+            return Some((self.graph_memory_gb * (1u64 << 30) as f64) as u64);
+        }
+        crate::environment::cuda_device(index).map(|d| (d.total_memory_bytes as f64 * 0.8) as u64)
+    }
+
     /// The section's range rules (errors name the key).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let p = self;
         rule(p.loss_scale_init >= 1.0 && p.loss_scale_init.is_finite(), "precision.loss_scale_init", "must be >= 1")?;
-        rule(p.loss_scale_growth_interval >= 1, "precision.loss_scale_growth_interval", "must be >= 1")
+        rule(p.loss_scale_growth_interval >= 1, "precision.loss_scale_growth_interval", "must be >= 1")?;
+        rule(
+            p.graph_memory_gb >= 0.0 && p.graph_memory_gb.is_finite(),
+            "precision.graph_memory_gb",
+            "must be >= 0 (0: 80% of the card)",
+        )
     }
 }

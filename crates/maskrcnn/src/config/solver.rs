@@ -8,8 +8,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SolverConfig {
-    /// Learning rate for `ims_per_batch` images per step.
+    /// Learning rate for `reference_batch` images per step; training uses
+    /// `base_lr × ims_per_batch / reference_batch` (the linear scaling rule).
     pub base_lr: f64,
+    /// The batch `base_lr` is for (the seed's and torchvision's recipes: 16).
+    #[serde(default = "default_reference_batch")]
+    pub reference_batch: usize,
     pub momentum: f64,
     pub weight_decay: f64,
     /// Biases train at `base_lr * bias_lr_factor`.
@@ -21,11 +25,20 @@ pub struct SolverConfig {
     pub warmup_factor: f64,
     /// Iterations of warmup.
     pub warmup_iters: usize,
-    /// Iterations at which the learning rate is multiplied by `gamma`.
+    /// Iterations at which the learning rate is multiplied by `gamma`;
+    /// empty: at `step_fractions` of `max_iter`.
     pub steps: Vec<usize>,
+    /// Where the learning rate steps when `steps` is empty, as fractions of
+    /// `max_iter` (the seed's 60k and 80k of 90k); empty too: no steps.
+    #[serde(default = "default_step_fractions")]
+    pub step_fractions: Vec<f64>,
     pub gamma: f64,
-    /// Total training iterations.
+    /// Total training iterations (unless `epochs` is set).
     pub max_iter: usize,
+    /// Passes over the training set; when > 0, `max_iter` = epochs × images
+    /// / `ims_per_batch` (rounded up).
+    #[serde(default)]
+    pub epochs: f64,
     /// Images per optimizer step, summed over all GPUs and accumulation steps.
     pub ims_per_batch: usize,
     /// Forward/backward passes whose gradients are summed per optimizer step.
@@ -56,10 +69,19 @@ pub enum WarmupMethod {
     Constant,
 }
 
+fn default_reference_batch() -> usize {
+    16
+}
+
+fn default_step_fractions() -> Vec<f64> {
+    vec![2.0 / 3.0, 8.0 / 9.0]
+}
+
 impl Default for SolverConfig {
     fn default() -> Self {
         SolverConfig {
             base_lr: 0.02,
+            reference_batch: 16,
             momentum: 0.9,
             weight_decay: 1e-4,
             bias_lr_factor: 1.0,
@@ -67,9 +89,11 @@ impl Default for SolverConfig {
             warmup_method: WarmupMethod::Linear,
             warmup_factor: 1e-3,
             warmup_iters: 1000,
-            steps: vec![60000, 80000],
+            steps: Vec::new(),
+            step_fractions: default_step_fractions(),
             gamma: 0.1,
             max_iter: 90000,
+            epochs: 0.0,
             ims_per_batch: 16,
             accumulate_steps: 1,
             checkpoint_period: 2500,
@@ -83,6 +107,32 @@ impl Default for SolverConfig {
 }
 
 impl SolverConfig {
+    /// The learning rate training uses: `base_lr` scaled by the batch
+    /// (`ims_per_batch / reference_batch`).
+    pub fn effective_lr(&self) -> f64 {
+        self.base_lr * self.ims_per_batch as f64 / self.reference_batch as f64
+    }
+
+    /// This solver for a training set of `images` images: `max_iter` from
+    /// `epochs` when set, `steps` from `step_fractions` when empty (at
+    /// least iteration 1 each, duplicates dropped).
+    pub fn resolved(&self, images: usize) -> SolverConfig {
+        let mut s = self.clone();
+        if s.epochs > 0.0 {
+            s.max_iter = ((s.epochs * images as f64) / s.ims_per_batch as f64).ceil().max(1.0) as usize;
+        }
+        if s.steps.is_empty() {
+            s.steps = s
+                .step_fractions
+                .iter()
+                .map(|f| ((f * s.max_iter as f64).round() as usize).clamp(1, s.max_iter))
+                .collect();
+            s.steps.dedup();
+        }
+        s.steps.retain(|&x| x <= s.max_iter);
+        s
+    }
+
     /// The section's range and consistency rules (errors name the key).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = self;
@@ -94,11 +144,22 @@ impl SolverConfig {
         rule(s.warmup_factor > 0.0 && s.warmup_factor <= 1.0, "solver.warmup_factor", "must be in (0, 1]")?;
         rule(s.gamma > 0.0, "solver.gamma", "must be > 0")?;
         rule(s.max_iter > 0, "solver.max_iter", "must be > 0")?;
+        rule(s.epochs >= 0.0 && s.epochs.is_finite(), "solver.epochs", "must be >= 0 (0: solver.max_iter)")?;
+        rule(s.reference_batch > 0, "solver.reference_batch", "must be > 0")?;
         rule(s.steps.windows(2).all(|w| w[0] < w[1]), "solver.steps", "must be strictly increasing")?;
+        // With epochs the iteration count is known once the data is.
         rule(
-            s.steps.iter().all(|&x| x > 0 && x <= s.max_iter),
+            s.epochs > 0.0 || s.steps.iter().all(|&x| x > 0 && x <= s.max_iter),
             "solver.steps",
-            &format!("every step must be in 1..=solver.max_iter ({})", s.max_iter),
+            &format!(
+                "every step must be in 1..=solver.max_iter ({}); or leave solver.steps empty for steps at solver.step_fractions of max_iter",
+                s.max_iter
+            ),
+        )?;
+        rule(
+            s.step_fractions.iter().all(|&f| f > 0.0 && f <= 1.0) && s.step_fractions.windows(2).all(|w| w[0] < w[1]),
+            "solver.step_fractions",
+            "must be increasing fractions in (0, 1]",
         )?;
         rule(s.ims_per_batch > 0, "solver.ims_per_batch", "must be > 0")?;
         rule(s.accumulate_steps >= 1, "solver.accumulate_steps", "must be >= 1")?;

@@ -113,6 +113,14 @@ impl Hook for LossLog {
             steps_redone: trainer.step_graphs.as_ref().map(|g| g.redone()),
             mask_rows: trainer.step_graphs.as_ref().and_then(|g| g.mask_rows()),
             weights_digest: trainer.group.as_ref().map(|_| weights_digest(&trainer.model.vs)),
+            remaining: (solver.max_iter as u64).saturating_sub(step.iteration),
+            reserved_gib: match device {
+                tch::Device::Cuda(i) => crate::shim::cuda_memory_now(i).map(|(_, r)| r as f64 / (1u64 << 30) as f64),
+                tch::Device::Cpu => None,
+                _ => None,
+            },
+            graphs_recorded: trainer.step_graphs.as_ref().map(|g| g.recorded()),
+            unsteady: trainer.step_graphs.as_ref().map(|g| g.unsteady()),
         });
         if trainer.is_main() && trainer.bar.is_hidden() {
             tracing::info!("iter {}/{} {msg}", step.iteration, solver.max_iter);
@@ -168,6 +176,11 @@ impl Hook for Evaluation {
         }
         if let (true, Some(gt)) = (trainer.is_main(), trainer.validation.as_ref()) {
             let started = Instant::now();
+            // The training steps' graphs give their memory to the
+            // evaluation's (they record again after it).
+            if let Some(graphs) = trainer.step_graphs.as_mut() {
+                graphs.clear();
+            }
             let (model, config, output) = (&trainer.model, trainer.config, &trainer.opts.output);
             let result = trainer.bar.suspend(|| evaluate(model, gt, config, output, iteration));
             trainer.clock.add_eval(started.elapsed().as_secs_f64());

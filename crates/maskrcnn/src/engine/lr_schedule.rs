@@ -15,9 +15,11 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
+    /// The schedule of `s` (resolved: see [`SolverConfig::resolved`]), at
+    /// its effective learning rate (`base_lr` scaled by the batch).
     pub fn new(s: &SolverConfig) -> LrSchedule {
         LrSchedule {
-            base_lr: s.base_lr,
+            base_lr: s.effective_lr(),
             warmup_method: s.warmup_method,
             warmup_factor: s.warmup_factor,
             warmup_iters: s.warmup_iters,

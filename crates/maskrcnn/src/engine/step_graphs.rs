@@ -137,6 +137,9 @@ pub struct StepGraphs {
     redone: u64,
     /// The ground-truth padding so far (see [`StepGraphs::padding`]).
     floor: PaddingFloor,
+    /// Steps run eagerly outside the cache (the first, counted step) and
+    /// their wall seconds.
+    first_steps: (u64, f64),
 }
 
 /// How long the host waits for a step's positive count before giving up
@@ -165,6 +168,7 @@ impl Default for StepGraphs {
             slots: 0,
             redone: 0,
             floor: PaddingFloor::default(),
+            first_steps: (0, 0.0),
         }
     }
 }
@@ -173,7 +177,12 @@ impl StepGraphs {
     /// Step graphs for training on `device` with `precision`: on CUDA when
     /// `precision.cuda_graphs` is on, else none (eager steps).
     pub fn for_training(precision: &crate::config::PrecisionConfig, device: Device) -> Option<StepGraphs> {
-        (precision.cuda_graphs && device.is_cuda()).then(StepGraphs::default)
+        let Device::Cuda(index) = device else { return None };
+        precision.cuda_graphs.then(|| {
+            let mut graphs = StepGraphs::default();
+            graphs.cache = graphs.cache.with_budget(precision.graph_memory_bytes(index));
+            graphs
+        })
     }
 
     /// [`forward_backward_prepared`] on a CUDA model: eager the first time
@@ -200,7 +209,13 @@ impl StepGraphs {
         let Device::Cuda(index) = model.device() else {
             return forward_backward_prepared(model, &inputs, accumulate, scaler, amp, sampler);
         };
+        let before = self.floor;
         self.floor.cover(&inputs.targets);
+        if self.floor != before && self.cache.recorded() > 0 {
+            // Later batches pad to the raised floor: no recorded key recurs.
+            tracing::debug!("ground-truth padding {before:?} -> {:?}: recorded steps dropped", self.floor);
+            self.cache.clear();
+        }
         if !self.grads_defined {
             // A recorded backward must add into gradients that exist: one
             // made during recording would be the graph's own buffer,
@@ -227,9 +242,12 @@ impl StepGraphs {
             // its counted positives (one read; every slot — `B × Q` rows,
             // 2048 at batch 16 — made it the run's memory peak).
             report.reset();
+            let started = std::time::Instant::now();
             let first = TrainInputs { mask_rows: MaskRows::Counted { report: Some(report.clone()) }, ..inputs };
             let losses = forward_backward_prepared(model, &first, accumulate, scaler, amp, sampler);
             self.take_count(&report);
+            self.first_steps.0 += 1;
+            self.first_steps.1 += started.elapsed().as_secs_f64();
             return losses;
         };
         loop {
@@ -351,6 +369,19 @@ impl StepGraphs {
         self.cache.recorded()
     }
 
+    /// Drops every recorded step and returns its memory to the driver
+    /// (before an evaluation, which records graphs of its own).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Steps so far that were not replays (first seen, recorded, counted
+    /// first steps) and their wall seconds.
+    pub fn unsteady(&self) -> (u64, f64) {
+        let (n, s) = self.cache.unsteady();
+        (n + self.first_steps.0, s + self.first_steps.1)
+    }
+
     /// Steps replayed from a graph so far.
     pub fn replays(&self) -> u64 {
         self.cache.replays()
@@ -446,7 +477,7 @@ mod tests {
     fn config() -> Config {
         let mut config = Config::default();
         config.model.backbone_depth = 18;
-        config.model.num_classes = crate::config::ClassCount::Fixed(4);
+        config.model.num_classes = crate::config::AutoCount::Fixed(4);
         config.model.norm = NormKind::FrozenBn;
         config.input.min_size = vec![160];
         config.input.max_size = 240;

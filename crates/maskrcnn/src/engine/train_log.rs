@@ -84,6 +84,26 @@ pub struct StepValues<'a> {
     /// On several GPUs: the sum of every trainable weight (float64), equal
     /// on every rank while the ranks stay in step.
     pub weights_digest: Option<f64>,
+    /// Iterations left to `solver.max_iter` (the ETA is these at the
+    /// window's pace).
+    pub remaining: u64,
+    /// Bytes libtorch's allocator holds now (CUDA).
+    pub reserved_gib: Option<f64>,
+    /// Step shapes recorded as CUDA graphs now.
+    pub graphs_recorded: Option<usize>,
+    /// Steps so far that were not graph replays (first seen, recorded,
+    /// run again) and their wall seconds: the time outside steady steps.
+    pub unsteady: Option<(u64, f64)>,
+}
+
+/// `1h02m`, `3m12s`, `45s`.
+pub fn duration_text(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
 }
 
 /// The training logs of one process.
@@ -296,6 +316,18 @@ impl TrainLog {
             record.insert("allreduce_gpu_ms".into(), (exposed.iter().sum::<f64>() / exposed.len() as f64).into());
         }
         record.insert("seconds".into(), v.seconds.into());
+        let eta = v.remaining as f64 * elapsed / iterations.max(1) as f64;
+        record.insert("eta_s".into(), eta.into());
+        if let Some(r) = v.reserved_gib {
+            record.insert("reserved_gib".into(), r.into());
+        }
+        if let Some(n) = v.graphs_recorded {
+            record.insert("graphs_recorded".into(), n.into());
+        }
+        if let Some((n, s)) = v.unsteady {
+            record.insert("unsteady_steps".into(), n.into());
+            record.insert("unsteady_s".into(), s.into());
+        }
         if let Some(s) = v.scale {
             record.insert("loss_scale".into(), s.scale.into());
             record.insert("skipped_steps".into(), s.skipped.into());
@@ -325,7 +357,8 @@ impl TrainLog {
         }
         let _ = writeln!(self.metrics, "{}", serde_json::Value::Object(record));
         let scale_text = v.scale.map(|s| format!(" scale {:.0} skipped {:.0}", s.scale, s.skipped)).unwrap_or_default();
-        format!("loss {total_loss:.4} lr {:.5} {ips:.1} img/s{scale_text}", v.lr)
+        let eta_text = if v.remaining > 0 { format!(" eta {}", duration_text(eta)) } else { String::new() };
+        format!("loss {total_loss:.4} lr {:.5} {ips:.1} img/s{scale_text}{eta_text}", v.lr)
     }
 
     /// Records an evaluation.

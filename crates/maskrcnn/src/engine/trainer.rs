@@ -19,7 +19,7 @@
 //! all-reduce), so every rank takes the same update. Rank 0 alone writes
 //! logs, checkpoints, evaluations and the final weights.
 
-use crate::config::{AmpMode, ClassCount, Config, MaskOn};
+use crate::config::{AmpMode, AutoCount, Config, MaskOn};
 use crate::data::coco::{CocoDataset, LoadOptions};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::engine::amp::GradScaler;
@@ -136,8 +136,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
     let model = build_model(config, device, resumed.as_ref(), &dataset)?;
     let group_step = group.as_ref().map(|g| GroupStep::new(g, &model, solver.allreduce_bucket_mb)).transpose()?;
     let cuda = device.is_cuda();
-    let amp = if cuda { config.precision.amp } else { AmpMode::Off };
-    if config.precision.amp != AmpMode::Off && !cuda {
+    let amp = config.precision.amp.on(device);
+    if !matches!(config.precision.amp, AmpMode::Off | AmpMode::Auto) && !cuda {
         tracing::warn!("precision.amp = {} needs CUDA; training in fp32 on the CPU", config.precision.amp);
     }
     let mut sgd =
@@ -166,7 +166,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary, Train
         Arc::new(dataset),
         LoaderOptions {
             batch_size: micro_batch,
-            workers: config.dataloader.workers.max(1),
+            workers: config.dataloader.worker_count(),
             prefetch: config.dataloader.prefetch,
             flip_prob: config.input.flip_prob,
             seed: config.seed,
@@ -356,22 +356,124 @@ fn load_training_set(config: &Config, strict: bool, main: bool) -> Result<CocoDa
     Ok(dataset)
 }
 
+/// What `config`'s automatic settings come to for training on `device`:
+/// `(key, value, why)` for each (the data's from `data.train_ann` when it
+/// can be read; a reason why not otherwise). What `maskrcnn config` prints.
+pub fn resolved_settings(config: &Config, device: Device) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let amp = config.precision.amp.on(device);
+    let on = match device {
+        Device::Cuda(i) => crate::environment::cuda_device(i).map_or(format!("CUDA device {i}"), |d| {
+            format!("{} (compute capability {}.{})", d.name, d.capability.0, d.capability.1)
+        }),
+        _ => "the CPU".to_string(),
+    };
+    out.push(("precision.amp".into(), format!("\"{amp}\""), format!("{} on {on}", config.precision.amp)));
+    out.push((
+        "dataloader.workers".into(),
+        config.dataloader.worker_count().to_string(),
+        format!("{}; {} CPUs for this process", config.dataloader.workers, crate::environment::usable_cpus()),
+    ));
+    let d = &config.data;
+    let dataset = (!d.train_ann.is_empty()).then(|| {
+        CocoDataset::load(
+            Path::new(&d.train_ann),
+            Path::new(&d.train_images),
+            LoadOptions { drop_empty: !d.keep_empty_images, strict: false, box_as_mask: d.box_as_mask },
+        )
+    });
+    let resolved = match &dataset {
+        Some(Ok(ds)) => resolve_for_data(config, ds, false).map_err(|e| e.to_string()),
+        Some(Err(e)) => Err(format!("data.train_ann unreadable: {e}")),
+        None => Err("no data.train_ann".into()),
+    };
+    let s = match &resolved {
+        Ok(c) => c.solver.clone(),
+        Err(_) => config.solver.resolved(0),
+    };
+    match (&resolved, &dataset) {
+        (Ok(c), Some(Ok(ds))) => {
+            out.push((
+                "model.num_classes".into(),
+                c.model.num_classes.to_string(),
+                format!("{}: {} categories + background", d.train_ann, ds.categories.len()),
+            ));
+            out.push((
+                "model.mask_on".into(),
+                c.model.mask_on.to_string(),
+                format!(
+                    "{}: {} of {} annotations have a mask",
+                    d.train_ann,
+                    ds.report.instances - ds.report.crowd - ds.report.without_mask(),
+                    ds.report.instances - ds.report.crowd
+                ),
+            ));
+            if config.solver.epochs > 0.0 {
+                out.push((
+                    "solver.max_iter".into(),
+                    s.max_iter.to_string(),
+                    format!("{} epochs of {} images", s.epochs, ds.images.len()),
+                ));
+            }
+        }
+        (Err(why), _) => {
+            for key in ["model.num_classes", "model.mask_on"] {
+                out.push((key.into(), "\"auto\"".into(), format!("resolved when training starts ({why})")));
+            }
+        }
+        _ => {}
+    }
+    out.push((
+        "solver.steps".into(),
+        format!("{:?}", s.steps),
+        format!("solver.step_fractions {:?} of max_iter {}", s.step_fractions, s.max_iter),
+    ));
+    out.push((
+        "learning rate".into(),
+        s.effective_lr().to_string(),
+        format!(
+            "solver.base_lr {} for {} images, x {}/{}",
+            s.base_lr, s.reference_batch, s.ims_per_batch, s.reference_batch
+        ),
+    ));
+    out
+}
+
 /// `config` with its `auto` settings taken from `dataset`:
 /// `model.num_classes` (its categories + background; a fixed count must
-/// match) and `model.mask_on` (off when no annotation has a mask).
+/// match), `model.mask_on` (off when no annotation has a mask), the
+/// solver's `max_iter` (from `epochs`) and `steps` (from `step_fractions`).
 fn resolve_for_data(config: &Config, dataset: &CocoDataset, main: bool) -> Result<Config, TrainError> {
     let mut config = config.clone();
+    config.solver = config.solver.resolved(dataset.images.len());
+    let s = &config.solver;
+    if main {
+        let epochs = s.max_iter as f64 * s.ims_per_batch as f64 / dataset.images.len().max(1) as f64;
+        tracing::info!(
+            "schedule: {} iterations of {} images ({epochs:.1} epochs of {} images), learning rate {} ({} for {} images, scaled by {}/{}), x{} at iterations {:?}",
+            s.max_iter,
+            s.ims_per_batch,
+            dataset.images.len(),
+            s.effective_lr(),
+            s.base_lr,
+            s.reference_batch,
+            s.ims_per_batch,
+            s.reference_batch,
+            s.gamma,
+            s.steps
+        );
+    }
     let needed = dataset.num_classes();
     match config.model.num_classes {
-        ClassCount::Auto => config.model.num_classes = ClassCount::Fixed(needed),
-        ClassCount::Fixed(n) if n != needed => {
+        AutoCount::Auto => config.model.num_classes = AutoCount::Fixed(needed),
+        AutoCount::Fixed(n) if n != needed => {
             return Err(TrainError::Setup(format!(
                 "{}: {} categories need model.num_classes = {needed} (background + categories), config has {n}; \"auto\" takes it from the data",
                 config.data.train_ann,
                 dataset.categories.len(),
             )))
         }
-        ClassCount::Fixed(_) => {}
+        AutoCount::Fixed(_) => {}
     }
     let has_masks = dataset.has_masks();
     match config.model.mask_on {

@@ -111,7 +111,7 @@ enum Entry<S, O> {
 
 /// Graphs of one computation by key, at most `max` recorded, all in one
 /// memory pool (calls run one at a time on one stream, so recorded graphs
-/// never need their working memory at once).
+/// never need their working memory at once), within a memory budget.
 pub struct GraphCache<K, S, O> {
     entries: HashMap<K, Entry<S, O>>,
     /// Where the recorded keys' static inputs live.
@@ -120,11 +120,33 @@ pub struct GraphCache<K, S, O> {
     /// What the computation is, for log lines.
     what: &'static str,
     replays: u64,
+    /// The most bytes the CUDA caching allocator may hold after a recording
+    /// (`None`: no limit); see [`GraphCache::run`].
+    budget: Option<u64>,
+    /// Calls that were not replays (first seen, recorded, failed), and
+    /// their wall seconds: the time outside steady steps.
+    unsteady: (u64, f64),
 }
 
 impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S, O> {
     pub fn new(what: &'static str, max: usize) -> GraphCache<K, S, O> {
-        GraphCache { entries: HashMap::new(), arena: StaticArena::default(), max, what, replays: 0 }
+        GraphCache {
+            entries: HashMap::new(),
+            arena: StaticArena::default(),
+            max,
+            what,
+            replays: 0,
+            budget: None,
+            unsteady: (0, 0.0),
+        }
+    }
+
+    /// Limits the memory the CUDA caching allocator holds after a recording
+    /// to `bytes`: past it every graph is dropped, the memory released and
+    /// fewer keys recorded from then on (see [`GraphCache::run`]).
+    pub fn with_budget(mut self, bytes: Option<u64>) -> GraphCache<K, S, O> {
+        self.budget = bytes;
+        self
     }
 
     /// `read(&f(&inputs))` for a key on CUDA device `device`: eager the first
@@ -132,8 +154,23 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
     /// captured; nothing runs until the replay) and replayed. `f` must issue
     /// the same device work for every call with the same key and must not
     /// synchronize with the host; `read` takes what the caller keeps from
-    /// the outputs before the next call of this key overwrites them.
-    pub fn run<T>(
+    /// the outputs before the next call of this key overwrites them. When a
+    /// recording leaves the allocator holding more than the budget, every
+    /// graph is dropped and its memory released, and at most half as many
+    /// keys are recorded from then on (the others run eagerly): memory
+    /// stays bounded whatever the number of shapes.
+    pub fn run<T>(&mut self, device: usize, key: K, inputs: S, f: impl FnMut(&S) -> O, read: impl Fn(&O) -> T) -> T {
+        let started = std::time::Instant::now();
+        let replays = self.replays;
+        let out = self.run_timed(device, key, inputs, f, read);
+        if self.replays == replays {
+            self.unsteady.0 += 1;
+            self.unsteady.1 += started.elapsed().as_secs_f64();
+        }
+        out
+    }
+
+    fn run_timed<T>(
         &mut self,
         device: usize,
         key: K,
@@ -152,6 +189,9 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
                 // The static inputs hold this call's values already.
                 Ok(r) => {
                     self.entries.insert(key.clone(), Entry::Recorded(r));
+                    if self.over_budget(device) {
+                        return read(&f(&inputs));
+                    }
                     true
                 }
                 Err(e) => return self.fall_back(key, e, read(&f(&inputs))),
@@ -177,11 +217,38 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
     }
 
     /// Logs why `key`'s graph failed and keeps it eager from now on;
-    /// `eager` is the call's result computed eagerly.
+    /// `eager` is the call's result computed eagerly. A failed recording
+    /// (out of memory, say) leaves the memory it took cached: released.
     fn fall_back<T>(&mut self, key: K, e: ShimError, eager: T) -> T {
-        tracing::warn!("CUDA graph of the {} failed ({e}); running it eagerly for {key:?}", self.what);
+        tracing::warn!("CUDA graph of the {} failed ({e}); running this shape eagerly", self.what);
         self.entries.insert(key, Entry::Eager);
+        if let Err(e) = crate::shim::release_cached_cuda_memory() {
+            tracing::debug!("could not release cached CUDA memory: {e}");
+        }
         eager
+    }
+
+    /// Whether the allocator holds more than the budget now; if so, every
+    /// graph is dropped, the memory released and `max` halved (keys seen so
+    /// far record again, up to the new `max`).
+    fn over_budget(&mut self, device: usize) -> bool {
+        let Some(budget) = self.budget else { return false };
+        let Some((_, reserved)) = crate::shim::cuda_memory_now(device) else { return false };
+        if reserved <= budget {
+            return false;
+        }
+        let recorded = self.recorded();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        self.clear();
+        self.max = (recorded / 2).max(usize::from(recorded > 1));
+        tracing::warn!(
+            "CUDA graphs of the {}: {recorded} recorded shapes hold {:.1} GiB, over precision.graph_memory_gb ({:.1} GiB): dropped, at most {} recorded from now on",
+            self.what,
+            gib(reserved),
+            gib(budget),
+            self.max
+        );
+        true
     }
 
     /// Records `f` on static copies of `inputs`, in the pool of the graphs
@@ -212,12 +279,27 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
         Ok(Recorded { graph, inputs: statics, outputs })
     }
 
-    /// Drops every graph and its memory (the next calls record again). A
-    /// graph reads the tensors it was recorded with: clear after replacing
-    /// tensors the computation reads (not after in-place updates).
+    /// Drops every graph and returns its memory to the driver (the next
+    /// calls record again; waits for the device when a graph was
+    /// recorded). A graph reads the tensors it was recorded with: clear
+    /// after replacing tensors the computation reads (not after in-place
+    /// updates).
     pub fn clear(&mut self) {
+        let had = self.recorded() > 0;
         self.entries.clear();
         self.arena = StaticArena::default();
+        // libtorch frees a dropped graph's pool only when an allocation
+        // fails, which a later recording cannot do: released now.
+        if had {
+            if let Err(e) = crate::shim::release_cached_cuda_memory() {
+                tracing::debug!("could not release cached CUDA memory: {e}");
+            }
+        }
+    }
+
+    /// Calls that were not replays so far, and their wall seconds.
+    pub fn unsteady(&self) -> (u64, f64) {
+        self.unsteady
     }
 
     /// Keys replayed from a graph.

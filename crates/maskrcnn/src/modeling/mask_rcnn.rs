@@ -7,7 +7,7 @@ use super::roi_heads::{Detections, HeadArch, MaskRows, RoiHeads};
 use super::rpn::{Rpn, RpnOutput};
 use super::transform::{resize_target, ImageList, Transform};
 use super::{weights, ModelError};
-use crate::config::{ClassCount, Config, MaskOn};
+use crate::config::{AutoCount, Config, MaskOn};
 use crate::ops::boxes::resize_boxes;
 use crate::ops::sampler::FgBgSampler;
 use crate::structures::masks::paste_masks_as_rle_batch;
@@ -136,8 +136,9 @@ impl MaskRcnn {
     /// the model's own `config` holds the resolved values.
     pub fn new(config: &Config, device: Device) -> Result<MaskRcnn, ModelError> {
         let mut config = config.clone();
-        config.model.num_classes = ClassCount::Fixed(config.model.num_classes.or_coco());
+        config.model.num_classes = AutoCount::Fixed(config.model.num_classes.or(crate::config::COCO_NUM_CLASSES));
         config.model.mask_on = MaskOn::from_bool(config.model.mask_on.enabled());
+        config.precision.amp = config.precision.amp.on(device);
         let config = &config;
         // A config built in code skips `Config::load`'s checks; the model
         // relies on those of its own sections (non-empty `input.min_size`,
@@ -154,7 +155,7 @@ impl MaskRcnn {
         let roi_heads = RoiHeads::new(
             &(&root / "roi_heads"),
             backbone.out_channels,
-            config.model.num_classes.or_coco() as i64,
+            config.model.num_classes.or(crate::config::COCO_NUM_CLASSES) as i64,
             &config.roi_heads,
             HeadArch {
                 box_head: config.model.box_head,
@@ -181,8 +182,8 @@ impl MaskRcnn {
     pub fn from_weights(config: &Config, path: &Path, device: Device) -> Result<MaskRcnn, ModelError> {
         let info = weights::inspect(path)?;
         let mut config = config.clone();
-        if let (ClassCount::Auto, Some(n)) = (config.model.num_classes, info.classes) {
-            config.model.num_classes = ClassCount::Fixed(n);
+        if let (AutoCount::Auto, Some(n)) = (config.model.num_classes, info.classes) {
+            config.model.num_classes = AutoCount::Fixed(n);
         }
         if config.model.mask_on == MaskOn::Auto {
             config.model.mask_on = MaskOn::from_bool(info.mask_head);
@@ -202,7 +203,7 @@ impl MaskRcnn {
 
     /// Classes including background (the box predictor's outputs).
     pub fn num_classes(&self) -> usize {
-        self.config.model.num_classes.or_coco()
+        self.config.model.num_classes.or(crate::config::COCO_NUM_CLASSES)
     }
 
     /// Whether the model has the mask branch (else it detects boxes only).

@@ -50,6 +50,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(args) => {
             let config = args.resolve()?;
             print!("{}", config.to_toml());
+            // What the automatic settings come to here, as TOML comments
+            // (the output still loads back with --config).
+            let device = tch::Device::cuda_if_available();
+            let settings = maskrcnn::engine::trainer::resolved_settings(&config, device);
+            println!("\n# Resolved for training here:");
+            let width = settings.iter().map(|(k, v, _)| k.len() + v.len()).max().unwrap_or(0) + 3;
+            for (key, value, why) in settings {
+                let kv = format!("{key} = {value}");
+                println!("# {kv:<width$} ({why})");
+            }
         }
         Command::Env => {
             let report = EnvReport::collect();
