@@ -8,14 +8,18 @@ Usage (GPU machine; no pycocotools needed):
 Writes OUT_DIR/dets_iter_N.json (COCO results) and OUT_DIR/log.jsonl
 (iteration, train seconds, losses); score them with `maskrcnn eval`.
 
-Recipe (as ours): 7 classes (6 + background, categories sorted by id), SGD
+Recipe (as ours): the dataset's categories + background (sorted by id: 7
+classes for `maskrcnn synth`, 81 for `synth --profile coco`), SGD
 lr 0.02 momentum 0.9 weight decay 1e-4, linear warmup from 0.001 over 200
 iterations, steps at 2200/2700, batch 8, fp16 autocast + GradScaler,
 channels-last, short side drawn from 480..608 (max 800), test 544/800,
 horizontal flip 0.5, crowd annotations left out (torchvision's reference).
 Environment overrides for other recipes: PEER_BATCH (8), PEER_AMP (fp16 |
 bf16), PEER_MIN_SIZES ("480,512,544,576,608"), PEER_MAX_SIZE (800),
-PEER_WORKERS (8), PEER_MAX_ITER (no limit: stop at the time budget).
+PEER_WORKERS (8), PEER_MAX_ITER (no limit: stop at the time budget),
+PEER_LR (0.02), PEER_WARMUP (200), PEER_STEPS ("2200,2700"): match ours'
+effective learning rate (solver.base_lr x ims_per_batch / reference_batch)
+and resolved steps (`maskrcnn config` prints both).
 """
 import json, os, random, sys, time
 import numpy as np
@@ -158,6 +162,9 @@ MIN_SIZES = tuple(int(s) for s in os.environ.get("PEER_MIN_SIZES", "480,512,544,
 MAX_SIZE = int(os.environ.get("PEER_MAX_SIZE", "800"))
 WORKERS = int(os.environ.get("PEER_WORKERS", "8"))
 MAX_ITER = int(os.environ.get("PEER_MAX_ITER", "0"))
+LR = float(os.environ.get("PEER_LR", "0.02"))
+WARMUP = int(os.environ.get("PEER_WARMUP", "200"))
+STEPS = tuple(int(s) for s in os.environ.get("PEER_STEPS", "2200,2700").split(",") if s)
 
 
 def main():
@@ -176,15 +183,15 @@ def main():
                                   min_size=MIN_SIZES, max_size=MAX_SIZE)
     model.to(dev).to(memory_format=torch.channels_last).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
-    warm, steps = 200, (2200, 2700)
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=1e-4)
+    warm, steps = WARMUP, STEPS
 
     def lr_at(i):
         f = 1.0
         if i < warm:
             a = i / warm
             f = 0.001 * (1 - a) + a
-        return 0.02 * f * (0.1 ** sum(1 for s in steps if s <= i))
+        return LR * f * (0.1 ** sum(1 for s in steps if s <= i))
 
     scaler = torch.amp.GradScaler("cuda", init_scale=8192.0, enabled=AMP == torch.float16)
     loader = torch.utils.data.DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=WORKERS, collate_fn=collate,
