@@ -39,13 +39,9 @@ fn sets(train_ann: &Path, train_images: &Path, extra: &[String]) -> Vec<String> 
     let mut v: Vec<String> = vec![
         format!("data.train_ann='{}'", train_ann.display()),
         format!("data.train_images='{}'", train_images.display()),
-        "model.backbone_depth=18".into(),
-        "model.fpn_channels=32".into(),
-        "model.norm=\"frozen_bn\"".into(),
-        "roi_heads.representation_size=64".into(),
-        "roi_heads.mask_head_channels=16".into(),
-        "input.min_size=[96]".into(),
-        "input.max_size=128".into(),
+    ];
+    v.extend(common::small_model_sets());
+    v.extend([
         "input.min_size_test=96".into(),
         "input.max_size_test=128".into(),
         "rpn.post_nms_top_n_train=200".into(),
@@ -57,7 +53,7 @@ fn sets(train_ann: &Path, train_images: &Path, extra: &[String]) -> Vec<String> 
         "solver.warmup_iters=1".into(),
         "solver.log_period=1".into(),
         "dataloader.workers=1".into(),
-    ];
+    ]);
     v.extend(extra.iter().cloned());
     v
 }

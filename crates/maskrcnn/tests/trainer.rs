@@ -59,21 +59,10 @@ fn lr_schedule_at_chosen_iterations() {
 }
 
 fn small_config(extra: &[&str]) -> Config {
-    let mut sets: Vec<String> = [
-        "model.backbone_depth=18",
-        "model.num_classes=3",
-        "model.fpn_channels=32",
-        "model.norm=\"frozen_bn\"",
-        "roi_heads.representation_size=64",
-        "roi_heads.mask_head_channels=16",
-        "input.min_size=[96]",
-        "input.max_size=128",
-        "rpn.post_nms_top_n_train=200",
-        "roi_heads.batch_size_per_image=64",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut sets = common::small_model_sets();
+    sets.extend(
+        ["model.num_classes=3", "rpn.post_nms_top_n_train=200", "roi_heads.batch_size_per_image=64"].map(String::from),
+    );
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &sets).unwrap()
 }
@@ -718,17 +707,13 @@ fn fine_tunes_from_a_torchvision_detection_checkpoint() {
 /// `--set` flags of a small fp32 run whose single update is plain SGD
 /// (no momentum, weight decay, warmup or bias factor): w1 = w0 - lr * g.
 fn plain_sgd_sets(data: &maskrcnn::data::synth::SynthOutput) -> Vec<String> {
-    vec![
+    let mut sets = vec![
         format!("data.train_ann='{}'", data.train_ann.display()),
         format!("data.train_images='{}'", data.train_images.display()),
         "model.num_classes=7".into(),
-        "model.backbone_depth=18".into(),
-        "model.fpn_channels=32".into(),
-        "model.norm=\"frozen_bn\"".into(),
-        "roi_heads.representation_size=64".into(),
-        "roi_heads.mask_head_channels=16".into(),
-        "input.min_size=[96]".into(),
-        "input.max_size=128".into(),
+    ];
+    sets.extend(common::small_model_sets());
+    sets.extend([
         "solver.ims_per_batch=4".into(),
         "solver.max_iter=1".into(),
         "solver.base_lr=0.02".into(),
@@ -741,7 +726,8 @@ fn plain_sgd_sets(data: &maskrcnn::data::synth::SynthOutput) -> Vec<String> {
         "solver.steps=[]".into(),
         "precision.amp=\"off\"".into(),
         "dataloader.workers=1".into(),
-    ]
+    ]);
+    sets
 }
 
 #[test]

@@ -70,7 +70,7 @@ pub fn check_run_data(
 ) -> Result<DataCheck, DataCheckError> {
     let mut check = DataCheck::default();
     let paths: Vec<PathBuf> = dataset.images.iter().map(|r| dataset.image_path(r)).collect();
-    let exists = parallel_map(&paths, |p| p.is_file());
+    let exists = crate::structures::rle::map_parallel(&paths, |p| p.is_file());
     for (record, ok) in dataset.images.iter().zip(&exists) {
         if !ok {
             check.missing_train.add(record.file_name.clone());
@@ -117,7 +117,7 @@ fn check_validation(
     let images = &gt.coco.dataset.images;
     let mut problems: BTreeMap<&str, FileProblem> = BTreeMap::new();
     let paths: Vec<Option<PathBuf>> = images.iter().map(|im| path_inside(dir, &im.file_name)).collect();
-    let verdicts = parallel_map(&paths, |path| -> Result<RgbImage, (&'static str, String)> {
+    let verdicts = crate::structures::rle::map_parallel(&paths, |path| -> Result<RgbImage, (&'static str, String)> {
         let Some(path) = path else {
             return Err(("files lie outside the image folder", String::new()));
         };
@@ -220,19 +220,4 @@ fn ids_text(ids: impl Iterator<Item = u64>) -> String {
         shown.join(", "),
         if ids.len() > 8 { format!(", ... ({} in all)", ids.len()) } else { String::new() }
     )
-}
-
-/// `f` over `items` on one thread per core, results in order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
-    if threads <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let chunk = items.len().div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> =
-            items.chunks(chunk).map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    })
 }

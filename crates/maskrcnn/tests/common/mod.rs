@@ -117,6 +117,22 @@ pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
     v
 }
 
+/// `--set`s of a small, fast model for CPU training runs: R18-FPN (32
+/// channels, frozen BatchNorm), small heads, 96-128 px images.
+pub fn small_model_sets() -> Vec<String> {
+    [
+        "model.backbone_depth=18",
+        "model.fpn_channels=32",
+        "model.norm=\"frozen_bn\"",
+        "roi_heads.representation_size=64",
+        "roi_heads.mask_head_channels=16",
+        "input.min_size=[96]",
+        "input.max_size=128",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The `maskrcnn` binary: `MASKRCNN_BIN` where the tests run away from the
 /// build tree (the GPU machine), else the one cargo built.
 #[allow(dead_code)]
