@@ -25,16 +25,18 @@ if [[ $what == bench || $what == all ]]; then
     [[ $recipe == scratch ]] && extra=(--set 'model.norm="bn"' --set model.trainable_layers=5)
     for tune in true false; do
       echo "-- $recipe cudnn_benchmark=$tune"
-      "$B" bench train --batch 16 --amp bf16 --iters 30 --json --set "precision.cudnn_benchmark=$tune" "${extra[@]}"
+      "$B" bench train --batch 16 --amp bf16 --iters "${BENCH_ITERS:-30}" --json --set "precision.cudnn_benchmark=$tune" "${extra[@]}"
     done
   done
-  echo "== peer_torchvision.py train bs16 bf16 (frozen)"
-  (cd .peer && python3 -c '
+  if [[ ${SKIP_PEER:-0} != 1 ]]; then
+    echo "== peer_torchvision.py train bs16 bf16 (frozen)"
+    (cd .peer && python3 -c '
 import json, torch, peer_torchvision as p
 torch.backends.cudnn.benchmark = True
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 print(json.dumps(p.train_bench(16, "bf16", True)))')
+  fi
 fi
 if [[ $what == e2e || $what == all ]]; then
   D="$W/coco"
