@@ -85,7 +85,7 @@ pub fn run_infer_bench(opts: &InferBench) -> Result<InferBenchResult, ModelError
     let model = MaskRcnn::new(config, opts.device)?;
     crate::shim::set_tf32(config.precision.tf32);
     if opts.device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(true);
+        tch::Cuda::cudnn_set_benchmark(opts.config.precision.cudnn_benchmark);
     }
     tch::manual_seed(1);
     let batches: Vec<Vec<Tensor>> = (0..3).map(|_| synthetic_batch(opts.batch, opts.device)).collect();

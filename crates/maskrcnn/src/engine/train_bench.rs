@@ -169,7 +169,7 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
     tch::manual_seed(0);
     let cuda = opts.device.is_cuda();
     if cuda {
-        tch::Cuda::cudnn_set_benchmark(true);
+        tch::Cuda::cudnn_set_benchmark(config.precision.cudnn_benchmark);
     }
     crate::shim::set_tf32(true);
     let mut model = MaskRcnn::new(&config, opts.device)?;
