@@ -16,5 +16,10 @@ timeout 300 bash -c "
 " || echo "GPU tests: timed out or failed ($?)"
 echo "== realdata e2e"
 OLD=${OLD:-} ITERS=${ITERS:-150} TRAIN_IMAGES=${TRAIN_IMAGES:-1500} timeout 330 scripts/gpu-realdata.sh e2e || echo "e2e: stopped ($?)"
-echo "== realdata bench"
+echo "== bench train --data (COCO-like, from scratch, bs16 bf16)"
+for tune in false true; do
+  timeout 90 "$B" bench train --data /tmp/realdata/coco --batch 16 --amp bf16 --iters 60 --json \
+    --set 'model.norm="bn"' --set model.trainable_layers=5 --set "precision.cudnn_benchmark=$tune" 2>&1 | grep img_per_s
+done
+echo "== realdata bench (synthetic batches)"
 SKIP_PEER=1 BENCH_ITERS=20 timeout 150 scripts/gpu-realdata.sh bench 2>&1 | grep -E '^--|img_per_s|^==' | head -20

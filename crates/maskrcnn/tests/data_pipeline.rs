@@ -464,6 +464,17 @@ fn cli_synth_and_bench_data() {
         err.contains("broken.json") && err.contains("line 1 column 13") && err.trim().lines().count() == 1,
         "{err}"
     );
+    // bench train --data: the loader's batches of the synth folder.
+    let o = std::process::Command::new(&bin)
+        .args(["bench", "train", "--data", tmp.path().to_str().unwrap(), "--batch", "2", "--iters", "2"])
+        .args(["--device", "cpu", "--json", "--set", "model.backbone_depth=18", "--set", "model.fpn_channels=32"])
+        .args(["--set", "input.min_size=[64]", "--set", "input.max_size=96", "--set", "dataloader.workers=1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["data"].as_str().unwrap().ends_with("instances_train2017.json"), "{r}");
+    assert!(r["img_per_s"].as_f64().unwrap() > 0.0 && r["mean_img_per_s"].as_f64().unwrap() > 0.0, "{r}");
 }
 
 #[test]

@@ -36,6 +36,12 @@ pub struct BenchArgs {
     /// (`ncu --profile-from-start off`, `nsys --capture-range=cudaProfilerApi`).
     #[arg(long)]
     pub profile_range: bool,
+    /// bench train: batches from a dataset through the training loader — a
+    /// folder as `maskrcnn synth` writes it (annotations/instances_train2017.json,
+    /// train2017/), or `data` to use the config's data.train_ann — instead of
+    /// the peer's synthetic batches.
+    #[arg(long, value_name = "DIR|data")]
+    pub data: Option<std::path::PathBuf>,
     /// bench infer: the RoI heads' score threshold (replaces
     /// `roi_heads.score_thresh`); 0, the peer's, keeps 100 detections per
     /// image; users typically run 0.05.
@@ -75,7 +81,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
             report(&r, args.json)?;
         }
         BenchWhat::Train => {
-            let config = args.config.resolve()?;
+            let mut config = args.config.resolve()?;
+            let data = match &args.data {
+                None => None,
+                Some(dir) => {
+                    if dir.as_os_str() != "data" {
+                        config.data.train_ann = dir.join("annotations/instances_train2017.json").display().to_string();
+                        config.data.train_images = dir.join("train2017").display().to_string();
+                    }
+                    anyhow::ensure!(
+                        !config.data.train_ann.is_empty(),
+                        "--data data: the config names no data.train_ann"
+                    );
+                    let (dataset, _) = bench_dataset(&config, args.size, 0)?;
+                    // The model's classes follow the data, as in training.
+                    if config.model.num_classes == maskrcnn::config::AutoCount::Auto {
+                        config.model.num_classes = maskrcnn::config::AutoCount::Fixed(dataset.num_classes());
+                    }
+                    Some(std::sync::Arc::new(dataset))
+                }
+            };
             let opts = maskrcnn::engine::train_bench::TrainBench {
                 batch: args.batch.max(1),
                 iters: args.iters.max(1),
@@ -85,6 +110,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 device,
                 config,
                 profile_range: args.profile_range,
+                data,
             };
             let r = maskrcnn::engine::train_bench::run_train_bench(&opts)?;
             report(&r, args.json)?;
