@@ -419,3 +419,42 @@ fn predict_matches_images_to_the_annotation_file() {
     assert!(match_image_ids(&[p("data/x/b.jpg")], &images).unwrap_err().contains("match several"));
     assert_eq!(match_image_ids(&[p("y/b.jpg")], &images).unwrap(), [2]);
 }
+
+/// The validation categories must be the training set's: a category the
+/// model cannot predict, or one it predicts that the validation file lacks,
+/// is a problem in the report (an error with --strict); none in common
+/// stops the run before training.
+#[test]
+fn validation_categories_are_checked_against_training() {
+    use maskrcnn::data::coco::{CocoDataset, LoadOptions};
+    use maskrcnn::engine::data_check::check_run_data;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth(&tmp.path().join("data"), 4, 2);
+    let mut v = read(&data.val_ann);
+    // Train has ids 1, 2, 3, 5, 8, 13: drop 13 from val, add 99 with an annotation.
+    v["categories"].as_array_mut().unwrap().retain(|c| c["id"] != 13);
+    v["categories"].as_array_mut().unwrap().push(json!({"id": 99, "name": "new"}));
+    v["annotations"].as_array_mut().unwrap().retain(|a| a["category_id"] != 13);
+    let image = v["images"][0]["id"].clone();
+    v["annotations"].as_array_mut().unwrap().push(
+        json!({"id": 5000, "image_id": image, "category_id": 99, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}),
+    );
+    let val = tmp.path().join("val.json");
+    write(&val, &v);
+    let load = || {
+        CocoDataset::load(&data.train_ann, &data.train_images, LoadOptions { drop_empty: true, ..Default::default() })
+            .unwrap()
+    };
+    let decode = maskrcnn::data::image::DecodeOptions::default();
+    let check = check_run_data(&mut load(), Some((val.as_path(), data.val_images.as_path())), decode, false).unwrap();
+    let problems = check.problems.join("\n");
+    assert!(problems.contains("categories 99 are not in the training set"), "{problems}");
+    assert!(problems.contains("training categories 13 are not in it"), "{problems}");
+    assert!(check.validation.is_some());
+    let e = check_run_data(&mut load(), Some((val.as_path(), data.val_images.as_path())), decode, true).unwrap_err();
+    assert!(e.to_string().contains("strict"), "{e}");
+    v["categories"] = json!([{"id": 99, "name": "new"}]);
+    write(&val, &v);
+    let e = check_run_data(&mut load(), Some((val.as_path(), data.val_images.as_path())), decode, false).unwrap_err();
+    assert!(e.to_string().contains("none of its category ids (99) is a training category"), "{e}");
+}
