@@ -76,7 +76,7 @@ for e in evals:
 PY
     grep -E "WARN|ERROR" "$out.log" | grep -v "data check" | head -5
   }
-  for tune in true false; do
+  for tune in ${TUNES:-true false}; do
     run "defaults-cudnn-$tune" "$B" --set "precision.cudnn_benchmark=$tune"
   done
   if [[ -n ${OLD:-} ]]; then
