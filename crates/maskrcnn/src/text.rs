@@ -19,6 +19,20 @@ pub(crate) fn one_line(s: &str) -> String {
     format!("{start} … [{} characters cut] … {end}", n - head - tail)
 }
 
+/// `n` and the words for one or several: `count(1, "file is", "files are")`
+/// is "1 file is", `count(3, ...)` "3 files are".
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `1, 2, 3` — the first eight of `ids`, then how many in all.
+pub fn ids_text(ids: impl Iterator<Item = u64>) -> String {
+    let ids: Vec<u64> = ids.collect();
+    let shown: Vec<String> = ids.iter().take(8).map(u64::to_string).collect();
+    let more = if ids.len() > 8 { format!(", ... ({} in all)", ids.len()) } else { String::new() };
+    format!("{}{more}", shown.join(", "))
+}
+
 /// A libtorch error message as one short line: c10's messages go on with
 /// "Exception raised from ... frame #0: ..." (a C++ backtrace of thousands
 /// of characters), which is cut off, and what remains is kept within 300

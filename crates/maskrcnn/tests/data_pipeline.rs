@@ -336,7 +336,7 @@ fn bad_annotations_are_reported() {
     // Annotation ids do not matter for training: a repeated one is counted.
     let ds = load_str(dir, &dup, false).unwrap();
     assert_eq!((ds.report.duplicate_ids, ds.report.instances), (1, 2));
-    assert!(ds.report.lines().iter().any(|l| l.contains("1 annotations repeat an earlier annotation's \"id\"")));
+    assert!(ds.report.lines().iter().any(|l| l.contains("1 annotation repeats an earlier annotation's \"id\"")));
 
     // Bad samples are skipped, counted, named; strict makes them errors.
     let anns = [

@@ -154,9 +154,9 @@ fn a_quirky_export_trains_and_is_reported() {
             expect.3
         ),
         "3 annotations have no \"id\"".to_string(),
-        "1 annotations repeat an earlier annotation's \"id\"".to_string(),
-        "1 images have no usable annotation: dropped".to_string(),
-        "train images: 1 files are missing (first: gone.jpg)".to_string(),
+        "1 annotation repeats an earlier annotation's \"id\"".to_string(),
+        "1 image has no usable annotation: dropped".to_string(),
+        "train images: 1 file is missing (first: gone.jpg)".to_string(),
     ] {
         assert!(err.contains(&line), "{line:?} not in the report:\n{err}");
     }
@@ -251,7 +251,7 @@ fn images_without_annotations_are_counted_and_kept_on_request() {
     let keep = ["data.keep_empty_images=true".to_string(), "solver.max_iter=1".into(), "solver.steps=[]".into()];
     let o = train(&tmp.path().join("keep"), &sets(&ann, &data.train_images, &keep), &[]);
     let err = stderr(&o);
-    assert!(o.status.success() && err.contains("1 images have no usable annotation: kept as negatives"), "{err}");
+    assert!(o.status.success() && err.contains("1 image has no usable annotation: kept as negatives"), "{err}");
     assert!(err.contains("training 6 images"), "{err}");
     d["annotations"] = json!([]);
     write(&ann, &d);
@@ -300,9 +300,9 @@ fn a_bad_validation_set_is_found_before_training() {
     let report_at = err.find("data check:").expect("a data check report");
     let first_step = err.find("iter 1/").expect("a step log line");
     assert!(report_at < first_step, "the report comes before training:\n{err}");
-    assert!(err.contains("1 files are missing (first: not-there.jpg)"), "{err}");
+    assert!(err.contains("1 file is missing (first: not-there.jpg)"), "{err}");
     assert!(
-        err.contains("1 images have another size than annotated")
+        err.contains("1 image has another size than annotated")
             && err.contains(&format!(
                 "is {w}x{h} but the annotations say {h}x{w} (its EXIF orientation 6 turns the stored {h}x{w} upright"
             ))

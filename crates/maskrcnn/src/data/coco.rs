@@ -169,12 +169,13 @@ impl LoadReport {
             ));
         }
         if self.missing_ids > 0 {
-            out.push(format!("{} annotations have no \"id\" (not needed for training)", self.missing_ids));
+            let n = crate::text::count(self.missing_ids, "annotation has", "annotations have");
+            out.push(format!("{n} no \"id\" (not needed for training)"));
         }
         if self.duplicate_ids > 0 {
+            let n = crate::text::count(self.duplicate_ids, "annotation repeats", "annotations repeat");
             out.push(format!(
-                "{} annotations repeat an earlier annotation's \"id\" (not needed for training; evaluation renumbers them)",
-                self.duplicate_ids
+                "{n} an earlier annotation's \"id\" (not needed for training; evaluation renumbers them)"
             ));
         }
         if self.empty_images > 0 {
@@ -183,7 +184,8 @@ impl LoadReport {
             } else {
                 "kept as negatives (data.keep_empty_images)"
             };
-            out.push(format!("{} images have no usable annotation: {fate}", self.empty_images));
+            let n = crate::text::count(self.empty_images, "image has", "images have");
+            out.push(format!("{n} no usable annotation: {fate}"));
         }
         out
     }
@@ -217,16 +219,12 @@ impl CocoDataset {
         images_dir: &Path,
         options: LoadOptions,
     ) -> Result<CocoDataset, DatasetError> {
-        let structure = |message: String| DatasetError::Structure { path: ann.to_path_buf(), message };
-        if dataset.categories.is_empty() {
-            return Err(structure("no categories: a COCO instances file needs a non-empty \"categories\" list".into()));
+        if let Some(message) = super::coco_json::structure_fault(&dataset) {
+            return Err(DatasetError::Structure { path: ann.to_path_buf(), message });
         }
         let mut categories: Vec<Category> =
             dataset.categories.iter().map(|c| Category { id: c.id, name: c.name.clone() }).collect();
         categories.sort_by_key(|c| c.id);
-        if let Some(w) = categories.windows(2).find(|w| w[0].id == w[1].id) {
-            return Err(structure(format!("category id {} appears twice in \"categories\"", w[0].id)));
-        }
         let label_of: HashMap<u64, i64> = categories.iter().enumerate().map(|(i, c)| (c.id, i as i64 + 1)).collect();
 
         let mut skipped = Vec::new();
@@ -243,9 +241,6 @@ impl CocoDataset {
         let mut images: Vec<ImageRecord> = Vec::with_capacity(dataset.images.len());
         let mut usable: Vec<bool> = Vec::with_capacity(dataset.images.len());
         for im in dataset.images {
-            if index.contains_key(&im.id) {
-                return Err(structure(format!("image id {} appears twice in \"images\"", im.id)));
-            }
             index.insert(im.id, images.len());
             // An image without a size cannot be batched by aspect ratio or
             // checked against its masks.

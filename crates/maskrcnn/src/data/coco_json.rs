@@ -24,6 +24,24 @@ pub fn read_dataset(path: &Path) -> Result<Dataset, JsonError> {
     read_json(path)
 }
 
+/// What makes `dataset` unusable as a whole (training and evaluation alike):
+/// no categories, a category or image id given twice.
+pub fn structure_fault(dataset: &Dataset) -> Option<String> {
+    if dataset.categories.is_empty() {
+        return Some("no categories: a COCO instances file needs a non-empty \"categories\" list".into());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(dataset.images.len());
+    if let Some(c) = dataset.categories.iter().find(|c| !seen.insert(c.id)) {
+        return Some(format!("category id {} appears twice in \"categories\"", c.id));
+    }
+    seen.clear();
+    dataset
+        .images
+        .iter()
+        .find(|im| !seen.insert(im.id))
+        .map(|im| format!("image id {} appears twice in \"images\"", im.id))
+}
+
 /// Reads `path` as JSON of type `T` (BOM accepted; errors explained).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, JsonError> {
     let bytes = std::fs::read(path)

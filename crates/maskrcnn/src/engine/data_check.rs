@@ -12,6 +12,9 @@ use crate::evaluation::ground_truth::GroundTruth;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// The words of a missing file's count.
+const MISSING: (&str, &str) = ("file is missing", "files are missing");
+
 /// Why the data check stopped the run.
 #[derive(Debug, thiserror::Error)]
 pub enum DataCheckError {
@@ -40,9 +43,11 @@ impl FileProblem {
         }
     }
 
-    fn describe(&self, what: &str) -> String {
+    /// `3 files are missing (first: a.jpg; b.jpg; c.jpg, ...)`; `what` is
+    /// `(one, many)`: the words after the count.
+    fn describe(&self, (one, many): (&str, &str)) -> String {
         let more = if self.count > self.first.len() { ", ..." } else { "" };
-        format!("{} {what} (first: {}{more})", self.count, self.first.join("; "))
+        format!("{} (first: {}{more})", crate::text::count(self.count, one, many), self.first.join("; "))
     }
 }
 
@@ -57,6 +62,14 @@ pub struct DataCheck {
     pub validation: Option<GroundTruth>,
     /// Training images whose file is missing (left out of the dataset).
     pub missing_train: FileProblem,
+}
+
+impl DataCheck {
+    /// Notes a problem: in the report, and counted for `--strict`.
+    fn problem(&mut self, line: String) {
+        self.problems.push(line.clone());
+        self.lines.push(line);
+    }
 }
 
 /// Checks `dataset`'s image files (records of missing files are removed
@@ -77,13 +90,11 @@ pub fn check_run_data(
         }
     }
     if check.missing_train.count > 0 {
-        let line = format!(
+        check.problem(format!(
             "train images: {} in {}: left out",
-            check.missing_train.describe("files are missing"),
+            check.missing_train.describe(MISSING),
             dataset.images_dir.display()
-        );
-        check.problems.push(line.clone());
-        check.lines.push(line);
+        ));
         let mut keep = exists.into_iter();
         dataset.images.retain(|_| keep.next().unwrap_or(false));
         if dataset.images.is_empty() {
@@ -115,20 +126,21 @@ fn check_validation(
 ) -> Result<(), DataCheckError> {
     let label = format!("val {}", gt.path.display());
     let images = &gt.coco.dataset.images;
-    let mut problems: BTreeMap<&str, FileProblem> = BTreeMap::new();
+    let mut problems: BTreeMap<(&str, &str), FileProblem> = BTreeMap::new();
     let paths: Vec<Option<PathBuf>> = images.iter().map(|im| path_inside(dir, &im.file_name)).collect();
-    let verdicts = crate::structures::rle::map_parallel(&paths, |path| -> Result<RgbImage, (&'static str, String)> {
+    type Kind = (&'static str, &'static str);
+    let verdicts = crate::structures::rle::map_parallel(&paths, |path| -> Result<RgbImage, (Kind, String)> {
         let Some(path) = path else {
-            return Err(("files lie outside the image folder", String::new()));
+            return Err((("file lies outside the image folder", "files lie outside the image folder"), String::new()));
         };
         if !path.is_file() {
-            return Err(("files are missing", String::new()));
+            return Err((MISSING, String::new()));
         }
         // Decoded (and turned upright, as evaluation will), then only the
         // size is kept.
         RgbImage::open(path, decode)
             .map(|image| RgbImage { pixels: Vec::new(), ..image })
-            .map_err(|e| ("files do not decode", e.to_string()))
+            .map_err(|e| (("file does not decode", "files do not decode"), e.to_string()))
     });
     for (im, verdict) in images.iter().zip(verdicts) {
         let name = im.file_name.clone();
@@ -137,7 +149,10 @@ fn check_validation(
             // COCO allows images without a size; checked when given.
             Ok(image) if im.width > 0 && im.height > 0 => {
                 if let Some(why) = image.size_mismatch(im.width, im.height) {
-                    problems.entry("images have another size than annotated").or_default().add(format!("{name} {why}"));
+                    problems
+                        .entry(("image has another size than annotated", "images have another size than annotated"))
+                        .or_default()
+                        .add(format!("{name} {why}"));
                 }
             }
             Ok(_) => {}
@@ -148,12 +163,14 @@ fn check_validation(
         "{label}: {} images, {} annotations{}",
         images.len(),
         gt.coco.dataset.annotations.len(),
-        if bad > 0 { format!("; {bad} images will be left out of every evaluation") } else { String::new() }
+        if bad > 0 {
+            format!("; {} left out of every evaluation", crate::text::count(bad, "image will be", "images will be"))
+        } else {
+            String::new()
+        }
     ));
     for (kind, p) in &problems {
-        let line = format!("{label}: {}", p.describe(kind));
-        check.problems.push(line.clone());
-        check.lines.push(line);
+        check.problem(format!("{label}: {}", p.describe(*kind)));
     }
     if bad == images.len() && !images.is_empty() {
         return Err(DataCheckError::Unusable(format!(
@@ -174,29 +191,25 @@ fn check_validation(
     if only_train.len() == train.len() {
         return Err(DataCheckError::Unusable(format!(
             "{label}: none of its category ids ({}) is a training category ({}): check data.val_ann",
-            ids_text(val.keys().copied()),
-            ids_text(train.keys().copied())
+            crate::text::ids_text(val.keys().copied()),
+            crate::text::ids_text(train.keys().copied())
         )));
     }
     if !only_val.is_empty() {
         let with_gt: BTreeSet<u64> = gt.coco.dataset.annotations.iter().map(|a| a.category_id).collect();
         let annotated: Vec<u64> = only_val.iter().filter(|id| with_gt.contains(id)).copied().collect();
         if !annotated.is_empty() {
-            let line = format!(
+            check.problem(format!(
                 "{label}: categories {} are not in the training set: the model cannot detect them, their AP is 0",
-                ids_text(annotated.into_iter())
-            );
-            check.problems.push(line.clone());
-            check.lines.push(line);
+                crate::text::ids_text(annotated.into_iter())
+            ));
         }
     }
     if !only_train.is_empty() {
-        let line = format!(
+        check.problem(format!(
             "{label}: training categories {} are not in it: their detections are left out of the evaluation",
-            ids_text(only_train.into_iter())
-        );
-        check.problems.push(line.clone());
-        check.lines.push(line);
+            crate::text::ids_text(only_train.into_iter())
+        ));
     }
     let renamed: Vec<String> = train
         .iter()
@@ -209,15 +222,4 @@ fn check_validation(
         ));
     }
     Ok(())
-}
-
-/// `1, 2, 3, ...` (the first eight).
-fn ids_text(ids: impl Iterator<Item = u64>) -> String {
-    let ids: Vec<u64> = ids.collect();
-    let shown: Vec<String> = ids.iter().take(8).map(u64::to_string).collect();
-    format!(
-        "{}{}",
-        shown.join(", "),
-        if ids.len() > 8 { format!(", ... ({} in all)", ids.len()) } else { String::new() }
-    )
 }

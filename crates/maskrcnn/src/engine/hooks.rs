@@ -352,13 +352,7 @@ fn evaluate(
         .map_err(|e| err(crate::io::WriteError { path: dir.clone(), source: e.into() }.into()))?;
     let path = dir.join(format!("detections_iter_{iteration:07}.json"));
     crate::io::write_json_atomic(&path, &dets.results).map_err(|e| err(e.into()))?;
-    let values = match serde_json::to_value(&dets.results) {
-        Ok(serde_json::Value::Array(values)) => values,
-        _ => Vec::new(),
-    };
-    let mut metrics =
-        crate::evaluation::coco_eval::evaluate(gt, values, &path, Some(&dets.images)).map_err(|e| err(e.into()))?;
-    metrics.notes.extend(dets.failure_note());
+    let metrics = crate::evaluation::coco_eval::evaluate_run(gt, &dets, &path).map_err(|e| err(e.into()))?;
     let mpath = dir.join(format!("metrics_iter_{iteration:07}.json"));
     crate::io::write_json_atomic(&mpath, &metrics).map_err(|e| err(e.into()))?;
     Ok(metrics)

@@ -113,6 +113,24 @@ pub fn evaluate_files(gt: &Path, results: &Path) -> Result<CocoMetrics, EvalErro
     evaluate(&gt, read_results(results)?, results, None)
 }
 
+/// Evaluates a model's run over `gt`'s images (`dets`, written to
+/// `source`): on the images that ran, with a note on those that could not
+/// be read.
+pub fn evaluate_run(
+    gt: &GroundTruth,
+    dets: &super::dataset_inference::DatasetDetections,
+    source: &Path,
+) -> Result<CocoMetrics, EvalError> {
+    let values = match serde_json::to_value(&dets.results) {
+        Ok(serde_json::Value::Array(values)) => values,
+        Ok(_) => Vec::new(),
+        Err(e) => return Err(EvalError::Results { path: source.to_path_buf(), message: e.to_string() }),
+    };
+    let mut metrics = evaluate(gt, values, source, Some(&dets.images))?;
+    metrics.notes.extend(dets.failure_note());
+    Ok(metrics)
+}
+
 /// The detections of the results file `path` (a JSON list; BOM accepted).
 pub fn read_results(path: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
     crate::data::coco_json::read_json(path).map_err(|e| EvalError::Results {

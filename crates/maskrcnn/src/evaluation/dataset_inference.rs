@@ -55,11 +55,10 @@ fn label_to_category(ids: &BTreeSet<u64>, num_classes: usize, path: &Path) -> Re
         map.extend(ids.iter().map(|&i| i as i64));
         return Ok(map);
     }
-    let shown: Vec<String> = ids.iter().take(8).map(u64::to_string).collect();
     Err(DatasetInferenceError::Categories {
         path: path.to_path_buf(),
         categories: ids.len(),
-        ids: format!("{}{}", shown.join(", "), if ids.len() > 8 { ", ..." } else { "" }),
+        ids: crate::text::ids_text(ids.iter().copied()),
         num_classes,
         needed: ids.len() + 1,
     })

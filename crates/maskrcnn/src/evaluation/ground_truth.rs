@@ -45,13 +45,8 @@ impl GroundTruth {
     /// repeated (1, 2, ... in file order; results never refer to them).
     pub fn load(path: &Path) -> Result<GroundTruth, GroundTruthError> {
         let mut dataset = read_dataset(path)?;
-        let structure = |message: String| GroundTruthError::Structure { path: path.to_path_buf(), message };
-        if dataset.categories.is_empty() {
-            return Err(structure("no categories: a COCO instances file needs a non-empty \"categories\" list".into()));
-        }
-        let mut image_ids = std::collections::HashSet::with_capacity(dataset.images.len());
-        if let Some(im) = dataset.images.iter().find(|im| !image_ids.insert(im.id)) {
-            return Err(structure(format!("image id {} appears twice in \"images\"", im.id)));
+        if let Some(message) = crate::data::coco_json::structure_fault(&dataset) {
+            return Err(GroundTruthError::Structure { path: path.to_path_buf(), message });
         }
         let mut notes = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(dataset.annotations.len());

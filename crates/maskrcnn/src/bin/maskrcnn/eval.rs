@@ -48,13 +48,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("detections.json"));
             maskrcnn::io::write_json_atomic(&out, &dets.results)?;
             eprintln!("{} detections written to {}", dets.results.len(), out.display());
-            let values = match serde_json::to_value(&dets.results)? {
-                serde_json::Value::Array(values) => values,
-                _ => Vec::new(),
-            };
-            let mut metrics = evaluate(&gt, values, &out, Some(&dets.images))?;
-            metrics.notes.extend(dets.failure_note());
-            metrics
+            maskrcnn::evaluation::coco_eval::evaluate_run(&gt, &dets, &out)?
         }
         _ => bail!("eval needs --results DETS.json, or --weights W and --images DIR"),
     };
