@@ -541,7 +541,7 @@ fn exif_size_mismatches_name_the_orientation() {
 /// `synth --profile coco` has COCO's statistics: its 80 categories under
 /// COCO's ids, COCO's image sizes (640 on the long side), about 7 objects
 /// per image with crowded scenes, COCO's small/medium/large mix, ~1% crowd
-/// regions; and it loads for training.
+/// regions, COCO's mask forms; and it loads for training.
 #[test]
 fn the_coco_profile_has_cocos_statistics() {
     let tmp = tempfile::tempdir().unwrap();
@@ -578,6 +578,13 @@ fn the_coco_profile_has_cocos_statistics() {
     assert!((0.3..=0.55).contains(&small) && (0.12..=0.35).contains(&large), "small {small:.2}, large {large:.2}");
     let crowd = anns.iter().filter(|a| a["iscrowd"] == 1).count() as f64 / anns.len() as f64;
     assert!(crowd > 0.0 && crowd < 0.03, "crowd share {crowd}");
+    // As COCO's: polygons for every object (occluded ones in several
+    // parts), RLE only for crowd regions.
+    let objects: Vec<&Value> = anns.iter().filter(|a| a["iscrowd"] == 0).collect();
+    assert!(objects.iter().all(|a| a["segmentation"].is_array()), "a non-crowd object as RLE");
+    let parts = objects.iter().filter(|a| a["segmentation"].as_array().unwrap().len() > 1).count();
+    assert!(parts * 50 > objects.len(), "{parts} of {} objects in several parts", objects.len());
+    assert!(anns.iter().filter(|a| a["iscrowd"] == 1).all(|a| a["segmentation"]["counts"].is_array()));
     let ds = CocoDataset::load(&out.train_ann, &out.train_images, TRAIN).unwrap();
     assert_eq!((ds.num_classes(), ds.skipped.len()), (81, 0));
 }

@@ -5,6 +5,7 @@ pub mod coco;
 pub mod coco_json;
 pub mod image;
 pub mod loader;
+pub mod outline;
 pub mod sampler;
 pub mod synth;
 pub mod transforms;

@@ -15,8 +15,11 @@
 //! is a shape and a colour family), COCO's image sizes (640×480, 480×640,
 //! 640×427, ...), a long-tailed object count (mean ≈ 7; about 5% crowded
 //! scenes of 40–120 objects), COCO's size mix (≈ 41% small < 32², 34%
-//! medium, 25% large) and about 1% crowd regions.
+//! medium, 25% large) and about 1% crowd regions; as in COCO, every
+//! non-crowd object is annotated with polygons (an occluded one's visible
+//! parts traced, one polygon each) and only crowd regions with RLE.
 
+use super::outline::mask_polygons;
 use crate::random::Rng;
 use crate::structures::rle::{rle_into_bitmap, row_to_column};
 use serde::Serialize;
@@ -558,11 +561,19 @@ fn render_image(
         if area < least || (area as f64) < 0.1 * full_area as f64 {
             continue; // hidden: an unlabelled occluder, as in real data
         }
-        let Ok(rle) = hotcoco::mask::encode(&row_to_column(&visible, hu, wu), h, w) else { continue };
-        let seg = if area == full_area && shape.hole.is_none() {
-            JsonSegmentation::Polygons(shape.polygons)
+        let (rle, seg) = if area == full_area && shape.hole.is_none() {
+            let Ok(rle) = hotcoco::mask::encode(&row_to_column(&visible, hu, wu), h, w) else { continue };
+            (rle, JsonSegmentation::Polygons(shape.polygons))
+        } else if coco {
+            // COCO outlines the visible parts of every non-crowd object as
+            // polygons (one per part); its box and area are the polygons'.
+            let polygons = mask_polygons(&visible, hu, wu, 1.0, 8);
+            let Ok(rle) = hotcoco::mask::fr_polys(&polygons, h, w) else { continue };
+            (rle, JsonSegmentation::Polygons(polygons))
         } else {
-            JsonSegmentation::Compressed { size: [h, w], counts: hotcoco::mask::rle_to_string(&rle) }
+            let Ok(rle) = hotcoco::mask::encode(&row_to_column(&visible, hu, wu), h, w) else { continue };
+            let counts = hotcoco::mask::rle_to_string(&rle);
+            (rle, JsonSegmentation::Compressed { size: [h, w], counts })
         };
         anns.push(annotation(id, category_of(options.profile, shape.class), &rle, 0, seg));
     }
