@@ -21,9 +21,14 @@ build: setup
 demo: build
 	scripts/demo.sh
 
-# The test suite (CPU; GPU-only tests skip with a message).
+# The test suite (CPU; GPU-only tests skip, and the last line counts them).
+SKIP_LOG := $(CURDIR)/target/skipped-gpu-tests.txt
 test: setup
-	cargo test --release --workspace -- --test-threads=2
+	@mkdir -p target && rm -f $(SKIP_LOG)
+	@MASKRCNN_SKIP_LOG=$(SKIP_LOG) cargo test --release --workspace -- --test-threads=2; rc=$$?; \
+	  n=$$(sort -u $(SKIP_LOG) 2>/dev/null | wc -l); \
+	  if [ "$$n" -gt 0 ]; then echo "$$n GPU tests skipped: no CUDA device here (listed in target/skipped-gpu-tests.txt; scripts/gpu-check.sh runs them on a GPU machine)"; fi; \
+	  exit $$rc
 
 lint: setup
 	cargo fmt --all -- --check

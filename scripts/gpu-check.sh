@@ -10,6 +10,8 @@ source scripts/gpu-env.sh
 # The oracle scripts use the machine's python (torch, torchvision there).
 export MASKRCNN_PYTHON=${MASKRCNN_PYTHON:-python3}
 export MASKRCNN_BIN=$B
+# On the GPU machine a GPU test that would skip (no CUDA, no NVRTC) fails.
+export MASKRCNN_REQUIRE_CUDA=1
 filter=${1:-}
 # Everything is also written to $OUT/gpu-check.log when the device call sets
 # OUT: a call cut off by its time limit still brings the log back.

@@ -55,6 +55,36 @@ impl EnvReport {
     }
 }
 
+/// The device of a test that needs CUDA: the first GPU, or `None` after
+/// [`skip_gpu_test`] has said why.
+pub fn cuda_for_test(test: &str) -> Option<tch::Device> {
+    if tch::Cuda::is_available() {
+        return Some(tch::Device::Cuda(0));
+    }
+    skip_gpu_test(test, "no CUDA device");
+    None
+}
+
+/// Says on stderr that GPU test `test` does not run here (`why`) and, when
+/// `MASKRCNN_SKIP_LOG` names a file, appends its name there as one line
+/// (`make test` counts them, so a CPU run says how many GPU tests did not
+/// run). With `MASKRCNN_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh` on
+/// the GPU machine) it fails the test instead.
+pub fn skip_gpu_test(test: &str, why: &str) {
+    assert!(
+        std::env::var("MASKRCNN_REQUIRE_CUDA").as_deref() != Ok("1"),
+        "{test} cannot run ({why}), and MASKRCNN_REQUIRE_CUDA=1 says it must"
+    );
+    eprintln!("skipped {test}: {why} (run it on a GPU machine with scripts/gpu-check.sh)");
+    if let Some(log) = std::env::var_os("MASKRCNN_SKIP_LOG") {
+        use std::io::Write;
+        // One short append per line: lines of concurrent tests do not mix.
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = f.write_all(format!("{test}\n").as_bytes());
+        }
+    }
+}
+
 /// Properties of one CUDA device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaDeviceInfo {

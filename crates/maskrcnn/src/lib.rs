@@ -30,14 +30,9 @@ pub use modeling::{Detections, MaskRcnn};
 /// Helpers of the unit tests.
 #[cfg(test)]
 pub(crate) mod test_support {
-    /// The first CUDA device, or `None` after printing that test `name`
-    /// skips (the CPU machines that run CI have none).
+    /// The first CUDA device, or `None` after saying that test `name`
+    /// skips (see [`crate::environment::cuda_for_test`]).
     pub fn cuda_or_skip(name: &str) -> Option<tch::Device> {
-        if tch::Cuda::is_available() {
-            Some(tch::Device::Cuda(0))
-        } else {
-            eprintln!("SKIP {name}: no CUDA device");
-            None
-        }
+        crate::environment::cuda_for_test(name)
     }
 }

@@ -267,7 +267,7 @@ mod tests {
     #[test]
     fn every_kernel_compiles_with_nvrtc() {
         match super::compile_all() {
-            None => eprintln!("SKIP every_kernel_compiles_with_nvrtc: NVRTC library not found"),
+            None => crate::environment::skip_gpu_test("every_kernel_compiles_with_nvrtc", "NVRTC library not found"),
             Some(result) => result.unwrap(),
         }
     }

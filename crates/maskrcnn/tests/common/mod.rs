@@ -83,12 +83,7 @@ pub fn load(path: &Path, device: Device) -> HashMap<String, Tensor> {
 
 /// The CUDA device when present; `None` after printing why a GPU test skips.
 pub fn cuda_or_skip(test: &str) -> Option<Device> {
-    if tch::Cuda::is_available() {
-        Some(Device::Cuda(0))
-    } else {
-        eprintln!("skipped {test}: no CUDA device (run it on the GPU machine with scripts/gpu-check.sh)");
-        None
-    }
+    maskrcnn::environment::cuda_for_test(test)
 }
 
 /// max |a - b|.
