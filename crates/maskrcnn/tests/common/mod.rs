@@ -31,14 +31,18 @@ pub fn fixture_dir() -> PathBuf {
     dir
 }
 
-/// Runs `script args...` with the oracle Python unless `output` already
-/// exists; panics with the script's stderr on failure.
+/// Runs `script args...` with the oracle Python unless `output` was made by
+/// the same run: its key (the oracle scripts' contents, `script`, `args`
+/// and the oracle packages' versions) is kept beside it in `output.key`.
+/// Panics with the script's stderr on failure.
 pub fn run_reference(script: &str, args: &[&str], output: &Path) {
     // Tests of one binary run in parallel; one of them generates a fixture
     // while the others wait for it.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if is_fresh(output) {
+    let key = oracle_key(script, args);
+    let key_path = PathBuf::from(format!("{}.key", output.display()));
+    if output.exists() && std::fs::read_to_string(&key_path).is_ok_and(|k| k == key) {
         return;
     }
     let started = std::time::Instant::now();
@@ -56,20 +60,59 @@ pub fn run_reference(script: &str, args: &[&str], output: &Path) {
     );
     eprintln!("{script}: {:.1} s", started.elapsed().as_secs_f64());
     assert!(output.exists(), "{script} did not write {}", output.display());
+    std::fs::write(&key_path, key).unwrap_or_else(|e| panic!("write {}: {e}", key_path.display()));
 }
 
-/// Whether `output` exists and is newer than every oracle script (a changed
-/// script invalidates the cached fixtures).
-fn is_fresh(output: &Path) -> bool {
-    let Ok(out_time) = std::fs::metadata(output).and_then(|m| m.modified()) else {
-        return false;
-    };
+/// What an oracle output depends on, as text: a hash of every script in
+/// `tests/reference/` (they import each other), the script and its
+/// arguments, and torch's, torchvision's and pycocotools' versions.
+fn oracle_key(script: &str, args: &[&str]) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries.flatten().all(|e| e.metadata().and_then(|m| m.modified()).map(|t| t <= out_time).unwrap_or(true))
-        })
-        .unwrap_or(true)
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(&dir).map(|entries| entries.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    files.sort();
+    let mut hash = Fnv1a::default();
+    for f in &files {
+        hash.write(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        hash.write(&std::fs::read(f).unwrap_or_default());
+    }
+    format!("scripts {:016x}\n{script} {args:?}\n{}\n", hash.0, oracle_versions())
+}
+
+/// The oracle packages' versions (read once per test process, without
+/// importing torch).
+fn oracle_versions() -> &'static str {
+    static VERSIONS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSIONS.get_or_init(|| {
+        let code =
+            "import importlib.metadata as m; print(*(m.version(p) for p in ('torch', 'torchvision', 'pycocotools')))";
+        Command::new(python())
+            .args(["-c", code])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "versions unknown".into())
+    })
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across builds and toolchains.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        // Lengths delimit the parts: ("ab", "c") and ("a", "bc") differ.
+        self.0 = (self.0 ^ bytes.len() as u64).wrapping_mul(0x0100_0000_01b3);
+    }
 }
 
 /// All tensors of a safetensors file, on `device`.
