@@ -333,6 +333,11 @@ fn resume_continues_exactly_and_checkpoints_are_atomic() {
     let rows = logged_steps(&a.join("metrics.jsonl"));
     assert!(rows.len() >= 6 && rows.iter().all(|r| r["data_wait_ms"].as_f64().is_some_and(|ms| ms >= 0.0)));
     assert!(rows.iter().all(|r| r.get("allreduce_ms").is_none()));
+    // And how often the host waited for the device, in steps and between
+    // them (none on the CPU: the counts are of device waits).
+    for key in ["syncs_per_step", "host_waits_per_step", "syncs_between_steps"] {
+        assert!(rows.iter().all(|r| r[key].as_f64() == Some(0.0)), "{key} in {rows:?}");
+    }
     let la = checkpoint::load(&checkpoint::list(&a)[1].1).unwrap();
     assert_eq!(la.state.iteration, 6);
     let events: Vec<_> = std::fs::read_dir(a.join("tensorboard")).unwrap().flatten().collect();

@@ -5,7 +5,8 @@
 //! instead of thousands (what made training host-bound). The optimizer
 //! update and the all-reduce stay eager: a handful of multi-tensor launches.
 //!
-//! What makes this sound: the step issues no host reads (0 syncs), its
+//! What makes this sound: the step issues no host reads but the one wait
+//! for its published mask-positive count (`HostValue`), its
 //! shapes and host-side decisions follow from the key (padded image batch,
 //! ground truth padded to power-of-two buckets, mask kinds, pooler scales,
 //! autocast and loss scaling), it reads host data only through its input

@@ -64,12 +64,14 @@ pub struct TrainBenchResult {
     /// Median split of a step measured in extra synchronized iterations:
     /// forward (losses), backward, optimizer update (ms).
     pub split_ms: [f64; 3],
-    /// Device→host synchronizations per step (median; libtorch's sync check
-    /// on CUDA, which sees every one).
+    /// Waits of the host for the device per step (median): libtorch's
+    /// synchronizations (its CUDA sync check) and the waits outside it (a
+    /// replayed step's mask-positive count: 1).
     pub syncs_per_step: f64,
     /// The GPU's own time for a step (median, ms): CUDA events around a step
     /// queued while a spin kernel holds the GPU, so the host's pace does not
-    /// show. Equals the GPU-busy time when `syncs_per_step` is 0.
+    /// show. Equals the GPU-busy time when the step does not wait for the
+    /// device (beyond the mask count, which waits for part of its own work).
     pub gpu_ms: Option<f64>,
     /// `gpu_ms` / the median wall time of a step.
     pub gpu_busy_fraction: Option<f64>,
@@ -80,7 +82,7 @@ pub struct TrainBenchResult {
     /// the mask head's row budget.
     pub steps_redone: u64,
     /// Host time per stage of the timed steps (median ms, in step order;
-    /// `crate::host_timing` marks). With 0 syncs per step a stage waits for
+    /// `crate::host_timing` marks). Without syncs a stage waits for
     /// the GPU only when the launch queue is full (the GPU-bound case);
     /// otherwise these are the host's own costs.
     pub host_split_ms: Vec<(&'static str, f64)>,
@@ -106,7 +108,7 @@ impl std::fmt::Display for TrainBenchResult {
         let gpu = r.gpu_ms.map_or("n/a".to_string(), |g| format!("{g:.1} ms"));
         writeln!(
             f,
-            "  {} device→host syncs per step; GPU time per step (queued ahead) {gpu}; {} steps replayed from CUDA graphs, {} run again (mask rows)",
+            "  {} host waits for the device per step; GPU time per step (queued ahead) {gpu}; {} steps replayed from CUDA graphs, {} run again (mask rows)",
             r.syncs_per_step, r.graph_replays, r.steps_redone
         )?;
         let host: Vec<String> = r.host_split_ms.iter().map(|(s, ms)| format!("{s} {ms:.1}")).collect();
@@ -301,7 +303,7 @@ pub fn run_train_bench(opts: &TrainBench) -> Result<TrainBenchResult, TrainError
         let mut span = crate::kernels::timing::GpuSpan::start(opts.device);
         counter.take();
         bench_step(&model, &mut sgd, &mut scaler, &mut graphs, amp, batch)?;
-        syncs.push(counter.take() as f64);
+        syncs.push(counter.take().all as f64);
         if let Some(span) = span.as_mut().filter(|_| queued) {
             span.stop();
             gpu.extend(span.elapsed_ms());

@@ -120,7 +120,11 @@ pub struct TrainLog {
     /// Device→host synchronizations inside the window's steps (log-time
     /// reads, evaluation and checkpoints excluded).
     syncs: crate::host_sync::SyncCounter,
-    window_syncs: i64,
+    /// The window's synchronizations inside steps.
+    window_syncs: crate::host_sync::Syncs,
+    /// The window's synchronizations between steps (reading the losses and
+    /// GPU times for the log, checkpoints, evaluations).
+    between_syncs: i64,
     /// CUDA event pairs of the window's steps, each from the step's first
     /// model launch (after its batch is prepared on the host) to the last
     /// launch of its update: the GPU's busy time per step, read at log time.
@@ -216,7 +220,8 @@ impl TrainLog {
             data_wait: 0.0,
             reduce_wait: distributed.then_some(0.0),
             syncs: crate::host_sync::SyncCounter::start(cuda),
-            window_syncs: 0,
+            window_syncs: Default::default(),
+            between_syncs: 0,
             gpu_spans: Vec::new(),
             open_span: None,
             reduce_spans: Vec::new(),
@@ -227,15 +232,17 @@ impl TrainLog {
     }
 
     /// Marks the start of a training step (synchronizations before it are
-    /// not the step's).
+    /// counted apart: `syncs_between_steps`).
     pub fn begin_step(&mut self) {
-        self.syncs.take();
+        self.between_syncs += self.syncs.take().all;
     }
 
     /// Marks the end of a training step: its synchronizations count, and
     /// its GPU span ends after the work issued so far.
     pub fn end_step(&mut self) {
-        self.window_syncs += self.syncs.take();
+        let step = self.syncs.take();
+        self.window_syncs.all += step.all;
+        self.window_syncs.host_waits += step.host_waits;
         if let Some(mut span) = self.open_span.take() {
             span.stop();
             self.gpu_spans.push(span);
@@ -291,9 +298,12 @@ impl TrainLog {
         record.insert("images_per_s".into(), ips.into());
         record.insert("data_wait_ms".into(), (1e3 * self.data_wait / steps).into());
         record.insert("step_ms".into(), (1e3 * elapsed / steps).into());
-        record.insert("syncs_per_step".into(), (self.window_syncs as f64 / steps).into());
+        record.insert("syncs_per_step".into(), (self.window_syncs.all as f64 / steps).into());
+        record.insert("host_waits_per_step".into(), (self.window_syncs.host_waits as f64 / steps).into());
+        record.insert("syncs_between_steps".into(), self.between_syncs.into());
         self.data_wait = 0.0;
-        self.window_syncs = 0;
+        self.window_syncs = Default::default();
+        self.between_syncs = 0;
         if self.loader_batches > 0 {
             let n = self.loader_batches as f64;
             record.insert("loader_ms_per_batch".into(), (self.loader_ms / n).into());

@@ -86,8 +86,10 @@ impl HostValue {
 
     /// The published value, waiting up to `timeout` for the kernel to
     /// write it; `None` when it did not (a failed launch or a stalled
-    /// device).
+    /// device). Counted as a host wait ([`crate::host_sync::count_host_wait`]):
+    /// the host waits for the device, if only for the work before the value.
     pub fn wait(&self, timeout: Duration) -> Option<i64> {
+        crate::host_sync::count_host_wait();
         let start = Instant::now();
         loop {
             // SAFETY: the slot is live memory the device writes once.
@@ -123,8 +125,9 @@ mod tests {
     use super::*;
 
     /// The host reads a value published behind queued GPU work once that
-    /// work is done, without a stream synchronization, and a reset slot is
-    /// not read as a value.
+    /// work is done, without a stream synchronization (the wait is counted
+    /// among the syncs all the same), and a reset slot is not read as a
+    /// value.
     #[test]
     fn gpu_published_value_reaches_the_host() {
         let Some(device) = crate::test_support::cuda_or_skip("gpu_published_value_reaches_the_host") else {
@@ -140,8 +143,10 @@ mod tests {
             assert!(crate::kernels::timing::spin(index, 0.05));
             let t0 = Instant::now();
             assert!(slot.publish(&value));
+            let waits = crate::host_sync::host_waits();
             assert_eq!(slot.wait(Duration::from_secs(10)), Some(v));
             assert!(t0.elapsed() >= Duration::from_millis(20), "read before the queued work ran");
+            assert!(crate::host_sync::host_waits() > waits, "the wait is counted as a sync");
         }
     }
 }

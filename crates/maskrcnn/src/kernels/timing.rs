@@ -78,6 +78,7 @@ impl GpuSpan {
     /// synchronization, for benchmarks and log periods only).
     pub fn elapsed_ms(&self) -> Option<f64> {
         let end = self.end.as_ref()?;
+        crate::host_sync::count_host_wait();
         end.synchronize().ok()?;
         self.start.elapsed_ms(end).ok().map(f64::from)
     }
