@@ -4,11 +4,15 @@
 //! Layout follows the architecture: [`config`] holds every knob;
 //! [`structures`] the data types of detection (masks, RLE); [`ops`] the
 //! detection operators (boxes, NMS, RoIAlign); [`modeling`] the network;
-//! [`data`] image reading; [`engine`] prediction and benchmarks;
-//! [`evaluation`] results export; [`visualization`] drawings.
+//! [`data`] datasets, images and the loader; [`engine`] training;
+//! [`distributed`] several processes; [`prediction`] prediction over files;
+//! [`bench`] benchmarks; [`evaluation`] COCO evaluation and results;
+//! [`kernels`] the CUDA kernels; [`visualization`] drawings.
 
+pub mod bench;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod engine;
 pub mod environment;
 pub mod evaluation;
@@ -18,6 +22,7 @@ pub mod io;
 pub mod kernels;
 pub mod modeling;
 pub mod ops;
+pub mod prediction;
 pub mod random;
 pub mod shim;
 pub mod structures;

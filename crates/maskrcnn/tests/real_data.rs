@@ -410,7 +410,7 @@ fn predict_turns_exif_photos_upright() {
 /// their path; an image not in it is an error before any prediction.
 #[test]
 fn predict_matches_images_to_the_annotation_file() {
-    use maskrcnn::engine::predictor::match_image_ids;
+    use maskrcnn::prediction::match_image_ids;
     let images = [(1, "val/a.jpg".to_string()), (2, "b.jpg".to_string()), (3, "x/b.jpg".to_string())];
     let p = |s: &str| PathBuf::from(s);
     assert_eq!(match_image_ids(&[p("data/val/a.jpg")], &images).unwrap(), [1]);

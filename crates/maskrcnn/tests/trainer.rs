@@ -13,10 +13,10 @@ use maskrcnn::engine::amp::GradScaler;
 use maskrcnn::engine::checkpoint::{self, TrainState};
 use maskrcnn::engine::lr_schedule::LrSchedule;
 use maskrcnn::engine::optimizer::Sgd;
-use maskrcnn::engine::predictor::{predict_files, PredictOptions};
 use maskrcnn::engine::trainer::{apply_update, forward_backward, train, MicroBatch, TrainOptions};
 use maskrcnn::evaluation::dataset_inference::infer_dataset;
 use maskrcnn::ops::FirstSampler;
+use maskrcnn::prediction::{predict_files, PredictOptions};
 use maskrcnn::structures::{Categories, Category, InstanceMasks, Target};
 use maskrcnn::MaskRcnn;
 use std::path::{Path, PathBuf};
@@ -859,7 +859,7 @@ fn check_ranks_take_the_mean_gradient_step(device: Device, nodes: usize, per_nod
         maskrcnn::shim::set_tf32(false);
     }
     let world = nodes * per_node;
-    let port = maskrcnn::engine::launcher::free_port().unwrap().to_string();
+    let port = maskrcnn::distributed::launcher::free_port().unwrap().to_string();
     // The GPU machine runs the binary scripts/gpu-check.sh names.
     let bin = maskrcnn_bin();
     let launches: Vec<std::process::Child> = (0..nodes)
@@ -1103,7 +1103,7 @@ fn a_rank_killed_on_one_node_ends_every_node_within_a_minute() {
     let mut sets = plain_sgd_sets(&data);
     sets.extend(["solver.max_iter=100000".into(), "solver.log_period=1".into()]);
     let out = tmp.path().join("out");
-    let port = maskrcnn::engine::launcher::free_port().unwrap().to_string();
+    let port = maskrcnn::distributed::launcher::free_port().unwrap().to_string();
     let mut launches: Vec<(std::process::Child, std::path::PathBuf)> = (0..2)
         .map(|node| {
             let log = tmp.path().join(format!("node{node}.log"));

@@ -104,7 +104,7 @@ pub fn forward_backward_prepared(
     crate::host_timing::mark("loss_sum");
     total.backward();
     // Several GPUs: buckets of gradients the pass left unreached are ready now.
-    crate::engine::grad_buckets::finish_backward();
+    crate::distributed::grad_buckets::finish_backward();
     crate::host_timing::mark("backward");
     Tensor::stack(&losses.named().iter().map(|(_, t)| t.detach().to_kind(Kind::Float)).collect::<Vec<_>>(), 0)
 }

@@ -8,10 +8,10 @@
 
 use crate::config::{AmpMode, Config};
 use crate::data::loader::Loader;
+use crate::distributed::grad_buckets::GradBuckets;
+use crate::distributed::{DistError, ProcessGroup};
 use crate::engine::amp::GradScaler;
 use crate::engine::checkpoint;
-use crate::engine::distributed::{DistError, ProcessGroup};
-use crate::engine::grad_buckets::GradBuckets;
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;
 use crate::engine::step_graphs::{forward_backward_prepared, StepGraphs};
@@ -393,7 +393,7 @@ impl GroupStep {
             Device::Cuda(index) if bucket_mb > 0.0 => {
                 let numels: Vec<i64> = trainable.iter().map(|p| p.numel() as i64).collect();
                 let cap = (bucket_mb * (1u64 << 20) as f64 / 4.0).ceil() as i64;
-                let plan = crate::engine::grad_buckets::plan_buckets(&numels, cap);
+                let plan = crate::distributed::grad_buckets::plan_buckets(&numels, cap);
                 Some(GradBuckets::new(&trainable, &plan, index).map_err(DistError::from)?)
             }
             _ => None,

@@ -22,10 +22,10 @@
 use crate::config::{AmpMode, AutoCount, Config, MaskOn};
 use crate::data::coco::{CocoDataset, LoadOptions};
 use crate::data::loader::{Loader, LoaderOptions};
+use crate::distributed::{DistEnv, ProcessGroup};
 use crate::engine::amp::GradScaler;
 use crate::engine::checkpoint;
 use crate::engine::data_check::check_run_data;
-use crate::engine::distributed::{DistEnv, ProcessGroup};
 use crate::engine::hooks;
 use crate::engine::lr_schedule::LrSchedule;
 use crate::engine::optimizer::Sgd;

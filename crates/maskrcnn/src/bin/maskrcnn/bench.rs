@@ -3,7 +3,7 @@
 use crate::args::{parse_size, AmpArg, ConfigArgs, DeviceArg};
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use maskrcnn::engine::bench::{run_infer_bench, InferBench};
+use maskrcnn::bench::infer::{run_infer_bench, InferBench};
 use maskrcnn::Config;
 
 #[derive(Args)]
@@ -101,7 +101,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     Some(std::sync::Arc::new(dataset))
                 }
             };
-            let opts = maskrcnn::engine::train_bench::TrainBench {
+            let opts = maskrcnn::bench::train::TrainBench {
                 batch: args.batch.max(1),
                 iters: args.iters.max(1),
                 warmup: 8,
@@ -112,7 +112,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 profile_range: args.profile_range,
                 data,
             };
-            let r = maskrcnn::engine::train_bench::run_train_bench(&opts)?;
+            let r = maskrcnn::bench::train::run_train_bench(&opts)?;
             report(&r, args.json)?;
         }
         BenchWhat::Data => {
@@ -126,7 +126,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             if args.iters == 0 {
                 return Ok(()); // load only
             }
-            let opts = maskrcnn::engine::data_bench::DataBench {
+            let opts = maskrcnn::bench::data::DataBench {
                 batch,
                 iters: args.iters.max(1),
                 workers,
@@ -135,7 +135,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 device,
                 decode: maskrcnn::data::image::DecodeOptions::of(&config.input),
             };
-            let r = maskrcnn::engine::data_bench::run_data_bench(std::sync::Arc::new(dataset), &opts)?;
+            let r = maskrcnn::bench::data::run_data_bench(std::sync::Arc::new(dataset), &opts)?;
             report(&r, args.json)?;
         }
     }

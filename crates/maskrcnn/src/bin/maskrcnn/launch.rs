@@ -41,7 +41,7 @@ pub struct LaunchArgs {
 }
 
 pub fn run(args: LaunchArgs) -> Result<()> {
-    use maskrcnn::engine::launcher::{
+    use maskrcnn::distributed::launcher::{
         allowed_cpus, cpu_share, free_port, pin_to, rank_env, run_ranks, shared_run_id, RankPlace,
     };
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 use crate::args::{ConfigArgs, DeviceArg};
 use anyhow::{bail, Result};
 use clap::Args;
-use maskrcnn::engine::predictor::{collect_images, match_image_ids, predict_files, PredictOptions};
+use maskrcnn::prediction::{collect_images, match_image_ids, predict_files, PredictOptions};
 use maskrcnn::MaskRcnn;
 use std::path::PathBuf;
 

@@ -43,7 +43,7 @@ pub enum DistError {
     Tensor(#[source] tch::TchError),
     /// The gradient buckets' CUDA events or stream.
     #[error(transparent)]
-    Buckets(#[from] crate::engine::grad_buckets::BucketError),
+    Buckets(#[from] crate::distributed::grad_buckets::BucketError),
 }
 
 /// This process's place in the group, from torchrun's variables.
@@ -63,7 +63,7 @@ pub struct DistEnv {
     pub timeout: Duration,
     /// How long a training step may go without progress before the rank
     /// ends itself (`MASKRCNN_COLLECTIVE_TIMEOUT`, seconds; see
-    /// [`crate::engine::watchdog`]).
+    /// [`crate::distributed::watchdog`]).
     pub collective_timeout: Duration,
 }
 
@@ -482,7 +482,7 @@ fn sym(e: libloading::Error) -> DistError {
 pub struct ProcessGroup {
     pub env: DistEnv,
     transport: Transport,
-    watchdog: crate::engine::watchdog::Watchdog,
+    watchdog: crate::distributed::watchdog::Watchdog,
 }
 
 /// How the group sums tensors.
@@ -517,7 +517,7 @@ impl ProcessGroup {
     /// self-test.
     pub fn join(env: DistEnv, cuda: bool) -> Result<ProcessGroup, DistError> {
         let transport = if cuda { Self::join_nccl(&env)? } else { Transport::Tcp(rendezvous(&env, Some(&[1]), 1)?) };
-        let watchdog = crate::engine::watchdog::Watchdog::start(env.rank, env.collective_timeout, None);
+        let watchdog = crate::distributed::watchdog::Watchdog::start(env.rank, env.collective_timeout, None);
         let group = ProcessGroup { env, transport, watchdog };
         group.self_test()?;
         Ok(group)
