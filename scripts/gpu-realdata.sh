@@ -72,6 +72,8 @@ print("  " + ", ".join(f"{k} {last[k]:.2f}" if isinstance(last.get(k), float) el
       for k in ["max_memory_gib", "reserved_gib", "graphs_recorded", "graph_replays", "unsteady_steps",
                 "unsteady_s", "data_wait_ms", "gpu_busy", "syncs_per_step"]))
 print("  reserved_gib over time:", [round(r.get("reserved_gib", -1), 1) for r in rows[::4]])
+if last.get("reserved_gib") and last.get("max_memory_gib"):
+    print(f"  held / step peak at the end: {last['reserved_gib'] / last['max_memory_gib']:.2f}")
 for e in evals:
     print(f"  eval @ {e['iteration']}: bbox AP {e['bbox_ap']:.4f}")
 PY
@@ -89,8 +91,8 @@ PY
   fi
   if has data; then
     echo "== bench train --data (COCO-like, from scratch, bs16 bf16)"
-    for tune in false true; do
-      timeout "$(left 60)" "$B" bench train --data "$D" --batch 16 --amp bf16 --iters 50 --json \
+    for tune in ${DATA_TUNES:-false true}; do
+      timeout "$(left 90)" "$B" bench train --data "$D" --batch 16 --amp bf16 --iters 50 --json \
         --set 'model.norm="bn"' --set model.trainable_layers=5 --set "precision.cudnn_benchmark=$tune" 2>&1 | grep img_per_s
     done
   fi

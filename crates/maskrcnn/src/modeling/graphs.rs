@@ -182,13 +182,24 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
             None => {
                 let limited = self.entries.len() >= self.max;
                 self.entries.insert(key, if limited { Entry::Eager } else { Entry::Seen });
-                return read(&f(&inputs));
+                let out = read(&f(&inputs));
+                // An eager call's working memory stays cached in the
+                // allocator's general pool, beside the graphs' own pool that
+                // holds as much again: released while graphs hold theirs.
+                if self.recorded() > 0 {
+                    release_cache();
+                }
+                return out;
             }
             Some(Entry::Eager) => return read(&f(&inputs)),
             Some(Entry::Seen) => match self.record(device, &key, &inputs, &mut f) {
                 // The static inputs hold this call's values already.
                 Ok(r) => {
                     self.entries.insert(key.clone(), Entry::Recorded(r));
+                    // The eager call before the recording left its memory
+                    // cached (the first graph's, for one): released, so the
+                    // process holds the graphs' pool and little else.
+                    release_cache();
                     if self.over_budget(device) {
                         return read(&f(&inputs));
                     }
@@ -222,9 +233,7 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
     fn fall_back<T>(&mut self, key: K, e: ShimError, eager: T) -> T {
         tracing::warn!("CUDA graph of the {} failed ({e}); running this shape eagerly", self.what);
         self.entries.insert(key, Entry::Eager);
-        if let Err(e) = crate::shim::release_cached_cuda_memory() {
-            tracing::debug!("could not release cached CUDA memory: {e}");
-        }
+        release_cache();
         eager
     }
 
@@ -291,9 +300,7 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
         // libtorch frees a dropped graph's pool only when an allocation
         // fails, which a later recording cannot do: released now.
         if had {
-            if let Err(e) = crate::shim::release_cached_cuda_memory() {
-                tracing::debug!("could not release cached CUDA memory: {e}");
-            }
+            release_cache();
         }
     }
 
@@ -310,6 +317,14 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug, S: GraphInputs, O> GraphCache<K, S,
     /// Calls answered by a replay so far.
     pub fn replays(&self) -> u64 {
         self.replays
+    }
+}
+
+/// Returns the CUDA caching allocator's unused memory to the driver
+/// (dropped graphs' pools included; waits for the device).
+fn release_cache() {
+    if let Err(e) = crate::shim::release_cached_cuda_memory() {
+        tracing::debug!("could not release cached CUDA memory: {e}");
     }
 }
 
