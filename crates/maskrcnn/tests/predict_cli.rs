@@ -157,8 +157,8 @@ fn match_results(ours: &[Det], theirs: &[Det]) -> Matched {
     Matched { matched, identical_rle, total: ours.len().max(theirs.len()) }
 }
 
-/// With trained weights — torchvision's R18-FPN trained briefly (30
-/// iterations on the CPU), whose scores sit near the thresholds — on 12
+/// With trained weights — torchvision's R18-FPN trained briefly (25
+/// iterations on the CPU), whose scores sit near the thresholds — on 8
 /// scenes of varied sizes as PNG files, `predict` gives torchvision's
 /// detections when it batches the images as torchvision did (4 per batch,
 /// and 1): ≥ 99.5% matched (box IoU ≥ 0.999, |Δscore| ≤ 1e-4, masks equal
@@ -170,7 +170,7 @@ fn match_results(ours: &[Det], theirs: &[Det]) -> Matched {
 fn trained_weights_predict_as_torchvision_batch_for_batch() {
     let dir = fixture_dir().join("trained_r18_c7");
     let d = dir.to_str().unwrap();
-    run_reference("trained_fixture.py", &[d, "30", "12", "4", "1"], &dir.join("predict_b1.json"));
+    run_reference("trained_fixture.py", &[d, "25", "8", "4", "1"], &dir.join("predict_b1.json"));
     for batch in [4, 1] {
         let out = tempfile::tempdir().unwrap();
         let json = out.path().join("dets.json");
@@ -189,7 +189,7 @@ fn trained_weights_predict_as_torchvision_batch_for_batch() {
             "batch {batch}: {}/{} detections matched, {} with identical RLE strings",
             m.matched, m.total, m.identical_rle
         );
-        assert!(theirs.len() >= 200, "{} detections: too few to compare", theirs.len());
+        assert!(theirs.len() >= 150, "{} detections: too few to compare", theirs.len());
         assert!(m.matched as f64 >= 0.995 * m.total as f64, "batch {batch}: {}/{} matched", m.matched, m.total);
     }
     let across =

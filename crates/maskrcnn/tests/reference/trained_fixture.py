@@ -16,6 +16,7 @@ OUT_DIR/predict_b{BATCH}.json.
 """
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -28,7 +29,9 @@ from tv_common import build, shapes_image
 
 out, iters, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 batches = [int(b) for b in sys.argv[4:]]
-os.makedirs(os.path.join(out, "images"), exist_ok=True)
+# A fresh images folder: scenes of an earlier run (more of them) must not stay.
+shutil.rmtree(os.path.join(out, "images"), ignore_errors=True)
+os.makedirs(os.path.join(out, "images"))
 torch.set_num_threads(2)
 torch.manual_seed(0)
 gen = torch.Generator().manual_seed(0)
