@@ -80,19 +80,24 @@ fn components(mask: &[u8], h: usize, w: usize) -> (Vec<usize>, Vec<usize>) {
 /// the background, walked clockwise around the pixel (on screen, y down),
 /// so that a part's outline runs clockwise and its holes anticlockwise. At a
 /// corner where two parts touch diagonally the walk keeps to its pixel.
-fn boundary_loops(labels: &[usize], h: usize, w: usize) -> Vec<(usize, Vec<(f64, f64)>)> {
+fn boundary_loops(labels: &[usize], h: usize, w: usize) -> Vec<(usize, Ring)> {
     let corner = |x: usize, y: usize| y * (w + 1) + x;
     let same = |part: usize, x: isize, y: isize| {
         x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && labels[y as usize * w + x as usize] == part
     };
-    // Edges: (from corner, to corner, pixel); side k of a pixel is top,
-    // right, bottom, left (clockwise), its edge following the previous.
-    let mut edges: Vec<(usize, usize, usize)> = Vec::new();
-    let mut side_edge = std::collections::HashMap::new();
+    // Side k of a pixel is its top, right, bottom, left edge (clockwise,
+    // each starting where the previous ends); `edge_of[4 * pixel + k]` is
+    // that side's edge when it is open. Edges: (from corner, to corner, pixel, side).
+    const NONE: usize = usize::MAX;
+    let mut edge_of = vec![NONE; 4 * h * w];
+    let mut edges: Vec<(usize, usize, usize, usize)> = Vec::new();
+    // At most two edges leave a corner (two parts touching diagonally).
+    let mut leaving = vec![[NONE; 2]; (h + 1) * (w + 1)];
     for y in 0..h {
         for x in 0..w {
-            let part = labels[y * w + x];
-            if part == usize::MAX {
+            let pixel = y * w + x;
+            let part = labels[pixel];
+            if part == NONE {
                 continue;
             }
             let (xi, yi) = (x as isize, y as isize);
@@ -104,15 +109,13 @@ fn boundary_loops(labels: &[usize], h: usize, w: usize) -> Vec<(usize, Vec<(f64,
             ];
             for (k, (open, a, b)) in sides.into_iter().enumerate() {
                 if open {
-                    side_edge.insert((y * w + x, k), edges.len());
-                    edges.push((a, b, y * w + x));
+                    edge_of[4 * pixel + k] = edges.len();
+                    let slot = if leaving[a][0] == NONE { 0 } else { 1 };
+                    leaving[a][slot] = edges.len();
+                    edges.push((a, b, pixel, k));
                 }
             }
         }
-    }
-    let mut outgoing: std::collections::HashMap<usize, Vec<usize>> = std::collections::HashMap::new();
-    for (e, &(a, _, _)) in edges.iter().enumerate() {
-        outgoing.entry(a).or_default().push(e);
     }
     let point = |c: usize| ((c % (w + 1)) as f64, (c / (w + 1)) as f64);
     let mut used = vec![false; edges.len()];
@@ -125,17 +128,16 @@ fn boundary_loops(labels: &[usize], h: usize, w: usize) -> Vec<(usize, Vec<(f64,
         let mut e = first;
         while !used[e] {
             used[e] = true;
-            let (a, b, pixel) = edges[e];
+            let (a, b, pixel, k) = edges[e];
             points.push(point(a));
-            let next = outgoing.get(&b).map(Vec::as_slice).unwrap_or(&[]);
-            // The pixel's next side when it is open (the saddle case), else
-            // the one edge leaving this corner.
-            let own = (0..4)
-                .find_map(|k| side_edge.get(&(pixel, k)).filter(|&&s| edges[s].0 == b && edges[s].2 == pixel).copied());
-            e = match (own, next) {
-                (Some(s), _) => s,
-                (None, [only]) => *only,
-                (None, several) => several.iter().copied().find(|&s| !used[s]).unwrap_or(first),
+            // The pixel's next side when open (so at a corner where parts
+            // touch diagonally the walk keeps to its pixel), else the one
+            // edge leaving the corner.
+            let own = edge_of[4 * pixel + (k + 1) % 4];
+            e = if own != NONE {
+                own
+            } else {
+                leaving[b].into_iter().find(|&s| s != NONE && !used[s]).unwrap_or(first)
             };
         }
         loops.push((labels[edges[first].2], points));

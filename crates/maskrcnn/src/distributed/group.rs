@@ -86,7 +86,9 @@ impl DistEnv {
         }
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let master_port: u16 = parse("MASTER_PORT", &need("MASTER_PORT")?)?;
-        let run_id = var("MASKRCNN_RUN_ID").or_else(|| var("TORCHELASTIC_RUN_ID")).map_or(0, |id| fnv1a(id.as_bytes()));
+        let run_id = var("MASKRCNN_RUN_ID")
+            .or_else(|| var("TORCHELASTIC_RUN_ID"))
+            .map_or(0, |id| crate::random::fnv1a(id.as_bytes()));
         let timeout = seconds(&var, "MASKRCNN_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT)?;
         let collective_timeout = seconds(&var, "MASKRCNN_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT)?;
         Ok(Some(DistEnv {
@@ -109,11 +111,6 @@ impl DistEnv {
     fn addr(&self) -> String {
         format!("{}:{}", self.master_addr, self.master_port)
     }
-}
-
-/// FNV-1a, 64 bits: a run id string as a number.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A duration in seconds (> 0) from variable `name`, else `default`.
@@ -738,7 +735,7 @@ mod tests {
         assert_eq!((e.run_id, e.timeout), (0, DEFAULT_RENDEZVOUS_TIMEOUT));
         let vars = [("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "1"), ("MASKRCNN_RENDEZVOUS_TIMEOUT", "2.5")];
         let e = env_of(&[&vars[..], &[("TORCHELASTIC_RUN_ID", "job-7")]].concat()).unwrap().unwrap();
-        assert_eq!((e.run_id, e.timeout), (fnv1a(b"job-7"), Duration::from_millis(2500)));
+        assert_eq!((e.run_id, e.timeout), (crate::random::fnv1a(b"job-7"), Duration::from_millis(2500)));
         let zero = env_of(&[&vars[..3], &[("MASKRCNN_RENDEZVOUS_TIMEOUT", "0")]].concat()).unwrap_err();
         assert!(zero.to_string().contains("must be > 0"), "{zero}");
         assert_eq!(e.collective_timeout, DEFAULT_COLLECTIVE_TIMEOUT);

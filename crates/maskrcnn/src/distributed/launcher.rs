@@ -131,7 +131,7 @@ pub fn shared_run_id(rdzv_id: Option<&str>, master_addr: &str, port: u16) -> u64
         Some(id) => format!("id:{id}"),
         None => format!("addr:{master_addr}:{port}"),
     };
-    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    crate::random::fnv1a(key.as_bytes())
 }
 
 /// A free TCP port on this machine for the rendezvous, below Linux's

@@ -71,12 +71,13 @@ fn oracle_key(script: &str, args: &[&str]) -> String {
     let mut files: Vec<PathBuf> =
         std::fs::read_dir(&dir).map(|entries| entries.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     files.sort();
-    let mut hash = Fnv1a::default();
-    for f in &files {
-        hash.write(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        hash.write(&std::fs::read(f).unwrap_or_default());
-    }
-    format!("scripts {:016x}\n{script} {args:?}\n{}\n", hash.0, oracle_versions())
+    // Each part's length after it: ("ab", "c") and ("a", "bc") differ.
+    let hash = files.iter().fold(maskrcnn::random::Fnv1a::default(), |h, f| {
+        let name = f.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+        let text = std::fs::read(f).unwrap_or_default();
+        h.write(&name).write(&name.len().to_le_bytes()).write(&text).write(&text.len().to_le_bytes())
+    });
+    format!("scripts {:016x}\n{script} {args:?}\n{}\n", hash.finish(), oracle_versions())
 }
 
 /// The oracle packages' versions (read once per test process, without
@@ -94,25 +95,6 @@ fn oracle_versions() -> &'static str {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|| "versions unknown".into())
     })
-}
-
-/// 64-bit FNV-1a: a hash that stays the same across builds and toolchains.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        // Lengths delimit the parts: ("ab", "c") and ("a", "bc") differ.
-        self.0 = (self.0 ^ bytes.len() as u64).wrapping_mul(0x0100_0000_01b3);
-    }
 }
 
 /// All tensors of a safetensors file, on `device`.
