@@ -122,16 +122,17 @@ struct Matched {
     /// Detections of `theirs` with a counterpart in `ours`: the same file
     /// and category, box IoU ≥ 0.999, |Δscore| ≤ 1e-4 (each used once).
     matched: usize,
-    /// Of those, with the identical RLE string (the others are asserted
-    /// at mask IoU ≥ 0.99).
+    /// Of those, with the identical RLE string.
     identical_rle: usize,
+    /// The lowest mask IoU of a matched pair (1 when none).
+    worst_mask_iou: f64,
     /// The longer list's length.
     total: usize,
 }
 
 fn match_results(ours: &[Det], theirs: &[Det]) -> Matched {
     let mut used = vec![false; ours.len()];
-    let (mut matched, mut identical_rle) = (0, 0);
+    let (mut matched, mut identical_rle, mut worst_mask_iou) = (0, 0, 1.0f64);
     for t in theirs {
         let best = ours
             .iter()
@@ -148,30 +149,29 @@ fn match_results(ours: &[Det], theirs: &[Det]) -> Matched {
                 if d.segmentation.counts == t.segmentation.counts {
                     identical_rle += 1;
                 } else {
-                    let m = mask_iou(&d.segmentation, &t.segmentation);
-                    assert!(m >= 0.99, "{}: mask IoU {m}", t.file_name);
+                    worst_mask_iou = worst_mask_iou.min(mask_iou(&d.segmentation, &t.segmentation));
                 }
             }
         }
     }
-    Matched { matched, identical_rle, total: ours.len().max(theirs.len()) }
+    Matched { matched, identical_rle, worst_mask_iou, total: ours.len().max(theirs.len()) }
 }
 
-/// With trained weights — torchvision's R18-FPN trained briefly (25
-/// iterations on the CPU), whose scores sit near the thresholds — on 8
+/// With trained weights — torchvision's R18-FPN trained briefly (15
+/// iterations on the CPU), whose scores sit near the thresholds — on 6
 /// scenes of varied sizes as PNG files, `predict` gives torchvision's
-/// detections when it batches the images as torchvision did (4 per batch,
+/// detections when it batches the images as torchvision did (3 per batch,
 /// and 1): ≥ 99.5% matched (box IoU ≥ 0.999, |Δscore| ≤ 1e-4, masks equal
 /// or IoU ≥ 0.99). Batching matters: a detector's output depends on which
-/// images share its padded batch (torchvision's own batch-4 and batch-1
+/// images share its padded batch (torchvision's own batch-3 and batch-1
 /// detections agree far less; printed), so a comparison across batch
 /// sizes says nothing about parity.
 #[test]
 fn trained_weights_predict_as_torchvision_batch_for_batch() {
     let dir = fixture_dir().join("trained_r18_c7");
     let d = dir.to_str().unwrap();
-    run_reference("trained_fixture.py", &[d, "25", "8", "4", "1"], &dir.join("predict_b1.json"));
-    for batch in [4, 1] {
+    run_reference("trained_fixture.py", &[d, "15", "6", "3", "1"], &dir.join("predict_b1.json"));
+    for batch in [3, 1] {
         let out = tempfile::tempdir().unwrap();
         let json = out.path().join("dets.json");
         let o = Command::new(maskrcnn_bin())
@@ -179,6 +179,7 @@ fn trained_weights_predict_as_torchvision_batch_for_batch() {
             .args(["--weights", dir.join("weights.safetensors").to_str().unwrap()])
             .args(["--set", "model.backbone_depth=18", "--set", "input.min_size_test=160"])
             .args(["--set", "input.max_size_test=240", "--set", &format!("test.ims_per_batch={batch}")])
+            .args(["--set", "roi_heads.detections_per_img=40"])
             .args(["--device", "cpu", "--json", json.to_str().unwrap(), dir.join("images").to_str().unwrap()])
             .output()
             .unwrap();
@@ -189,12 +190,13 @@ fn trained_weights_predict_as_torchvision_batch_for_batch() {
             "batch {batch}: {}/{} detections matched, {} with identical RLE strings",
             m.matched, m.total, m.identical_rle
         );
-        assert!(theirs.len() >= 150, "{} detections: too few to compare", theirs.len());
+        assert!(theirs.len() >= 100, "{} detections: too few to compare", theirs.len());
         assert!(m.matched as f64 >= 0.995 * m.total as f64, "batch {batch}: {}/{} matched", m.matched, m.total);
+        assert!(m.worst_mask_iou >= 0.99, "batch {batch}: mask IoU {}", m.worst_mask_iou);
     }
     let across =
-        match_results(&read_results(&dir.join("predict_b4.json")), &read_results(&dir.join("predict_b1.json")));
-    eprintln!("torchvision, batch 4 against batch 1: {}/{} detections matched", across.matched, across.total);
+        match_results(&read_results(&dir.join("predict_b3.json")), &read_results(&dir.join("predict_b1.json")));
+    eprintln!("torchvision, batch 3 against batch 1: {}/{} detections matched", across.matched, across.total);
 }
 
 #[test]
@@ -234,6 +236,7 @@ fn predict_matches_torchvision(dir: &Path, sets: &[&str]) {
     let m = match_results(&ours, &theirs);
     eprintln!("predict: {}/{} detections matched, {} with identical RLE strings", m.matched, m.total, m.identical_rle);
     assert!(m.matched as f64 >= 0.99 * m.total as f64, "{}/{}", m.matched, m.total);
+    assert!(m.worst_mask_iou >= 0.99, "mask IoU {}", m.worst_mask_iou);
     // One drawing per image.
     for (i, source) in images.iter().enumerate() {
         let png = draw.join(format!("img{i}.png"));
